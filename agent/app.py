@@ -1,0 +1,101 @@
+"""Assembly: start-up in one order, shutdown in reverse, signals.
+
+The only place that knows every part. Parts get what they need through their constructors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from agent import __version__, config
+from agent.clock import ClockTrust, SystemClock
+from agent.core import Core
+from agent.store import Store
+
+log = logging.getLogger("ttcs-agent")
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd the journal stamps each line; elsewhere we add the time ourselves.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM") and not os.environ.get("INVOCATION_ID"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stdout, force=True)
+
+
+def build(cfg: dict) -> Core:
+    state_dir = cfg["paths"]["state_dir"]
+    os.makedirs(state_dir, exist_ok=True)
+    os.makedirs(cfg["paths"]["cache_dir"], exist_ok=True)
+    store = Store(os.path.join(state_dir, "agent.db"), max_rows=cfg["outbox"]["max_rows"],
+                  seen_max=cfg["security"]["replay_memory"])
+    clock = SystemClock()
+    core = Core(cfg, clock=clock, store=store, trust=ClockTrust(cfg["clock"]["trust"]))
+    _install_components(core, cfg)
+    return core
+
+
+def _install_components(core: Core, cfg: dict) -> None:
+    """Plug optional components into the core (audio, board, schedule, health)."""
+    from agent import components
+
+    components.install(core, cfg)
+
+
+def run(config_path: str | None) -> int:
+    try:
+        cfg = config.load(config_path)
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 1
+    setup_logging(cfg["log"]["level"])
+    log.info("ttcs-agent %s starting as %s (config %s)", __version__, cfg["device"]["id"],
+             cfg["_path"])
+    core = build(cfg)
+    _write_pid(cfg)
+
+    def on_term(signum, frame) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        core.request_stop()
+
+    def on_hup(signum, frame) -> None:
+        core.post(_reload, core, cfg["_path"])
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        core.run()
+    finally:
+        _remove_pid(cfg)
+    log.info("stopped")
+    return 0
+
+
+def _reload(core: Core, path: str) -> None:
+    try:
+        new = config.load(path)
+    except config.ConfigError as e:
+        core.reload_failed(e.problems)
+        return
+    core.reload(new)
+
+
+def _pid_path(cfg: dict) -> str:
+    return os.path.join(cfg["paths"]["state_dir"], "agent.pid")
+
+
+def _write_pid(cfg: dict) -> None:
+    with open(_pid_path(cfg), "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _remove_pid(cfg: dict) -> None:
+    try:
+        os.unlink(_pid_path(cfg))
+    except FileNotFoundError:
+        pass

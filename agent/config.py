@@ -1,0 +1,414 @@
+"""Configuration: YAML with defaults, typed validation, every problem with its file position.
+
+Validation returns all problems at once, each as ``FILE:LINE:COL: key.path: what is wrong``
+(unknown keys included, with a "did you mean" for typos), so a technician editing over SSH sees
+every mistake in one go. The schema is declared once below; ``config/agent.example.yaml``
+documents each key.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/ttcs-agent/agent.yaml"
+
+ID_RE = r"^[a-z0-9][a-z0-9-]{0,63}$"
+TOPIC_SEGMENT_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """The config cannot be used; ``problems`` holds every formatted problem line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# --- schema ------------------------------------------------------------------------------
+
+@dataclass
+class Field:
+    default: Any = REQUIRED
+    doc: str = ""
+
+    def check(self, value: Any, path: str, errors: list[tuple[str, str]]) -> Any:
+        return value
+
+
+@dataclass
+class Str(Field):
+    pattern: str | None = None
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    max_len: int = 4096
+
+    def check(self, value, path, errors):
+        if value is None and self.nullable:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and self.choices:
+            value = str(value)  # e.g. `protocol: 5`
+        if not isinstance(value, str):
+            errors.append((path, f"must be a string, not {_type_name(value)}"))
+            return value
+        if self.choices and value not in self.choices:
+            hint = _did_you_mean(value, self.choices)
+            errors.append((path, f"must be one of {', '.join(self.choices)}, not {value!r}{hint}"))
+        elif self.pattern and not re.match(self.pattern, value):
+            errors.append((path, f"{value!r} does not match {self.pattern}"))
+        elif len(value) > self.max_len:
+            errors.append((path, f"must be at most {self.max_len} characters"))
+        return value
+
+
+@dataclass
+class Num(Field):
+    min: float | None = None
+    max: float | None = None
+    integer: bool = True
+    nullable: bool = False
+
+    def check(self, value, path, errors):
+        if value is None and self.nullable:
+            return None
+        ok = isinstance(value, int) if self.integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            kind = "an integer" if self.integer else "a number"
+            errors.append((path, f"must be {kind}, not {_type_name(value)}"))
+            return value
+        if self.min is not None and value < self.min:
+            errors.append((path, f"must be at least {self.min:g}, not {value}"))
+        elif self.max is not None and value > self.max:
+            errors.append((path, f"must be at most {self.max:g}, not {value}"))
+        return value
+
+
+@dataclass
+class Bool(Field):
+    def check(self, value, path, errors):
+        if not isinstance(value, bool):
+            errors.append((path, f"must be true or false, not {_type_name(value)}"))
+        return value
+
+
+@dataclass
+class List(Field):
+    item: Field = field(default_factory=Field)
+    max_items: int = 1000
+
+    def check(self, value, path, errors):
+        if not isinstance(value, list):
+            errors.append((path, f"must be a list, not {_type_name(value)}"))
+            return value
+        if len(value) > self.max_items:
+            errors.append((path, f"must have at most {self.max_items} items"))
+        return [self.item.check(v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+
+
+@dataclass
+class Map(Field):
+    """A mapping with free keys (matching ``key_pattern``) and values of one kind."""
+
+    value: Field = field(default_factory=Field)
+    key_pattern: str = r"^.+$"
+
+    def check(self, value, path, errors):
+        if not isinstance(value, dict):
+            errors.append((path, f"must be a mapping, not {_type_name(value)}"))
+            return value
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not re.match(self.key_pattern, k):
+                errors.append((f"{path}.{k}", f"key must match {self.key_pattern}"))
+                continue
+            out[k] = self.value.check(v, f"{path}.{k}", errors)
+        return out
+
+
+@dataclass
+class Section(Field):
+    fields: dict[str, Field] = field(default_factory=dict)
+    nullable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.default is REQUIRED:
+            self.default = {}
+
+    def check(self, value, path, errors):
+        if value is None and self.nullable:
+            return None
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            errors.append((path, f"must be a mapping, not {_type_name(value)}"))
+            return value
+        out = {}
+        for key in value:
+            if key not in self.fields:
+                hint = _did_you_mean(str(key), self.fields)
+                errors.append((_join(path, key), f"unknown key{hint}"))
+        for name, spec in self.fields.items():
+            sub = _join(path, name)
+            if name in value:
+                out[name] = spec.check(value[name], sub, errors)
+            elif spec.default is REQUIRED:
+                errors.append((sub, "is required"))
+            elif isinstance(spec, Section):
+                out[name] = spec.check(copy.deepcopy(spec.default), sub, errors)
+            else:
+                out[name] = copy.deepcopy(spec.default)
+        return out
+
+
+class Ed25519Key(Str):
+    """A raw 32-byte Ed25519 public key in base64."""
+
+    def check(self, value, path, errors):
+        value = super().check(value, path, errors)
+        if isinstance(value, str):
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                errors.append((path, "must be a raw 32-byte Ed25519 public key in base64"))
+        return value
+
+
+class TimeZone(Str):
+    def check(self, value, path, errors):
+        value = super().check(value, path, errors)
+        if isinstance(value, str):
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                hint = ""
+                try:
+                    import zoneinfo
+
+                    hint = _did_you_mean(value, zoneinfo.available_timezones())
+                except Exception:  # pragma: no cover - tzdata missing
+                    pass
+                errors.append((path, f"unknown time zone {value!r}{hint}"))
+        return value
+
+
+def _type_name(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
+            str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+PRIORITIES = ("emergency", "priority", "normal")
+
+SCHEMA = Section(fields={
+    "device": Section(fields={
+        "id": Str(pattern=ID_RE, doc="MQTT client id and topic segment"),
+        "groups": List(default=[], item=Str(pattern=ID_RE)),
+        "timezone": TimeZone(default="Asia/Ho_Chi_Minh"),
+        "languages": List(default=["vi"], item=Str(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]+)?$")),
+    }),
+    "mqtt": Section(fields={
+        "host": Str(default="127.0.0.1"),
+        "port": Num(default=1883, min=1, max=65535),
+        "topic_prefix": Str(default="ttcs", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$"),
+        "protocol": Str(default="5", choices=("5", "3.1.1")),
+        "keepalive_s": Num(default=60, min=5, max=3600),
+        "username": Str(default=None, nullable=True),
+        "password_file": Str(default=None, nullable=True),
+        "tls": Section(default=None, nullable=True, fields={
+            "ca_file": Str(default=None, nullable=True),
+            "cert_file": Str(default=None, nullable=True),
+            "key_file": Str(default=None, nullable=True),
+        }),
+        "reconnect_min_s": Num(default=1, min=0.1, max=60, integer=False),
+        "reconnect_max_s": Num(default=30, min=1, max=300, integer=False),
+        "session_expiry_s": Num(default=86400, min=0, max=7 * 86400),
+    }),
+    "security": Section(fields={
+        "require_signed": Bool(default=True),
+        "trusted_keys": Map(default={}, value=Ed25519Key(), key_pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
+        "media_hosts": List(default=[], item=Str(pattern=r"^[A-Za-z0-9.:\[\]-]+$")),
+        "max_skew_s": Num(default=300, min=1, max=86400),
+        "replay_memory": Num(default=20000, min=100, max=1_000_000,
+                             doc="how many accepted command ids are remembered"),
+    }),
+    "paths": Section(fields={
+        "state_dir": Str(default="/var/lib/ttcs-agent"),
+        "cache_dir": Str(default="/var/cache/ttcs-agent"),
+    }),
+    "audio": Section(fields={
+        "backend": Str(default="vlc", choices=("vlc", "sim")),
+        "vlc_args": List(default=[], item=Str()),
+    }),
+    "board": Section(fields={
+        "driver": Str(default="none", choices=("none", "max7219", "serial", "image")),
+        "width": Num(default=64, min=8, max=4096),
+        "height": Num(default=16, min=7, max=1024),
+        "image_path": Str(default=None, nullable=True),
+    }),
+    "gpio": Section(fields={
+        "backend": Str(default="lgpio", choices=("lgpio", "sim")),
+    }),
+    "clock": Section(fields={
+        "trust": Str(default="auto", choices=("auto", "always", "never")),
+    }),
+    "health": Section(fields={
+        "interval_s": Num(default=60, min=5, max=86400),
+        "disk_min_free_mb": Num(default=200, min=0, max=10_000_000),
+    }),
+    "outbox": Section(fields={
+        "max_rows": Num(default=100_000, min=100, max=10_000_000,
+                        doc="above this, the oldest health samples, then acks, are dropped"),
+        "inflight": Num(default=20, min=1, max=1000),
+    }),
+    "state": Section(fields={
+        "min_interval_s": Num(default=1.0, min=0, max=3600, integer=False),
+    }),
+    "log": Section(fields={
+        "level": Str(default="info", choices=("debug", "info", "warning", "error")),
+    }),
+})
+
+
+CTL_SCHEMA = Section(fields={
+    "mqtt": SCHEMA.fields["mqtt"],
+    "signing": Section(fields={
+        "kid": Str(default=None, nullable=True, pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
+        "key_file": Str(default=None, nullable=True),
+    }),
+    "alerts": Section(fields={
+        "webhook_url": Str(default=None, nullable=True),
+    }),
+})
+DEFAULT_CTL_PATH = "~/.config/ttcs/ctl.yaml"
+
+
+# --- loading with positions --------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
+               errors: list[tuple[str, str, tuple[int, int]]]) -> None:
+    """Record the line/column (1-based) of every key path in the composed YAML tree."""
+    out.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            sub = _join(path, key)
+            pos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if key in seen:
+                errors.append((sub, "duplicate key", pos))
+            seen.add(key)
+            out[sub] = pos
+            _positions(value_node, sub, out, errors)
+            out[sub] = pos
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _positions(item, f"{path}[{i}]", out, errors)
+
+
+@dataclass
+class LoadedConfig:
+    path: str
+    data: dict
+    positions: dict[str, tuple[int, int]]
+
+
+def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> dict:
+    """Parse and validate config text; raise :class:`ConfigError` with every problem."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        raw = yaml.load(text, Loader=_Loader) if node is not None else {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise ConfigError([f"{filename}:{line}:{col}: (yaml): {e.problem or e}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{filename}:1:1: (yaml): {e}"]) from None
+    positions: dict[str, tuple[int, int]] = {}
+    problems: list[tuple[str, str, tuple[int, int]]] = []
+    if node is not None:
+        _positions(node, "", positions, problems)
+    errors: list[tuple[str, str]] = []
+    if raw is None:
+        raw = {}
+    data = schema.check(raw, "", errors)
+    for path, message in errors:
+        problems.append((path, message, _position_of(path, positions)))
+    if not problems and isinstance(data, dict) and schema is SCHEMA:
+        _derive(data)
+    if problems:
+        problems.sort(key=lambda p: (p[2], p[0]))
+        raise ConfigError([f"{filename}:{line}:{col}: {path or '(top)'}: {msg}"
+                           for path, msg, (line, col) in problems])
+    return data
+
+
+def _position_of(path: str, positions: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """The position of ``path`` or, for a missing key, of its nearest parent."""
+    while path:
+        if path in positions:
+            return positions[path]
+        path = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
+        if path in positions:
+            return positions[path]
+        if "." not in path and "[" not in path:
+            break
+    return positions.get(path, positions.get("", (1, 1)))
+
+
+def _derive(cfg: dict) -> None:
+    """Fill values that default from others."""
+    if cfg["board"]["image_path"] is None:
+        cfg["board"]["image_path"] = os.path.join(cfg["paths"]["state_dir"], "board.png")
+    for key in ("state_dir", "cache_dir"):
+        cfg["paths"][key] = os.path.expanduser(cfg["paths"][key])
+
+
+def load(path: str | None = None, schema: Section = SCHEMA) -> dict:
+    """Read and validate the config file at ``path``."""
+    if schema is SCHEMA:
+        path = path or os.environ.get("TTCS_AGENT_CONFIG") or DEFAULT_CONFIG_PATH
+    else:
+        path = os.path.expanduser(path or os.environ.get("TTCS_CTL_CONFIG") or DEFAULT_CTL_PATH)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}:1:1: (file): not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}:1:1: (file): cannot read: {e}"]) from None
+    cfg = parse(text, path, schema)
+    cfg["_path"] = os.path.abspath(path)
+    return cfg
+
+
+def mask_secrets(cfg: dict) -> dict:
+    """A copy safe to log or show."""
+    out = copy.deepcopy(cfg)
+    mqtt = out.get("mqtt") or {}
+    if mqtt.get("password_file"):
+        mqtt["password_file"] = "***"
+    return out

@@ -1,0 +1,433 @@
+"""The core: one thread that owns the agent's state.
+
+MQTT messages, broker acknowledgements, driver events and timers all become callables on one
+queue, run in order by :meth:`Core.run`. Nothing else touches the state, so the domain code
+needs no locks. Components (audio, board, schedule, health) plug in through
+:meth:`Core.register_command`, :meth:`Core.register_document`, :meth:`Core.add_state` and the
+timer functions; they report through :meth:`Core.ack` and :meth:`Core.emit_event`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent import __version__, protocol
+from agent.clock import Clock, ClockTrust
+from agent.mqtt import LinkHandlers, MqttLink
+from agent.outbox import Outbox
+from agent.protocol import Envelope, Rejected, Topics
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class CommandHandler(Protocol):
+    def validate(self, args: dict) -> list[str]:
+        """Problems with ``args`` (each naming the key), empty when they are good."""
+
+    def execute(self, env: Envelope) -> None:
+        """Carry the command out; report its stages through ``core.ack``."""
+
+
+class DocumentHandler(Protocol):
+    def apply(self, target: str, env: Envelope, raw: bytes) -> tuple[str, str | None]:
+        """Apply a verified document; return (result, reason). Result ``unchanged`` is not
+        recorded as an event (the broker re-delivers retained documents at every connect)."""
+
+
+@dataclass(order=True)
+class _Timer:
+    when: float
+    seq: int
+    fn: Callable = None  # type: ignore[assignment]
+    args: tuple = ()
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FuncHandler:
+    """A command handler from two functions."""
+
+    def __init__(self, execute: Callable[[Envelope], None],
+                 validate: Callable[[dict], list[str]] = lambda args: []) -> None:
+        self._execute = execute
+        self._validate = validate
+
+    def validate(self, args: dict) -> list[str]:
+        return self._validate(args)
+
+    def execute(self, env: Envelope) -> None:
+        self._execute(env)
+
+
+class Core:
+    def __init__(self, cfg: dict, *, clock: Clock, store: Store, trust: ClockTrust,
+                 link_factory: Callable[..., MqttLink] = MqttLink) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.store = store
+        self.trust = trust
+        self.device = cfg["device"]["id"]
+        self.topics = Topics(cfg["mqtt"]["topic_prefix"], self.device)
+        self.session = store.next_session()
+        self.started_mono = clock.monotonic()
+        self._queue: queue.Queue = queue.Queue()
+        self._timers: list[_Timer] = []
+        self._timer_seq = itertools.count()
+        self._running = False
+        self._stopping = False
+        self.commands: dict[str, CommandHandler] = {}
+        self.documents: dict[str, DocumentHandler] = {}
+        self.state_parts: dict[str, Callable[[], Any]] = {}
+        self.stop_hooks: list[Callable[[], None]] = []
+        self._keys = protocol.load_public_keys(cfg["security"]["trusted_keys"])
+        self._state_due: _Timer | None = None
+        self._state_last = -1e9
+        self.last_state: dict | None = None
+        inbound = self.topics.inbound(cfg["device"]["groups"])
+        self.link = link_factory(
+            {**cfg["mqtt"], "inflight": cfg["outbox"]["inflight"]}, self.device,
+            LinkHandlers(on_connect=lambda sp: self.post(self._on_connect, sp),
+                         on_disconnect=lambda reason: self.post(self._on_disconnect, reason),
+                         on_message=lambda t, p, r: self.post(self.on_message, t, p, r),
+                         on_publish=lambda mid: self.post(self._on_publish, mid)),
+            will=self._will,
+            cmd_topics=[t for t, k in inbound if k == "cmd"],
+            doc_topics=[t for t, k in inbound if k != "cmd"],
+        )
+        self.outbox = Outbox(store, self.link, clock, cfg["outbox"]["inflight"])
+        self.register_command("ping", FuncHandler(lambda env: self.ack(env.id, "done")))
+        self.register_command("state", FuncHandler(self._cmd_state))
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def post(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the core thread. Safe from any thread; never blocks."""
+        self._queue.put((fn, args))
+
+    def call_later(self, delay_s: float, fn: Callable, *args: Any) -> _Timer:
+        """Run ``fn`` on the core thread after ``delay_s`` (monotonic). Core thread only."""
+        t = _Timer(self.clock.monotonic() + max(0.0, delay_s), next(self._timer_seq), fn, args)
+        heapq.heappush(self._timers, t)
+        return t
+
+    def call_every(self, interval_s: float, fn: Callable, first_s: float | None = None) -> None:
+        def tick() -> None:
+            self.call_later(interval_s, tick)
+            fn()
+
+        self.call_later(interval_s if first_s is None else first_s, tick)
+
+    def register_command(self, typ: str, handler: CommandHandler) -> None:
+        self.commands[typ] = handler
+
+    def register_document(self, kind: str, handler: DocumentHandler) -> None:
+        self.documents[kind] = handler
+
+    def add_state(self, name: str, fn: Callable[[], Any]) -> None:
+        """Add a part to the ``state`` snapshot."""
+        self.state_parts[name] = fn
+
+    def run(self) -> None:
+        """Start the link and run events until :meth:`request_stop`; then shut down."""
+        self._running = True
+        self.link.start()
+        self.call_every(self.cfg["health"]["interval_s"], self.send_health, first_s=5)
+        self.mark_state_dirty()
+        try:
+            while self._running:
+                self._run_due_timers()
+                try:
+                    fn, args = self._queue.get(timeout=self._wait_time())
+                except queue.Empty:
+                    continue
+                self._call(fn, args)
+        finally:
+            self._shutdown()
+
+    def run_pending(self) -> None:
+        """Run queued events and due timers without blocking (for tests)."""
+        self._run_due_timers()
+        while True:
+            try:
+                fn, args = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._call(fn, args)
+
+    def _wait_time(self) -> float:
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return 1.0
+        return min(1.0, max(0.0, self._timers[0].when - self.clock.monotonic()))
+
+    def _run_due_timers(self) -> None:
+        now = self.clock.monotonic()
+        while self._timers and self._timers[0].when <= now:
+            t = heapq.heappop(self._timers)
+            if not t.cancelled:
+                self._call(t.fn, t.args)
+
+    def _call(self, fn: Callable, args: tuple) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("error in core event %s", getattr(fn, "__qualname__", fn))
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop (any thread, e.g. a signal handler)."""
+        self.post(self._stop)
+
+    def _stop(self) -> None:
+        self._running = False
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        for hook in reversed(self.stop_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("error while stopping")
+        status = self._status_payload("offline", reason="shutdown")
+        if not self.link.publish_wait(self.topics.dev("status"), status):
+            log.info("offline/shutdown not delivered (broker unreachable); the will stands")
+        self.link.stop()
+        self.write_status_file()
+        self.store.close()
+
+    # --- link events -------------------------------------------------------------------
+
+    def _status_payload(self, state: str, reason: str | None = None) -> bytes:
+        body: dict[str, Any] = {"v": 1, "state": state, "ts": self.clock.now_ms(),
+                                "session": self.session}
+        if reason:
+            body["reason"] = reason
+        return _dumps(body)
+
+    def _will(self) -> tuple[str, bytes]:
+        return self.topics.dev("status"), self._status_payload("offline", reason="lost")
+
+    def _on_connect(self, session_present: bool) -> None:
+        log.info("mqtt: connected to %s:%s (session present: %s)", self.cfg["mqtt"]["host"],
+                 self.cfg["mqtt"]["port"], session_present)
+        self.link.publish(self.topics.dev("status"), self._status_payload("online"), qos=1,
+                          retain=True)
+        self.publish_state(force=True)
+        self.outbox.on_connected()
+
+    def _on_disconnect(self, reason: str) -> None:
+        log.warning("mqtt: link lost (%s); carrying on offline", reason)
+        self.outbox.on_disconnected()
+        self.mark_state_dirty()
+
+    def _on_publish(self, mid: int) -> None:
+        self.outbox.on_published(mid)
+
+    # --- inbound -----------------------------------------------------------------------
+
+    def on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+        where = self.topics.classify(topic)
+        if where is None:
+            log.warning("message on unexpected topic %s ignored", topic)
+            return
+        target, kind = where
+        if kind == "cmd":
+            self.handle_command(target, payload, retain)
+        else:
+            self.handle_document(kind, target, payload)
+
+    def _check(self, obj: dict, kind: str, target: str) -> Envelope:
+        env = protocol.parse_envelope(obj, kind)
+        if env.target != target:
+            raise Rejected(protocol.WRONG_TARGET,
+                           f"target {env.target!r} does not match the topic's {target!r}", env.id)
+        protocol.verify(env, self._keys, self.cfg["security"]["require_signed"])
+        return env
+
+    def handle_command(self, target: str, payload: bytes, retain: bool) -> None:
+        try:
+            obj = protocol.decode(payload)
+            if retain:
+                raise Rejected(protocol.RETAINED_COMMAND,
+                               "retained commands are never executed", protocol.peek_id(obj))
+            env = self._check(obj, "cmd", target)
+            first = self.store.seen_get(env.id)
+            if first is not None:
+                raise Rejected(protocol.REPLAYED, "this command id was already accepted",
+                               env.id, first_seen=first)
+            protocol.check_time(env, self.clock.now_ms(), self.trust.trusted(),
+                                self.cfg["security"]["max_skew_s"])
+            handler = self._handler_for(env)
+            errors = handler.validate(env.args)
+            if errors:
+                raise Rejected(protocol.BAD_ARGS, "; ".join(errors), env.id, errors=errors)
+        except Rejected as r:
+            log.info("command %s rejected: %s (%s)", r.cmd_id, r.reason, r.message)
+            self.ack(r.cmd_id, "rejected", r.reason, {"message": r.message, **r.detail})
+            return
+        self.store.seen_add(env.id, env.kid, env.ts, self.clock.now_ms())
+        self.ack(env.id, "received", detail={"type": env.type})
+        handler.execute(env)
+
+    def _handler_for(self, env: Envelope) -> CommandHandler:
+        handler = self.commands.get(env.type)
+        if handler is not None:
+            return handler
+        if env.type in protocol.COMMAND_TYPES:
+            msg = f"{env.type!r} is not available on this device (no such hardware configured)"
+        else:
+            msg = f"unknown command type {env.type!r}"
+        raise Rejected(protocol.UNSUPPORTED_TYPE, msg, env.id)
+
+    def handle_document(self, kind: str, target: str, payload: bytes) -> None:
+        topic = f"{target}/desired/{kind}"
+        rev = None
+        try:
+            obj = protocol.decode(payload)
+            rev = obj.get("rev") if isinstance(obj.get("rev"), int) else None
+            env = self._check(obj, kind, target)
+            handler = self.documents.get(kind)
+            if handler is None:
+                raise Rejected(protocol.UNSUPPORTED_TYPE, f"no {kind} support on this device")
+            result, reason = handler.apply(target, env, payload)
+        except Rejected as r:
+            result, reason = "rejected", r.reason
+            log.info("%s document on %s rejected: %s (%s)", kind, topic, r.reason, r.message)
+        if result == "unchanged":
+            return
+        body: dict[str, Any] = {"type": kind, "topic": topic, "rev": rev, "result": result}
+        if reason:
+            body["reason"] = reason
+        self.emit_event(body)
+        self.mark_state_dirty()
+
+    # --- outbound ----------------------------------------------------------------------
+
+    def ack(self, cmd_id: str | None, stage: str, reason: str | None = None,
+            detail: dict | None = None) -> None:
+        body = protocol.ack(cmd_id, stage, self.clock.now_ms(), reason, detail)
+        self.outbox.add(self.topics.dev("ack"), body, kind="ack")
+
+    def emit_event(self, body: dict) -> dict:
+        """Store and send an event; it gets ``v``, ``ts`` and the next ``seq``."""
+        full = {"v": 1, "ts": self.clock.now_ms(), **body}
+        return self.outbox.add(self.topics.dev("event"), full, kind=str(body.get("type", "event")),
+                               event=True)
+
+    def send_health(self) -> None:
+        body = {"v": 1, "ts": self.clock.now_ms(), **self.health_snapshot()}
+        self.outbox.add(self.topics.dev("health"), body, kind="health")
+
+    def health_snapshot(self) -> dict:
+        return {
+            "uptime_s": int(self.clock.monotonic() - self.started_mono),
+            "version": __version__,
+            "session": self.session,
+            "clock": {"trusted": self.trust.trusted(), "source": self.trust.source},
+            "mqtt": {"connected": self.link.connected, "reconnects": max(0, self.link.reconnects - 1),
+                     "outbox": self.outbox.depth, "dropped": self.store.dropped},
+        }
+
+    def _cmd_state(self, env: Envelope) -> None:
+        self.link.publish(self.topics.dev("status"), self._status_payload("online"), qos=1,
+                          retain=True)
+        self.publish_state(force=True)
+        self.ack(env.id, "done")
+
+    def snapshot(self) -> dict:
+        snap: dict[str, Any] = {
+            "v": 1, "ts": self.clock.now_ms(), "device": self.device, "version": __version__,
+            "session": self.session,
+            "clock": {"trusted": self.trust.trusted(), "source": self.trust.source},
+        }
+        for name, fn in self.state_parts.items():
+            try:
+                snap[name] = fn()
+            except Exception:
+                log.exception("state part %s failed", name)
+        return snap
+
+    def mark_state_dirty(self) -> None:
+        """Something in the snapshot changed: publish it, at most once per min_interval_s."""
+        if self._state_due is not None:
+            return
+        wait = self._state_last + self.cfg["state"]["min_interval_s"] - self.clock.monotonic()
+        self._state_due = self.call_later(max(0.0, wait), self._state_timer)
+
+    def _state_timer(self) -> None:
+        self._state_due = None
+        self.publish_state()
+
+    def publish_state(self, force: bool = False) -> None:
+        snap = self.snapshot()
+        comparable = {k: v for k, v in snap.items() if k != "ts"}
+        last = {k: v for k, v in (self.last_state or {}).items() if k != "ts"}
+        if comparable == last and not force:
+            return
+        # Not connected: the snapshot is published again at the next connect.
+        self.link.publish(self.topics.dev("state"), _dumps(snap), qos=1, retain=True)
+        self.last_state = snap
+        self._state_last = self.clock.monotonic()
+        self.write_status_file()
+
+    def write_status_file(self) -> None:
+        """What ``ttcs-agent status`` shows: the last snapshot plus the link, not fsynced
+        (it is rewritten often and worthless after a power cut)."""
+        path = os.path.join(self.cfg["paths"]["state_dir"], "status.json")
+        body = {
+            "pid": os.getpid(), "written": self.clock.now_ms(),
+            "running": self._running and not self._stopping,
+            "config": self.cfg.get("_path"),
+            "mqtt": {"host": self.cfg["mqtt"]["host"], "port": self.cfg["mqtt"]["port"],
+                     "connected": self.link.connected, "last_error": self.link.last_error,
+                     "outbox": self.outbox.depth},
+            "state": self.last_state,
+        }
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(body, f, ensure_ascii=False, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e)
+
+    # --- config reload -----------------------------------------------------------------
+
+    def reload(self, new_cfg: dict) -> None:
+        """Apply a validated config (SIGHUP). Keys that need a restart are reported."""
+        live = ("security", "health", "state", "log")
+        restart = sorted(k for k in new_cfg if not k.startswith("_") and k not in live
+                         and new_cfg[k] != self.cfg.get(k))
+        self._keys = protocol.load_public_keys(new_cfg["security"]["trusted_keys"])
+        for k in live:
+            self.cfg[k] = new_cfg[k]
+        logging.getLogger().setLevel(new_cfg["log"]["level"].upper())
+        body: dict[str, Any] = {"type": "config", "result": "applied"}
+        if restart:
+            body["restart_needed"] = restart
+            log.warning("config reloaded; changes to %s take effect at the next restart",
+                        ", ".join(restart))
+        else:
+            log.info("config reloaded")
+        self.emit_event(body)
+
+    def reload_failed(self, problems: list[str]) -> None:
+        for p in problems:
+            log.error("config reload refused: %s", p)
+        self.emit_event({"type": "config", "result": "rejected", "problems": problems[:20]})
+
+
+def _dumps(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+

@@ -1,0 +1,336 @@
+"""``ttcs-ctl``: the controller side — keys, signed commands, fleet watch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import secrets
+import stat
+import sys
+import time
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import __version__, config, protocol
+from agent.mqtt import make_client
+
+EXIT_DONE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 0, 1, 2, 64
+
+
+# --- keys --------------------------------------------------------------------------------
+
+def keygen(out: str, kid: str, force: bool) -> int:
+    out = os.path.expanduser(out)
+    if os.path.exists(out) and not force:
+        print(f"{out} exists; pass --force to overwrite it", file=sys.stderr)
+        return EXIT_USAGE
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, out)
+    pub = protocol.public_key_b64(key)
+    print(f"private key written to {out} (mode 0600)")
+    print("add to each agent's config:")
+    print("security:\n  trusted_keys:")
+    print(f'    {kid}: "{pub}"')
+    return 0
+
+
+def load_private_key(path: str) -> Ed25519PrivateKey:
+    path = os.path.expanduser(path)
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(f"{path} is readable by group or others; chmod 600 it")
+    with open(path, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+# --- sending -----------------------------------------------------------------------------
+
+def make_envelope(target: str, typ: str, args: dict, *, ttl_s: int | None, cmd_id: str | None,
+                  now_ms: int | None = None) -> dict:
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    env = {"v": 1, "id": cmd_id or f"c-{secrets.token_hex(6)}", "type": typ, "target": target,
+           "ts": now_ms, "args": args}
+    if ttl_s:
+        env["exp"] = now_ms + ttl_s * 1000
+    return env
+
+
+class Session:
+    """A short-lived controller connection: messages arrive on a queue."""
+
+    def __init__(self, cfg: dict, subscriptions: list[str]) -> None:
+        self.cfg = cfg
+        self.messages: queue.Queue = queue.Queue()
+        self.client = make_client(cfg["mqtt"], f"ttcs-ctl-{secrets.token_hex(4)}",
+                                  persistent=False)
+        self._subscribed = queue.Queue()
+        self.subscriptions = subscriptions
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self._subscribed.put(True)
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload),
+                                                                    bool(m.retain)))
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._subscribed.put(f"broker refused: {reason_code}")
+            return
+        client.subscribe([(t, 1) for t in self.subscriptions])
+
+    def open(self, timeout: float = 10.0) -> None:
+        m = self.cfg["mqtt"]
+        self.client.connect(m["host"], int(m["port"]), keepalive=int(m["keepalive_s"]))
+        self.client.loop_start()
+        try:
+            ok = self._subscribed.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no answer from the broker at {m['host']}:{m['port']}") from None
+        if ok is not True:
+            raise ConnectionError(ok)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def send(cfg: dict, target: str, typ: str, args: dict, *, timeout: float, ttl_s: int | None,
+         cmd_id: str | None, unsigned: bool, as_json: bool, devices: int | None) -> int:
+    if not protocol.TARGET_RE.match(target):
+        print(f"target must be dev/ID or grp/G, not {target!r}", file=sys.stderr)
+        return EXIT_USAGE
+    env = make_envelope(target, typ, args, ttl_s=ttl_s, cmd_id=cmd_id)
+    if not unsigned:
+        sign_cfg = cfg["signing"]
+        if not sign_cfg.get("key_file") or not sign_cfg.get("kid"):
+            print("signing.kid and signing.key_file must be set (or pass --unsigned)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        env = protocol.sign(env, load_private_key(sign_cfg["key_file"]), sign_cfg["kid"])
+    prefix = cfg["mqtt"]["topic_prefix"]
+    ack_topic = f"{prefix}/{target}/ack" if target.startswith("dev/") else f"{prefix}/dev/+/ack"
+    session = Session(cfg, [ack_topic])
+    session.open()
+    try:
+        session.publish(f"{prefix}/{target}/cmd", protocol.canonical(env))
+        return _follow_acks(session, env["id"], target, timeout, as_json, devices)
+    finally:
+        session.close()
+
+
+def _follow_acks(session: Session, cmd_id: str, target: str, timeout: float, as_json: bool,
+                 devices: int | None, settle_s: float = 3.0) -> int:
+    """Print acks for ``cmd_id`` until each device reached a final stage (or the timeout).
+
+    For a group without ``devices``, stop once every device heard from has finished and
+    nothing new came for ``settle_s``."""
+    finals: dict[str, str] = {}
+    received: set[str] = set()
+    deadline = time.monotonic() + timeout
+    last_activity = time.monotonic()
+    single = target.startswith("dev/")
+    while time.monotonic() < deadline:
+        try:
+            topic, payload, _ = session.messages.get(timeout=0.2)
+        except queue.Empty:
+            settled = time.monotonic() - last_activity > settle_s
+            if not single and devices is None and finals and finals.keys() >= received and settled:
+                break
+            continue
+        ack = _parse_ack(payload)
+        if ack is None or ack.get("id") != cmd_id:
+            continue
+        device = topic.split("/")[-2]
+        last_activity = time.monotonic()
+        stage = ack.get("stage")
+        if stage == "rejected" and ack.get("reason") == protocol.REPLAYED and device in received:
+            continue  # a duplicate delivery of a command this device already took
+        print(json.dumps({"device": device, **ack}, ensure_ascii=False) if as_json else
+              _ack_line(device, ack), flush=True)
+        if stage == "received":
+            received.add(device)
+        if stage in protocol.FINAL_STAGES:
+            finals.setdefault(device, stage)
+            received.add(device)
+        if (single and finals) or (devices is not None and len(finals) >= devices):
+            break
+    if not finals:
+        print(f"no final ack within {timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if devices is not None and len(finals) < devices:
+        print(f"{len(finals)} of {devices} devices finished within {timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_DONE if all(s == "done" for s in finals.values()) else EXIT_FAILED
+
+
+def _parse_ack(payload: bytes) -> dict | None:
+    try:
+        ack = json.loads(payload)
+    except ValueError:
+        return None
+    return ack if isinstance(ack, dict) else None
+
+
+def _ack_line(device: str, ack: dict) -> str:
+    ts = time.strftime("%H:%M:%S", time.localtime(ack.get("ts", 0) / 1000))
+    line = f"{ts} {device:<24} {ack.get('stage', '?'):<10}"
+    if ack.get("reason"):
+        line += f" {ack['reason']}"
+    detail = ack.get("detail") or {}
+    if detail.get("message"):
+        line += f": {detail['message']}"
+    return line
+
+
+# --- watch -------------------------------------------------------------------------------
+
+class Fleet:
+    """What ``watch`` knows of each device, from status, state, health and event topics."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, dict] = {}
+
+    def update(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        if len(parts) < 4 or parts[-3] != "dev":
+            return
+        device, leaf = parts[-2], parts[-1]
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(body, dict):
+            return
+        d = self.devices.setdefault(device, {"online": None, "last_seen": None, "playing": None,
+                                             "alerts": {}})
+        d["last_seen"] = time.time()
+        if leaf == "status":
+            d["online"] = body.get("state") == "online"
+            d["reason"] = body.get("reason")
+        elif leaf == "state":
+            d["playing"] = body.get("playing")
+            for a in body.get("alerts") or []:
+                if isinstance(a, dict) and a.get("code"):
+                    d["alerts"][a["code"]] = True
+        elif leaf == "event" and body.get("type") == "alert":
+            code = body.get("code")
+            if body.get("state") == "raised":
+                d["alerts"][code] = True
+            else:
+                d["alerts"].pop(code, None)
+
+    def table(self) -> str:
+        rows = [f"{'DEVICE':<28} {'ONLINE':<8} {'LAST SEEN':<10} {'PLAYING':<24} ALERTS"]
+        for name in sorted(self.devices):
+            d = self.devices[name]
+            online = {True: "online", False: "OFFLINE", None: "?"}[d["online"]]
+            seen = f"{int(time.time() - d['last_seen'])} s" if d["last_seen"] else "-"
+            playing = d["playing"]
+            if isinstance(playing, dict):
+                playing = playing.get("id") or playing.get("source") or "yes"
+            rows.append(f"{name:<28} {online:<8} {seen:<10} {playing or '-'!s:<24} "
+                        f"{','.join(sorted(d['alerts'])) or '-'}")
+        return "\n".join(rows)
+
+
+def watch(cfg: dict, once: float | None) -> int:
+    prefix = cfg["mqtt"]["topic_prefix"]
+    session = Session(cfg, [f"{prefix}/dev/+/{leaf}" for leaf in ("status", "state", "event")])
+    session.open()
+    fleet = Fleet()
+    try:
+        end = time.monotonic() + once if once else None
+        next_draw = 0.0
+        while end is None or time.monotonic() < end:
+            try:
+                topic, payload, _ = session.messages.get(timeout=0.5)
+                fleet.update(topic, payload)
+            except queue.Empty:
+                pass
+            if end is None and time.monotonic() >= next_draw:
+                print("\033[2J\033[H" + fleet.table(), flush=True)
+                next_draw = time.monotonic() + 2
+        if once:
+            print(fleet.table())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+    return 0
+
+
+# --- entry -------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ttcs-ctl", description=__doc__)
+    parser.add_argument("--config", help=f"ctl config (default {config.DEFAULT_CTL_PATH})")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("keygen", help="make an Ed25519 signing key")
+    p.add_argument("--out", required=True, help="private key file to write (mode 0600)")
+    p.add_argument("--kid", default="district-ctl-1", help="key id shown in the config snippet")
+    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("send", help="sign and send a command, print its acks")
+    p.add_argument("target", help="dev/ID, grp/G or grp/all")
+    p.add_argument("type", help="command type: " + ", ".join(protocol.COMMAND_TYPES))
+    p.add_argument("args", nargs="?", default="{}", help="arguments as a JSON object")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    p.add_argument("--ttl", type=int, default=600, help="exp = now + TTL seconds (0: none)")
+    p.add_argument("--id", help="command id (default: random)")
+    p.add_argument("--devices", type=int, help="for a group: how many devices to wait for")
+    p.add_argument("--unsigned", action="store_true", help="send without a signature")
+    p.add_argument("--json", action="store_true", help="print acks as JSON lines")
+    p = sub.add_parser("watch", help="live fleet table")
+    p.add_argument("--once", type=float, metavar="SECONDS",
+                   help="collect for SECONDS, print the table once and exit")
+    sub.add_parser("version")
+    args = parser.parse_args(argv)
+    if args.cmd == "version":
+        print(f"ttcs-ctl {__version__}")
+        return 0
+    if args.cmd == "keygen":
+        return keygen(args.out, args.kid, args.force)
+    try:
+        cfg = config.load(args.config, config.CTL_SCHEMA)
+    except config.ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.cmd == "send":
+            try:
+                cmd_args = json.loads(args.args)
+            except ValueError as e:
+                print(f"ARGS must be a JSON object: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            if not isinstance(cmd_args, dict):
+                print("ARGS must be a JSON object", file=sys.stderr)
+                return EXIT_USAGE
+            return send(cfg, args.target, args.type, cmd_args, timeout=args.timeout,
+                        ttl_s=args.ttl or None, cmd_id=args.id, unsigned=args.unsigned,
+                        as_json=args.json, devices=args.devices)
+        return watch(cfg, args.once)
+    except (OSError, TimeoutError, ConnectionError, ValueError) as e:
+        print(f"ttcs-ctl: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The MQTT link (paho-mqtt 2.x, VERSION2 callbacks) with its own network thread.
+
+The link never gives up: it connects, loops, and after any loss waits a jittered exponential
+backoff (capped at ``mqtt.reconnect_max_s``) before trying again, so a fleet does not stampede
+a restarted broker. Its callbacks only hand events to the core through the functions given to
+it; they run on the network thread and must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinkHandlers:
+    on_connect: Callable[[bool], None]  # session_present
+    on_disconnect: Callable[[str], None]  # reason
+    on_message: Callable[[str, bytes, bool], None]  # topic, payload, retain
+    on_publish: Callable[[int], None]  # mid acknowledged by the broker
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random = random) -> float:
+    """Exponential backoff with jitter: uniformly between half and all of min(cap, base*2^n)."""
+    ceiling = min(cap, base * (2 ** min(attempt, 20)))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+def read_secret(path: str) -> str:
+    """Read a password file, refusing one that others can read."""
+    import os
+    import stat
+
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(f"{path} is readable by group or others; chmod 600 it")
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True) -> mqtt.Client:
+    """A configured paho client (protocol, TLS, credentials) — shared by agent and ttcs-ctl.
+    ``persistent``: an MQTT 3.1.1 session the broker keeps (MQTT 5 chooses at connect)."""
+    v5 = str(mqtt_cfg.get("protocol", "5")) == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not persistent,
+    )
+    tls = mqtt_cfg.get("tls")
+    if tls:
+        client.tls_set(ca_certs=tls.get("ca_file"), certfile=tls.get("cert_file"),
+                       keyfile=tls.get("key_file"), cert_reqs=ssl.CERT_REQUIRED)
+    if mqtt_cfg.get("username"):
+        password = read_secret(mqtt_cfg["password_file"]) if mqtt_cfg.get("password_file") else None
+        client.username_pw_set(mqtt_cfg["username"], password)
+    return client
+
+
+class MqttLink:
+    def __init__(self, mqtt_cfg: dict, client_id: str, handlers: LinkHandlers,
+                 will: Callable[[], tuple[str, bytes]], cmd_topics: list[str],
+                 doc_topics: list[str]) -> None:
+        self.cfg = mqtt_cfg
+        self.v5 = str(mqtt_cfg.get("protocol", "5")) == "5"
+        self.handlers = handlers
+        self.will = will
+        self.cmd_topics = cmd_topics
+        self.doc_topics = doc_topics
+        self.client = make_client(mqtt_cfg, client_id)
+        self.client.max_inflight_messages_set(int(mqtt_cfg.get("inflight", 20)))
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.connected = False
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.client.disconnect()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            if self._connect():
+                while not self._stop.is_set():
+                    rc = self.client.loop(timeout=0.5)
+                    if rc != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                if self.connected:
+                    self._lost("network loop ended")
+            if self._stop.is_set():
+                break
+            if time.monotonic() - started > 60:
+                attempt = 0  # a long session: start the backoff afresh
+            delay = backoff_delay(attempt, float(self.cfg.get("reconnect_min_s", 1)),
+                                  float(self.cfg.get("reconnect_max_s", 30)))
+            attempt += 1
+            log.info("mqtt: reconnecting in %.1f s (%s)", delay, self.last_error)
+            self._stop.wait(delay)
+
+    def _connect(self) -> bool:
+        topic, payload = self.will()
+        self.client.will_set(topic, payload, qos=1, retain=True)
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(self.cfg.get("session_expiry_s", 86400))
+        try:
+            self.client.connect(self.cfg["host"], int(self.cfg["port"]),
+                                keepalive=int(self.cfg.get("keepalive_s", 60)),
+                                clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                properties=props)
+            return True
+        except (TimeoutError, OSError, ssl.SSLError, ValueError) as e:
+            self.last_error = f"connect to {self.cfg['host']}:{self.cfg['port']} failed: {e}"
+            return False
+
+    def _lost(self, reason: str) -> None:
+        was = self.connected
+        self.connected = False
+        self.last_error = reason
+        if was:
+            self.handlers.on_disconnect(reason)
+
+    # --- paho callbacks (network thread) -----------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            log.warning("mqtt: %s", self.last_error)
+            client.disconnect()
+            return
+        self.connected = True
+        self.reconnects += 1
+        self._subscribe()
+        self.handlers.on_connect(bool(flags.session_present))
+
+    def _subscribe(self) -> None:
+        if self.v5:
+            no_retained = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            subs = [(t, no_retained) for t in self.cmd_topics]
+            subs += [(t, SubscribeOptions(qos=1)) for t in self.doc_topics]
+        else:
+            subs = [(t, 1) for t in self.cmd_topics + self.doc_topics]
+        self.client.subscribe(subs)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._lost(f"disconnected: {reason_code}")
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self.handlers.on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.handlers.on_publish(mid)
+
+    # --- publishing (any thread) -------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        """Publish if connected; return the message id, or None when it was not sent."""
+        if not self.connected:
+            return None
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        return info.mid
+
+    def publish_wait(self, topic: str, payload: bytes, timeout: float = 2.0) -> bool:
+        """Publish retained QoS 1 and wait for the broker's acknowledgement (for shutdown)."""
+        if not self.connected:
+            return False
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()

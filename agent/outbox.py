@@ -1,0 +1,78 @@
+"""Store-and-forward of acks, events and health (SPEC §10).
+
+Every outbound ack, event and health sample is first committed to SQLite, then published with
+QoS 1; its row is deleted only when the broker has acknowledged it (PUBACK). While the link is
+down rows accumulate (flagged ``historical``) and are sent in order on reconnect, a window of
+``inflight`` at a time. Used only from the core thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from agent.clock import Clock
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    connected: bool
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None: ...
+
+
+class Outbox:
+    def __init__(self, store: Store, link: Publisher, clock: Clock, inflight: int = 20) -> None:
+        self.store = store
+        self.link = link
+        self.clock = clock
+        self.inflight_max = inflight
+        self._inflight: dict[int, int] = {}  # mid -> rowid
+        self._last_sent = 0  # highest rowid handed to the link in this connection
+
+    def add(self, topic: str, body: dict, *, kind: str, event: bool = False, qos: int = 1) -> dict:
+        """Commit ``body`` durably and try to send it. Returns the body as stored."""
+        if not self.link.connected:
+            body = {**body, "historical": True}
+        stored = self.store.enqueue(topic, body, qos=qos, kind=kind, now_ms=self.clock.now_ms(),
+                                    event=event)
+        self.pump()
+        return stored
+
+    def pump(self) -> None:
+        """Hand pending rows to the link, oldest first, up to the in-flight window."""
+        while self.link.connected and len(self._inflight) < self.inflight_max:
+            rows = self.store.pending(after=self._last_sent,
+                                      limit=self.inflight_max - len(self._inflight))
+            if not rows:
+                return
+            for row in rows:
+                mid = self.link.publish(row.topic, row.payload, qos=max(1, row.qos))
+                if mid is None:
+                    return  # the link dropped; on_disconnected resets the window
+                self._inflight[mid] = row.rowid
+                self._last_sent = row.rowid
+
+    def on_published(self, mid: int) -> None:
+        rowid = self._inflight.pop(mid, None)
+        if rowid is not None:
+            self.store.delivered(rowid)
+            self.pump()
+
+    def on_connected(self) -> None:
+        self._reset()
+        self.pump()
+
+    def on_disconnected(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Unacknowledged rows are still in the store: they are sent again from the start.
+        self._inflight.clear()
+        self._last_sent = 0
+
+    @property
+    def depth(self) -> int:
+        return self.store.depth()

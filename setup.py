@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+from agent import __version__
+
+setup(
+    name="ttcs-agent",
+    version=__version__,
+    description="Agent for commune IP loudspeaker cabinets and LED information boards",
+    python_requires=">=3.11",
+    packages=find_packages(include=["agent", "agent.*", "drivers", "drivers.*"]),
+    install_requires=[
+        "paho-mqtt>=2.0,<3",
+        "cryptography>=41",
+        "pyyaml>=6",
+        "tzdata",
+        "requests>=2.28",
+        "python-vlc>=3.0",
+        "pyserial>=3.5",
+        "sounddevice>=0.4",
+        "pillow<14",
+        "luma.led-matrix>=1.7",
+    ],
+    extras_require={
+        # On a Raspberry Pi: GPIO through lgpio, real SPI for MAX7219 boards.
+        "pi": ["rpi-lgpio", "luma.core[spi]"],
+        # Controller side extras (relay, reports).
+        "ctl": ["matplotlib", "rich"],
+        "test": ["pytest", "hypothesis", "ruff", "aiosmtpd"],
+    },
+    entry_points={"console_scripts": [
+        "ttcs-agent=agent.cli:main",
+        "ttcs-ctl=agent.ctl:main",
+    ]},
+)

@@ -1,0 +1,259 @@
+"""Shared fixtures: a real mosquitto on a free port, real agent processes, a watching client."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Broker:
+    """A mosquitto process on a free loopback port, stopped by PID."""
+
+    def __init__(self, folder: Path, port: int | None = None, extra: str = "") -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Broker:
+        conf = self.folder / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.folder / 'mosquitto.log'}\nlog_type all\n{user}{self.extra}\n")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 10, what=f"mosquitto on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {self.log()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            return (self.folder / "mosquitto.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+class Watcher:
+    """A test client that records every message under a prefix."""
+
+    def __init__(self, port: int, topics: list[str], protocol_version=mqtt.MQTTv5) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{os.getpid()}-{id(self)}",
+                                  protocol=protocol_version)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *a: self._subscribed.put(True)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self._subscribed.get(timeout=10)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def json(self, suffix: str) -> list[dict]:
+        with self._lock:
+            out = []
+            for topic, payload, _ in self.messages:
+                if topic.endswith(suffix):
+                    try:
+                        out.append(json.loads(payload))
+                    except ValueError:
+                        pass
+            return out
+
+    def acks(self, cmd_id=..., device: str | None = None) -> list[dict]:
+        suffix = f"dev/{device}/ack" if device else "/ack"
+        return [a for a in self.json(suffix) if cmd_id is ... or a.get("id") == cmd_id]
+
+    def wait_ack(self, cmd_id, stage: str, timeout: float = 10.0, device: str | None = None) -> dict:
+        return wait_until(lambda: next((a for a in self.acks(cmd_id, device)
+                                        if a.get("stage") == stage), None),
+                          timeout, what=f"ack {cmd_id} {stage}")
+
+    def publish(self, topic: str, payload: bytes | str | dict, retain: bool = False, qos: int = 1):
+        if isinstance(payload, dict):
+            payload = protocol.canonical(payload)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(5)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.messages.clear()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.private = Ed25519PrivateKey.generate()
+        self.kid = "district-ctl-1"
+        self.public_b64 = protocol.public_key_b64(self.private)
+        self._n = 0
+
+    def command(self, target: str, typ: str, args: dict | None = None, *, cmd_id: str | None = None,
+                ts: int | None = None, exp: int | None = None, sign: bool = True, **extra) -> dict:
+        self._n += 1
+        env = {"v": 1, "id": cmd_id or f"c-{os.getpid()}-{self._n}-{time.monotonic_ns()}",
+               "type": typ, "target": target, "ts": ts if ts is not None else int(time.time() * 1000),
+               "args": args or {}, **extra}
+        if exp is not None:
+            env["exp"] = exp
+        return protocol.sign(env, self.private, self.kid) if sign else env
+
+
+@pytest.fixture
+def keys():
+    return Keys()
+
+
+def agent_config(tmp_path: Path, port: int, keys: Keys, device: str = "krongpa-phutuc-c03",
+                 **overrides) -> Path:
+    cfg = {
+        "device": {"id": device, "groups": ["gialai", "krongpa"]},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "ttcs",
+                 "reconnect_min_s": 0.2, "reconnect_max_s": 1},
+        "security": {"trusted_keys": {keys.kid: keys.public_b64}},
+        "paths": {"state_dir": str(tmp_path / device / "state"),
+                  "cache_dir": str(tmp_path / device / "cache")},
+        "audio": {"backend": "sim"},
+        "gpio": {"backend": "sim"},
+        "clock": {"trust": "always"},
+        "state": {"min_interval_s": 0.2},
+    }
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{device}.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+class AgentProcess:
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> AgentProcess:
+        self._log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
+                                      str(self.config_path)], stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def alive(self) -> bool:
+        return bool(self.proc and self.proc.poll() is None)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    started: list[AgentProcess] = []
+
+    def make(config_path: Path, start: bool = True) -> AgentProcess:
+        a = AgentProcess(config_path, tmp_path / f"{config_path.stem}.log")
+        started.append(a)
+        return a.start() if start else a
+
+    yield make
+    for a in started:
+        a.stop()
+
+
+def wait_online(watcher: Watcher, device: str, timeout: float = 15, session: int | None = None):
+    def ok():
+        for s in reversed(watcher.json(f"dev/{device}/status")):
+            if s.get("state") == "online" and (session is None or s.get("session") == session):
+                return s
+        return None
+
+    return wait_until(ok, timeout, what=f"{device} online")
