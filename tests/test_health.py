@@ -73,7 +73,8 @@ def test_throttled_none_when_tool_fails_hangs_or_is_absent(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("throttled=0x0", 0), ("throttled=0x80008\n", 0x80008), ("nonsense", None), ("throttled=zz", None),
+    ("throttled=0x0", 0), ("throttled=0x80008\n", 0x80008),
+    ("nonsense", None), ("throttled=zz", None),
 ])
 def test_parse_throttled(text, expected):
     flags = health.parse_throttled(text)
