@@ -201,3 +201,49 @@ def test_brightness_schedule_reports_every_error() -> None:
     assert len(errors) == 4
     assert any("25:00" in e for e in errors) and any("0-255" in e for e in errors)
     assert parse_brightness_schedule([1, 2])[1]
+
+
+# --- preview -------------------------------------------------------------------------------
+
+
+def test_preview_static_png(tmp_path: Path) -> None:
+    from agent.board_preview import preview
+
+    result = preview(
+        {"driver": "image", "width": 128, "height": 32}, "Họp 19h", str(tmp_path / "p.png")
+    )
+    assert result["animated"] is False and result["frames"] == 1
+    image = Image.open(result["path"])
+    assert image.format == "PNG" and image.size == (128 * 8, 32 * 8)
+    expected = TextRender("Họp 19h", RenderConfig(128, 32)).frame_at(0)
+    lit = (
+        image.convert("L")
+        .resize((128, 32), Image.Resampling.NEAREST)
+        .point(lambda v: 255 if v else 0)
+    )
+    assert ImageChops.difference(lit.convert("1"), expected).getbbox() is None
+
+
+def test_preview_scrolling_gif_loops_once(tmp_path: Path) -> None:
+    from agent.board_preview import preview
+
+    board = {"width": 64, "height": 16, "scroll_speed_px_s": 20}
+    result = preview(board, BULLETIN, str(tmp_path / "p.png"), scale=2)
+    assert result["animated"] and result["path"].endswith(".gif")
+    render = TextRender(BULLETIN, RenderConfig(64, 16, scroll_speed_px_s=20))
+    assert result["frames"] == round(render.period_s * 20)
+    gif = Image.open(result["path"])
+    assert gif.size == (128, 32)
+    durations = []  # Pillow merges identical neighbouring frames, adding their durations
+    for index in range(gif.n_frames):
+        gif.seek(index)
+        durations.append(gif.info["duration"])
+    assert sum(durations) == result["frames"] * 50
+    index = next(i for i in range(len(durations)) if sum(durations[: i + 1]) > 2000)
+    gif.seek(index)  # the frame on screen 2 s in
+    shown = (
+        gif.convert("L").resize((64, 16), Image.Resampling.NEAREST).point(lambda v: 255 if v else 0)
+    )
+    assert ImageChops.difference(shown.convert("1"), render.frame_at(2.0)).getbbox() is None
+    short = preview(board, BULLETIN, str(tmp_path / "s.gif"), seconds=1.5)
+    assert short["frames"] == 30
