@@ -32,6 +32,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from agent.clock import Clock
 from agent.schedule_store import AIRED, SKIPPED, SlotLog
 
+__all__ = [
+    "DueResult", "MediaAlert", "ScheduleBook", "ScheduleDoc", "ScheduleItem", "SchedulePlanner",
+    "Slot", "local_to_ms", "parse_item", "validate_schedule_args", "zone_or_none",
+]
+
 log = logging.getLogger(__name__)
 
 MAX_ITEMS = 500
@@ -45,6 +50,7 @@ MAX_SECONDS = 86_400  # cap for duration_s and catch_up_s: one day
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
 # How far back the planner looks for missed slots (and reports them as skipped).
 MAX_LOOKBACK_MS = DAY_MS
 # How far ahead next_deadline_ms / next slots look.
@@ -425,17 +431,23 @@ def local_to_ms(day: date, at: time, tz: ZoneInfo) -> int:
     return (datetime.combine(day, at, tzinfo=tz) - _EPOCH) // timedelta(milliseconds=1)
 
 
-def _local_date(ms: int, tz: ZoneInfo) -> date:
-    return (_EPOCH + timedelta(milliseconds=ms)).astimezone(tz).date()
+def _local_naive(ms: int, tz: ZoneInfo) -> datetime:
+    return (_EPOCH + timedelta(milliseconds=ms)).astimezone(tz).replace(tzinfo=None)
+
+
+# Wider than any UTC offset change (DST is 1 h, 2 h at most): local wall times outside the
+# window widened by this cannot fall inside it, so they are not converted at all.
+_LOCAL_MARGIN = timedelta(hours=3)
 
 
 def _item_slots(topic: str, item: ScheduleItem, start_ms: int, end_ms: int) -> Iterator[Slot]:
     tz = _zone(item.timezone)
-    # One day of margin each side: a DST gap moves a time by an hour, never by a day.
-    first = _local_date(start_ms, tz) - timedelta(days=1)
-    last = _local_date(end_ms, tz) + timedelta(days=1)
-    for day in item.dates_between(first, last):
+    lo = _local_naive(start_ms, tz) - _LOCAL_MARGIN
+    hi = _local_naive(end_ms, tz) + _LOCAL_MARGIN
+    for day in item.dates_between(lo.date(), hi.date()):
         for at in item.times:
+            if not lo <= datetime.combine(day, at) <= hi:
+                continue  # cheap naive test first: zoneinfo conversion is the costly part
             due = local_to_ms(day, at, tz)
             if start_ms <= due < end_ms:
                 key = f"{topic}:{item.id}@{day.isoformat()}T{at.strftime('%H:%M')}"
@@ -497,7 +509,7 @@ class ScheduleBook:
 
     def iter_slots(self, start_ms: int, horizon_ms: int = HORIZON_MS) -> Iterator[Slot]:
         """Slots from start_ms on, in order, in widening windows up to ``horizon_ms`` ahead."""
-        lo, span = start_ms, DAY_MS
+        lo, span = start_ms, HOUR_MS
         while lo < start_ms + horizon_ms:
             hi = min(lo + span, start_ms + horizon_ms)
             yield from self.slots_between(lo, hi)
@@ -617,12 +629,14 @@ class SchedulePlanner:
     def media_needed(self, now_ms: int | None = None, days: int = 7) -> set[tuple[str, str]]:
         """(url, sha256) of media for slots in the next ``days`` days: prefetch these."""
         now = self._now(now_ms)
-        seen: set[str] = set()
         needed: set[tuple[str, str]] = set()
-        for slot in self.book.slots_between(now, now + days * DAY_MS):
-            if slot.source not in seen:
-                seen.add(slot.source)
-                needed.update(slot.item.media_refs())
+        for _, item in self.book.items():
+            tz = _zone(item.timezone)
+            first = _local_naive(now, tz).date()
+            last = _local_naive(now + days * DAY_MS, tz).date()
+            # whole local days: a few hours too much at the edges is harmless for a prefetch
+            if next(item.dates_between(first, last), None) is not None:
+                needed.update(item.media_refs())
         return needed
 
     def missing_media_alerts(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from agent.clock import FakeClock
 from agent.schedule import (
+    DAY_MS,
     MINUTE_MS,
     ScheduleBook,
     SchedulePlanner,
@@ -545,3 +546,25 @@ def test_snapshot_reports_revisions_and_next_item():
         "next": {"id": "grp/krongpa:e", "due": ms(2025, 12, 1, 5), "priority": "emergency"}}
     assert planner_for(ScheduleBook(), FakeClock()).snapshot() == {"revisions": {}, "next": None}
     assert planner_for(ScheduleBook(), FakeClock()).next_deadline_ms() is None
+
+
+def test_first_jump_from_a_plausible_time_reports_what_was_jumped_over():
+    """fake-hwclock restores the last shutdown time at boot; NTP then steps it forward."""
+    book = book_with(item("a", times=["05:00"]), item("b", times=["07:00"], catch_up_s=3600))
+    clock = FakeClock(ms(2025, 12, 1, 4, 0))
+    planner = planner_for(book, clock)
+    assert planner.due(clock.now_ms(), False).held  # untrusted until NTP answers
+    clock.jump(4 * HOUR_MS)  # 08:00
+    planner.on_clock_jump(ms(2025, 12, 1, 4, 0), clock.now_ms())
+    result = planner.due(clock.now_ms(), True)
+    assert [s.item_id for s in result.due] == ["b"]
+    assert [s.item_id for s in result.skipped] == ["a"]
+    assert planner.last_jump == (ms(2025, 12, 1, 4, 0), ms(2025, 12, 1, 8, 0))
+
+
+def test_slot_window_is_half_open():
+    book = book_with(item(times=["05:00"]))
+    at = ms(2025, 12, 1, 5)
+    assert [s.due_ms for s in book.slots_between(at, at + 1)] == [at]
+    assert book.slots_between(at - 1, at) == []
+    assert book.slots_between(at + 1, at + DAY_MS) == []  # Tuesday's 05:00 is at + DAY_MS
