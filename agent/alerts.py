@@ -10,8 +10,10 @@ The caller reports conditions; :class:`AlertManager` decides when they become pu
   threshold with hysteresis: ``cpu_temp_c`` → ``cpu_temp``, ``disk_free_mb`` (key: the path
   name) → ``disk_low``, ``modem_dbm`` → ``modem_signal``. ``None`` (unknown) changes nothing.
 
-A condition must hold for ``raise_after_s`` before it is raised and be gone for
-``clear_after_s`` before it is cleared. ``raise_after_s`` is capped at
+A condition must be present for ``raise_after_s`` before it is raised and be gone for
+``clear_after_s`` before it is cleared. Presence is added up across gaps shorter than
+``raise_after_s``, so a chattering input (1 s on, 1 s off) is raised like a steady one, while
+isolated blips are not. ``raise_after_s`` is capped at
 :data:`MAX_RAISE_AFTER_S` so that, with the caller ticking at :meth:`next_deadline`, a fault is
 raised well within the 100 s of EN 54-16 even when it is sampled only every 30 s.
 
