@@ -106,8 +106,8 @@ class Core:
             doc_topics=[t for t, k in inbound if k != "cmd"],
         )
         self.outbox = Outbox(store, self.link, clock, cfg["outbox"]["inflight"])
-        self.register_command("ping", FuncHandler(lambda env: self.ack(env.id, "done")))
-        self.register_command("state", FuncHandler(self._cmd_state))
+        self.register_command("ping", FuncHandler(lambda env: self.ack(env.id, "done"), _no_args))
+        self.register_command("state", FuncHandler(self._cmd_state, _no_args))
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -426,6 +426,10 @@ class Core:
         for p in problems:
             log.error("config reload refused: %s", p)
         self.emit_event({"type": "config", "result": "rejected", "problems": problems[:20]})
+
+
+def _no_args(args: dict) -> list[str]:
+    return [f"args.{k}: unknown argument (this command takes none)" for k in args]
 
 
 def _dumps(obj: dict) -> bytes:

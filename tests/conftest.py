@@ -45,10 +45,12 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = 
 class Broker:
     """A mosquitto process on a free loopback port, stopped by PID."""
 
-    def __init__(self, folder: Path, port: int | None = None, extra: str = "") -> None:
+    def __init__(self, folder: Path, port: int | None = None, extra: str = "",
+                 persistence: bool = False) -> None:
         self.folder = folder
         self.port = port or free_port()
         self.extra = extra
+        self.persistence = persistence
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -56,7 +58,9 @@ class Broker:
         conf = self.folder / "mosquitto.conf"
         user = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence {'true' if self.persistence else 'false'}\n"
+            f"persistence_location {self.folder}/\n"
             f"log_dest file {self.folder / 'mosquitto.log'}\nlog_type all\n{user}{self.extra}\n")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -99,7 +103,10 @@ def broker(tmp_path):
 class Watcher:
     """A test client that records every message under a prefix."""
 
-    def __init__(self, port: int, topics: list[str], protocol_version=mqtt.MQTTv5) -> None:
+    def __init__(self, port: int, topics: list[str], protocol_version=mqtt.MQTTv5,
+                 persistent: bool = False) -> None:
+        """``persistent``: a session the broker keeps (with a persistent broker, messages
+        published while this client is away are delivered when it is back)."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = queue.Queue()
@@ -108,7 +115,18 @@ class Watcher:
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda *a: self._subscribed.put(True)
         self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        props = None
+        if persistent:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        if protocol_version == mqtt.MQTTv5:
+            self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
+        else:
+            self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self._subscribed.get(timeout=10)
 

@@ -1,0 +1,107 @@
+"""Config validation: positions, unknown keys, ranges, defaults, the check-config command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import config
+from tests.conftest import ROOT
+
+GOOD = """\
+device:
+  id: krongpa-phutuc-c03
+  groups: [gialai, krongpa, phutuc]
+mqtt:
+  host: 127.0.0.1
+  port: 1883
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(text, "agent.yaml")
+    return e.value.problems
+
+
+def test_defaults_fill_in():
+    cfg = config.parse(GOOD)
+    assert cfg["security"]["require_signed"] is True
+    assert cfg["security"]["max_skew_s"] == 300
+    assert cfg["device"]["timezone"] == "Asia/Ho_Chi_Minh"
+    assert cfg["device"]["languages"] == ["vi"]
+    assert cfg["health"]["interval_s"] == 60
+    assert cfg["board"]["image_path"] == "/var/lib/ttcs-agent/board.png"
+
+
+def test_every_problem_with_line_and_column():
+    text = GOOD.replace("  port: 1883", "  port: 70000\n  hots: x") + "audio:\n  backend: vlcc\n"
+    got = problems(text)
+    assert got == [
+        "agent.yaml:6:3: mqtt.port: must be at most 65535, not 70000",
+        "agent.yaml:7:3: mqtt.hots: unknown key (did you mean 'host'?)",
+        "agent.yaml:9:3: audio.backend: must be one of vlc, sim, not 'vlcc' (did you mean 'vlc'?)",
+    ]
+
+
+def test_missing_required_points_at_parent_and_types_are_named():
+    got = problems("device:\n  groups: krongpa\nsecurity:\n  require_signed: yes please\n")
+    assert "agent.yaml:1:1: device.id: is required" in got
+    assert "agent.yaml:2:3: device.groups: must be a list, not a string" in got
+    assert "agent.yaml:4:3: security.require_signed: must be true or false, not a string" in got
+
+
+def test_bad_keys_timezone_duplicates_and_yaml_syntax():
+    got = problems(GOOD + "  host: 10.0.0.1\nsecurity:\n  trusted_keys:\n    k1: notbase64\n"
+                   "device2: {}\n")
+    assert any(p.startswith("agent.yaml:7:3: mqtt.host: duplicate key") for p in got)
+    assert any("security.trusted_keys.k1: must be a raw 32-byte Ed25519" in p for p in got)
+    assert any("device2: unknown key (did you mean 'device'?)" in p for p in got)
+    assert problems(GOOD.replace("  id: krongpa-phutuc-c03", "  id: ok\n  timezone: Asia/Ho_Chi_Mihn"))[0] \
+        .endswith("unknown time zone 'Asia/Ho_Chi_Mihn' (did you mean 'Asia/Ho_Chi_Minh'?)")
+    got = problems("device: [unclosed\n")
+    assert got[0].startswith("agent.yaml:2:1: (yaml):")
+
+
+def test_check_config_command(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD + "helth:\n  interval_s: 1\n")
+    ok = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(good)],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    ko = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(bad)],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ko.returncode == 1
+    assert f"{bad}:7:1: helth: unknown key (did you mean 'health'?)" in ko.stdout
+    missing = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config",
+                              str(tmp_path / "nope.yaml")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1 and "not found" in missing.stdout
+
+
+def test_example_config_is_valid():
+    cfg = config.load(str(ROOT / "config" / "agent.example.yaml"))
+    assert cfg["device"]["id"]
+
+
+yaml_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10)
+yaml_trees = st.recursive(yaml_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(
+    st.sampled_from(["device", "id", "mqtt", "port", "groups", "security", "board", "x", "audio",
+                     "trusted_keys", "health", "interval_s"]), c, max_size=4), max_leaves=15)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree=yaml_trees, noise=st.text(max_size=40))
+def test_fuzzed_config_files_give_problems_not_exceptions(tree, noise):
+    import yaml
+
+    for text in (yaml.safe_dump(tree), noise, GOOD + noise):
+        try:
+            config.parse(text, "f.yaml")
+        except config.ConfigError as e:
+            assert e.problems and all(p.startswith("f.yaml:") for p in e.problems)
