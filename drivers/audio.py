@@ -12,7 +12,7 @@ import threading
 import time
 import wave
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 Listener = Callable[[str, dict], None]
 

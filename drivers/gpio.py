@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 from drivers import DriverUnavailable
 
@@ -90,7 +90,7 @@ class RpiGPIO(GPIOBackend):
 
     def __init__(self, options: dict | None = None) -> None:
         try:
-            import RPi.GPIO as GPIO  # noqa: N814 - imported lazily: raises off a Pi
+            import RPi.GPIO as GPIO
         except (ImportError, RuntimeError) as e:
             raise DriverUnavailable(f"RPi.GPIO (rpi-lgpio) unavailable: {e}") from e
         self._gpio = GPIO
