@@ -1,0 +1,259 @@
+"""The media cache against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from agent.media import MediaCache, MediaError
+
+BODY = os.urandom(50_000)
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+def blob(n: int, seed: int) -> bytes:
+    return bytes((i * 31 + seed) % 256 for i in range(n))
+
+
+class Handler(BaseHTTPRequestHandler):
+    hits: Counter = Counter()
+    files: dict[str, bytes] = {}
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # http.server names it so
+        path = urlsplit(self.path).path
+        n = Handler.hits[path] = Handler.hits[path] + 1
+        if path == "/good" or path.startswith("/f/"):
+            self._send(Handler.files.get(path, BODY))
+        elif path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", parse_qs(urlsplit(self.path).query)["to"][0])
+            self.end_headers()
+        elif path == "/cut-once" and n > 1:
+            self._send(BODY)
+        elif path in ("/cut-once", "/cut-always"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY[: len(BODY) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        elif path == "/flaky" and n <= 2:
+            self.send_error(503)
+        elif path == "/flaky":
+            self._send(BODY)
+        elif path == "/no-length":  # streamed without Content-Length, closed at the end
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(BODY)
+            self.close_connection = True
+        else:
+            self.send_error(404)
+
+    def _send(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def reset_hits():
+    Handler.hits.clear()
+
+
+def make_cache(tmp_path: Path, **kw) -> MediaCache:
+    kw.setdefault("allowed_hosts", ["127.0.0.1"])
+    kw.setdefault("retries", 2)
+    return MediaCache(tmp_path / "media", sleep=lambda s: None, timeout_s=10, **kw)
+
+
+def leftovers(cache: MediaCache) -> list[str]:
+    return sorted(p.name for p in cache.dir.iterdir())
+
+
+def test_good_fetch_then_cached(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    path = cache.fetch(f"{server}/good", SHA.upper())
+    assert Path(path).read_bytes() == BODY and Path(path).name == SHA
+    assert cache.fetch(f"{server}/good", SHA) == path and Handler.hits["/good"] == 1
+    assert cache.path_for(SHA) == path and leftovers(cache) == [SHA]
+
+
+def test_checksum_mismatch_is_never_kept(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    wrong = "0" * 64
+    with pytest.raises(MediaError) as e:
+        cache.fetch(f"{server}/good", wrong)
+    assert e.value.reason == "media_checksum"
+    assert leftovers(cache) == [] and cache.path_for(wrong) is None
+    assert Handler.hits["/good"] == 1  # a wrong checksum is not retried
+
+
+def test_download_cut_midway_is_retried_without_partial_file(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    path = cache.fetch(f"{server}/cut-once", SHA)
+    assert Path(path).read_bytes() == BODY and Handler.hits["/cut-once"] == 2
+    assert leftovers(cache) == [SHA]
+
+
+def test_download_always_cut_gives_unavailable_and_no_file(tmp_path, server) -> None:
+    cache = make_cache(tmp_path, retries=2)
+    with pytest.raises(MediaError) as e:
+        cache.fetch(f"{server}/cut-always", SHA)
+    assert e.value.reason == "media_unavailable" and Handler.hits["/cut-always"] == 3
+    assert leftovers(cache) == [] and cache.path_for(SHA) is None
+
+
+def test_server_errors_are_retried_with_backoff(tmp_path, server) -> None:
+    waits: list[float] = []
+    cache = MediaCache(tmp_path / "m", allowed_hosts=["127.0.0.1"], retries=3, backoff_s=1,
+                       sleep=waits.append)
+    assert Path(cache.fetch(f"{server}/flaky", SHA)).read_bytes() == BODY
+    assert waits == [1, 2]
+
+
+def test_not_found_is_unavailable_at_once(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    with pytest.raises(MediaError) as e:
+        cache.fetch(f"{server}/missing", SHA)
+    assert e.value.reason == "media_unavailable" and Handler.hits["/missing"] == 1
+
+
+@pytest.mark.parametrize("path", ["/good", "/no-length"])
+def test_size_limit(tmp_path, server, path) -> None:
+    cache = make_cache(tmp_path, max_bytes=len(BODY) - 1)
+    with pytest.raises(MediaError) as e:
+        cache.fetch(f"{server}{path}", SHA)
+    assert e.value.reason == "media_unavailable" and "limit" in e.value.message
+    assert leftovers(cache) == []
+
+
+def test_redirect_to_allowed_host_is_followed(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    assert cache.fetch(f"{server}/redirect?to=/good", SHA)
+    assert Handler.hits["/good"] == 1
+
+
+def test_redirect_to_other_host_is_refused(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    port = urlsplit(server).port
+    with pytest.raises(MediaError) as e:
+        cache.fetch(f"{server}/redirect?to=http://localhost:{port}/good", SHA)
+    assert e.value.reason == "media_host" and Handler.hits["/good"] == 0
+
+
+def test_unlisted_host_is_refused_before_any_request(tmp_path, server) -> None:
+    cache = make_cache(tmp_path, allowed_hosts=["media.example.vn"])
+    with pytest.raises(MediaError) as e:
+        cache.fetch(f"{server}/good", SHA)
+    assert e.value.reason == "media_host" and Handler.hits["/good"] == 0
+
+
+ALLOWED = ["media.example.vn"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://media.example.vn/a.mp3",
+    "HTTPS://Media.Example.VN:8443/a.mp3",
+    "https://media.example.vn./a.mp3",
+])
+def test_allowed_urls(tmp_path, url) -> None:
+    make_cache(tmp_path, allowed_hosts=ALLOWED).check_url(url)
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://media.example.vn/a.mp3",
+    "file:///etc/passwd",
+    "media.example.vn/a.mp3",
+    "http://evil.vn/a.mp3",
+    "http://media.example.vn.evil.vn/a.mp3",
+    "http://evilmedia.example.vn/a.mp3",
+    "http://media.example.vn@evil.vn/a.mp3",
+    "http://user:pw@media.example.vn/a.mp3",
+    "http://evil.vn\\@media.example.vn/a.mp3",
+    "http://media.example.vn /a.mp3",
+    "http://media.example.vn:99999/a.mp3",
+    "http://127.0.0.1/a.mp3",
+    "http://[::1]/a.mp3",
+    "http://2130706433/a.mp3",
+    "http://127.1/a.mp3",
+    "http:///a.mp3",
+])
+def test_refused_urls(tmp_path, url) -> None:
+    with pytest.raises(MediaError) as e:
+        make_cache(tmp_path, allowed_hosts=ALLOWED).check_url(url)
+    assert e.value.reason == "media_host"
+
+
+def test_empty_list_allows_any_name_but_not_ip_literals(tmp_path) -> None:
+    cache = make_cache(tmp_path, allowed_hosts=[])
+    cache.check_url("https://cdn.anywhere.vn/x.mp3")
+    with pytest.raises(MediaError):
+        cache.check_url("http://10.0.0.1/x.mp3")
+
+
+def test_listed_ip_must_match_exactly(tmp_path) -> None:
+    cache = make_cache(tmp_path, allowed_hosts=["127.0.0.1"])
+    cache.check_url("http://127.0.0.1:8080/x")
+    with pytest.raises(MediaError):
+        cache.check_url("http://127.1:8080/x")
+
+
+def test_quota_evicts_least_recently_used_but_never_pinned(tmp_path, server) -> None:
+    bodies = {name: blob(1000, i) for i, name in enumerate("abcd")}
+    shas = {name: hashlib.sha256(b).hexdigest() for name, b in bodies.items()}
+    Handler.files.update({f"/f/{n}": b for n, b in bodies.items()})
+    cache = make_cache(tmp_path, quota_mb=3000 / (1024 * 1024))
+    for name in "abc":
+        cache.fetch(f"{server}/f/{name}", shas[name])
+    assert cache.path_for(shas["a"])  # a is now the most recently used
+    cache.set_pinned([shas["b"]])  # b is the oldest but a schedule needs it
+    cache.fetch(f"{server}/f/d", shas["d"])
+    assert sorted(leftovers(cache)) == sorted(shas[n] for n in "abd")
+    assert cache.path_for(shas["c"]) is None
+    assert cache.usage()["bytes"] == 3000
+
+
+def test_start_removes_partial_files_and_corrupt_media(tmp_path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / f".{SHA}.1234.part").write_bytes(BODY[:100])
+    (media / SHA).write_bytes(BODY[:-1] + b"x")  # bit rot on the SD card
+    cache = make_cache(tmp_path)
+    assert leftovers(cache) == [SHA]
+    assert cache.path_for(SHA) is None and leftovers(cache) == []
+
+
+def test_verified_file_changed_later_is_rechecked(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    path = Path(cache.fetch(f"{server}/good", SHA))
+    path.write_bytes(b"tampered")
+    assert cache.path_for(SHA) is None and not path.exists()
+
+
+def test_submit_shares_one_download(tmp_path, server) -> None:
+    cache = make_cache(tmp_path)
+    futures = [cache.submit(f"{server}/good", SHA) for _ in range(3)]
+    assert {f.result(timeout=10) for f in futures} == {str(cache.dir / SHA)}
+    assert Handler.hits["/good"] == 1
+    cache.close()
