@@ -20,6 +20,14 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     sub.choices["status"].add_argument("--json", action="store_true", help="raw JSON")
+    p = sub.add_parser("doctor", help="check audio, board, GPIO, modem, broker, clock, disk, config")
+    p.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    p = sub.add_parser("board-preview", help="render text as the configured board shows it")
+    p.add_argument("text", help="the message (Vietnamese with diacritics is fine)")
+    p.add_argument("--out", default="board-preview.png", help="PNG (static) or GIF (scrolling)")
+    p.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    p.add_argument("--effect", choices=("auto", "scroll", "static"), default="auto")
+    p.add_argument("--scale", type=int, default=8, help="pixels per LED in the picture")
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.cmd == "version":
@@ -29,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.config)
     if args.cmd == "status":
         return status(args.config, args.json)
+    if args.cmd == "board-preview":
+        return board_preview(args)
+    if args.cmd == "doctor":
+        from agent import doctor
+
+        return doctor.main(args.config)
     from agent import app
 
     return app.run(args.config)
@@ -42,6 +56,22 @@ def check_config(path: str | None) -> int:
             print(p)
         return 1
     print(f"{cfg['_path']}: ok (device {cfg['device']['id']})")
+    return 0
+
+
+def board_preview(args) -> int:
+    from agent.board_preview import preview
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 1
+    result = preview(cfg["board"], args.text, args.out, effect=args.effect, scale=args.scale)
+    kind = "animated GIF" if result["animated"] else "PNG"
+    print(f"{result['path']}: {kind}, {result['frames']} frame(s), board "
+          f"{result['width']}x{result['height']}, text {result['text_width']} px wide")
     return 0
 
 

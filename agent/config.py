@@ -137,6 +137,7 @@ class Map(Field):
 class Section(Field):
     fields: dict[str, Field] = field(default_factory=dict)
     nullable: bool = False
+    sparse: bool = False  # keep only the keys given (no defaults filled in)
 
     def __post_init__(self) -> None:
         if self.default is REQUIRED:
@@ -159,6 +160,8 @@ class Section(Field):
             sub = _join(path, name)
             if name in value:
                 out[name] = spec.check(value[name], sub, errors)
+            elif self.sparse:
+                continue
             elif spec.default is REQUIRED:
                 errors.append((sub, "is required"))
             elif isinstance(spec, Section):
@@ -258,12 +261,83 @@ SCHEMA = Section(fields={
     "audio": Section(fields={
         "backend": Str(default="vlc", choices=("vlc", "sim")),
         "vlc_args": List(default=[], item=Str()),
+        "device": Str(default=None, nullable=True),
+        "network_caching_ms": Num(default=3000, min=0, max=60000),
+        "volume": Num(default=80, min=0, max=100),
+        "resume_rewind_ms": Num(default=1000, min=0, max=10000),
+    }),
+    "amplifier": Section(fields={
+        "pin": Num(default=None, nullable=True, min=0, max=27),
+        "active_high": Bool(default=True),
+        "warm_up_s": Num(default=2.0, min=0, max=30, integer=False),
+        "idle_hold_s": Num(default=30.0, min=0, max=3600, integer=False),
+        "fault_pin": Num(default=None, nullable=True, min=0, max=27),
+        "fault_active_low": Bool(default=True),
+    }),
+    "media": Section(fields={
+        "dir": Str(default=None, nullable=True),
+        "quota_mb": Num(default=1024, min=1, max=1_000_000, integer=False),
+        "max_bytes": Num(default=200 * 1024 * 1024, min=1024, max=2**40),
+        "timeout_s": Num(default=300, min=10, max=3600, integer=False),
+        "retries": Num(default=3, min=0, max=10),
+        "backoff_s": Num(default=2.0, min=0, max=60, integer=False),
+        "workers": Num(default=2, min=1, max=8),
+    }),
+    "tts": Section(fields={
+        "engine": Str(default="espeak", choices=("espeak", "piper")),
+        "dir": Str(default=None, nullable=True),
+        "voices": Map(default={}, value=Str(), key_pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]+)?$"),
+        "speed_wpm": Num(default=150, min=80, max=450),
+        "timeout_s": Num(default=120, min=1, max=3600, integer=False),
+        "max_files": Num(default=500, min=1, max=100000),
+        "piper": Section(fields={
+            "binary": Str(default="piper"),
+            "models": Map(default={}, value=Str(), key_pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]+)?$"),
+        }),
+    }),
+    "verification": Section(fields={
+        "backend": Str(default="none", choices=("none", "sim", "sounddevice")),
+        "device": Str(default=None, nullable=True),
+        "samplerate": Num(default=16000, min=8000, max=192000),
+        "channels": Num(default=1, min=1, max=8),
+        "block_ms": Num(default=100, min=10, max=2000),
+        "silence_dbfs": Num(default=-50, min=-120, max=0, integer=False),
     }),
     "board": Section(fields={
         "driver": Str(default="none", choices=("none", "max7219", "serial", "image")),
         "width": Num(default=64, min=8, max=4096),
         "height": Num(default=16, min=7, max=1024),
         "image_path": Str(default=None, nullable=True),
+        "image_scale": Num(default=1, min=1, max=16),
+        "font": Str(default=None, nullable=True),
+        "font_size": Num(default=None, nullable=True, min=6, max=512),
+        "scroll_speed_px_s": Num(default=24.0, min=1, max=1000, integer=False),
+        "scroll_gap_px": Num(default=None, nullable=True, min=0, max=4096),
+        "brightness": Num(default=255, min=0, max=255),
+        "brightness_schedule": Map(default={}, value=Num(min=0, max=255),
+                                   key_pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$"),
+        "cascaded": Num(default=None, nullable=True, min=1, max=256),
+        "block_orientation": Num(default=0, min=-90, max=180),
+        "rotate": Num(default=0, min=0, max=3),
+        "blocks_reversed": Bool(default=False),
+        "spi": Bool(default=True),
+        "spi_port": Num(default=0, min=0, max=7),
+        "spi_device": Num(default=0, min=0, max=7),
+        "spi_speed_hz": Num(default=8_000_000, min=500_000, max=8_000_000),
+        "reconnect_interval_s": Num(default=5.0, min=0, max=3600, integer=False),
+        "serial_port": Str(default=None, nullable=True),
+        "baudrate": Num(default=9600, min=300, max=921600),
+        "sign_type": Str(default="Z", pattern=r"^.$"),
+        "sign_address": Str(default="00", pattern=r"^[0-9A-Fa-f]{2}$"),
+        "file_label": Str(default="A", pattern=r"^.$"),
+        "sign_columns": Num(default=0, min=0, max=10000),
+    }),
+    "schedule": Section(fields={
+        "catch_up_default_s": Num(default=0, min=0, max=86400),
+        "grace_s": Num(default=60, min=0, max=3600),
+        "prefetch_days": Num(default=7, min=1, max=60),
+        "media_alert_lead_s": Num(default=3600, min=60, max=7 * 86400),
+        "slot_log_keep_days": Num(default=14, min=1, max=366),
     }),
     "gpio": Section(fields={
         "backend": Str(default="lgpio", choices=("lgpio", "sim")),
@@ -274,6 +348,42 @@ SCHEMA = Section(fields={
     "health": Section(fields={
         "interval_s": Num(default=60, min=5, max=86400),
         "disk_min_free_mb": Num(default=200, min=0, max=10_000_000),
+    }),
+    "alerts": Section(fields={
+        "raise_after_s": Num(default=5, min=0, max=60, integer=False),
+        "clear_after_s": Num(default=30, min=0, max=3600, integer=False),
+        "flap_max": Num(default=4, min=2, max=100),
+        "flap_window_s": Num(default=600, min=1, max=86400, integer=False),
+        "flap_clear_after_s": Num(default=600, min=0, max=86400, integer=False),
+        "cpu_temp": Section(fields={
+            "raise_c": Num(default=80, min=30, max=125, integer=False),
+            "clear_c": Num(default=75, min=20, max=125, integer=False),
+        }),
+        "modem_signal": Section(fields={
+            "raise_dbm": Num(default=-105, min=-113, max=-51),
+            "clear_dbm": Num(default=-99, min=-113, max=-51),
+        }),
+        "disk_low": Section(fields={
+            "clear_margin": Num(default=0.10, min=0, max=1, integer=False),
+        }),
+        "codes": Map(default={}, key_pattern=r"^[a-z_]{1,40}$", value=Section(sparse=True, fields={
+            "raise_after_s": Num(min=0, max=60, integer=False),
+            "clear_after_s": Num(min=0, max=3600, integer=False),
+        })),
+    }),
+    "cabinet": Section(fields={
+        name: Section(default=None, nullable=True, fields={
+            "pin": Num(min=0, max=27),
+            "active_low": Bool(default=True),
+            "pull": Str(default="up", choices=("up", "down", "none")),
+            "debounce_ms": Num(default=debounce, min=0, max=10000),
+        }) for name, debounce in (("door", 200), ("mains", 500), ("amplifier_fault", 200))
+    }),
+    "modem": Section(fields={
+        "port": Str(default=None, nullable=True),
+        "baudrate": Num(default=115200, min=300, max=4_000_000),
+        "timeout_s": Num(default=5, min=0.5, max=30, integer=False),
+        "interval_s": Num(default=60, min=10, max=86400),
     }),
     "outbox": Section(fields={
         "max_rows": Num(default=100_000, min=100, max=10_000_000,
@@ -381,10 +491,13 @@ def _position_of(path: str, positions: dict[str, tuple[int, int]]) -> tuple[int,
 
 def _derive(cfg: dict) -> None:
     """Fill values that default from others."""
-    if cfg["board"]["image_path"] is None:
-        cfg["board"]["image_path"] = os.path.join(cfg["paths"]["state_dir"], "board.png")
     for key in ("state_dir", "cache_dir"):
         cfg["paths"][key] = os.path.expanduser(cfg["paths"][key])
+    if cfg["board"]["image_path"] is None:
+        cfg["board"]["image_path"] = os.path.join(cfg["paths"]["state_dir"], "board.png")
+    for section, sub in (("media", "media"), ("tts", "tts")):
+        if cfg[section]["dir"] is None:
+            cfg[section]["dir"] = os.path.join(cfg["paths"]["cache_dir"], sub)
 
 
 def load(path: str | None = None, schema: Section = SCHEMA) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
@@ -19,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent import __version__, protocol
+from agent import __version__, health, protocol
+from agent.alerts import AlertManager
 from agent.clock import Clock, ClockTrust
 from agent.mqtt import LinkHandlers, MqttLink
 from agent.outbox import Outbox
@@ -89,7 +91,11 @@ class Core:
         self.commands: dict[str, CommandHandler] = {}
         self.documents: dict[str, DocumentHandler] = {}
         self.state_parts: dict[str, Callable[[], Any]] = {}
+        self.health_parts: list[Callable[[], dict]] = []
         self.stop_hooks: list[Callable[[], None]] = []
+        self.alerts = AlertManager(clock, cfg)
+        self._alert_timer: _Timer | None = None
+        self._workers = ThreadPoolExecutor(max_workers=3, thread_name_prefix="worker")
         self._keys = protocol.load_public_keys(cfg["security"]["trusted_keys"])
         self._state_due: _Timer | None = None
         self._state_last = -1e9
@@ -108,6 +114,7 @@ class Core:
         self.outbox = Outbox(store, self.link, clock, cfg["outbox"]["inflight"])
         self.register_command("ping", FuncHandler(lambda env: self.ack(env.id, "done"), _no_args))
         self.register_command("state", FuncHandler(self._cmd_state, _no_args))
+        self.add_state("alerts", self.alerts.active)
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -138,11 +145,56 @@ class Core:
         """Add a part to the ``state`` snapshot."""
         self.state_parts[name] = fn
 
+    def in_worker(self, fn: Callable, *args: Any, then: Callable | None = None) -> None:
+        """Run blocking ``fn(*args)`` (a download, a modem query) on a worker thread; its
+        result, or the exception it raised, is handed to ``then`` on the core thread."""
+
+        def done(future) -> None:
+            if then is not None:
+                exc = future.exception()
+                self.post(then, exc if exc is not None else future.result())
+
+        if self._stopping:
+            return
+        self._workers.submit(fn, *args).add_done_callback(done)
+
+    # --- alerts --------------------------------------------------------------------------
+
+    def set_alert(self, code: str, active: bool, detail: dict | None = None,
+                  key: str | None = None) -> None:
+        """Report a condition; the alert manager debounces it into raised/cleared events."""
+        self.alerts.set(code, active, detail, key)
+        self._alerts_tick()
+
+    def observe(self, metric: str, value: float | None, key: str | None = None) -> None:
+        self.alerts.observe(metric, value, key)
+        self._alerts_tick()
+
+    def _alerts_tick(self) -> None:
+        for event in self.alerts.tick():
+            self.emit_event(event.payload())
+            self.mark_state_dirty()
+        if self._alert_timer is not None:
+            self._alert_timer.cancel()
+            self._alert_timer = None
+        due = self.alerts.next_deadline()
+        if due is not None:
+            self._alert_timer = self.call_later(due - self.clock.monotonic() + 0.001,
+                                                self._alerts_tick)
+
+    def _check_clock(self) -> None:
+        trusted = self.trust.trusted()
+        self.set_alert("clock_untrusted", not trusted,
+                       None if trusted else {"source": self.trust.source})
+        if trusted != (self.last_state or {}).get("clock", {}).get("trusted"):
+            self.mark_state_dirty()
+
     def run(self) -> None:
         """Start the link and run events until :meth:`request_stop`; then shut down."""
         self._running = True
         self.link.start()
         self.call_every(self.cfg["health"]["interval_s"], self.send_health, first_s=5)
+        self.call_every(10, self._check_clock, first_s=0)
         self.mark_state_dirty()
         try:
             while self._running:
@@ -203,6 +255,7 @@ class Core:
         if not self.link.publish_wait(self.topics.dev("status"), status):
             log.info("offline/shutdown not delivered (broker unreachable); the will stands")
         self.link.stop()
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self.write_status_file()
         self.store.close()
 
@@ -326,18 +379,32 @@ class Core:
                                event=True)
 
     def send_health(self) -> None:
-        body = {"v": 1, "ts": self.clock.now_ms(), **self.health_snapshot()}
+        """Sample the system on a worker (vcgencmd may be slow), then publish ``health``."""
+        paths = {"state": self.cfg["paths"]["state_dir"], "cache": self.cfg["paths"]["cache_dir"]}
+        self.in_worker(health.collect_system, paths, then=self._publish_health)
+
+    def _publish_health(self, system: dict | BaseException) -> None:
+        if isinstance(system, BaseException):
+            log.warning("system sample failed: %s", system)
+            system = {}
+        self.alerts.observe_system(system)
+        self._alerts_tick()
+        body = health.build_health(system, self.health_extra(), self.clock)
+        body["agent_uptime_s"] = int(self.clock.monotonic() - self.started_mono)
+        body["session"] = self.session
         self.outbox.add(self.topics.dev("health"), body, kind="health")
 
-    def health_snapshot(self) -> dict:
-        return {
-            "uptime_s": int(self.clock.monotonic() - self.started_mono),
-            "version": __version__,
-            "session": self.session,
-            "clock": {"trusted": self.trust.trusted(), "source": self.trust.source},
-            "mqtt": {"connected": self.link.connected, "reconnects": max(0, self.link.reconnects - 1),
-                     "outbox": self.outbox.depth, "dropped": self.store.dropped},
-        }
+    def health_extra(self) -> dict:
+        extra = {"version": __version__, "clock_trusted": self.trust.trusted(),
+                 "clock_source": self.trust.source,
+                 "mqtt_reconnects": max(0, self.link.reconnects - 1),
+                 "outbox_depth": self.outbox.depth}
+        for part in self.health_parts:
+            try:
+                extra.update(part())
+            except Exception:  # noqa: BLE001 - a broken part must not stop health
+                log.exception("health part failed")
+        return extra
 
     def _cmd_state(self, env: Envelope) -> None:
         self.link.publish(self.topics.dev("status"), self._status_payload("online"), qos=1,

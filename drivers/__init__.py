@@ -22,6 +22,10 @@ REGISTRY: dict[str, dict[str, str]] = {
         "sim": "drivers.gpio:SimGPIO",
         "lgpio": "drivers.gpio:RpiGPIO",
     },
+    "level": {
+        "sim": "drivers.level:SimMeter",
+        "sounddevice": "drivers.level:SoundDeviceMeter",
+    },
     "board": {
         "none": "drivers.board:NoneBoard",
         "image": "drivers.board:ImageBoard",
