@@ -25,7 +25,7 @@ setup(
         "pi": ["rpi-lgpio", "luma.core[spi]"],
         # Controller side extras (relay, reports).
         "ctl": ["matplotlib", "rich"],
-        "test": ["pytest", "hypothesis", "ruff", "aiosmtpd"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd"],
     },
     entry_points={"console_scripts": [
         "ttcs-agent=agent.cli:main",

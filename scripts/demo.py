@@ -1,0 +1,164 @@
+"""The demo behind scripts/demo: a broker, an agent on simulated hardware, a controller.
+
+Everything runs in a temporary folder on free ports and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+DEVICE = "krongpa-phutuc-c03"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def banner(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    shown = " ".join(c if " " not in c else repr(c) for c in cmd[2:] if not c.startswith("--config"))
+    print(f"$ {shown}", flush=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+    sys.stdout.write(out.stdout)
+    sys.stdout.write(out.stderr)
+    print(f"(exit {out.returncode})", flush=True)
+    return out
+
+
+def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    conf = folder / "mosquitto.conf"
+    user = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"log_dest file {folder / 'mosquitto.log'}\n{user}")
+    mosquitto = "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else "mosquitto"
+    proc = subprocess.Popen([mosquitto, "-c", str(conf)])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("mosquitto did not start; see " + str(folder / "mosquitto.log"))
+
+
+def agent_config(folder: Path, port: int, kid: str, pub: str) -> Path:
+    cfg = {
+        "device": {"id": DEVICE, "groups": ["gialai", "krongpa", "phutuc"]},
+        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_max_s": 5},
+        "security": {"trusted_keys": {kid: pub}},
+        "paths": {"state_dir": str(folder / "state"), "cache_dir": str(folder / "cache")},
+        # Real libvlc writing what the loudspeaker would air into a WAV file.
+        "audio": {"backend": "vlc", "vlc_args": ["--aout=afile",
+                                                 f"--audiofile-file={folder / 'aired.wav'}"]},
+        "amplifier": {"warm_up_s": 0.5, "idle_hold_s": 5},
+        "board": {"driver": "image", "width": 64, "height": 16,
+                  "image_path": str(folder / "board.png"), "image_scale": 8},
+        "gpio": {"backend": "sim"},
+        "clock": {"trust": "always"},  # no NTP check in a demo
+        "health": {"interval_s": 10},
+        "state": {"min_interval_s": 0.5},
+    }
+    path = folder / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def main() -> int:
+    folder = Path(tempfile.mkdtemp(prefix="ttcs-demo-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        banner(f"1. A mosquitto broker (files in {folder})")
+        broker, port = start_broker(folder)
+        procs.append(broker)
+        print(f"mosquitto listening on 127.0.0.1:{port}")
+
+        banner("2. The district controller makes its signing key")
+        key = folder / "ctl" / "district.key"
+        out = run([PY, "-m", "agent.ctl", "keygen", "--out", str(key), "--kid", "district-ctl-1"])
+        pub = out.stdout.strip().splitlines()[-1].split('"')[1]
+        forger_key = folder / "ctl" / "forger.key"
+        run([PY, "-m", "agent.ctl", "keygen", "--out", str(forger_key), "--kid", "district-ctl-1"])
+
+        banner("3. The cabinet's agent, on simulated hardware")
+        cfg_path = agent_config(folder, port, "district-ctl-1", pub)
+        run([PY, "-m", "agent", "check-config", "--config", str(cfg_path)])
+        log = open(folder / "agent.log", "wb")
+        agent = subprocess.Popen([PY, "-m", "agent", "run", "--config", str(cfg_path)],
+                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(agent)
+        ctl_cfg = folder / "ctl.yaml"
+        ctl_cfg.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": port},
+                                           "signing": {"kid": "district-ctl-1", "key_file": str(key)}}))
+        forger_cfg = folder / "forger.yaml"
+        forger_cfg.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": port},
+                                              "signing": {"kid": "district-ctl-1",
+                                                          "key_file": str(forger_key)}}))
+        ctl = [PY, "-m", "agent.ctl", "--config", str(ctl_cfg)]
+        time.sleep(1.5)
+
+        banner("4. A signed ping: received, then done")
+        run([*ctl, "send", f"dev/{DEVICE}", "ping", "--timeout", "10"])
+
+        banner("5. A forged command (signed with a key the cabinet does not trust): rejected")
+        run([PY, "-m", "agent.ctl", "--config", str(forger_cfg), "send", f"dev/{DEVICE}",
+             "play", json.dumps({"media": {"url": "http://evil.example/x.mp3", "sha256": "0" * 64},
+                                 "priority": "emergency"}), "--timeout", "10"])
+
+        banner("6. An unsigned command: rejected")
+        run([*ctl, "send", f"dev/{DEVICE}", "ping", "--unsigned", "--timeout", "10"])
+
+        banner("7. Text-to-speech on the cabinet, then a board message")
+        run([*ctl, "send", f"dev/{DEVICE}", "say",
+             json.dumps({"text": "Thông báo: ngày mai tiêm phòng cho trẻ em tại trạm y tế xã.",
+                         "priority": "priority"}, ensure_ascii=False), "--timeout", "60"])
+        run([*ctl, "send", f"dev/{DEVICE}", "board",
+             json.dumps({"text": "BÃO SỐ 3: người dân ở trong nhà", "priority": "emergency",
+                         "duration_s": 5, "effect": "static"}, ensure_ascii=False),
+             "--timeout", "20"])
+
+        banner("8. Ask for the state; the fleet table")
+        run([*ctl, "send", f"dev/{DEVICE}", "state", "--timeout", "10"])
+        run([*ctl, "watch", "--once", "2"])
+        run([PY, "-m", "agent", "status", "--config", str(cfg_path)])
+
+        banner("9. Stop the agent cleanly (offline/shutdown)")
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(15)
+        aired = folder / "aired.wav"
+        if aired.exists():
+            print(f"what the loudspeaker aired: {aired} ({aired.stat().st_size} bytes)")
+        board = folder / "board.png"
+        if board.exists():
+            print(f"what the LED board showed last: {board}")
+        print(f"agent log: {folder / 'agent.log'}")
+        return 0
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
