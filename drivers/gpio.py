@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -31,7 +33,7 @@ class GPIOBackend(ABC):
     @abstractmethod
     def read(self, pin: int) -> bool: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release the pins. Idempotent."""
 
     def __enter__(self):
@@ -41,8 +43,18 @@ class GPIOBackend(ABC):
         self.close()
 
 
+SIM_INPUTS_ENV = "TTCS_SIM_GPIO_INPUTS"
+
+
 class SimGPIO(GPIOBackend):
-    """In-memory pins. Tests drive inputs with :meth:`drive` and read the recorded history."""
+    """In-memory pins. Tests drive inputs with :meth:`drive` and read the recorded history.
+
+    Test hook for a real agent process: when the environment variable ``TTCS_SIM_GPIO_INPUTS``
+    (or ``options["inputs_file"]``) names a JSON file ``{"17": 0, "27": 1}`` (BCM pin -> raw
+    level), input pins read those levels; the file is read again whenever it changes, so a test
+    can open a cabinet door by rewriting it. A missing or malformed file is ignored (logged
+    once); pins it does not name keep their pull level.
+    """
 
     name = "sim"
 
@@ -52,6 +64,9 @@ class SimGPIO(GPIOBackend):
         self.modes: dict[int, str] = {}
         self.history: list[tuple[float, int, bool]] = []
         self.on_change: Callable[[int, bool], None] | None = None
+        self._inputs_file = (options or {}).get("inputs_file") or os.environ.get(SIM_INPUTS_ENV)
+        self._inputs_stamp: tuple[int, int] | None = None
+        self._inputs_warned = False
 
     def setup_output(self, pin: int, initial: bool = False) -> None:
         with self._lock:
@@ -67,10 +82,36 @@ class SimGPIO(GPIOBackend):
         with self._lock:
             self.modes[pin] = "in"
             self.levels.setdefault(pin, pull == "up")
+            self._inputs_stamp = None  # the hook file (if any) applies to this pin too
 
     def read(self, pin: int) -> bool:
+        if self._inputs_file:
+            self._load_inputs_file()
         with self._lock:
             return self.levels.get(pin, False)
+
+    def _load_inputs_file(self) -> None:
+        """Apply the input levels of the hook file when it changed since the last read."""
+        path = str(self._inputs_file)
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp == self._inputs_stamp:
+                return
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+            levels = {int(pin): bool(level) for pin, level in raw.items()}
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            if not self._inputs_warned:
+                log.warning("sim gpio inputs file %s unusable: %s", path, e)
+                self._inputs_warned = True
+            return
+        self._inputs_stamp, self._inputs_warned = stamp, False
+        with self._lock:
+            for pin, level in levels.items():
+                if self.modes.get(pin) != "out":
+                    self.levels[pin] = level
+                    self.history.append((time.monotonic(), pin, level))
 
     # test helpers
     def drive(self, pin: int, value: bool) -> None:
@@ -99,7 +140,8 @@ class RpiGPIO(GPIOBackend):
         self._pins: set[int] = set()
 
     def setup_output(self, pin: int, initial: bool = False) -> None:
-        self._gpio.setup(pin, self._gpio.OUT, initial=self._gpio.HIGH if initial else self._gpio.LOW)
+        level = self._gpio.HIGH if initial else self._gpio.LOW
+        self._gpio.setup(pin, self._gpio.OUT, initial=level)
         self._pins.add(pin)
 
     def write(self, pin: int, value: bool) -> None:
@@ -126,5 +168,6 @@ def open_gpio(name: str, options: dict | None = None) -> GPIOBackend:
     try:
         return RpiGPIO(options)
     except DriverUnavailable as e:
-        log.warning("gpio backend %r unavailable (%s); using the sim backend: no relay will switch", name, e)
+        log.warning("gpio backend %r unavailable (%s); using the sim backend: "
+                    "no relay will switch", name, e)
         return SimGPIO(options)
