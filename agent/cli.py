@@ -90,6 +90,11 @@ def status(path: str | None, raw: bool) -> int:
         print(f"no status in {state_dir}: the agent has not run here yet")
         return 3
     alive = _pid_alive(st.get("pid"))
+    try:
+        with open(os.path.join(state_dir, "health.json"), encoding="utf-8") as f:
+            st["health"] = json.load(f)
+    except (OSError, ValueError):
+        pass
     if raw:
         print(json.dumps({**st, "alive": alive}, ensure_ascii=False, indent=1))
         return 0 if alive else 3
@@ -117,8 +122,14 @@ def _ago(ms: int | None) -> str:
 
 
 def render_status(st: dict, alive: bool) -> str:
+    """The technician's view over SSH: the agent, the link, what airs, alerts, last health.
+
+    ``st`` is status.json (written by the core) with ``health`` (the health service's
+    health.json) added when present.
+    """
     state = st.get("state") or {}
     mqtt = st.get("mqtt") or {}
+    clock = state.get("clock") or {}
     lines = [
         f"agent:    {'running' if alive else 'NOT RUNNING'} (pid {st.get('pid')}), "
         f"status written {_ago(st.get('written'))}",
@@ -128,13 +139,119 @@ def render_status(st: dict, alive: bool) -> str:
         f"{'connected' if mqtt.get('connected') else 'DISCONNECTED'}"
         + ("" if mqtt.get("connected") else f" ({mqtt.get('last_error')})"),
         f"outbox:   {mqtt.get('outbox', 0)} messages waiting",
-        f"clock:    {'trusted' if (state.get('clock') or {}).get('trusted') else 'NOT trusted'}"
-        f" ({(state.get('clock') or {}).get('source')})",
+        f"clock:    {'trusted' if clock.get('trusted') else 'NOT trusted'} ({clock.get('source')})",
+        f"airing:   {_describe(state.get('playing')) if state.get('playing') else 'nothing'}",
     ]
-    for key in ("playing", "queue", "volume", "schedule", "board", "alerts", "health"):
-        if key in state:
-            lines.append(f"{key + ':':<10}{json.dumps(state[key], ensure_ascii=False)}")
+    nxt = _next_slot(state.get("schedule"))
+    if nxt is not None:
+        lines.append(f"next:     {_describe(nxt)}")
+    lines += _render_alerts(state.get("alerts"))
+    lines += _render_health(st.get("health"))
+    for key in ("queue", "volume", "schedule", "board"):
+        if state.get(key) not in (None, [], {}):
+            lines.append(f"{key + ':':<10}{_short_json(state[key])}")
     return "\n".join(lines)
+
+
+def _describe(item) -> str:
+    """One line for a playing or scheduled item, whatever shape its component gives it."""
+    if not isinstance(item, dict):
+        return _short_json(item)
+    parts = [str(item[k]) for k in ("id", "kind", "type", "priority") if item.get(k)]
+    for key in ("at", "started", "since"):
+        if isinstance(item.get(key), int):
+            parts.append(f"{key} {_when(item[key])}")
+    return " ".join(parts) if parts else _short_json(item)
+
+
+def _next_slot(schedule):
+    if not isinstance(schedule, dict):
+        return None
+    return schedule.get("next")
+
+
+def _render_alerts(alerts) -> list[str]:
+    if not alerts:
+        return ["alerts:   none"]
+    lines = [f"alerts:   {len(alerts)} RAISED"]
+    for a in alerts if isinstance(alerts, list) else []:
+        if not isinstance(a, dict):
+            continue
+        key = f"[{a['key']}]" if a.get("key") else ""
+        detail = a.get("detail") or {}
+        extra = ", ".join(f"{k} {v}" for k, v in detail.items()) if isinstance(detail, dict) else ""
+        flap = " (flapping)" if a.get("flapping") else ""
+        lines.append(f"  RAISED {a.get('code')}{key} since {_when(a.get('since'))}{flap}"
+                     + (f": {extra}" if extra else ""))
+    return lines
+
+
+def _render_health(h) -> list[str]:
+    if not isinstance(h, dict):
+        return ["health:   none yet"]
+    system = h.get("system") or {}
+    lines = [f"health:   sampled {_ago(h.get('ts'))}, uptime {_duration(h.get('uptime_s'))}, "
+             f"agent up {_duration(h.get('agent_uptime_s'))}"]
+    temp = system.get("cpu_temp_c")
+    load = system.get("load") or []
+    lines.append(f"  cpu {'?' if temp is None else f'{temp:.1f}'} °C, load "
+                 f"{' '.join(str(x) for x in load) or '?'}, memory "
+                 f"{system.get('mem_available_mb', '?')}/{system.get('mem_total_mb', '?')} MB free")
+    disk = h.get("disk_free_mb") or {}
+    lines.append("  disk free: " + (", ".join(f"{k} {v} MB" for k, v in disk.items()) or "?"))
+    throttled = system.get("throttled")
+    if isinstance(throttled, dict):
+        now = [k for k, v in throttled.items() if v is True and not k.endswith("_occurred")]
+        past = [k[:-9] for k, v in throttled.items() if v is True and k.endswith("_occurred")]
+        lines.append(f"  power/throttling: now {', '.join(now) or 'ok'}; since boot "
+                     f"{', '.join(past) or 'ok'}")
+    lines.append("  cabinet: " + _cabinet_line(h.get("cabinet") or {}))
+    audio = h.get("audio") or {}
+    if any(v is not None for v in audio.values()):
+        lines.append(f"  audio: ok {audio.get('ok')}, volume {audio.get('volume')}, "
+                     f"last level {audio.get('last_level_dbfs')} dBFS")
+    link = (h.get("board") or {}).get("link")
+    if link is not None:
+        lines.append(f"  board: {'link ok' if link else 'LINK DOWN'}")
+    lines.append("  modem: " + _modem_line(h.get("modem"), h.get("modem_error")))
+    return lines
+
+
+def _cabinet_line(cab: dict) -> str:
+    words = {
+        "door_open": ("door OPEN", "door closed"),
+        "mains_present": ("mains present", "MAINS LOST"),
+        "amplifier_fault": ("amplifier FAULT", "amplifier ok"),
+        "amplifier_on": ("amplifier on", "amplifier off"),
+    }
+    out = [(yes if cab[k] else no) for k, (yes, no) in words.items() if cab.get(k) is not None]
+    return ", ".join(out) or "no sensors"
+
+
+def _modem_line(modem, error) -> str:
+    if not isinstance(modem, dict):
+        return f"not answering ({error})" if error else "none"
+    return (f"{modem.get('signal_dbm')} dBm, {modem.get('operator') or 'no operator'}, "
+            f"{modem.get('tech') or '?'}, {modem.get('registration') or 'not registered'}")
+
+
+def _when(ms) -> str:
+    if not isinstance(ms, int):
+        return "?"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+    return f"{stamp} ({_ago(ms)})"
+
+
+def _duration(seconds) -> str:
+    if not isinstance(seconds, int):
+        return "?"
+    days, rest = divmod(seconds, 86400)
+    return (f"{days} d " if days else "") + f"{rest // 3600} h {rest % 3600 // 60} min"
+
+
+def _short_json(value, limit: int = 300) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 if __name__ == "__main__":
