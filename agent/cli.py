@@ -142,9 +142,9 @@ def render_status(st: dict, alive: bool) -> str:
         f"clock:    {'trusted' if clock.get('trusted') else 'NOT trusted'} ({clock.get('source')})",
         f"airing:   {_describe(state.get('playing')) if state.get('playing') else 'nothing'}",
     ]
-    nxt = _next_slot(state.get("schedule"))
-    if nxt is not None:
-        lines.append(f"next:     {_describe(nxt)}")
+    if isinstance(state.get("schedule"), dict):
+        nxt = state["schedule"].get("next")
+        lines.append(f"next:     {_describe(nxt) if nxt else 'no scheduled item'}")
     lines += _render_alerts(state.get("alerts"))
     lines += _render_health(st.get("health"))
     for key in ("queue", "volume", "schedule", "board"):
@@ -158,16 +158,10 @@ def _describe(item) -> str:
     if not isinstance(item, dict):
         return _short_json(item)
     parts = [str(item[k]) for k in ("id", "kind", "type", "priority") if item.get(k)]
-    for key in ("at", "started", "since"):
+    for key in ("due", "at", "started", "since"):
         if isinstance(item.get(key), int):
             parts.append(f"{key} {_when(item[key])}")
     return " ".join(parts) if parts else _short_json(item)
-
-
-def _next_slot(schedule):
-    if not isinstance(schedule, dict):
-        return None
-    return schedule.get("next")
 
 
 def _render_alerts(alerts) -> list[str]:
@@ -239,6 +233,9 @@ def _when(ms) -> str:
     if not isinstance(ms, int):
         return "?"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+    ahead = int(ms / 1000 - time.time())
+    if ahead > 0:
+        return f"{stamp} (in {ahead} s)" if ahead < 120 else f"{stamp} (in {ahead // 60} min)"
     return f"{stamp} ({_ago(ms)})"
 
 
