@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     sub.choices["status"].add_argument("--json", action="store_true", help="raw JSON")
-    p = sub.add_parser("doctor", help="check audio, board, GPIO, modem, broker, clock, disk, config")
+    p = sub.add_parser("doctor", help="check audio, board, GPIO, modem, broker, clock, disk")
     p.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     p = sub.add_parser("board-preview", help="render text as the configured board shows it")
     p.add_argument("text", help="the message (Vietnamese with diacritics is fine)")

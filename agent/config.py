@@ -200,15 +200,16 @@ class TimeZone(Str):
                     import zoneinfo
 
                     hint = _did_you_mean(value, zoneinfo.available_timezones())
-                except Exception:  # pragma: no cover - tzdata missing
+                except (ImportError, OSError):  # pragma: no cover - tzdata missing
                     pass
                 errors.append((path, f"unknown time zone {value!r}{hint}"))
         return value
 
 
 def _type_name(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
-            str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    names = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
+             str: "a string", list: "a list", dict: "a mapping"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _did_you_mean(word: str, candidates) -> str:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
 import queue
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -402,7 +402,7 @@ class Core:
         for part in self.health_parts:
             try:
                 extra.update(part())
-            except Exception:  # noqa: BLE001 - a broken part must not stop health
+            except Exception:
                 log.exception("health part failed")
         return extra
 

@@ -168,7 +168,8 @@ class MqttLink:
 
     def _subscribe(self) -> None:
         if self.v5:
-            no_retained = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            no_retained = SubscribeOptions(qos=1,
+                                           retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
             subs = [(t, no_retained) for t in self.cmd_topics]
             subs += [(t, SubscribeOptions(qos=1)) for t in self.doc_topics]
         else:

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class Publisher(Protocol):
     connected: bool
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None: ...
+    def publish(self, topic: str, payload: bytes, qos: int = 1,
+                retain: bool = False) -> int | None: ...
 
 
 class Outbox:

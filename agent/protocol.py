@@ -199,9 +199,8 @@ def parse_envelope(obj: dict, kind: str) -> Envelope:
         raise bad("v must be 1")
     if _has_float(obj):
         raise bad("v1 envelopes hold no floating-point numbers")
-    if kind == "cmd" or "id" in obj:
-        if cid is None:
-            raise bad("id must be 1-64 of [A-Za-z0-9._:-]")
+    if (kind == "cmd" or "id" in obj) and cid is None:
+        raise bad("id must be 1-64 of [A-Za-z0-9._:-]")
     typ = obj.get("type")
     if not isinstance(typ, str) or not typ:
         raise bad("type must be a non-empty string")

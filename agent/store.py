@@ -107,8 +107,9 @@ class Store:
                 self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('seq', ?)", (seq,))
                 body = {**body, "seq": seq}
             payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-            self.db.execute("INSERT INTO outbox(topic, payload, qos, kind, created) VALUES (?,?,?,?,?)",
-                            (topic, payload, qos, kind, now_ms))
+            self.db.execute(
+                "INSERT INTO outbox(topic, payload, qos, kind, created) VALUES (?,?,?,?,?)",
+                (topic, payload, qos, kind, now_ms))
             self._bound()
         return body
 

@@ -46,7 +46,7 @@ class AudioOutput(ABC):
         """Whether the output device is usable (for health and ``audio_fault``)."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for backends holding nothing
         """Release the device. Idempotent."""
 
     def _emit(self, kind: str, **detail) -> None:
@@ -98,8 +98,8 @@ class SimAudio(AudioOutput):
             self._started_at = time.monotonic()
             self._start_ms = start_ms
             is_stream = "://" in source and not source.startswith("file://")
-            length = None if is_stream else (wav_duration_ms(source) or
-                                             int(float(self.options.get("sim_duration_s", 2)) * 1000))
+            default_ms = int(float(self.options.get("sim_duration_s", 2)) * 1000)
+            length = None if is_stream else (wav_duration_ms(source) or default_ms)
             if length is not None:
                 remaining = max(0, length - start_ms) / 1000
                 self._timer = threading.Timer(remaining, self._ended, args=(self._current,))

@@ -32,9 +32,22 @@ def banner(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
+def display(cmd: list[str]) -> str:
+    """The command as a technician would type it: ttcs-agent / ttcs-ctl, no --config."""
+    words = ["ttcs-ctl" if cmd[2] == "agent.ctl" else "ttcs-agent"]
+    rest = cmd[3:]
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--config":
+            i += 2
+            continue
+        words.append(rest[i] if " " not in rest[i] else repr(rest[i]))
+        i += 1
+    return " ".join(words)
+
+
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    shown = " ".join(c if " " not in c else repr(c) for c in cmd[2:] if not c.startswith("--config"))
-    print(f"$ {shown}", flush=True)
+    print(f"$ {display(cmd)}", flush=True)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
     sys.stdout.write(out.stdout)
     sys.stdout.write(out.stderr)
@@ -105,8 +118,9 @@ def main() -> int:
                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         procs.append(agent)
         ctl_cfg = folder / "ctl.yaml"
+        signing = {"kid": "district-ctl-1", "key_file": str(key)}
         ctl_cfg.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": port},
-                                           "signing": {"kid": "district-ctl-1", "key_file": str(key)}}))
+                                           "signing": signing}))
         forger_cfg = folder / "forger.yaml"
         forger_cfg.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": port},
                                               "signing": {"kid": "district-ctl-1",

@@ -191,7 +191,7 @@ json_values = st.recursive(
     max_leaves=12)
 envelopes = st.fixed_dictionaries({}, optional={
     "v": st.sampled_from([1, 2, "1", None]), "id": st.sampled_from(["c1", "", "a b", 5]),
-    "type": st.sampled_from(list(protocol.COMMAND_TYPES) + ["x", 1]),
+    "type": st.sampled_from([*protocol.COMMAND_TYPES, "x", 1]),
     "target": st.sampled_from(["dev/dev-1", "grp/g1", "dev/x", "bad"]),
     "ts": st.integers(-5, 2**62) | st.text(max_size=3), "exp": json_values, "args": json_values,
     "sig": json_values, "junk": json_values})
