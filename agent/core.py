@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent import __version__, health, protocol
+from agent import __version__, health, protocol, sdnotify
 from agent.alerts import AlertManager
 from agent.clock import Clock, ClockTrust
 from agent.mqtt import LinkHandlers, MqttLink
@@ -96,6 +96,8 @@ class Core:
         self.alerts = AlertManager(clock, cfg)
         self._alert_timer: _Timer | None = None
         self._workers = ThreadPoolExecutor(max_workers=3, thread_name_prefix="worker")
+        self._watchdog_s = sdnotify.watchdog_interval_s()
+        self._watchdog_last = -1e9
         self._keys = protocol.load_public_keys(cfg["security"]["trusted_keys"])
         self._state_due: _Timer | None = None
         self._state_last = -1e9
@@ -193,11 +195,13 @@ class Core:
         """Start the link and run events until :meth:`request_stop`; then shut down."""
         self._running = True
         self.link.start()
+        sdnotify.ready()  # config read, components and MQTT set up; the broker may be away
         self.call_every(self.cfg["health"]["interval_s"], self.send_health, first_s=5)
         self.call_every(10, self._check_clock, first_s=0)
         self.mark_state_dirty()
         try:
             while self._running:
+                self._watchdog_tick()
                 self._run_due_timers()
                 try:
                     fn, args = self._queue.get(timeout=self._wait_time())
@@ -206,6 +210,16 @@ class Core:
                 self._call(fn, args)
         finally:
             self._shutdown()
+
+    def _watchdog_tick(self) -> None:
+        """Tell systemd we are alive, every half WatchdogSec, only while the loop is healthy:
+        it got here (so it is not stuck in a handler) and its queue is not piling up."""
+        if not self._watchdog_s:
+            return
+        now = self.clock.monotonic()
+        if now - self._watchdog_last >= self._watchdog_s / 2 and self._queue.qsize() < 10_000:
+            sdnotify.watchdog()
+            self._watchdog_last = now
 
     def run_pending(self) -> None:
         """Run queued events and due timers without blocking (for tests)."""
@@ -246,6 +260,7 @@ class Core:
 
     def _shutdown(self) -> None:
         self._stopping = True
+        sdnotify.stopping()
         for hook in reversed(self.stop_hooks):
             try:
                 hook()
