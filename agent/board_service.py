@@ -168,6 +168,7 @@ class BoardService:
         self._silent: OrderedDict[str, None] = OrderedDict()  # audio emergencies: no acks
         self._show_extra: dict[str, Any] = {}
         self._error: str | None = None
+        self._stopped = False
         fps = IMAGE_FPS if self.driver_name == "image" else FPS
         self._min_frame_s = 1.0 / fps
         self._retry_s = max(MIN_RETRY_S, float(self.options["reconnect_interval_s"]))
@@ -208,6 +209,9 @@ class BoardService:
 
     def stop(self) -> None:
         """Shutdown: record what was on show, tell the senders of unfinished messages."""
+        if self._stopped:
+            return
+        self._stopped = True
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()

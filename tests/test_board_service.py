@@ -180,6 +180,21 @@ def test_scroll_frames_follow_the_clock_and_the_rate_is_capped(rig: Rig) -> None
     assert 10 * IMAGE_FPS * 0.9 <= driver.frames - before <= 10 * IMAGE_FPS + 1
 
 
+def test_unchanged_frames_are_not_written_again(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {"scroll_gap_px": 400})  # a long blank stretch between loops
+    try:
+        rig.command({"text": "Họp", "effect": "scroll", "duration_s": 600})
+        render = TextRender("Họp", RenderConfig(64, 16, scroll_gap_px=400), "scroll")
+        visible_s = (64 + render.text_width) / render.cfg.scroll_speed_px_s
+        before = rig.svc.driver.frames
+        rig.advance(render.period_s, step=0.05)
+        written = rig.svc.driver.frames - before
+        assert written <= visible_s * IMAGE_FPS + 3, "blank frames are written once"
+        assert written >= visible_s * IMAGE_FPS * 0.8
+    finally:
+        rig.close()
+
+
 def test_standing_rotation_emergency_override_and_return(rig: Rig) -> None:
     rig.document(3, [{"id": "m1", "text": "Tin một"}, {"id": "m2", "text": "Tin hai"}],
                  rotate_s=10)
