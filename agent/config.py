@@ -406,8 +406,43 @@ CTL_SCHEMA = Section(fields={
         "kid": Str(default=None, nullable=True, pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
         "key_file": Str(default=None, nullable=True),
     }),
+    "relay": Section(fields={
+        "db_path": Str(default="~/.local/state/ttcs/relay.db"),
+        "client_id": Str(default="ttcs-relay", pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
+        "heartbeat_default_s": Num(default=60, min=1, max=86400, integer=False),
+        "missed_beats": Num(default=3, min=1, max=100),
+        "group_window_s": Num(default=300, min=0, max=86400, integer=False),
+        "tick_s": Num(default=1.0, min=0.05, max=60, integer=False),
+        "groups": Map(default={}, key_pattern=ID_RE,
+                      value=List(item=Str(pattern=r"^[a-z0-9][a-z0-9-]{0,63}\*?$"))),
+        "timezone": TimeZone(default="Asia/Ho_Chi_Minh"),
+        "health_keep_days": Num(default=31, min=1, max=3660),
+    }),
     "alerts": Section(fields={
-        "webhook_url": Str(default=None, nullable=True),
+        "webhook_url": Str(default=None, nullable=True, pattern=r"^https?://"),
+        "telegram": Section(default=None, nullable=True, fields={
+            "bot_token_file": Str(),
+            "chat_id": Str(max_len=64),
+            "base_url": Str(default="https://api.telegram.org", pattern=r"^https?://"),
+        }),
+        "email": Section(default=None, nullable=True, fields={
+            "smtp_host": Str(),
+            "smtp_port": Num(default=587, min=1, max=65535),
+            "starttls": Bool(default=True),
+            "ssl": Bool(default=False),
+            "username": Str(default=None, nullable=True),
+            "password_file": Str(default=None, nullable=True),
+            "from": Str(pattern=r"^[^@\s]+@[^@\s]+$"),
+            "to": List(item=Str(pattern=r"^[^@\s]+@[^@\s]+$"), max_items=100),
+        }),
+        "codes": List(default=[], item=Str(pattern=r"^[a-z_]{1,40}$"),
+                      doc="alert codes to notify (empty: all)"),
+        "timeout_s": Num(default=10, min=1, max=120, integer=False),
+        "retry": Section(fields={
+            "attempts": Num(default=8, min=1, max=100),
+            "backoff_s": Num(default=5, min=0, max=3600, integer=False),
+            "backoff_max_s": Num(default=600, min=0, max=86400, integer=False),
+        }),
     }),
 })
 DEFAULT_CTL_PATH = "~/.config/ttcs/ctl.yaml"
@@ -466,6 +501,8 @@ def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> di
     if raw is None:
         raw = {}
     data = schema.check(raw, "", errors)
+    if not errors and not problems and schema is SCHEMA:
+        errors.extend(_cross_checks(data))
     for path, message in errors:
         problems.append((path, message, _position_of(path, positions)))
     if not problems and isinstance(data, dict) and schema is SCHEMA:
@@ -475,6 +512,28 @@ def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> di
         raise ConfigError([f"{filename}:{line}:{col}: {path or '(top)'}: {msg}"
                            for path, msg, (line, col) in problems])
     return data
+
+
+def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
+    """Rules across keys that the schema cannot express, checked by the parts that own them
+    (so ``check-config`` refuses what would stop the agent at start)."""
+    from agent.alerts import AlertConfig
+    from agent.cabinet import parse_inputs
+
+    errors: list[tuple[str, str]] = []
+    for check in (lambda: AlertConfig.from_config(cfg), lambda: parse_inputs(cfg["cabinet"])):
+        try:
+            check()
+        except ValueError as e:
+            for line in str(e).splitlines():
+                path, _, message = line.partition(": ")
+                errors.append((path.strip(), message or line))
+    for pin_key in ("pin", "fault_pin"):
+        pin = cfg["amplifier"][pin_key]
+        for name, spec in (cfg["cabinet"] or {}).items():
+            if pin is not None and spec and spec.get("pin") == pin:
+                errors.append((f"amplifier.{pin_key}", f"BCM {pin} is already used by cabinet.{name}"))
+    return errors
 
 
 def _position_of(path: str, positions: dict[str, tuple[int, int]]) -> tuple[int, int]:

@@ -102,6 +102,7 @@ class Core:
         self._state_due: _Timer | None = None
         self._state_last = -1e9
         self.last_state: dict | None = None
+        self.last_health: dict | None = None
         inbound = self.topics.inbound(cfg["device"]["groups"])
         self.link = link_factory(
             {**cfg["mqtt"], "inflight": cfg["outbox"]["inflight"]}, self.device,
@@ -407,7 +408,7 @@ class Core:
         body = health.build_health(system, self.health_extra(), self.clock)
         body["agent_uptime_s"] = int(self.clock.monotonic() - self.started_mono)
         body["session"] = self.session
-        self.outbox.add(self.topics.dev("health"), body, kind="health")
+        self.last_health = self.outbox.add(self.topics.dev("health"), body, kind="health")
 
     def health_extra(self) -> dict:
         extra = {"version": __version__, "clock_trusted": self.trust.trusted(),

@@ -105,3 +105,11 @@ def test_fuzzed_config_files_give_problems_not_exceptions(tree, noise):
             config.parse(text, "f.yaml")
         except config.ConfigError as e:
             assert e.problems and all(p.startswith("f.yaml:") for p in e.problems)
+
+
+def test_cross_key_rules_are_checked_before_start():
+    got = problems(GOOD + "alerts:\n  cpu_temp: {raise_c: 70, clear_c: 75}\n"
+                   "amplifier: {pin: 17}\ncabinet:\n  door: {pin: 17}\n  mains: {pin: 17}\n")
+    assert "agent.yaml:8:27: alerts.cpu_temp.clear_c: must be below alerts.cpu_temp.raise_c (70)" in got
+    assert "agent.yaml:9:13: amplifier.pin: BCM 17 is already used by cabinet.door" in got
+    assert any(p.startswith("agent.yaml:12:11: cabinet.mains.pin: BCM 17 is already used") for p in got)
