@@ -192,7 +192,9 @@ def test_amplifier_fault_pin_of_the_audio_service_wins(tmp_path, caplog):
 
 
 def test_bad_cabinet_wiring_disables_inputs_but_not_the_agent(tmp_path, caplog):
-    core = make_core(tmp_path, extra={"cabinet": {"door": {"pin": 5}, "mains": {"pin": 5}}})
+    # check-config refuses this wiring; the service still defends itself if handed it
+    core = make_core(tmp_path, extra={"cabinet": {"door": {"pin": 5}, "mains": {"pin": 6}}})
+    core.cfg["cabinet"]["mains"]["pin"] = 5
     service = health_service.install(core, core.cfg)
     assert service.cabinet is None and "BCM 5 is already used" in caplog.text
     assert service.health_fields() == {}
