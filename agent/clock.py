@@ -9,7 +9,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
+import shutil
+import subprocess
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -23,12 +27,40 @@ class Clock(Protocol):
         """Monotonic seconds; only differences mean anything."""
 
 
+TEST_OFFSET_ENV = "TTCS_TEST_CLOCK_OFFSET_MS"
+
+
 class SystemClock:
+    """The machine's clocks.
+
+    TEST ONLY: when the environment variable ``TTCS_TEST_CLOCK_OFFSET_MS`` is set, the wall
+    clock is shifted by that many milliseconds (so that a real agent process in a test can
+    have a schedule slot a few seconds ahead although slot times are whole minutes). It is
+    logged as a warning at start; never set it on a device.
+    """
+
+    def __init__(self) -> None:
+        self.offset_ms = _test_offset_ms()
+
     def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
+        return time.time_ns() // 1_000_000 + self.offset_ms
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+
+def _test_offset_ms() -> int:
+    raw = os.environ.get(TEST_OFFSET_ENV)
+    if not raw:
+        return 0
+    try:
+        offset = int(raw)
+    except ValueError:
+        log.error("%s=%r is not an integer: ignored", TEST_OFFSET_ENV, raw)
+        return 0
+    log.warning("TEST CLOCK: the wall clock is shifted by %+d ms (%s is set; never on a device)",
+                offset, TEST_OFFSET_ENV)
+    return offset
 
 
 class FakeClock:
@@ -99,17 +131,90 @@ def kernel_clock_synchronised() -> bool | None:
     return rc != TIME_ERROR
 
 
+TIMESYNCD_FLAG = "/run/systemd/timesync/synchronized"
+
+
+def chrony_synchronised(chronyc: str | None = None, timeout_s: float = 0.5) -> bool | None:
+    """True when ``chronyc -n tracking`` reports ``Leap status : Normal`` (chrony has a
+    source and has set the clock), False for any other leap status (``Not synchronised``),
+    None when chrony is not installed or does not answer within ``timeout_s``."""
+    binary = chronyc or shutil.which("chronyc")
+    if binary is None:
+        return None
+    try:
+        out = subprocess.run([binary, "-n", "tracking"], capture_output=True, text=True,
+                             timeout=timeout_s, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "leap status":
+            return value.strip().lower() == "normal"
+    return None
+
+
+class SystemSyncProbe:
+    """Asks every source a Raspberry Pi OS image may have whether the clock is synchronised.
+
+    In order: the kernel (adjtimex: ntpd, chrony with rtcsync and systemd-timesyncd clear
+    STA_UNSYNC), systemd-timesyncd's flag file ``/run/systemd/timesync/synchronized`` (created
+    at its first sync since boot; /run is a tmpfs) and chrony (``chronyc -n tracking``, a
+    subprocess, so asked at most every ``chrony_every_s``). Returns ``(synced, source)``:
+    ``(True, "kernel"|"timesyncd"|"chrony")``, ``(False, "unsynchronised")`` when a source
+    answered no, ``(None, "unknown")`` when none could be asked.
+    """
+
+    def __init__(self, *, kernel: Callable[[], bool | None] = kernel_clock_synchronised,
+                 timesyncd_flag: str = TIMESYNCD_FLAG,
+                 chrony: Callable[[], bool | None] = chrony_synchronised,
+                 chrony_every_s: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._kernel = kernel
+        self._flag = timesyncd_flag
+        self._chrony = chrony
+        self._chrony_every_s = chrony_every_s
+        self._monotonic = monotonic
+        self._chrony_at: float | None = None
+        self._chrony_last: bool | None = None
+
+    def __call__(self) -> tuple[bool | None, str]:
+        answers = [self._kernel()]
+        if answers[0]:
+            return True, "kernel"
+        if os.path.exists(self._flag):
+            return True, "timesyncd"
+        answers.append(self._ask_chrony())
+        if answers[-1]:
+            return True, "chrony"
+        if False in answers:
+            return False, "unsynchronised"
+        return None, "unknown"
+
+    def _ask_chrony(self) -> bool | None:
+        now = self._monotonic()
+        if self._chrony_at is None or now - self._chrony_at >= self._chrony_every_s:
+            self._chrony_at = now
+            self._chrony_last = self._chrony()
+        return self._chrony_last
+
+
 class ClockTrust:
     """Whether the wall clock can be believed (SPEC §4 ``clock.trust``).
 
     ``always``: a board with an RTC (and tests). ``never``: for tests of the untrusted path.
-    ``auto``: trusted once the kernel reports the clock synchronised since boot; it stays
-    trusted after that even if the sync is later lost (the clock drifts slowly).
+    ``auto``: trusted once the clock is reported synchronised since boot (by the kernel,
+    systemd-timesyncd or chrony: :class:`SystemSyncProbe`); it stays trusted after that even if
+    the sync is later lost (the clock drifts slowly).
+
+    ``probe`` returns True/False/None (None: cannot tell), or a ``(synced, source)`` pair
+    whose source names who said so (``source`` then reports it).
     """
 
-    def __init__(self, mode: str = "auto", probe=kernel_clock_synchronised) -> None:
+    def __init__(self, mode: str = "auto",
+                 probe: Callable[[], bool | tuple[bool | None, str] | None] | None = None,
+                 ) -> None:
         self.mode = mode
-        self._probe = probe
+        self._probe = probe if probe is not None else SystemSyncProbe()
         self._latched = False
         self.source = mode
 
@@ -122,10 +227,11 @@ class ClockTrust:
             return False
         if self._latched:
             return True
-        synced = self._probe()
+        answer = self._probe()
+        synced, source = answer if isinstance(answer, tuple) else (answer, "kernel")
         if synced:
             self._latched = True
-            self.source = "kernel"
+            self.source = source
             return True
         self.source = "unsynchronised" if synced is False else "unknown"
         return False
