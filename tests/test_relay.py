@@ -1,0 +1,485 @@
+"""The relay: its logic driven by an injected clock, then as a process against a real
+mosquitto, real agents and a local webhook server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.notify import Dispatcher, Message, NotifyError, render
+from agent.relay import Relay, RelaySettings, RelayStore, groups_of
+from tests.conftest import ROOT, Watcher, agent_config, wait_online, wait_until
+
+T0 = 1_764_000_000_000  # 2025-11-24 16:00 UTC
+S = 1000
+DEV = "krongpa-phutuc-c03"
+
+
+def msg(leaf: str, device: str = DEV, **body) -> tuple[str, bytes]:
+    return f"ttcs/dev/{device}/{leaf}", json.dumps({"v": 1, **body}).encode()
+
+
+class Harness:
+    """A relay over a real SQLite file, fed messages at chosen times."""
+
+    def __init__(self, path: Path, window_s: float = 60, channels=("test",), codes=()) -> None:
+        self.path = path
+        self.settings = RelaySettings(heartbeat_default_s=60, missed_beats=3,
+                                      group_window_s=window_s, alert_codes=list(codes),
+                                      channels=list(channels))
+        self.open()
+
+    def open(self) -> None:
+        self.store = RelayStore(str(self.path))
+        self.relay = Relay(self.store, self.settings)
+
+    def reopen(self) -> None:
+        self.store.close()
+        self.open()
+
+    def feed(self, at_ms: int, leaf: str, device: str = DEV, retained: bool = False, **body):
+        topic, payload = msg(leaf, device, **body)
+        self.relay.handle(topic, payload, retained, at_ms)
+
+    def online(self, at_ms: int, session: int = 1, device: str = DEV, retained: bool = False):
+        self.feed(at_ms, "status", device, retained, state="online", ts=at_ms, session=session)
+
+    def offline(self, at_ms: int, reason: str = "lost", session: int = 1, device: str = DEV,
+                retained: bool = False):
+        self.feed(at_ms, "status", device, retained, state="offline", ts=at_ms,
+                  session=session, reason=reason)
+
+    def device(self, device: str = DEV) -> dict:
+        return dict(self.store.one("SELECT * FROM devices WHERE device=?", device))
+
+    def batches(self) -> list[dict]:
+        return [json.loads(r["body"]) for r in self.store.q("SELECT body FROM batches ORDER BY id")]
+
+    def items(self) -> list[dict]:
+        return [i for b in self.batches() for i in b["items"]]
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path / "relay.db")
+    yield harness
+    harness.store.close()
+
+
+# --- offline detection -------------------------------------------------------------------
+
+def test_will_marks_offline_and_notifies_after_the_window(h):
+    h.online(T0)
+    assert h.relay.tick(T0 + 1 * S) is None  # first sighting of an up device: nothing to say
+    h.offline(T0 + 10 * S, reason="lost")
+    assert h.device()["online"] == 0 and h.device()["reason"] == "lost"
+    assert h.relay.tick(T0 + 60 * S) is None  # the window (60 s) is still open
+    assert h.relay.tick(T0 + 70 * S) == 1
+    [item] = h.items()
+    assert item["kind"] == "offline" and item["device"] == DEV and item["reason"] == "lost"
+    assert item["since"] == T0 + 10 * S and item["outages"] == 1
+    rows = h.store.q("SELECT online, ts FROM transitions ORDER BY rowid")
+    assert [(r["online"], r["ts"]) for r in rows] == [(1, T0), (0, T0 + 10 * S)]
+
+
+def test_missed_heartbeats_with_learned_interval(h):
+    h.online(T0)
+    for i in range(3):  # health every 20 s: the relay learns 20 s
+        h.feed(T0 + i * 20 * S, "health", ts=T0 + i * 20 * S)
+    assert h.device()["interval_ms"] == 20 * S
+    last = T0 + 40 * S
+    h.relay.tick(last + 60 * S)  # exactly three intervals: not yet
+    assert h.device()["online"] == 1
+    h.relay.tick(last + 61 * S)
+    d = h.device()
+    assert d["online"] == 0 and d["reason"] == "heartbeat"
+    assert d["since_ms"] == last  # the outage began at the last sign of life
+    # a live health sample brings it back; the gap across the outage is not learned
+    h.feed(last + 300 * S, "health", ts=last + 300 * S)
+    assert h.device()["online"] == 1 and h.device()["interval_ms"] == 20 * S
+    h.relay.tick(last + 310 * S)
+    [item] = h.items()
+    assert item["kind"] == "recovered" and item["outages"] == 1 and item["at"] == last + 300 * S
+
+
+def test_default_heartbeat_when_nothing_learned(h):
+    h.online(T0)
+    h.relay.tick(T0 + 180 * S)
+    assert h.device()["online"] == 1
+    h.relay.tick(T0 + 181 * S)
+    assert h.device()["online"] == 0
+
+
+def test_historical_and_retained_messages_are_no_sign_of_life(h):
+    h.online(T0)
+    h.relay.tick(T0 + 200 * S)
+    assert h.device()["online"] == 0
+    h.feed(T0 + 210 * S, "health", ts=T0 + 5 * S, historical=True)
+    h.feed(T0 + 211 * S, "state", retained=True, ts=T0)
+    assert h.device()["online"] == 0
+    h.feed(T0 + 212 * S, "event", seq=1, ts=T0 + 212 * S, type="config", result="applied")
+    assert h.device()["online"] == 1
+
+
+def test_relay_downtime_is_not_the_devices_silence(h):
+    h.online(T0)
+    h.relay.connected(T0 + 3600 * S)  # the relay (re)connected an hour later
+    h.relay.tick(T0 + 3600 * S + 100 * S)
+    assert h.device()["online"] == 1
+    h.relay.tick(T0 + 3600 * S + 181 * S)
+    assert h.device()["online"] == 0
+
+
+def test_late_will_of_an_older_session_is_ignored(h):
+    h.online(T0, session=4)
+    h.offline(T0 + 5 * S, session=3)
+    assert h.device()["online"] == 1 and h.device()["session"] == 4
+
+
+def test_shutdown_then_will_does_not_notify_twice(h):
+    h.online(T0)
+    h.offline(T0 + S, reason="shutdown")
+    h.offline(T0 + 2 * S, reason="lost")
+    h.relay.tick(T0 + 100 * S)
+    [item] = h.items()
+    assert item["kind"] == "offline" and item["reason"] == "shutdown"
+
+
+# --- grouping ----------------------------------------------------------------------------
+
+def test_flapping_device_is_one_line_per_window(h):
+    h.online(T0)
+    for i in range(5):  # five outages within a minute
+        h.offline(T0 + (10 * i + 1) * S)
+        h.online(T0 + (10 * i + 5) * S)
+    h.offline(T0 + 55 * S)
+    h.online(T0 + 56 * S, device="other-dev")
+    h.offline(T0 + 57 * S, device="other-dev")
+    assert h.relay.tick(T0 + 60 * S) is None
+    assert h.relay.tick(T0 + 61 * S) == 1
+    items = {i["device"]: i for i in h.items()}
+    assert set(items) == {DEV, "other-dev"}
+    assert items[DEV]["kind"] == "offline" and items[DEV]["outages"] == 6
+    assert items["other-dev"]["kind"] == "offline"
+    # the device comes back in the next window: one recovery line
+    h.online(T0 + 100 * S)
+    h.relay.tick(T0 + 161 * S)
+    assert h.batches()[-1]["items"] == [
+        {"device": DEV, "outages": 0, "kind": "recovered", "at": T0 + 100 * S,
+         "first_down": T0 + 55 * S}]
+    msg = render(2, h.batches()[-1], "inst", "Asia/Ho_Chi_Minh", {"krongpa": ["krongpa-*"]})
+    assert "ĐÃ KẾT NỐI LẠI krongpa-phutuc-c03 [krongpa] lúc 23:01 24/11" in msg.text
+    assert "mất từ 23:00 24/11" in msg.text
+
+
+def test_alerts_grouped_filtered_and_deduplicated(tmp_path):
+    h = Harness(tmp_path / "r.db", window_s=300, codes=("door_open", "disk_low"))
+    h.online(T0)
+    seq = 0
+    for i in range(4):  # a door chattering: raised/cleared four times
+        for state in ("raised", "cleared"):
+            seq += 1
+            h.feed(T0 + seq * S, "event", seq=seq, ts=T0 + seq * S, type="alert",
+                   state=state, code="door_open", since=T0)
+    seq += 1
+    h.feed(T0 + 20 * S, "event", seq=seq, ts=T0 + 20 * S, type="alert", state="raised",
+           code="cpu_temp")  # not in alerts.codes
+    seq += 1
+    h.feed(T0 + 21 * S, "event", seq=seq, ts=T0 + 21 * S, type="alert", state="raised",
+           code="disk_low", key="cache", historical=True)
+    h.feed(T0 + 22 * S, "event", seq=seq, ts=T0 + 21 * S, type="alert", state="raised",
+           code="disk_low", key="cache", historical=True)  # QoS 1 duplicate
+    assert h.relay.counters.duplicates == 1
+    h.relay.tick(T0 + 400 * S)
+    items = {i["code"]: i for i in h.items() if i["kind"] == "alert"}
+    assert set(items) == {"door_open", "disk_low"}
+    assert [i["kind"] for i in h.items() if "code" not in i] == ["offline"]  # silent 180 s
+    assert items["door_open"]["raised"] == 4 and items["door_open"]["state"] == "cleared"
+    assert items["disk_low"]["key"] == "cache" and items["disk_low"]["historical"] is True
+    text = render(1, h.batches()[0], "i", "Asia/Ho_Chi_Minh", {}).text
+    assert "HẾT CẢNH BÁO door_open" in text and "báo 4 lần" in text
+    assert "CẢNH BÁO disk_low/cache" in text and "ghi nhận khi mất kết nối" in text
+    h.store.close()
+
+
+# --- events ------------------------------------------------------------------------------
+
+def test_events_deduplicated_and_gaps_noticed(h):
+    for seq in (1, 2, 5, 5, 2):
+        h.feed(T0 + seq * S, "event", seq=seq, ts=T0 + seq * S, type="play", played_ms=10)
+    assert h.store.one("SELECT COUNT(*) n FROM events")["n"] == 3
+    assert h.relay.counters.duplicates == 2 and h.relay.counters.gaps == 1
+    gap = dict(h.store.one("SELECT * FROM gaps"))
+    assert (gap["first_seq"], gap["last_seq"], gap["filled_ms"]) == (3, 4, None)
+    h.feed(T0 + 10 * S, "event", seq=3, ts=T0 + 3 * S, type="play", historical=True)
+    assert h.store.one("SELECT filled_ms FROM gaps")["filled_ms"] is None
+    h.feed(T0 + 11 * S, "event", seq=4, ts=T0 + 4 * S, type="play", historical=True)
+    assert h.store.one("SELECT filled_ms FROM gaps")["filled_ms"] == T0 + 11 * S
+    assert h.device()["max_seq"] == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(leaf=st.sampled_from(["status", "state", "health", "event", "ack", "x"]),
+       device=st.sampled_from([DEV, "UPPER", "a/b", "", "ok-dev"]),
+       payload=st.one_of(
+           st.binary(max_size=200),
+           st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                        lambda c: st.lists(c, max_size=4) | st.dictionaries(
+                            st.sampled_from(["state", "session", "ts", "seq", "type", "code",
+                                             "historical", "reason", "key", "detail"]), c,
+                            max_size=6), max_leaves=12).map(lambda v: json.dumps(v).encode())))
+def test_garbage_never_crashes_the_relay(tmp_path_factory, leaf, device, payload):
+    store = RelayStore(":memory:")
+    relay = Relay(store, RelaySettings(group_window_s=0, channels=["x"]))
+    relay.handle(f"ttcs/dev/{device}/{leaf}", payload, False, T0)
+    relay.handle(f"ttcs/dev/{device}/{leaf}", payload, True, T0 + 1)
+    relay.tick(T0 + 10**9)
+    Dispatcher(store, [], {"attempts": 1, "backoff_s": 0, "backoff_max_s": 0}, {}).run_due(T0)
+    store.close()
+
+
+# --- restart and delivery ----------------------------------------------------------------
+
+class Recorder:
+    name = "test"
+
+    def __init__(self, fail: int = 0) -> None:
+        self.sent: list[Message] = []
+        self.fail = fail
+
+    def send(self, m: Message) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise NotifyError("HTTP 503")
+        self.sent.append(m)
+
+
+RETRY = {"attempts": 5, "backoff_s": 10, "backoff_max_s": 60}
+
+
+def test_restart_does_not_duplicate_notifications(h):
+    rec = Recorder()
+    h.online(T0)
+    h.offline(T0 + S)
+    h.relay.tick(T0 + 100 * S)
+    Dispatcher(h.store, [rec], RETRY, {}).run_due(T0 + 100 * S)
+    assert len(rec.sent) == 1
+    # the relay restarts: the broker re-delivers the retained offline status, and the
+    # persistent session may re-deliver a QoS 1 alert event it already stored
+    h.feed(T0 + 2 * S, "event", seq=1, ts=T0 + 2 * S, type="alert", state="raised",
+           code="door_open")
+    h.relay.tick(T0 + 200 * S)
+    Dispatcher(h.store, [rec], RETRY, {}).run_due(T0 + 200 * S)
+    assert len(rec.sent) == 2
+    h.reopen()
+    h.relay.connected(T0 + 300 * S)
+    h.offline(T0 + 300 * S, retained=True)
+    h.feed(T0 + 301 * S, "event", seq=1, ts=T0 + 2 * S, type="alert", state="raised",
+           code="door_open")
+    assert h.relay.tick(T0 + 1000 * S) is None
+    Dispatcher(h.store, [rec], RETRY, {}).run_due(T0 + 1000 * S)
+    assert len(rec.sent) == 2
+
+
+def test_unsent_batch_survives_restart_and_retries_with_backoff(h):
+    h.online(T0)
+    h.offline(T0 + S)
+    h.relay.tick(T0 + 100 * S)
+    flaky = Recorder(fail=2)
+    d = Dispatcher(h.store, [flaky], RETRY, {})
+    assert d.run_due(T0 + 100 * S) == 0  # attempt 1 fails: retry in 10 s
+    assert d.run_due(T0 + 109 * S) == 0 and flaky.fail == 1  # not due yet: not tried
+    h.reopen()  # a restart between attempts
+    d = Dispatcher(h.store, [flaky], RETRY, {})
+    assert d.run_due(T0 + 110 * S) == 0 and flaky.fail == 0  # attempt 2 fails: retry in 20 s
+    assert d.run_due(T0 + 129 * S) == 0
+    assert d.run_due(T0 + 130 * S) == 1
+    row = h.store.one("SELECT * FROM deliveries")
+    assert row["attempts"] == 3 and row["sent_ms"] == T0 + 130 * S
+    assert len(flaky.sent) == 1 and "MẤT KẾT NỐI" in flaky.sent[0].text
+    assert d.run_due(T0 + 10**7) == 0
+
+
+def test_gives_up_after_attempts_and_on_permanent_errors(h):
+    class Broken:
+        name = "test"
+
+        def send(self, m):
+            raise NotifyError("HTTP 400", permanent=True)
+
+    h.online(T0)
+    h.offline(T0 + S)
+    h.relay.tick(T0 + 100 * S)
+    Dispatcher(h.store, [Broken()], RETRY, {}).run_due(T0 + 100 * S)
+    row = h.store.one("SELECT * FROM deliveries")
+    assert row["failed"] == 1 and row["attempts"] == 1 and row["error"] == "HTTP 400"
+
+
+def test_groups_rule():
+    groups = {"krongpa": ["krongpa-*"], "phutuc": ["krongpa-phutuc-*", "other-dev"]}
+    assert groups_of(DEV, groups) == ["krongpa", "phutuc"]
+    assert groups_of("other-dev", groups) == ["phutuc"]
+    assert groups_of("krongpa", groups) == []
+
+
+# --- as a process ------------------------------------------------------------------------
+
+class Webhook:
+    """A local webhook receiver on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.keys: list[str] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.received.append(json.loads(body))
+                hook.keys.append(self.headers.get("Idempotency-Key"))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def items(self) -> list[dict]:
+        return [i for r in self.received for i in r["items"]]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook():
+    w = Webhook()
+    yield w
+    w.close()
+
+
+class RelayProcess:
+    def __init__(self, cfg_path: Path, log_path: Path) -> None:
+        self.cfg_path, self.log_path = cfg_path, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RelayProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--config",
+                                      str(self.cfg_path), "relay"], cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def relay_proc(tmp_path):
+    started: list[RelayProcess] = []
+
+    def make(cfg_path: Path) -> RelayProcess:
+        r = RelayProcess(cfg_path, tmp_path / "relay.log").start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+def relay_config(tmp_path: Path, port: int, url: str, **relay) -> Path:
+    cfg = {"mqtt": {"host": "127.0.0.1", "port": port},
+           "relay": {"db_path": str(tmp_path / "relay.db"), "group_window_s": 2,
+                     "tick_s": 0.2, "groups": {"krongpa": ["krongpa-*"]}, **relay},
+           "alerts": {"webhook_url": url, "retry": {"backoff_s": 0.5}}}
+    path = tmp_path / "ctl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_relay_process_will_restart_and_recovery(broker, keys, tmp_path, agent_factory,
+                                                 webhook, relay_proc):
+    w = Watcher(broker.port, ["ttcs/#"])
+    try:
+        agent = agent_factory(agent_config(tmp_path, broker.port, keys))
+        wait_online(w, DEV)
+        relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url))
+        # garbage on device topics does not stop it
+        for payload in (b"\xff\xfe", b"[1,2]", b'{"state": 7}', b"{" * 3000):
+            for leaf in ("status", "health", "event", "state"):
+                w.publish(f"ttcs/dev/{DEV}/{leaf}", payload)
+        w.publish("ttcs/dev/evil-dev/event", b'{"seq": "x"}')
+        wait_until(lambda: "relay connected" in relay.log(), 15, what="relay connected")
+        agent.kill()  # SIGKILL: the broker publishes the will
+        wait_until(lambda: webhook.items(), 20, what="offline notification")
+        [item] = webhook.items()
+        assert item["kind"] == "offline" and item["reason"] == "lost"
+        assert item["device"] == DEV and item["groups"] == ["krongpa"]
+        assert "MẤT KẾT NỐI" in webhook.received[0]["text"]
+        assert relay.proc.poll() is None
+        # restart the relay: the retained will is delivered again, nothing new is sent
+        assert relay.stop() == 0
+        relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url))
+        wait_until(lambda: relay.log().count("relay connected") >= 2, 15, what="reconnected")
+        import time
+
+        time.sleep(4)  # two grouping windows
+        assert len(webhook.received) == 1
+        # the agent comes back: one recovery
+        agent.start()
+        wait_until(lambda: len(webhook.received) >= 2, 20, what="recovery notification")
+        time.sleep(3)
+        assert len(webhook.received) == 2
+        assert [i["kind"] for i in webhook.received[1]["items"]] == ["recovered"]
+        assert len(set(webhook.keys)) == 2
+    finally:
+        w.close()
+
+
+def test_relay_process_missed_heartbeats(broker, keys, tmp_path, agent_factory, webhook,
+                                         relay_proc):
+    w = Watcher(broker.port, ["ttcs/#"])
+    try:
+        agent = agent_factory(agent_config(tmp_path, broker.port, keys,
+                                           health={"interval_s": 5}))
+        wait_online(w, DEV)
+        relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url,
+                                        heartbeat_default_s=5, missed_beats=2))
+        wait_until(lambda: len(w.json(f"dev/{DEV}/health")) >= 2, 30, what="two health samples")
+        agent.signal(signal.SIGSTOP)  # frozen: the TCP link stays up, no will for 90 s
+        try:
+            wait_until(lambda: webhook.items(), 40, what="heartbeat offline notification")
+            [item] = webhook.items()
+            assert item["kind"] == "offline" and item["reason"] == "heartbeat"
+        finally:
+            agent.signal(signal.SIGCONT)
+        wait_until(lambda: any(i["kind"] == "recovered" for i in webhook.items()), 30,
+                   what="recovery after SIGCONT")
+        assert relay.proc.poll() is None
+    finally:
+        w.close()
