@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def test_alerts_grouped_filtered_and_deduplicated(tmp_path):
     h = Harness(tmp_path / "r.db", window_s=300, codes=("door_open", "disk_low"))
     h.online(T0)
     seq = 0
-    for i in range(4):  # a door chattering: raised/cleared four times
+    for _ in range(4):  # a door chattering: raised/cleared four times
         for state in ("raised", "cleared"):
             seq += 1
             h.feed(T0 + seq * S, "event", seq=seq, ts=T0 + seq * S, type="alert",
@@ -446,8 +447,6 @@ def test_relay_process_will_restart_and_recovery(broker, keys, tmp_path, agent_f
         assert relay.stop() == 0
         relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url))
         wait_until(lambda: relay.log().count("relay connected") >= 2, 15, what="reconnected")
-        import time
-
         time.sleep(4)  # two grouping windows
         assert len(webhook.received) == 1
         # the agent comes back: one recovery
