@@ -229,7 +229,9 @@ class Arbiter:
         if kind == "error":
             self._call_output(self._out.stop)
             error = str(detail.get("error", "output error"))
-            self._finish("failed", "audio_fault", {"error": error})
+            # a live relay whose whole chain failed reports media_unavailable instead
+            reason = str(detail.get("reason") or "audio_fault")
+            self._finish("failed", reason, {"error": error})
         else:
             self._advance()
         self._schedule()

@@ -137,6 +137,11 @@ class MediaCache:
         with self._lock_for(sha, self._sha_locks):
             return self._verified_path(sha)
 
+    def has(self, sha256: str) -> bool:
+        """Whether ``sha256`` is in the cache (not re-hashed: :meth:`path_for` does that)."""
+        with self._lock:
+            return str(sha256).lower() in self._entries
+
     def fetch(self, url: str, sha256: str) -> str:
         """Return a local verified path for ``sha256``, downloading ``url`` if needed."""
         sha = _check_sha(sha256)

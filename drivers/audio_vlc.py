@@ -73,6 +73,7 @@ class VlcAudio(AudioOutput):
         self._start_ms = 0
         self._t_play = 0.0
         self._volume = 100
+        self._prerolled: tuple[str, int] | None = None
         self.last_error: str | None = None
         try:
             self._open()
@@ -83,6 +84,8 @@ class VlcAudio(AudioOutput):
 
     def play(self, source: str, *, start_ms: int = 0, volume: int = 100) -> None:
         with self._lock:
+            if self._resume_preroll(source, start_ms, volume):
+                return
             self._stop_locked()
             self._ensure_ready()
             media = self._media(source, start_ms)
@@ -99,6 +102,37 @@ class VlcAudio(AudioOutput):
                 self._fault(f"libvlc refused to play {source}")
                 raise DriverError(f"libvlc refused to play {source}")
             self._healthy = True
+
+    def preroll(self, source: str, start_ms: int = 0) -> None:
+        """Open ``source`` paused (decoder and output ready), so that a following
+        ``play(source)`` only unpauses: a synchronised ``at`` start within milliseconds."""
+        with self._lock:
+            self._stop_locked()
+            self._ensure_ready()
+            media = self._media(source, start_ms)
+            media.add_option(":start-paused")
+            self._gen += 1
+            self._saw_es = False
+            self._player.set_media(media)
+            media.release()
+            if self._player.play() != 0:
+                raise DriverError(f"libvlc refused to pre-roll {source}")
+            self._prerolled = (source, start_ms)
+
+    def _resume_preroll(self, source: str, start_ms: int, volume: int) -> bool:
+        """Caller holds _lock. Unpause a matching pre-rolled source; False if there is none."""
+        prerolled, self._prerolled = self._prerolled, None
+        if prerolled != (source, start_ms) or self._player is None:
+            return False
+        if self._player.get_state() != self._vlc.State.Paused:
+            return False
+        self._gen += 1
+        self._start_ms, self._t_play = start_ms, time.monotonic()
+        self._current = (self._gen, source)
+        self._player.audio_set_volume(int(volume))
+        self._volume = int(volume)
+        self._player.set_pause(0)
+        return True
 
     def stop(self) -> int:
         with self._lock:
@@ -197,6 +231,7 @@ class VlcAudio(AudioOutput):
     def _stop_locked(self) -> int:
         pos = self._position_locked()
         self._current = None  # before stop(): events of the old media are now stale
+        self._prerolled = None
         if self._player is not None:
             self._player.stop()  # also after the end: closes the output (afile writes its header)
         return pos
