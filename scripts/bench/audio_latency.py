@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Audio latency benchmark (prints figures; not a test).
+
+Measures, against a private mosquitto and libvlc writing to a WAV file (``--aout=afile``):
+
+1. baseline: a minimal paho + libvlc player (same libvlc args) — command published → its
+   "started" message received, with the media already on disk;
+2. the agent: signed ``play`` of cached media → its ``started`` ack received (target: within
+   1.5x of the baseline);
+3. emergency preemption: while a normal item airs, ``play`` emergency → ``started`` (p99 target
+   ≤ 250 ms);
+4. ``at`` precision: the instant audio reaches the output file (first samples written after
+   the pre-roll) minus the requested ``at``.
+
+Run: ``.venv/bin/python scripts/bench/audio_latency.py [--runs 30] [--out FILE.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+import vlc  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from agent.audio_service import write_tone  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    AgentProcess,
+    Broker,
+    Keys,
+    Watcher,
+    agent_config,
+    wait_online,
+    wait_until,
+)
+
+DEV = "krongpa-phutuc-c03"
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "min": min(values), "p50": statistics.median(values),
+            "p90": pct(values, 90), "p99": pct(values, 99), "max": max(values),
+            "mean": statistics.fmean(values)}
+
+
+class Baseline:
+    """The simplest correct player: paho callback → libvlc play → publish "started"."""
+
+    def __init__(self, port: int, out: Path) -> None:
+        self.inst = vlc.Instance(["--no-video", "--quiet", "--aout=afile",
+                                  f"--audiofile-file={out}"])
+        self.player = self.inst.media_player_new()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-baseline")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("bench/base/cmd", 1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        body = json.loads(msg.payload)
+        if body["op"] == "play":
+            media = self.inst.media_new(body["path"])
+            self.player.set_media(media)
+            self.player.play()
+            client.publish("bench/base/ack", json.dumps({"id": body["id"]}), qos=1)
+        else:
+            self.player.stop()
+
+    def close(self) -> None:
+        self.player.stop()
+        self.client.loop_stop()
+        self.client.disconnect()
+        self.player.release()
+        self.inst.release()
+
+
+def bench_baseline(port: int, watcher: Watcher, path: str, out: Path, runs: int) -> list[float]:
+    base = Baseline(port, out)
+    time.sleep(0.5)
+    lat = []
+    try:
+        for i in range(runs):
+            cid = f"b{i}"
+            t0 = time.monotonic()
+            watcher.publish("bench/base/cmd", json.dumps({"op": "play", "id": cid, "path": path}))
+            wait_until(lambda c=cid: any(m.get("id") == c for m in watcher.json("bench/base/ack")),
+                       10, 0.0005)
+            lat.append((time.monotonic() - t0) * 1000)
+            time.sleep(0.2)
+            watcher.publish("bench/base/cmd", json.dumps({"op": "stop"}))
+            time.sleep(0.1)
+    finally:
+        base.close()
+    return lat
+
+
+def send(watcher: Watcher, keys: Keys, typ: str, args: dict) -> tuple[str, float]:
+    env = keys.command(f"dev/{DEV}", typ, args)
+    t0 = time.monotonic()
+    watcher.publish(f"ttcs/dev/{DEV}/cmd", env)
+    return env["id"], t0
+
+
+def wait_stage(watcher: Watcher, cid: str, stage: str, timeout: float = 20) -> float:
+    """Monotonic time at which the ack was seen (polled every 0.5 ms)."""
+    wait_until(lambda: any(a["stage"] == stage for a in watcher.acks(cid)), timeout, 0.0005,
+               what=f"{cid} {stage}")
+    return time.monotonic()
+
+
+def bench_agent(watcher: Watcher, keys: Keys, media: dict, runs: int) -> list[float]:
+    lat = []
+    for _ in range(runs):
+        cid, t0 = send(watcher, keys, "play", {"media": media})
+        lat.append((wait_stage(watcher, cid, "started") - t0) * 1000)
+        time.sleep(0.2)
+        sid, _ = send(watcher, keys, "stop", {"all": True})
+        wait_stage(watcher, sid, "done")
+    return lat
+
+
+def bench_preempt(watcher: Watcher, keys: Keys, long_media: dict, media: dict,
+                  runs: int) -> list[float]:
+    lat = []
+    for _ in range(runs):
+        normal, _ = send(watcher, keys, "play", {"media": long_media})
+        wait_stage(watcher, normal, "started")
+        time.sleep(0.3)
+        cid, t0 = send(watcher, keys, "play", {"media": media, "priority": "emergency"})
+        lat.append((wait_stage(watcher, cid, "started") - t0) * 1000)
+        sid, _ = send(watcher, keys, "stop", {"all": True})
+        wait_stage(watcher, sid, "done")
+    return lat
+
+
+def first_audio_after(out: Path, since_wall: float, until_wall: float) -> float | None:
+    """Wall time at which the output file, after being reopened (truncated), first grew past
+    its header: when audio reached the output."""
+    truncated = False
+    while time.time() < until_wall:
+        try:
+            size = out.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if time.time() >= since_wall:
+            if size < 1024:
+                truncated = True
+            elif truncated:
+                return time.time()
+        time.sleep(0.0002)
+    return None
+
+
+def bench_at(watcher: Watcher, keys: Keys, media: dict, out: Path, runs: int) -> dict:
+    start_err, ack_err = [], []
+    for _ in range(runs):
+        at_s = time.time() + 2.0
+        cid, _ = send(watcher, keys, "play", {"media": media, "at": int(at_s * 1000)})
+        heard = first_audio_after(out, at_s - 0.8, at_s + 2.0)
+        wait_stage(watcher, cid, "started")
+        ack = next(a for a in watcher.acks(cid) if a["stage"] == "started")
+        if heard is not None:
+            start_err.append((heard - at_s) * 1000)
+        ack_err.append(ack["ts"] - at_s * 1000)
+        sid, _ = send(watcher, keys, "stop", {"all": True})
+        wait_stage(watcher, sid, "done")
+        time.sleep(0.3)
+    return {"audio_minus_at_ms": summary(start_err) if start_err else None,
+            "started_ack_ts_minus_at_ms": summary(ack_err)}
+
+
+class Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a) -> None:
+        pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--at-runs", type=int, default=10)
+    ap.add_argument("--out", default=str(ROOT / "scripts" / "bench" / "audio_latency.json"))
+    opts = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ttcs-bench-"))
+    tone = Path(write_tone(str(tmp / "tone.wav"), seconds=1.5))
+    long = Path(write_tone(str(tmp / "long.wav"), hz=440, seconds=20))
+    handler = lambda *a, **k: Files(*a, directory=str(tmp), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def media(p: Path) -> dict:
+        return {"url": f"http://127.0.0.1:{httpd.server_address[1]}/{p.name}",
+                "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+
+    broker = Broker(tmp / "broker").start()
+    keys = Keys()
+    watcher = Watcher(broker.port, ["ttcs/#", "bench/#"])
+    out = tmp / "agent-out.wav"
+    cfg = agent_config(tmp, broker.port, keys,
+                       audio={"backend": "vlc",
+                              "vlc_args": ["--aout=afile", f"--audiofile-file={out}"]},
+                       amplifier={"warm_up_s": 0, "idle_hold_s": 30},
+                       security={"trusted_keys": {keys.kid: keys.public_b64},
+                                 "media_hosts": ["127.0.0.1"]},
+                       log={"level": "warning"})
+    agent = AgentProcess(cfg, tmp / "agent.log").start()
+    results: dict = {"runs": opts.runs, "libvlc": vlc.libvlc_get_version().decode()}
+    try:
+        wait_online(watcher, DEV)
+        for p in (tone, long):  # cache both first: the figures are for cached media
+            cid, _ = send(watcher, keys, "play", {"media": media(p)})
+            wait_stage(watcher, cid, "started", 30)
+            sid, _ = send(watcher, keys, "stop", {"all": True})
+            wait_stage(watcher, sid, "done")
+        base = bench_baseline(broker.port, watcher, str(tone), tmp / "base-out.wav", opts.runs)
+        results["baseline_started_ms"] = summary(base)
+        results["agent_started_ms"] = summary(bench_agent(watcher, keys, media(tone), opts.runs))
+        results["emergency_preempt_started_ms"] = summary(
+            bench_preempt(watcher, keys, media(long), media(tone), opts.runs))
+        results["at"] = bench_at(watcher, keys, media(tone), out, opts.at_runs)
+    finally:
+        agent.stop()
+        watcher.close()
+        broker.stop()
+        httpd.shutdown()
+    ratio = results["agent_started_ms"]["p50"] / results["baseline_started_ms"]["p50"]
+    results["agent_vs_baseline_p50_ratio"] = ratio
+    report(results)
+    Path(opts.out).write_text(json.dumps(results, indent=1))
+    print(f"\nJSON written to {opts.out}")
+    return 0
+
+
+def report(r: dict) -> None:
+    rows = [("baseline paho+libvlc: cmd → started", r["baseline_started_ms"]),
+            ("agent play (cached): cmd → started ack", r["agent_started_ms"]),
+            ("emergency preempt: cmd → started ack", r["emergency_preempt_started_ms"])]
+    if r["at"]["audio_minus_at_ms"]:
+        rows.append(("at: first audio written − at", r["at"]["audio_minus_at_ms"]))
+    rows.append(("at: started ack ts − at", r["at"]["started_ack_ts_minus_at_ms"]))
+    print(f"{'measure (ms)':44} {'n':>4} {'min':>8} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
+    for name, s in rows:
+        print(f"{name:44} {s['n']:>4} {s['min']:>8.1f} {s['p50']:>8.1f} {s['p90']:>8.1f} "
+              f"{s['p99']:>8.1f} {s['max']:>8.1f}")
+    ok_ratio = r["agent_vs_baseline_p50_ratio"] <= 1.5
+    ok_pre = r["emergency_preempt_started_ms"]["p99"] <= 250
+    print(f"\nagent/baseline p50 ratio: {r['agent_vs_baseline_p50_ratio']:.2f} "
+          f"(target ≤ 1.5: {'met' if ok_ratio else 'NOT met'})")
+    print(f"emergency preemption p99: {r['emergency_preempt_started_ms']['p99']:.1f} ms "
+          f"(target ≤ 250: {'met' if ok_pre else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
