@@ -1,4 +1,5 @@
-"""``ttcs-ctl``: the controller side — keys, signed commands, fleet watch."""
+"""``ttcs-ctl``: the controller side — keys, signed commands and documents, fleet watch,
+alert relay and broadcast reports (docs/CTL.md)."""
 
 from __future__ import annotations
 
@@ -205,10 +206,11 @@ def _ack_line(device: str, ack: dict) -> str:
 class Fleet:
     """What ``watch`` knows of each device, from status, state, health and event topics."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: dict[str, list[str]] | None = None) -> None:
         self.devices: dict[str, dict] = {}
+        self.groups = groups or {}
 
-    def update(self, topic: str, payload: bytes) -> None:
+    def update(self, topic: str, payload: bytes, now: float | None = None) -> None:
         parts = topic.split("/")
         if len(parts) < 4 or parts[-3] != "dev":
             return
@@ -220,61 +222,236 @@ class Fleet:
         if not isinstance(body, dict):
             return
         d = self.devices.setdefault(device, {"online": None, "last_seen": None, "playing": None,
-                                             "alerts": {}})
-        d["last_seen"] = time.time()
-        if leaf == "status":
-            d["online"] = body.get("state") == "online"
-            d["reason"] = body.get("reason")
-        elif leaf == "state":
-            d["playing"] = body.get("playing")
-            for a in body.get("alerts") or []:
-                if isinstance(a, dict) and a.get("code"):
-                    d["alerts"][a["code"]] = True
-        elif leaf == "event" and body.get("type") == "alert":
-            code = body.get("code")
-            if body.get("state") == "raised":
-                d["alerts"][code] = True
-            else:
-                d["alerts"].pop(code, None)
+                                             "alerts": {}, "health": None, "reason": None})
+        d["last_seen"] = now if now is not None else time.time()
+        handler = getattr(self, f"_{leaf}", None)
+        if handler is not None:
+            handler(d, body)
 
-    def table(self) -> str:
-        rows = [f"{'DEVICE':<28} {'ONLINE':<8} {'LAST SEEN':<10} {'PLAYING':<24} ALERTS"]
+    @staticmethod
+    def _status(d: dict, body: dict) -> None:
+        d["online"] = body.get("state") == "online"
+        d["reason"] = body.get("reason")
+
+    @staticmethod
+    def _state(d: dict, body: dict) -> None:
+        d["playing"] = body.get("playing")
+        alerts = body.get("alerts")
+        if isinstance(alerts, list):
+            d["alerts"] = {a["code"]: True for a in alerts
+                           if isinstance(a, dict) and isinstance(a.get("code"), str)}
+
+    @staticmethod
+    def _health(d: dict, body: dict) -> None:
+        d["health"] = body
+
+    @staticmethod
+    def _event(d: dict, body: dict) -> None:
+        code = body.get("code")
+        if body.get("type") != "alert" or not isinstance(code, str):
+            return
+        if body.get("state") == "raised":
+            d["alerts"][code] = True
+        else:
+            d["alerts"].pop(code, None)
+
+    def groups_of(self, device: str) -> list[str]:
+        from agent.relay import groups_of
+
+        return groups_of(device, self.groups)
+
+    def selected(self, group: str | None = None, alert: str | None = None) -> list[str]:
+        """Device names passing the filters; ``alert``: a code, or ``any``."""
+        out = []
         for name in sorted(self.devices):
             d = self.devices[name]
-            online = {True: "online", False: "OFFLINE", None: "?"}[d["online"]]
-            seen = f"{int(time.time() - d['last_seen'])} s" if d["last_seen"] else "-"
-            playing = d["playing"]
-            if isinstance(playing, dict):
-                playing = playing.get("id") or playing.get("source") or "yes"
-            rows.append(f"{name:<28} {online:<8} {seen:<10} {playing or '-'!s:<24} "
-                        f"{','.join(sorted(d['alerts'])) or '-'}")
-        return "\n".join(rows)
+            if group and group != "all" and group not in self.groups_of(name):
+                continue
+            if alert and not (d["alerts"] if alert == "any" else alert in d["alerts"]):
+                continue
+            out.append(name)
+        return out
+
+    def table(self, group: str | None = None, alert: str | None = None,
+              now: float | None = None):
+        from rich.table import Table
+
+        now = now if now is not None else time.time()
+        names = self.selected(group, alert)
+        online = sum(1 for n in names if self.devices[n]["online"])
+        t = Table(title=f"ttcs fleet: {online}/{len(names)} online", title_justify="left")
+        for col in ("DEVICE", "GROUPS", "STATUS", "LAST SEEN", "PLAYING", "VOLUME", "ALERTS"):
+            t.add_column(col, no_wrap=col in ("DEVICE", "STATUS"))
+        for name in names:
+            t.add_row(*self._row(name, now))
+        return t
+
+    def _row(self, name: str, now: float) -> list[str]:
+        d = self.devices[name]
+        status = {True: "[green]online[/]", None: "?"}.get(
+            d["online"], f"[red]OFFLINE[/] {d.get('reason') or ''}".rstrip())
+        seen = f"{int(now - d['last_seen'])} s" if d["last_seen"] else "-"
+        playing = d["playing"]
+        if isinstance(playing, dict):
+            playing = playing.get("id") or playing.get("source") or "yes"
+        audio = (d["health"] or {}).get("audio") if isinstance(d["health"], dict) else None
+        volume = audio.get("volume") if isinstance(audio, dict) else None
+        alerts = ", ".join(sorted(d["alerts"]))
+        return [name, ",".join(self.groups_of(name)) or "-", status, seen,
+                _esc(str(playing or "-")), "-" if volume is None else str(volume),
+                f"[yellow]{_esc(alerts)}[/]" if alerts else "-"]
 
 
-def watch(cfg: dict, once: float | None) -> int:
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def watch(cfg: dict, once: float | None, group: str | None = None,
+          alert: str | None = None) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
     prefix = cfg["mqtt"]["topic_prefix"]
-    session = Session(cfg, [f"{prefix}/dev/+/{leaf}" for leaf in ("status", "state", "event")])
+    session = Session(cfg, [f"{prefix}/dev/+/{leaf}"
+                            for leaf in ("status", "state", "health", "event")])
     session.open()
-    fleet = Fleet()
+    fleet = Fleet(cfg.get("relay", {}).get("groups"))
     try:
-        end = time.monotonic() + once if once else None
-        next_draw = 0.0
-        while end is None or time.monotonic() < end:
-            try:
-                topic, payload, _ = session.messages.get(timeout=0.5)
-                fleet.update(topic, payload)
-            except queue.Empty:
-                pass
-            if end is None and time.monotonic() >= next_draw:
-                print("\033[2J\033[H" + fleet.table(), flush=True)
-                next_draw = time.monotonic() + 2
         if once:
-            print(fleet.table())
+            _drain(session, fleet, time.monotonic() + once)
+            Console(width=160).print(fleet.table(group, alert))
+            return 0
+        with Live(fleet.table(group, alert), refresh_per_second=1, screen=False) as live:
+            while True:
+                _drain(session, fleet, time.monotonic() + 1)
+                live.update(fleet.table(group, alert))
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         session.close()
-    return 0
+
+
+def _drain(session: Session, fleet: Fleet, until: float) -> None:
+    while time.monotonic() < until:
+        try:
+            topic, payload, _ = session.messages.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        fleet.update(topic, payload)
+
+
+# --- documents ---------------------------------------------------------------------------
+
+def push_document(cfg: dict, kind: str, path: str, target: str, *, dry_run: bool,
+                  force: bool, rev: int | None, wait: float, devices: int | None) -> int:
+    from agent import push
+
+    if not protocol.TARGET_RE.match(target):
+        print(f"--target must be dev/ID or grp/G, not {target!r}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        args = push.load_args(path, kind)
+    except push.PushError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EXIT_FAILED
+    key = None if dry_run else _signing_key(cfg)
+    if key is False:
+        return EXIT_USAGE
+    prefix = cfg["mqtt"]["topic_prefix"]
+    topic = f"{prefix}/{target}/desired/{kind}"
+    session = Session(cfg, [topic, f"{prefix}/dev/+/event"])
+    session.open()
+    try:
+        live = push.parse_live(push.fetch_live(session, topic), kind)
+        if live.args == args and not force:
+            print(f"{target} {kind}: live rev {live.rev} already has this content; "
+                  "nothing pushed (--force to push anyway)")
+            return EXIT_DONE
+        try:
+            new_rev = push.next_rev(live, rev, int(time.time()))
+        except push.PushError as e:
+            print(e.problems[0], file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{target} {kind}: rev {live.rev if live.rev is not None else '(none)'}"
+              f" -> {new_rev}")
+        print(push.diff(live, args, target, kind) or "(no change in content)")
+        if dry_run:
+            print("dry run: nothing published")
+            return EXIT_DONE
+        doc = push.make_document(kind, target, new_rev, args, int(time.time() * 1000))
+        session.publish(topic, protocol.canonical(protocol.sign(doc, key, cfg["signing"]["kid"])),
+                        retain=True)
+        print(f"published retained to {topic}")
+        return _print_results(push.results(session, kind, new_rev, target, wait,
+                                           1 if target.startswith("dev/") else devices))
+    finally:
+        session.close()
+
+
+def _signing_key(cfg: dict):
+    sign_cfg = cfg["signing"]
+    if not sign_cfg.get("key_file") or not sign_cfg.get("kid"):
+        print("signing.kid and signing.key_file must be set", file=sys.stderr)
+        return False
+    return load_private_key(sign_cfg["key_file"])
+
+
+def _print_results(seen: dict[str, dict]) -> int:
+    if not seen:
+        print("no device reported on it yet (offline devices get it when they reconnect)")
+        return EXIT_DONE
+    for device, ev in sorted(seen.items()):
+        extra = f" ({ev['reason']})" if ev.get("reason") else ""
+        print(f"{device:<28} {ev.get('result')}{extra}")
+    return EXIT_DONE if all(ev.get("result") == "applied" for ev in seen.values()) \
+        else EXIT_FAILED
+
+
+# --- relay and report --------------------------------------------------------------------
+
+def relay(cfg: dict, once: float | None) -> int:
+    import logging
+
+    from agent import relay as relay_mod
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return relay_mod.run(cfg, once_s=once)
+
+
+def report(cfg: dict, month: str | None, year: str | None, out_dir: str, db: str | None,
+           chart: bool) -> int:
+    from agent import report as rep
+    from agent.relay import RelayStore
+
+    try:
+        period = rep.parse_period(month, year, cfg["relay"]["timezone"])
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    db_path = os.path.expanduser(db or cfg["relay"]["db_path"])
+    if not os.path.exists(db_path):
+        print(f"no relay database at {db_path}", file=sys.stderr)
+        return EXIT_FAILED
+    store = RelayStore(db_path)
+    try:
+        stats = rep.compute(store, period, cfg["relay"]["groups"], int(time.time() * 1000))
+    finally:
+        store.close()
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, f"ttcs-report-{period.label}.csv")
+    with open(csv_path, "w", encoding="utf-8", newline="") as f:
+        f.write(rep.to_csv(stats))
+    print(rep.table_text(stats))
+    print(f"CSV: {csv_path}")
+    if chart:
+        png_path = os.path.join(out_dir, f"ttcs-report-{period.label}.png")
+        rep.chart(stats, period, png_path)
+        print(f"chart: {png_path}")
+    return EXIT_DONE
 
 
 # --- entry -------------------------------------------------------------------------------
@@ -300,6 +477,29 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("watch", help="live fleet table")
     p.add_argument("--once", type=float, metavar="SECONDS",
                    help="collect for SECONDS, print the table once and exit")
+    p.add_argument("--group", help="only devices of this group (relay.groups)")
+    p.add_argument("--alert", metavar="CODE", help="only devices with this alert (or: any)")
+    p = sub.add_parser("relay", help="watch every device, store, notify staff")
+    p.add_argument("--once", type=float, metavar="SECONDS", help="run for SECONDS, then exit")
+    p = sub.add_parser("report", help="broadcast statistics as CSV and a PNG chart")
+    period = p.add_mutually_exclusive_group(required=True)
+    period.add_argument("--month", metavar="YYYY-MM")
+    period.add_argument("--year", metavar="YYYY")
+    p.add_argument("--out", default=".", help="folder for the CSV and PNG (default .)")
+    p.add_argument("--db", help="relay database (default relay.db_path)")
+    p.add_argument("--no-chart", action="store_true")
+    for kind in ("schedule", "board"):
+        p = sub.add_parser(kind, help=f"standing {kind} documents")
+        ksub = p.add_subparsers(dest="action", required=True)
+        pp = ksub.add_parser("push", help="validate, diff, bump rev, sign, publish retained")
+        pp.add_argument("file", help=f"YAML with the {kind} document's args")
+        pp.add_argument("--target", required=True, help="dev/ID, grp/G or grp/all")
+        pp.add_argument("--dry-run", action="store_true", help="show the diff, publish nothing")
+        pp.add_argument("--force", action="store_true", help="push even if nothing changed")
+        pp.add_argument("--rev", type=int, help="the new rev (default: live rev + 1)")
+        pp.add_argument("--wait", type=float, default=10.0,
+                        help="seconds to wait for devices' results (default 10)")
+        pp.add_argument("--devices", type=int, help="for a group: results to wait for")
     sub.add_parser("version")
     args = parser.parse_args(argv)
     if args.cmd == "version":
@@ -314,22 +514,34 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.cmd == "send":
-            try:
-                cmd_args = json.loads(args.args)
-            except ValueError as e:
-                print(f"ARGS must be a JSON object: {e}", file=sys.stderr)
-                return EXIT_USAGE
-            if not isinstance(cmd_args, dict):
-                print("ARGS must be a JSON object", file=sys.stderr)
-                return EXIT_USAGE
-            return send(cfg, args.target, args.type, cmd_args, timeout=args.timeout,
-                        ttl_s=args.ttl or None, cmd_id=args.id, unsigned=args.unsigned,
-                        as_json=args.json, devices=args.devices)
-        return watch(cfg, args.once)
+        return _dispatch(cfg, args)
     except (OSError, TimeoutError, ConnectionError, ValueError) as e:
         print(f"ttcs-ctl: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _dispatch(cfg: dict, args: argparse.Namespace) -> int:
+    if args.cmd == "send":
+        try:
+            cmd_args = json.loads(args.args)
+        except ValueError as e:
+            print(f"ARGS must be a JSON object: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if not isinstance(cmd_args, dict):
+            print("ARGS must be a JSON object", file=sys.stderr)
+            return EXIT_USAGE
+        return send(cfg, args.target, args.type, cmd_args, timeout=args.timeout,
+                    ttl_s=args.ttl or None, cmd_id=args.id, unsigned=args.unsigned,
+                    as_json=args.json, devices=args.devices)
+    if args.cmd == "relay":
+        return relay(cfg, args.once)
+    if args.cmd == "report":
+        return report(cfg, args.month, args.year, args.out, args.db, not args.no_chart)
+    if args.cmd in ("schedule", "board"):
+        return push_document(cfg, args.cmd, args.file, args.target, dry_run=args.dry_run,
+                             force=args.force, rev=args.rev, wait=args.wait,
+                             devices=args.devices)
+    return watch(cfg, args.once, args.group, args.alert)
 
 
 if __name__ == "__main__":

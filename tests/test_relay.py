@@ -482,3 +482,45 @@ def test_relay_process_missed_heartbeats(broker, keys, tmp_path, agent_factory, 
         assert relay.proc.poll() is None
     finally:
         w.close()
+
+
+# --- watch (the live fleet table shares the relay's group rule) ----------------------------
+
+def test_watch_fleet_filters_by_group_and_alert():
+    from rich.console import Console
+
+    from agent.ctl import Fleet
+
+    fleet = Fleet({"krongpa": ["krongpa-*"]})
+    fleet.update(f"ttcs/dev/{DEV}/status", b'{"state":"online"}', now=100)
+    fleet.update("ttcs/dev/other-dev/status", b'{"state":"offline","reason":"lost"}', now=100)
+    fleet.update("ttcs/dev/other-dev/event", b'{"type":"alert","state":"raised","code":"door_open"}',
+                 now=101)
+    fleet.update(f"ttcs/dev/{DEV}/health", b'{"audio":{"volume":70}}', now=102)
+    fleet.update(f"ttcs/dev/{DEV}/state", b"\xff garbage", now=103)
+    assert fleet.selected() == [DEV, "other-dev"]
+    assert fleet.selected(group="krongpa") == [DEV]
+    assert fleet.selected(alert="any") == ["other-dev"]
+    assert fleet.selected(alert="door_open", group="krongpa") == []
+    console = Console(width=160, record=True)
+    console.print(fleet.table(now=110))
+    text = console.export_text()
+    assert "1/2 online" in text and "OFFLINE lost" in text and "door_open" in text
+    assert "krongpa" in text and " 70 " in text
+
+
+def test_watch_once_with_group_filter(broker, keys, tmp_path, agent_factory):
+    w = Watcher(broker.port, ["ttcs/#"])
+    try:
+        agent_factory(agent_config(tmp_path, broker.port, keys))
+        wait_online(w, DEV)
+        cfg = relay_config(tmp_path, broker.port, "http://127.0.0.1:9/")
+        base = [sys.executable, "-m", "agent.ctl", "--config", str(cfg), "watch", "--once", "1.5"]
+        out = subprocess.run([*base, "--group", "krongpa"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0 and DEV in out.stdout and "online" in out.stdout
+        other = subprocess.run([*base, "--group", "elsewhere"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=30)
+        assert other.returncode == 0 and DEV not in other.stdout and "0/0 online" in other.stdout
+    finally:
+        w.close()
