@@ -414,7 +414,7 @@ CTL_SCHEMA = Section(fields={
         "group_window_s": Num(default=300, min=0, max=86400, integer=False),
         "tick_s": Num(default=1.0, min=0.05, max=60, integer=False),
         "groups": Map(default={}, key_pattern=ID_RE,
-                      value=List(item=Str(pattern=r"^[a-z0-9][a-z0-9-]{0,63}\*?$"))),
+                      value=List(item=Str(pattern=r"^(\*|[a-z0-9][a-z0-9-]{0,63}\*?)$"))),
         "timezone": TimeZone(default="Asia/Ho_Chi_Minh"),
         "health_keep_days": Num(default=31, min=1, max=3660),
     }),

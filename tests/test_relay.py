@@ -524,3 +524,18 @@ def test_watch_once_with_group_filter(broker, keys, tmp_path, agent_factory):
         assert other.returncode == 0 and DEV not in other.stdout and "0/0 online" in other.stdout
     finally:
         w.close()
+
+
+def test_example_config_is_valid_and_typos_are_named(tmp_path):
+    from agent import config
+
+    cfg = config.load(str(ROOT / "config" / "ctl.example.yaml"), config.CTL_SCHEMA)
+    assert groups_of(DEV, cfg["relay"]["groups"]) == ["gialai", "krongpa", "phutuc"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("relay:\n  missed_beat: 3\n  groups: {krongpa: [Bad*]}\n"
+                   "alerts:\n  telegram: {chat_id: '1'}\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(bad), config.CTL_SCHEMA)
+    text = "\n".join(e.value.problems)
+    assert "relay.missed_beat: unknown key (did you mean 'missed_beats'?)" in text
+    assert "relay.groups.krongpa[0]" in text and "alerts.telegram.bot_token_file: is required" in text
