@@ -152,8 +152,8 @@ def _valid_play(rec: dict) -> bool:
 
 
 def _add_play(st: Stats, rec: dict, period: Period) -> None:
-    started, ended, played = rec["started"], rec["ended"], rec["played_ms"]
-    aired = _share(started, ended, played, period)
+    started, played = rec["started"], rec["played_ms"]
+    aired = _aired(rec, period)
     st.aired_ms += aired
     requested = rec.get("requested_ms")
     known = isinstance(requested, int) and not isinstance(requested, bool) and requested > 0
@@ -165,6 +165,16 @@ def _add_play(st: Stats, rec: dict, period: Period) -> None:
         st.emergencies += rec.get("priority") == "emergency"
         if known:
             st.requested_ms += requested
+
+
+def _aired(rec: dict, period: Period) -> float:
+    """Played time inside the period: per segment when the record lists its segments
+    (docs/AUDIO.md: one record per item, ``segments`` each with started/ended/played_ms)."""
+    segments = rec.get("segments")
+    if isinstance(segments, list) and segments and all(
+            isinstance(g, dict) and _valid_play(g) for g in segments):
+        return sum(_share(g["started"], g["ended"], g["played_ms"], period) for g in segments)
+    return _share(rec["started"], rec["ended"], rec["played_ms"], period)
 
 
 def _share(started: int, ended: int, played: int, period: Period) -> float:

@@ -79,6 +79,13 @@ def store(tmp_path):
     f.event(A, play(local(2025, 11, 30, 23, 50), 20, requested_min=20))
     # A: 06:30 on 1 Nov local is still 31 Oct in UTC: November here
     f.event(A, play(local(2025, 11, 1, 6, 30), 5, requested_min=5))
+    # A: one record per item with its segments (docs/AUDIO.md): 23:55 to 00:02 on 31 Oct /
+    # 1 Nov (5 min in November), preempted, resumed 00:30-00:33 — 8 of 10 min in November
+    item = play(local(2025, 10, 31, 23, 55), 10, requested_min=10, span_min=38)
+    item["segments"] = [play(local(2025, 10, 31, 23, 55), 7, requested_min=None,
+                             result="preempted"),
+                        play(local(2025, 11, 1, 0, 30), 3, requested_min=None)]
+    f.event(A, item)
     # A: a failed item that never played: no bulletin
     f.event(A, play(local(2025, 11, 4, 5, 0), 0, requested_min=5, result="failed"))
     # A: October and December items stay out of November
@@ -104,31 +111,31 @@ def test_month_to_the_minute(store):
     assert period.start_ms == local(2025, 11, 1) and period.end_ms == local(2025, 12, 1)
     r = rows(report.compute(store, period, GROUPS, NOW))
     a = r[f"device:{A}"]
-    assert a["aired_minutes"] == 15 + 10 + 3 + 12 + 10 + 5
-    assert (a["bulletins"], a["emergencies"]) == (6, 1)
+    assert a["aired_minutes"] == 15 + 10 + 3 + 12 + 10 + 5 + 5  # + 2 + 3 of the segmented
+    assert (a["bulletins"], a["emergencies"]) == (6, 1)  # the segmented one began in October
     assert a["requested_minutes"] == 15 + 10 + 5 + 12 + 20 + 5  # not the failed item's
-    assert a["played_minutes"] == 55
+    assert a["played_minutes"] == 60
     assert a["uptime_pct"] == f"{100 * 714 / 720:.2f}"  # 6 h down in a 720 h month
     b = r[f"device:{B}"]
     assert (b["aired_minutes"], b["bulletins"], b["requested_minutes"]) == (30, 1, 0)
     assert b["played_pct"] == "" and b["uptime_pct"] == "100.00"  # observed from its first sign
     k = r["group:krongpa"]
-    assert (k["devices"], k["aired_minutes"], k["bulletins"], k["emergencies"]) == (2, 85, 7, 1)
+    assert (k["devices"], k["aired_minutes"], k["bulletins"], k["emergencies"]) == (2, 90, 7, 1)
     assert k["uptime_pct"] == f"{100 * (714 + 384) / (720 + 384):.2f}"
     assert (r["group:empty"]["aired_minutes"], r["group:empty"]["devices"]) == (0, 0)
-    assert r["group:all"]["aired_minutes"] == 87 and r["group:all"]["devices"] == 3
+    assert r["group:all"]["aired_minutes"] == 92 and r["group:all"]["devices"] == 3
     assert r[f"device:{C}"]["uptime_pct"] == ""  # never seen online or offline
 
 
 def test_year_and_utc_would_differ(store):
     year = rows(report.compute(store, report.parse_period(None, "2025", "Asia/Ho_Chi_Minh"),
                                GROUPS, NOW))
-    assert year[f"device:{A}"]["aired_minutes"] == 15 + 10 + 3 + 12 + 20 + 5 + 7 + 9
-    assert year[f"device:{A}"]["bulletins"] == 8
+    assert year[f"device:{A}"]["aired_minutes"] == 15 + 10 + 3 + 12 + 20 + 5 + 7 + 9 + 10
+    assert year[f"device:{A}"]["bulletins"] == 9
     utc = rows(report.compute(store, report.parse_period("2025-11", None, "UTC"), GROUPS, NOW))
     # in UTC the 06:30 item of 1 Nov falls in October, the 30 Nov item wholly in November,
     # and so does the 05:00 item of 1 December (22:00 UTC on 30 November)
-    assert utc[f"device:{A}"]["aired_minutes"] == 15 + 10 + 3 + 12 + 20 + 9
+    assert utc[f"device:{A}"]["aired_minutes"] == 15 + 10 + 3 + 12 + 20 + 9  # segmented: Oct
 
 
 def test_bad_periods():
@@ -145,7 +152,7 @@ def test_csv_and_vietnamese_chart(store, tmp_path):
     assert [(p["scope"], p["name"]) for p in parsed] == [
         ("device", A), ("device", B), ("device", C), ("group", "empty"), ("group", "krongpa"),
         ("group", "all")]
-    assert parsed[0]["aired_hours"] == "0.92"
+    assert parsed[0]["aired_hours"] == "1.00"
     png = tmp_path / "chart.png"
     report.chart(stats, period, str(png))
     img = Image.open(png)
@@ -162,7 +169,7 @@ def test_ctl_report_command(store, tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "out" / "ttcs-report-2025-11.png").stat().st_size > 10_000
     text = (tmp_path / "out" / "ttcs-report-2025-11.csv").read_text()
-    assert f"device,{A},1,55,0.92,6,1," in text
+    assert f"device,{A},1,60,1.00,6,1," in text
     assert A in out.stdout and "krongpa" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(cfg), "report",
                           "--month", "2025-1"], cwd=ROOT, capture_output=True, text=True,
