@@ -532,7 +532,8 @@ def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
         pin = cfg["amplifier"][pin_key]
         for name, spec in (cfg["cabinet"] or {}).items():
             if pin is not None and spec and spec.get("pin") == pin:
-                errors.append((f"amplifier.{pin_key}", f"BCM {pin} is already used by cabinet.{name}"))
+                errors.append((f"amplifier.{pin_key}",
+                               f"BCM {pin} is already used by cabinet.{name}"))
     return errors
 
 
