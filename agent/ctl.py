@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__, config, protocol
-from agent.mqtt import make_client
+from agent.mqtt import make_client, no_delay
 
 EXIT_DONE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 0, 1, 2, 64
 
@@ -96,6 +96,7 @@ class Session:
     def open(self, timeout: float = 10.0) -> None:
         m = self.cfg["mqtt"]
         self.client.connect(m["host"], int(m["port"]), keepalive=int(m["keepalive_s"]))
+        no_delay(self.client)
         self.client.loop_start()
         try:
             ok = self._subscribed.get(timeout=timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -37,6 +38,16 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random = ra
     """Exponential backoff with jitter: uniformly between half and all of min(cap, base*2^n)."""
     ceiling = min(cap, base * (2 ** min(attempt, 20)))
     return rng.uniform(ceiling / 2, ceiling)
+
+
+def no_delay(client: mqtt.Client) -> None:
+    """Send small packets (acks) at once: without TCP_NODELAY, Nagle's algorithm and the
+    peer's delayed ACK add ~40 ms to back-to-back messages."""
+    sock = client.socket()
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (e.g. wrapped or already closed)
 
 
 def read_secret(path: str) -> str:
@@ -112,13 +123,11 @@ class MqttLink:
         attempt = 0
         while not self._stop.is_set():
             started = time.monotonic()
-            if self._connect():
-                while not self._stop.is_set():
-                    rc = self.client.loop(timeout=0.5)
-                    if rc != mqtt.MQTT_ERR_SUCCESS:
-                        break
-                if self.connected:
-                    self._lost("network loop ended")
+            try:
+                self._session()
+            except Exception as e:  # the link must outlive any bug or surprise
+                log.exception("mqtt: network thread error")
+                self._lost(f"network thread error: {e}")
             if self._stop.is_set():
                 break
             if time.monotonic() - started > 60:
@@ -128,6 +137,17 @@ class MqttLink:
             attempt += 1
             log.info("mqtt: reconnecting in %.1f s (%s)", delay, self.last_error)
             self._stop.wait(delay)
+
+    def _session(self) -> None:
+        """Connect and run the network loop until the connection ends."""
+        if not self._connect():
+            return
+        while not self._stop.is_set():
+            rc = self.client.loop(timeout=0.5)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+        if self.connected:
+            self._lost("network loop ended")
 
     def _connect(self) -> bool:
         topic, payload = self.will()
@@ -141,6 +161,7 @@ class MqttLink:
                                 keepalive=int(self.cfg.get("keepalive_s", 60)),
                                 clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                                 properties=props)
+            no_delay(self.client)
             return True
         except (TimeoutError, OSError, ssl.SSLError, ValueError) as e:
             self.last_error = f"connect to {self.cfg['host']}:{self.cfg['port']} failed: {e}"
