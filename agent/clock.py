@@ -58,9 +58,14 @@ def _test_offset_ms() -> int:
     except ValueError:
         log.error("%s=%r is not an integer: ignored", TEST_OFFSET_ENV, raw)
         return 0
-    log.warning("TEST CLOCK: the wall clock is shifted by %+d ms (%s is set; never on a device)",
-                offset, TEST_OFFSET_ENV)
+    if offset not in _warned_offsets:  # once per process, however many clocks are made
+        _warned_offsets.add(offset)
+        log.warning("TEST CLOCK: the wall clock is shifted by %+d ms (%s is set; never on a "
+                    "device)", offset, TEST_OFFSET_ENV)
     return offset
+
+
+_warned_offsets: set[int] = set()
 
 
 class FakeClock:

@@ -295,8 +295,8 @@ class ScheduleService:
             sub.started = True
         if stage == "started" or stage in FINAL_STAGES:
             self._settle(sub)
-        if stage == "expired" and not sub.started:
-            self._emit_skipped(sub.slot, "expired")
+        if stage in ("expired", "stopped") and not sub.started:
+            self._emit_skipped(sub.slot, stage)  # the audio service has no record of it
         if stage in FINAL_STAGES:
             self.submitted.pop(sid, None)
             self.core.mark_state_dirty()

@@ -256,6 +256,18 @@ def test_handed_over_slot_ending_early_is_not_submitted_again(rig):
     assert r.svc.planner.log.outcome(key("news", "2025-11-26", "05:00")) == AIRED
 
 
+def test_a_handed_over_slot_stopped_before_its_time_is_recorded_and_not_aired(rig):
+    r = rig(hcm(4, 59))
+    r.send(1, [media_item()])
+    r.advance_to(hcm(4, 59, 55))
+    [sid] = r.audio.ids()
+    r.audio.report(sid, "stopped")  # an operator's stop {"id": sid}
+    r.advance_to(hcm(5, 5))
+    assert r.audio.ids() == [sid]
+    [rec] = r.events("play")
+    assert (rec["id"], rec["result"], rec["reason"]) == (sid, "skipped", "stopped")
+
+
 def test_a_new_rev_withdraws_a_handed_over_slot(rig):
     r = rig(hcm(4, 59))
     r.send(1, [media_item("a", times=["05:00"]), media_item("b", times=["05:00"])])
