@@ -433,6 +433,10 @@ def test_sigkill_at_random_points_leaves_consistent_state(tmp_path, keys, agent_
             got = events_by_seq(w)
             missing = sorted(set(range(1, last + 1)) - set(got))
             print(f"events: last seq {last}, received {len(got)}, missing {missing[:20]}")
+            if missing:  # for the post-mortem, with the agent's and the broker's logs
+                arrived = [(e["seq"], e["type"], e.get("historical", False))
+                           for e in w.json(f"dev/{DEV}/event")]
+                (tmp_path / "events-arrived.json").write_text(json.dumps(arrived))
         assert sorted(seqs) == list(range(1, last + 1)), "a gap in the event seq"
         arrival = [e["seq"] for e in w.json(f"dev/{DEV}/event")]
         firsts = [s for i, s in enumerate(arrival) if s not in arrival[:i]]
