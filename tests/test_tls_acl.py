@@ -109,11 +109,11 @@ class TlsClient:
         self.client.on_connect = lambda c, u, f, rc, p: connected.put(rc)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        rc = connected.get(timeout=10)
+        rc = connected.get(timeout=20)
         assert not rc.is_failure, f"connect refused: {rc}"
         if topics:
             self.client.subscribe([(t, 1) for t in topics])
-            self.suback_codes = self.subacks.get(timeout=10)
+            self.suback_codes = self.subacks.get(timeout=20)
 
     def _on_message(self, client, userdata, msg) -> None:
         with self._lock:
@@ -167,7 +167,7 @@ def wait_online(watch: TlsClient, device: str) -> None:
         return any(json.loads(p).get("state") == "online"
                    for _, p in watch.got(lambda t, p: t == f"ttcs/dev/{device}/status"))
 
-    wait_until(online, 20, what=f"{device} online over TLS")
+    wait_until(online, 40, what=f"{device} online over TLS")
 
 
 @pytest.fixture
