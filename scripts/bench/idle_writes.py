@@ -54,7 +54,11 @@ def read_io(pid: int) -> dict[str, int]:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(file_sizes(path).values())
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
 
 
 def start_broker(work: Path, port: int) -> subprocess.Popen:
@@ -122,15 +126,19 @@ def measure(work: Path, minutes: float, warmup_s: float) -> dict:
         if agent.poll() is not None:
             raise RuntimeError(f"agent exited: {log.read_text()[-2000:]}")
         first = sample(agent.pid, work, log)
+        files_first = file_sizes(work / "state")
         time.sleep(minutes * 60)
         last = sample(agent.pid, work, log)
+        files_last = file_sizes(work / "state")
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
         broker.terminate()
         broker.wait(5)
     return {"window_s": round(last["t"] - first["t"]), "warmup_s": warmup_s,
-            "first": first, "last": last, "per_hour": per_hour(first, last)}
+            "first": first, "last": last, "per_hour": per_hour(first, last),
+            "state_files": {name: [files_first.get(name, 0), size]
+                            for name, size in sorted(files_last.items())}}
 
 
 def main() -> int:
@@ -154,6 +162,8 @@ def main() -> int:
     print(f"  state dir growth    {h['state_bytes'] / 1024:10.1f} KiB")
     print(f"  cache dir growth    {h['cache_bytes'] / 1024:10.1f} KiB")
     print(f"  log output (stdout) {h['log_bytes'] / 1024:10.1f} KiB")
+    for name, (before, after) in result["state_files"].items():
+        print(f"  state/{name}: {before} -> {after} bytes")
     return 0
 
 
