@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
-from tests.conftest import MOSQUITTO, ROOT, Broker, agent_config, wait_until
+from tests.conftest import MOSQUITTO, ROOT, Broker, Watcher, agent_config, wait_until
+from tests.conftest import wait_online as plain_wait_online
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -298,3 +299,56 @@ def test_make_certs_keys_are_private_and_ids_checked(pki, tmp_path):
     bad = subprocess.run([str(MAKE_CERTS), "--dir", str(tmp_path), "device", "../etc"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "not a valid id" in bad.stderr
+
+
+# --- secrets: loose key files are refused with a clear message; no secret in logs ------------
+
+def _loose_copy(src: str, dest: Path) -> str:
+    shutil.copy(src, dest)
+    dest.chmod(0o644)
+    return str(dest)
+
+
+def test_check_config_refuses_a_loose_tls_key(tmp_path, keys, pki):
+    tls = {**tls_files(pki, "dev-a"),
+           "key_file": _loose_copy(tls_files(pki, "dev-a")["key_file"], tmp_path / "dev-a.key")}
+    path = agent_config(tmp_path, 8883, keys, device="dev-a", mqtt={"tls": tls})
+    out = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert "mqtt.tls.key_file" in text and "chmod 600" in text and "Traceback" not in text
+
+
+def test_ctl_refuses_a_loose_tls_key(tmp_path, keys, pki):
+    tls = {**tls_files(pki, "ctl"),
+           "key_file": _loose_copy(tls_files(pki, "ctl")["key_file"], tmp_path / "ctl.key")}
+    ctl_cfg = tmp_path / "ctl.yaml"
+    ctl_cfg.write_text(json.dumps({"mqtt": {"host": "127.0.0.1", "port": 8883,
+                                            "topic_prefix": "ttcs", "tls": tls}}))
+    out = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(ctl_cfg), "send",
+                          "dev/dev-a", "ping", "--unsigned", "--timeout", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.returncode != 0
+    assert "chmod 600" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_password_reaches_neither_log_nor_state(broker, tmp_path, keys, agent_factory):
+    secret = "pw-" + os.urandom(8).hex()
+    password_file = tmp_path / "mqtt.pw"
+    password_file.write_text(secret + "\n")
+    password_file.chmod(0o600)
+    path = agent_config(tmp_path, broker.port, keys, device="dev-pw",
+                        mqtt={"username": "dev-pw", "password_file": str(password_file)},
+                        log={"level": "debug"})
+    agent = agent_factory(path)
+    watcher = Watcher(broker.port, ["ttcs/dev/+/status"])
+    try:
+        plain_wait_online(watcher, "dev-pw", timeout=30)
+    finally:
+        watcher.close()
+    agent.stop()
+    assert secret not in agent.log()
+    for f in (tmp_path / "dev-pw").rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
