@@ -95,6 +95,7 @@ class Core:
         self.stop_hooks: list[Callable[[], None]] = []
         self.alerts = AlertManager(clock, cfg)
         self._alert_timer: _Timer | None = None
+        self._inbound_acks: list[tuple[int, int, int]] = []
         self._workers = ThreadPoolExecutor(max_workers=3, thread_name_prefix="worker")
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._watchdog_last = -1e9
@@ -108,7 +109,7 @@ class Core:
             {**cfg["mqtt"], "inflight": cfg["outbox"]["inflight"]}, self.device,
             LinkHandlers(on_connect=lambda sp: self.post(self._on_connect, sp),
                          on_disconnect=lambda reason: self.post(self._on_disconnect, reason),
-                         on_message=lambda t, p, r: self.post(self.on_message, t, p, r),
+                         on_message=lambda *msg: self.post(self.on_message, *msg),
                          on_publish=lambda mid: self.post(self._on_publish, mid)),
             will=self._will,
             cmd_topics=[t for t, k in inbound if k == "cmd"],
@@ -200,17 +201,39 @@ class Core:
         self.call_every(self.cfg["health"]["interval_s"], self.send_health, first_s=5)
         self.call_every(10, self._check_clock, first_s=0)
         self.mark_state_dirty()
+        self._fail_interrupted()
         try:
             while self._running:
                 self._watchdog_tick()
-                self._run_due_timers()
                 try:
-                    fn, args = self._queue.get(timeout=self._wait_time())
+                    first = self._queue.get(timeout=self._wait_time())
                 except queue.Empty:
-                    continue
-                self._call(fn, args)
+                    first = None
+                self._run_batch(first)
         finally:
             self._shutdown()
+
+    def _run_batch(self, first: tuple | None, limit: int = 100) -> None:
+        """Run due timers, ``first`` and whatever else is queued (up to ``limit``) in one
+        store transaction: one fsync for the lot. Then send what they produced and confirm
+        the inbound messages to the broker, only now that their effects are on disk."""
+        with self.store.transaction():
+            self._run_due_timers()
+            if first is not None:
+                self._call(*first)
+            for _ in range(limit):
+                try:
+                    fn, args = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._call(fn, args)
+        self.outbox.pump()
+        self._confirm_inbound()
+
+    def _confirm_inbound(self) -> None:
+        acks, self._inbound_acks = self._inbound_acks, []
+        for mid, qos, generation in acks:
+            self.link.ack(mid, qos, generation)
 
     def _watchdog_tick(self) -> None:
         """Tell systemd we are alive, every half WatchdogSec, only while the loop is healthy:
@@ -224,20 +247,21 @@ class Core:
 
     def run_pending(self) -> None:
         """Run queued events and due timers without blocking (for tests)."""
-        self._run_due_timers()
         while True:
-            try:
-                fn, args = self._queue.get_nowait()
-            except queue.Empty:
+            self._run_batch(None)
+            if self._queue.empty():
                 return
-            self._call(fn, args)
 
     def _wait_time(self) -> float:
         while self._timers and self._timers[0].cancelled:
             heapq.heappop(self._timers)
-        if not self._timers:
-            return 1.0
-        return min(1.0, max(0.0, self._timers[0].when - self.clock.monotonic()))
+        now = self.clock.monotonic()
+        wait = 1.0
+        if self._timers:
+            wait = min(wait, self._timers[0].when - now)
+        if self._watchdog_s:
+            wait = min(wait, self._watchdog_last + self._watchdog_s / 2 - now)
+        return max(0.0, wait)
 
     def _run_due_timers(self) -> None:
         now = self.clock.monotonic()
@@ -305,16 +329,23 @@ class Core:
 
     # --- inbound -----------------------------------------------------------------------
 
-    def on_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        where = self.topics.classify(topic)
-        if where is None:
-            log.warning("message on unexpected topic %s ignored", topic)
-            return
-        target, kind = where
-        if kind == "cmd":
-            self.handle_command(target, payload, retain)
-        else:
-            self.handle_document(kind, target, payload)
+    def on_message(self, topic: str, payload: bytes, retain: bool,
+                   mid: int | None = None, qos: int = 0, generation: int = 0) -> None:
+        """An inbound message. Its broker acknowledgement (``mid``) is sent only after what
+        it caused is committed, so a crash before that makes the broker deliver it again."""
+        try:
+            where = self.topics.classify(topic)
+            if where is None:
+                log.warning("message on unexpected topic %s ignored", topic)
+                return
+            target, kind = where
+            if kind == "cmd":
+                self.handle_command(target, payload, retain)
+            else:
+                self.handle_document(kind, target, payload)
+        finally:
+            if mid is not None and qos > 0:
+                self._inbound_acks.append((mid, qos, generation))
 
     def _check(self, obj: dict, kind: str, target: str) -> Envelope:
         env = protocol.parse_envelope(obj, kind)
@@ -346,7 +377,9 @@ class Core:
             self.ack(r.cmd_id, "rejected", r.reason, {"message": r.message, **r.detail})
             return
         self.store.seen_add(env.id, env.kid, env.ts, self.clock.now_ms())
+        self.store.open_add(env.id, env.type, self.clock.now_ms())
         self.ack(env.id, "received", detail={"type": env.type})
+        self.store.commit()  # the id is remembered before anything airs
         handler.execute(env)
 
     def _handler_for(self, env: Envelope) -> CommandHandler:
@@ -387,6 +420,18 @@ class Core:
             detail: dict | None = None) -> None:
         body = protocol.ack(cmd_id, stage, self.clock.now_ms(), reason, detail)
         self.outbox.add(self.topics.dev("ack"), body, kind="ack")
+        if cmd_id is not None and stage in protocol.FINAL_STAGES:
+            self.store.open_done(cmd_id)
+
+    def _fail_interrupted(self) -> None:
+        """Commands received before a crash or stop that never reached a final stage: say so
+        (they are not re-run: what they were doing is gone, and their moment has passed)."""
+        with self.store.transaction():
+            for cmd_id, typ, since in self.store.open_list():
+                log.warning("command %s (%s) was interrupted by a restart", cmd_id, typ)
+                self.ack(cmd_id, "failed", "interrupted",
+                         {"type": typ, "received": since, "session": self.session - 1})
+        self.outbox.pump()
 
     def emit_event(self, body: dict) -> dict:
         """Store and send an event; it gets ``v``, ``ts`` and the next ``seq``."""

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class LinkHandlers:
     on_connect: Callable[[bool], None]  # session_present
     on_disconnect: Callable[[str], None]  # reason
-    on_message: Callable[[str, bytes, bool], None]  # topic, payload, retain
+    on_message: Callable[..., None]  # topic, payload, retain, mid, qos, generation
     on_publish: Callable[[int], None]  # mid acknowledged by the broker
 
 
@@ -62,7 +62,8 @@ def read_secret(path: str) -> str:
         return f.read().strip()
 
 
-def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True) -> mqtt.Client:
+def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True,
+                manual_ack: bool = False) -> mqtt.Client:
     """A configured paho client (protocol, TLS, credentials) — shared by agent and ttcs-ctl.
     ``persistent``: an MQTT 3.1.1 session the broker keeps (MQTT 5 chooses at connect)."""
     v5 = str(mqtt_cfg.get("protocol", "5")) == "5"
@@ -71,6 +72,7 @@ def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True) -> mqtt
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else not persistent,
+        manual_ack=manual_ack,
     )
     tls = mqtt_cfg.get("tls")
     if tls:
@@ -92,7 +94,9 @@ class MqttLink:
         self.will = will
         self.cmd_topics = cmd_topics
         self.doc_topics = doc_topics
-        self.client = make_client(mqtt_cfg, client_id)
+        # Inbound QoS 1 messages are acknowledged by the core once their effects are stored.
+        self.client = make_client(mqtt_cfg, client_id, manual_ack=True)
+        self.generation = 0  # increases at every connection; acks only go to their own
         self.client.max_inflight_messages_set(int(mqtt_cfg.get("inflight", 20)))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -184,6 +188,7 @@ class MqttLink:
             return
         self.connected = True
         self.reconnects += 1
+        self.generation += 1
         self._subscribe()
         self.handlers.on_connect(bool(flags.session_present))
 
@@ -201,7 +206,8 @@ class MqttLink:
         self._lost(f"disconnected: {reason_code}")
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self.handlers.on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        self.handlers.on_message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid,
+                                 msg.qos, self.generation)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self.handlers.on_publish(mid)
@@ -216,6 +222,12 @@ class MqttLink:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         return info.mid
+
+    def ack(self, mid: int, qos: int, generation: int) -> None:
+        """Acknowledge an inbound message received on the current connection. One received on
+        an older connection is left unacknowledged: the broker delivers it again."""
+        if self.connected and generation == self.generation:
+            self.client.ack(mid, qos)
 
     def publish_wait(self, topic: str, payload: bytes, timeout: float = 2.0) -> bool:
         """Publish retained QoS 1 and wait for the broker's acknowledgement (for shutdown)."""

@@ -39,7 +39,8 @@ class Outbox:
             body = {**body, "historical": True}
         stored = self.store.enqueue(topic, body, qos=qos, kind=kind, now_ms=self.clock.now_ms(),
                                     event=event)
-        self.pump()
+        if not self.store.in_transaction:
+            self.pump()  # else the core pumps once the transaction is committed
         return stored
 
     def pump(self) -> None:
@@ -60,7 +61,8 @@ class Outbox:
         rowid = self._inflight.pop(mid, None)
         if rowid is not None:
             self.store.delivered(rowid)
-            self.pump()
+            if not self.store.in_transaction:
+                self.pump()
 
     def on_connected(self) -> None:
         self._reset()

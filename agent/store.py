@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
     kind TEXT NOT NULL, created INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS outbox_kind ON outbox(kind, rowid);
+CREATE TABLE IF NOT EXISTS open_cmds (id TEXT PRIMARY KEY, type TEXT, since INTEGER);
 """
 
 # What the outbox may drop when full, first to last. Play records and alerts are never dropped.
@@ -51,6 +54,38 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         self.dropped = 0
+        self._tx_depth = 0
+        self._depth = self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._seen_count = self.db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+
+    # --- transactions ------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One durable commit for everything inside (nestable: the outermost commits).
+
+        The core wraps each batch of events in one, so an event that writes several acks and
+        events costs one fsync, not one each. Writes made before an error are kept: each write
+        is consistent on its own, and losing acks is worse than keeping them."""
+        if self._tx_depth == 0:
+            self.db.execute("BEGIN IMMEDIATE")
+        self._tx_depth += 1
+        try:
+            yield
+        finally:
+            self._tx_depth -= 1
+            if self._tx_depth == 0:
+                self.db.execute("COMMIT")
+
+    def commit(self) -> None:
+        """Make what the current transaction wrote durable now, and go on in a new one."""
+        if self._tx_depth:
+            self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._tx_depth > 0
 
     def close(self) -> None:
         try:
@@ -69,7 +104,7 @@ class Store:
 
     def next_session(self) -> int:
         """Increase and return the session number (once per agent start)."""
-        with self.db:
+        with self.transaction():
             n = self._get("session") + 1
             self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('session', ?)", (n,))
         return n
@@ -86,14 +121,16 @@ class Store:
 
     def seen_add(self, cmd_id: str, kid: str | None, ts: int, now_ms: int) -> None:
         """Remember an accepted id (durably, before it is acted on)."""
-        with self.db:
-            self.db.execute("INSERT OR IGNORE INTO seen(id, kid, ts, first_seen) VALUES (?,?,?,?)",
-                            (cmd_id, kid, ts, now_ms))
-            count = self.db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
-            if count > self.seen_max:
-                self.db.execute(
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO seen(id, kid, ts, first_seen) VALUES (?,?,?,?)",
+                (cmd_id, kid, ts, now_ms))
+            self._seen_count += cur.rowcount
+            if self._seen_count > self.seen_max:
+                cur = self.db.execute(
                     "DELETE FROM seen WHERE id IN (SELECT id FROM seen ORDER BY first_seen, rowid "
-                    "LIMIT ?)", (count - self.seen_max,))
+                    "LIMIT ?)", (self._seen_count - self.seen_max,))
+                self._seen_count -= cur.rowcount
 
     # --- outbox ------------------------------------------------------------------------
 
@@ -101,7 +138,7 @@ class Store:
                 event: bool = False) -> dict:
         """Store an outbound message durably; events get the next ``seq`` in the same
         transaction. Returns the body as stored."""
-        with self.db:
+        with self.transaction():
             if event:
                 seq = self._get("seq") + 1
                 self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('seq', ?)", (seq,))
@@ -110,6 +147,7 @@ class Store:
             self.db.execute(
                 "INSERT INTO outbox(topic, payload, qos, kind, created) VALUES (?,?,?,?,?)",
                 (topic, payload, qos, kind, now_ms))
+            self._depth += 1
             self._bound()
         return body
 
@@ -122,13 +160,14 @@ class Store:
                 "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox WHERE kind=? "
                 "ORDER BY rowid LIMIT ?)", (kind, over))
             self.dropped += cur.rowcount
+            self._depth -= cur.rowcount
             over -= cur.rowcount
         if over > 0:
             log.warning("outbox holds %d rows above its bound of play records and alerts; "
                         "keeping them", over)
 
     def depth(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return self._depth
 
     def pending(self, after: int = 0, limit: int = 100) -> list[OutboxRow]:
         rows = self.db.execute(
@@ -137,5 +176,18 @@ class Store:
         return [OutboxRow(*r) for r in rows]
 
     def delivered(self, rowid: int) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM outbox WHERE rowid=?", (rowid,))
+        with self.transaction():
+            cur = self.db.execute("DELETE FROM outbox WHERE rowid=?", (rowid,))
+            self._depth -= cur.rowcount
+
+    # --- commands in progress ----------------------------------------------------------
+
+    def open_add(self, cmd_id: str, typ: str, now_ms: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO open_cmds(id, type, since) VALUES (?,?,?)",
+                        (cmd_id, typ, now_ms))
+
+    def open_done(self, cmd_id: str) -> None:
+        self.db.execute("DELETE FROM open_cmds WHERE id=?", (cmd_id,))
+
+    def open_list(self) -> list[tuple[str, str, int]]:
+        return self.db.execute("SELECT id, type, since FROM open_cmds ORDER BY since").fetchall()

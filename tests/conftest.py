@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
+from agent.mqtt import no_delay
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -108,7 +109,8 @@ class Watcher:
         """``persistent``: a session the broker keeps (with a persistent broker, messages
         published while this client is away are delivered when it is back)."""
         self.messages: list[tuple[str, bytes, bool]] = []
-        self._lock = threading.Lock()
+        self._parsed: list[tuple[str, dict | None]] = []  # (topic, JSON object or None)
+        self._lock = threading.Condition()
         self._subscribed = queue.Queue()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{os.getpid()}-{id(self)}",
                                   protocol=protocol_version)
@@ -127,32 +129,49 @@ class Watcher:
             self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
         else:
             self.client.connect("127.0.0.1", port)
+        no_delay(self.client)
         self.client.loop_start()
         self._subscribed.get(timeout=10)
 
     def _on_message(self, client, userdata, msg) -> None:
+        payload = bytes(msg.payload)
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            body = None
         with self._lock:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.messages.append((msg.topic, payload, bool(msg.retain)))
+            self._parsed.append((msg.topic, body))
+            self._lock.notify_all()
 
     def json(self, suffix: str) -> list[dict]:
         with self._lock:
-            out = []
-            for topic, payload, _ in self.messages:
-                if topic.endswith(suffix):
-                    try:
-                        out.append(json.loads(payload))
-                    except ValueError:
-                        pass
-            return out
+            return [b for t, b in self._parsed if b is not None and t.endswith(suffix)]
+
+    def wait_for(self, pred, timeout: float = 10.0, what: str = "message"):
+        """Wait, without polling, until ``pred()`` (called under the lock after each
+        message) returns something true; return it."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                value = pred()
+                if value:
+                    return value
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+                self._lock.wait(left)
 
     def acks(self, cmd_id=..., device: str | None = None) -> list[dict]:
         suffix = f"dev/{device}/ack" if device else "/ack"
         return [a for a in self.json(suffix) if cmd_id is ... or a.get("id") == cmd_id]
 
     def wait_ack(self, cmd_id, stage: str, timeout: float = 10.0, device: str | None = None) -> dict:
-        return wait_until(lambda: next((a for a in self.acks(cmd_id, device)
-                                        if a.get("stage") == stage), None),
-                          timeout, what=f"ack {cmd_id} {stage}")
+        return self.wait_for(lambda: next((a for a in self.acks(cmd_id, device)
+                                           if a.get("stage") == stage), None),
+                             timeout, what=f"ack {cmd_id} {stage}")
 
     def publish(self, topic: str, payload: bytes | str | dict, retain: bool = False, qos: int = 1):
         if isinstance(payload, dict):
@@ -163,6 +182,7 @@ class Watcher:
     def clear(self) -> None:
         with self._lock:
             self.messages.clear()
+            self._parsed.clear()
 
     def close(self) -> None:
         self.client.disconnect()

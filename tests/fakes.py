@@ -26,6 +26,7 @@ class FakeLink:
         self.published: list[tuple[str, bytes, int, bool, int]] = []
         self._mid = 0
         self.auto_ack = True
+        self.acked: list[int] = []
 
     def start(self) -> None:
         pass
@@ -50,6 +51,9 @@ class FakeLink:
         if self.auto_ack:
             self.handlers.on_publish(self._mid)
         return self._mid
+
+    def ack(self, mid, qos, generation) -> None:
+        self.acked.append(mid)
 
     def publish_wait(self, topic, payload, timeout=2.0):
         return self.publish(topic, payload, 1, True) is not None

@@ -145,6 +145,8 @@ def distinct_acks(w: Watcher) -> dict[str, Counter]:
         except ValueError:
             continue
         out[a.get("id")][a.get("stage")] += 1
+        if a.get("reason") == "interrupted":
+            out[a.get("id")]["interrupted"] += 1
     return out
 
 
@@ -192,7 +194,9 @@ def check_exactly_once(ctl: Controller, w: Watcher, plays: set[str], timeout: fl
         wait_until(finished, timeout, interval=0.2, what="a final ack for every accepted command")
     finally:
         acks = distinct_acks(w)
-        missing = sorted(c for c in accepted if not acks[c]["done"])
+        # Not lost: done, or reported interrupted (the agent died between received and done;
+        # it says so at restart rather than run the command late or twice).
+        missing = sorted(c for c in accepted if not acks[c]["done"] and not acks[c]["interrupted"])
         twice = sorted(c for c in accepted if acks[c]["received"] > 1 or acks[c]["done"] > 1)
         assert not missing, f"{len(missing)} accepted commands never done: {missing[:10]}"
         assert not twice, f"{len(twice)} commands carried out twice: {twice[:10]}"
@@ -251,10 +255,6 @@ def test_broker_restarts_during_qos1_command_stream(tmp_path, keys, agent_factor
 
 # --- SIGKILL with commands waiting in the agent ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/mqtt.py acknowledges (PUBACK) a command as soon as paho hands it over, before the "
-    "core has stored it: commands still in the core's queue at a crash are lost; and seen_add "
-    "and the 'received' ack are two transactions (see docs/PERFORMANCE.md, findings)"))
 def test_commands_waiting_in_the_agent_survive_sigkill(tmp_path, keys, agent_factory):
     broker = Broker(tmp_path / "broker", persistence=True).start()
     w = Watcher(broker.port, ["ttcs/#"], persistent=True)
@@ -446,14 +446,27 @@ def test_sigkill_at_random_points_leaves_consistent_state(tmp_path, keys, agent_
         assert not twice, f"commands carried out twice across kills: {twice[:10]}"
         records = play_records(w)
         assert all(n == 1 for n in records.values()), records.most_common(3)
+        finals = ("done", "failed", "rejected", "expired", "stopped")
+
+        def open_commands() -> list[str]:
+            acks = distinct_acks(w)
+            return sorted(c for c in ctl.accepted() if not any(acks[c][s] for s in finals))
+
+        try:
+            wait_until(lambda: not open_commands(), 60, interval=0.2,
+                       what="a final ack for every accepted command")
+        except AssertionError:
+            pass  # reported below with the details
+        acks = distinct_acks(w)
         unanswered = sorted(c for c in ctl.accepted() if not acks[c])
         half_done = sorted(c for c in ctl.accepted()
-                           if acks[c]["received"] and not (acks[c]["done"] + acks[c]["failed"]))
+                           if acks[c]["received"] and not any(acks[c][s] for s in finals))
         kinds = Counter(e["type"] for e in seqs.values())
         print(f"sigkill: {kills} kills, {len(ctl.accepted())} commands accepted by the broker, "
               f"{last} events {dict(kinds)}, {len(activity.board_revs)} board documents; "
               f"never answered: {len(unanswered)} {unanswered[:5]}; "
               f"received but never finished: {len(half_done)} {half_done[:5]}")
+        assert not unanswered and not half_done, "commands lost across kills"
     finally:
         activity.stop()
         ctl.close()
