@@ -40,9 +40,10 @@ class CommandHandler(Protocol):
 
 
 class DocumentHandler(Protocol):
-    def apply(self, target: str, env: Envelope, raw: bytes) -> tuple[str, str | None]:
-        """Apply a verified document; return (result, reason). Result ``unchanged`` is not
-        recorded as an event (the broker re-delivers retained documents at every connect)."""
+    def apply(self, target: str, env: Envelope, raw: bytes) -> tuple:
+        """Apply a verified document; return (result, reason) or (result, reason, detail).
+        Result ``unchanged`` is not recorded as an event (the broker re-delivers retained
+        documents at every connect)."""
 
 
 @dataclass(order=True)
@@ -402,15 +403,18 @@ class Core:
             handler = self.documents.get(kind)
             if handler is None:
                 raise Rejected(protocol.UNSUPPORTED_TYPE, f"no {kind} support on this device")
-            result, reason = handler.apply(target, env, payload)
+            result, reason, *extra = handler.apply(target, env, payload)
+            detail = extra[0] if extra else None
         except Rejected as r:
-            result, reason = "rejected", r.reason
+            result, reason, detail = "rejected", r.reason, {"message": r.message}
             log.info("%s document on %s rejected: %s (%s)", kind, topic, r.reason, r.message)
         if result == "unchanged":
             return
         body: dict[str, Any] = {"type": kind, "topic": topic, "rev": rev, "result": result}
         if reason:
             body["reason"] = reason
+        if detail:
+            body["detail"] = detail
         self.emit_event(body)
         self.mark_state_dirty()
 
