@@ -113,3 +113,21 @@ def test_cross_key_rules_are_checked_before_start():
     assert "agent.yaml:8:27: alerts.cpu_temp.clear_c: must be below alerts.cpu_temp.raise_c (70)" in got
     assert "agent.yaml:9:13: amplifier.pin: BCM 17 is already used by cabinet.door" in got
     assert any(p.startswith("agent.yaml:12:11: cabinet.mains.pin: BCM 17 is already used") for p in got)
+
+
+def test_example_config_shows_every_key():
+    import yaml
+
+    example = yaml.safe_load((ROOT / "config" / "agent.example.yaml").read_text())
+    missing: list[str] = []
+
+    def walk(section, node, path=""):
+        for key, spec in section.fields.items():
+            sub = f"{path}.{key}" if path else key
+            if not isinstance(node, dict) or key not in node:
+                missing.append(sub)
+            elif isinstance(spec, config.Section) and not spec.sparse and isinstance(node[key], dict):
+                walk(spec, node[key], sub)
+
+    walk(config.SCHEMA, example)
+    assert missing == [], f"config/agent.example.yaml does not document {missing}"
