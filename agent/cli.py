@@ -82,6 +82,10 @@ def status(path: str | None, raw: bool) -> int:
         for p in e.problems:
             print(p, file=sys.stderr)
         return 1
+    global _DEVICE_TZ
+    from zoneinfo import ZoneInfo
+
+    _DEVICE_TZ = ZoneInfo(cfg["device"]["timezone"])
     state_dir = cfg["paths"]["state_dir"]
     try:
         with open(os.path.join(state_dir, "status.json"), encoding="utf-8") as f:
@@ -229,10 +233,15 @@ def _modem_line(modem, error) -> str:
             f"{modem.get('tech') or '?'}, {modem.get('registration') or 'not registered'}")
 
 
+_DEVICE_TZ = None  # times are shown in device.timezone, as the schedule is written
+
+
 def _when(ms) -> str:
     if not isinstance(ms, int):
         return "?"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+    from datetime import datetime
+
+    stamp = datetime.fromtimestamp(ms / 1000, _DEVICE_TZ).strftime("%Y-%m-%d %H:%M:%S")
     ahead = int(ms / 1000 - time.time())
     if ahead > 0:
         return f"{stamp} (in {ahead} s)" if ahead < 120 else f"{stamp} (in {ahead // 60} min)"

@@ -5,6 +5,8 @@ Everything runs in a temporary folder on free ports and is stopped at the end.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import signal
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +29,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def banner(text: str) -> None:
@@ -76,7 +84,7 @@ def agent_config(folder: Path, port: int, kid: str, pub: str) -> Path:
     cfg = {
         "device": {"id": DEVICE, "groups": ["gialai", "krongpa", "phutuc"]},
         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_max_s": 5},
-        "security": {"trusted_keys": {kid: pub}},
+        "security": {"trusted_keys": {kid: pub}, "media_hosts": ["127.0.0.1"]},
         "paths": {"state_dir": str(folder / "state"), "cache_dir": str(folder / "cache")},
         # Real libvlc writing what the loudspeaker would air into a WAV file.
         "audio": {"backend": "vlc", "vlc_args": ["--aout=afile",
@@ -102,6 +110,13 @@ def main() -> int:
         broker, port = start_broker(folder)
         procs.append(broker)
         print(f"mosquitto listening on 127.0.0.1:{port}")
+
+        # The district's media server (the agent downloads, verifies and caches what it airs).
+        (folder / "media").mkdir()
+        handler = functools.partial(QuietHandler, directory=str(folder / "media"))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        media_url = f"http://127.0.0.1:{server.server_port}"
 
         banner("2. The district controller makes its signing key")
         key = folder / "ctl" / "district.key"
@@ -148,12 +163,36 @@ def main() -> int:
                          "duration_s": 5, "effect": "static"}, ensure_ascii=False),
              "--timeout", "20"])
 
-        banner("8. Ask for the state; the fleet table")
+        banner("8. Standing content: a commune schedule and the board's rotating messages")
+        wav = folder / "media" / "bantin.wav"
+        subprocess.run(["espeak-ng", "-v", "vi", "-w", str(wav),
+                        "Bản tin sáng của xã Phú Túc"], check=True)
+        import hashlib
+
+        sha = hashlib.sha256(wav.read_bytes()).hexdigest()
+        schedule = folder / "schedule.yaml"
+        schedule.write_text(yaml.safe_dump({"items": [
+            {"id": "ban-tin-sang", "media": {"url": f"{media_url}/bantin.wav", "sha256": sha},
+             "days": ["mon", "tue", "wed", "thu", "fri", "sat"], "times": ["05:30"],
+             "priority": "normal", "catch_up_s": 600},
+            {"id": "ban-tin-chieu", "say": {"text": "Bản tin chiều của xã Phú Túc", "lang": "vi"},
+             "days": ["mon", "tue", "wed", "thu", "fri", "sat"], "times": ["17:00"]},
+        ]}, allow_unicode=True, sort_keys=False))
+        run([*ctl, "schedule", "push", str(schedule), "--target", "grp/phutuc"])
+        board_doc = folder / "board.yaml"
+        board_doc.write_text(yaml.safe_dump({"rotate_s": 8, "messages": [
+            {"id": "chao", "text": "UBND xã Phú Túc kính chào quý khách"},
+            {"id": "tiem-chung", "text": "Tiêm chủng mở rộng: sáng thứ Bảy tại trạm y tế xã"},
+        ]}, allow_unicode=True, sort_keys=False))
+        run([*ctl, "board", "push", str(board_doc), "--target", f"dev/{DEVICE}"])
+        time.sleep(1)
+
+        banner("9. Ask for the state; the fleet table")
         run([*ctl, "send", f"dev/{DEVICE}", "state", "--timeout", "10"])
         run([*ctl, "watch", "--once", "2"])
         run([PY, "-m", "agent", "status", "--config", str(cfg_path)])
 
-        banner("9. Stop the agent cleanly (offline/shutdown)")
+        banner("10. Stop the agent cleanly (offline/shutdown)")
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
         aired = folder / "aired.wav"
