@@ -21,12 +21,14 @@ API for the scheduler (core thread only)::
     svc = core.audio                       # set by install()
     svc.submit_scheduled(slot_id, kind, action, priority="normal", volume=None,
                          duration_s=None, repeat=1, exp_ms=None, on_result=None,
-                         at_ms=None)
+                         at_ms=None, extra=None)
         # kind/action as agent.schedule.ScheduleItem: "media" -> [{url, sha256, lang?}],
         # "live" -> {url, backups, fallback}, "say" -> {text, lang?}. Never raises; progress
         # is reported as on_result(slot_id, stage, reason) with the ack stages above (the
         # play record has origin "schedule"; no acks are sent for it). at_ms: start exactly
         # then (handed over ahead: media prepared, amplifier warmed, source pre-rolled).
+        # extra: fields added to the item's play record (the scheduler's item, topic, slot,
+        # due); they never replace the record's own fields.
     svc.prefetch(url, sha256, then=None)   # download in the cache's pool; then(sha, path|exc)
     svc.have(sha256) -> bool               # cached (cheap; airing re-verifies the hash)
     svc.set_pinned(shas)                   # media the schedule still needs: never evicted
@@ -297,6 +299,7 @@ class _Meta:
     rank: int = 0
     ready: Item | None = None  # prepared, waiting for earlier arrivals (FIFO)
     submitted: bool = False  # handed to the arbiter
+    extra: dict = field(default_factory=dict)  # merged into the play record
 
 
 @dataclass
@@ -496,11 +499,17 @@ class AudioService:
     def submit_scheduled(self, slot_id: str, kind: str, action: Any, *, priority: str = "normal",
                          volume: int | None = None, duration_s: float | None = None,
                          repeat: int = 1, exp_ms: int | None = None,
-                         on_result: OnResult | None = None, at_ms: int | None = None) -> None:
+                         on_result: OnResult | None = None, at_ms: int | None = None,
+                         extra: dict | None = None) -> None:
         """Air a schedule slot (see the module docstring). Never raises."""
         try:
             akind = {"media": "file", "live": "stream", "say": "tts"}[kind]
-            meta = _Meta(slot_id, "schedule", akind, on_result=on_result)
+            if extra is not None and not isinstance(extra, dict):
+                log.warning("scheduled item %s: extra record fields ignored (not a dict)",
+                            slot_id)
+                extra = None
+            meta = _Meta(slot_id, "schedule", akind, on_result=on_result,
+                         extra=dict(extra or {}))
             item = Item(slot_id, akind, [], priority=priority, volume=volume, repeat=repeat,
                         duration_s=duration_s, exp_ms=exp_ms, at_ms=at_ms,
                         origin="schedule")
@@ -668,9 +677,10 @@ class AudioService:
         if meta.origin == "command":
             self.core.ack(meta.id, "failed", reason, {"message": message})
         else:
-            self.core.emit_event({"type": "play", "id": meta.id, "origin": meta.origin,
-                                  "kind": meta.kind, "result": "failed", "reason": reason,
-                                  "detail": {"message": message}, "played_ms": 0})
+            self.core.emit_event(_with_extra(
+                {"type": "play", "id": meta.id, "origin": meta.origin, "kind": meta.kind,
+                 "result": "failed", "reason": reason, "detail": {"message": message},
+                 "played_ms": 0}, meta.extra))
             self._notify(meta, "failed", reason)
         self._after()
 
@@ -739,7 +749,7 @@ class AudioService:
         if meta.relay is not None:
             body["live"] = meta.relay.report()
         meta.segments = []
-        self.core.emit_event(body)
+        self.core.emit_event(_with_extra(body, meta.extra))
 
     def _test_report(self, meta: _Meta) -> dict:
         """What ``test`` reports in its final ack: output, amplifier, verification, verdict."""
@@ -963,6 +973,11 @@ class AudioService:
                         part.close()
                 except Exception:
                     log.exception("closing %r failed", part)
+
+
+def _with_extra(body: dict, extra: dict) -> dict:
+    """``body`` plus the caller's ``extra`` fields that do not clash with its own."""
+    return {**body, **{k: v for k, v in extra.items() if k not in body}}
 
 
 def _reason_for(exc: BaseException) -> tuple[str, str]:

@@ -16,7 +16,9 @@ step, handed to :meth:`SchedulePlanner.on_clock_jump` before the slots are re-pl
 Accounting. A slot is decided once (the slot log, saved before it airs): aired, or skipped
 when missed beyond its catch-up. A skipped slot gives a ``play`` event with
 ``result: "skipped"``; an aired one gives the audio service's ``play`` record, whose ``id`` is
-the slot id (:func:`slot_id`: topic, item id, local date and time).
+the slot id (:func:`slot_id`: topic, item id, local date and time). Both kinds carry
+:func:`slot_fields` (``item``, ``topic``, ``slot``, ``due``), passed to the audio service as
+``submit_scheduled(..., extra=...)``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def slot_id(slot: Slot) -> str:
     return f"s.{hashlib.sha256(slot.key.encode()).hexdigest()[:20]}:{when}"
 
 
+def slot_fields(slot: Slot) -> dict[str, Any]:
+    """What every play record of a slot carries besides its id: the schedule ``item`` id,
+    its document's ``topic`` (``grp/krongpa``), the local ``slot`` time
+    (``YYYY-MM-DDTHH:MM``, ``device.timezone`` or the item's) and ``due`` (epoch ms)."""
+    return {"item": slot.item_id, "topic": slot.topic, "slot": slot.key.rsplit("@", 1)[-1],
+            "due": slot.due_ms}
+
+
 @dataclass
 class _Submitted:
     slot: Slot
@@ -90,6 +100,8 @@ class ScheduleService:
         self.lead_ms = int((float(cfg["amplifier"]["warm_up_s"]) + PREP_LEAD_S) * 1000)
         self.at_supported = self.audio is not None and _accepts(self.audio.submit_scheduled,
                                                                 "at_ms")
+        self.extra_supported = self.audio is not None and _accepts(
+            self.audio.submit_scheduled, "extra")
         self.canonical: dict[str, bytes] = {}  # topic -> canonical applied envelope
         self.submitted: dict[str, _Submitted] = {}  # slot id -> handed to the audio service
         self.held = True
@@ -278,7 +290,9 @@ class ScheduleService:
             return
         item = slot.item
         self.submitted[sid] = _Submitted(slot, ahead=at_ms is not None)
-        extra = {"at_ms": at_ms} if at_ms is not None else {}
+        extra: dict[str, Any] = {"at_ms": at_ms} if at_ms is not None else {}
+        if self.extra_supported:
+            extra["extra"] = slot_fields(slot)
         log.info("schedule: %s %s", "handing over" if at_ms else "airing", sid)
         self.audio.submit_scheduled(
             sid, item.kind, item.action, priority=item.priority, volume=item.volume,
@@ -328,9 +342,9 @@ class ScheduleService:
 
     def _emit_skipped(self, slot: Slot, reason: str) -> None:
         self.core.emit_event({
-            "type": "play", "origin": "schedule", "id": slot_id(slot), "item": slot.source,
-            "slot": slot.key, "due": slot.due_ms, "kind": slot.item.kind,
-            "priority": slot.priority, "result": "skipped", "reason": reason, "played_ms": 0})
+            "type": "play", "origin": "schedule", "id": slot_id(slot), **slot_fields(slot),
+            "kind": slot.item.kind, "priority": slot.priority, "result": "skipped",
+            "reason": reason, "played_ms": 0})
 
     # --- prefetch and media alerts ---------------------------------------------------------
 

@@ -588,11 +588,14 @@ def test_submit_scheduled_reports_to_the_scheduler_not_as_acks(tmp_path):
     svc = audio_service.install(core, core.cfg)
     seen: list[tuple[str, str, str | None]] = []
     on_result = lambda sid, stage, reason: seen.append((sid, stage, reason))  # noqa: E731
+    fields = {"item": "news", "topic": "grp/krongpa", "slot": "2025-11-26T05:00",
+              "due": 1_764_108_000_000}
     svc.submit_scheduled("slot-say", "say", {"text": "Xin chào bà con", "lang": "vi"},
-                         on_result=on_result)
+                         on_result=on_result, extra={**fields, "id": "forged", "origin": "x"})
     svc.submit_scheduled("slot-bad", "media",
                          [{"url": "http://evil.example/x.mp3", "sha256": "b" * 64}],
-                         on_result=on_result)
+                         on_result=on_result, extra=fields)
+
     pump(core, lambda: ("slot-say", "done", None) in seen)
     assert [st for sid, st, _ in seen if sid == "slot-say"] == ["queued", "started", "done"]
     assert ("slot-bad", "failed", "media_host") in seen
@@ -601,6 +604,10 @@ def test_submit_scheduled_reports_to_the_scheduler_not_as_acks(tmp_path):
     assert records["slot-say"]["origin"] == "schedule" and records["slot-say"]["result"] == "done"
     assert (records["slot-bad"]["result"], records["slot-bad"]["reason"]) == ("failed",
                                                                              "media_host")
+    for sid in ("slot-say", "slot-bad"):  # the scheduler's fields, never over the record's own
+        assert {k: records[sid][k] for k in fields} == fields
+        assert records[sid]["id"] == sid and records[sid]["origin"] == "schedule"
+
     assert svc.have("b" * 64) is False
     assert svc.cancel("nothing") is False
     svc.close()

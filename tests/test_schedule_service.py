@@ -61,9 +61,11 @@ class FakeAudio:
         self.results: dict[str, object] = {}
 
     def submit_scheduled(self, slot_id, kind, action, *, priority="normal", volume=None,
-                         duration_s=None, repeat=1, exp_ms=None, on_result=None, at_ms=None):
+                         duration_s=None, repeat=1, exp_ms=None, on_result=None, at_ms=None,
+                         extra=None):
         self.submitted.append({"id": slot_id, "kind": kind, "action": action,
-                               "priority": priority, "at_ms": at_ms, "exp_ms": exp_ms})
+                               "priority": priority, "at_ms": at_ms, "exp_ms": exp_ms,
+                               "extra": extra})
         self.results[slot_id] = on_result
 
     def prefetch(self, url, sha256, then=None):
@@ -214,6 +216,8 @@ def test_slot_is_handed_over_ahead_with_at_and_airs_once(rig):
     assert sub["id"] == sid and sub["at_ms"] == hcm(5) and sub["priority"] == "priority"
     assert sub["kind"] == "media" and sub["action"][0]["sha256"] == SHA
     assert sub["exp_ms"] == hcm(5) + 60_000 + 3_600_000  # grace, then an hour in the queue
+    assert sub["extra"] == {"item": "news", "topic": DEV, "slot": "2025-11-26T05:00",
+                            "due": hcm(5)}
     assert key("news", "2025-11-26", "05:00") not in r.svc.planner.log  # not aired yet
     r.advance_to(hcm(5, 0, 1))
     assert r.svc.planner.log.outcome(key("news", "2025-11-26", "05:00")) == AIRED
@@ -311,8 +315,8 @@ def test_power_cut_beyond_catch_up_is_reported_skipped_within_is_aired(rig):
     assert r2.audio.ids() == ["dev.dev-1:late:2025-11-26T05:00"]
     [skip] = r2.events("play")
     assert skip == {**skip, "origin": "schedule", "result": "skipped", "reason": "missed",
-                    "id": "dev.dev-1:strict:2025-11-26T05:00", "item": f"{DEV}:strict",
-                    "slot": key("strict", "2025-11-26", "05:00"), "due": hcm(5),
+                    "id": "dev.dev-1:strict:2025-11-26T05:00", "item": "strict",
+                    "topic": DEV, "slot": "2025-11-26T05:00", "due": hcm(5),
                     "played_ms": 0, "kind": "media"}
     assert r2.svc.planner.log.outcome(key("strict", "2025-11-26", "05:00")) == SKIPPED
 
@@ -513,6 +517,8 @@ def test_real_audio_service_airs_a_slot_with_its_play_record(tmp_path, keys):
         assert rec["id"] == "dev.dev-1:loa:2025-11-26T05:00" and rec["origin"] == "schedule"
         assert rec["result"] == "done" and rec["volume"] == 60
         assert rec["started"] >= hcm(5)
+        assert (rec["item"], rec["topic"], rec["slot"], rec["due"]) == (
+            "loa", DEV, "2025-11-26T05:00", hcm(5))
         assert svc.submitted == {}
     finally:
         core._shutdown()
@@ -636,6 +642,8 @@ def test_real_agent_airs_a_slot_a_few_seconds_ahead(tmp_path, broker, keys, agen
                      what="the play record of the slot")
     assert rec["origin"] == "schedule" and rec["result"] == "done", rec
     assert rec["started"] >= slot - 5  # never early (agent time on both sides)
+    assert (rec["item"], rec["topic"], rec["slot"], rec["due"]) == (
+        "bulletin", f"dev/{DEVICE}", "T".join(hhmm(slot)), slot)
     assert media["sha256"] in json.dumps(rec["media"])
     if backend == "vlc":
         assert (tmp_path / "vlc-out.wav").stat().st_size > 20_000
