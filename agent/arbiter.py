@@ -11,7 +11,8 @@ Rules:
 - a preempted item resumes before the rest of its priority (a file or TTS from where it stopped,
   rewound ``resume_rewind_ms`` so the cut word is heard again; a stream by rejoining) unless
   it has expired (``exp``) meanwhile;
-- first in, first out within one priority;
+- first in, first out within one priority (by ``Item.seq`` when the caller reserved one at
+  arrival with ``reserve_seq``: preparation may finish out of order);
 - an item's language variants air one after the other in ``device.languages`` order, and the
   whole sequence ``repeat`` times, as one item;
 - an item with ``at`` waits, the amplifier is switched on ``warm_up_s`` before, and audio
@@ -94,6 +95,7 @@ class Item:
     exp_ms: int | None = None  # never start or resume after this (epoch ms)
     origin: str = "command"  # or "schedule"; copied into play records
     acks: bool = True  # False for schedule items: no command to acknowledge
+    seq: int | None = None  # arrival order from Arbiter.reserve_seq(); None: at submit
 
 
 @dataclass
@@ -157,10 +159,20 @@ class Arbiter:
 
     # --- commands -------------------------------------------------------------------------
 
+    def reserve_seq(self) -> int:
+        """An arrival number for an item submitted later (after its preparation): items keep
+        the order they arrived in, not the order their preparation finished in."""
+        return next(self._seq)
+
     def submit(self, item: Item) -> None:
-        """Accept an item: ``queued`` ack, then it airs when its turn (or ``at``) comes."""
+        """Accept an item: ``queued`` ack, then it airs when its turn (or ``at``) comes.
+
+        Within a priority, items queue by ``item.seq`` (from :meth:`reserve_seq` when the
+        item arrived) or, without one, in the order submitted; ``at`` items due at the same
+        instant are released in that order too."""
         _validate(item)
-        entry = _Entry(item, order_variants(item.variants, self.languages), next(self._seq))
+        seq = item.seq if item.seq is not None else next(self._seq)
+        entry = _Entry(item, order_variants(item.variants, self.languages), seq)
         if self._expired(entry):
             self._ack(entry, "expired")
             return

@@ -37,7 +37,6 @@ API for the scheduler (core thread only)::
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -341,7 +340,7 @@ class AudioService:
     def __init__(self, core: Core, cfg: dict, *, output: AudioOutput | None = None,
                  meter: Any = None, gpio: Any = None, tts: TtsEngine | None = None,
                  cache: MediaCache | None = None, live_options: LiveOptions | None = None,
-                 workers: int = 4) -> None:
+                 workers: int = 4, pool: Any = None) -> None:
         self.core = core
         self.cfg = cfg
         self.clock = core.clock
@@ -359,7 +358,9 @@ class AudioService:
             except (TtsError, OSError) as e:
                 self.tts_error = str(e)
                 log.error("text-to-speech unavailable: %s", e)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audio-prep")
+        # preparation and probes (tests pass an executor they drive themselves)
+        self._pool = pool or ThreadPoolExecutor(max_workers=workers,
+                                                thread_name_prefix="audio-prep")
         self._state_path = os.path.join(cfg["paths"]["state_dir"], "audio.json")
         self.arbiter = Arbiter(
             _RoutedOutput(self), self.clock, on_ack=self._on_ack, on_play=self._on_play,
@@ -375,7 +376,6 @@ class AudioService:
         self._output_ok = True
         self._prerolled: str | None = None
         self.timed_sources: dict[str, tuple[int, str]] = {}  # at items: id -> (at, source)
-        self._arrivals = itertools.count()
         self.last_level: float | None = None
 
     # --- construction -------------------------------------------------------------------
@@ -612,7 +612,10 @@ class AudioService:
         if old is not None and not old.cancelled:
             self._prep_failed(meta, "duplicate_id", f"{item.id} is already queued or airing")
             return
-        meta.arrival, meta.since = next(self._arrivals), self.clock.monotonic()
+        # the arrival number is the arbiter's queue order: taken now, not when the
+        # preparation finishes, so items submitted together air in submission order
+        meta.arrival, meta.since = self.arbiter.reserve_seq(), self.clock.monotonic()
+        item.seq = meta.arrival
         meta.rank = RANK.get(item.priority, 0)
         self.items[item.id] = meta
         self._update_pins()

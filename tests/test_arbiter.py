@@ -248,6 +248,25 @@ def test_at_starts_exactly_then_after_warm_up() -> None:
     assert source == "/m/sync.wav" and when == at
 
 
+def test_reserved_seq_keeps_arrival_order_for_late_submissions() -> None:
+    rig = Rig()
+    rig.arb.submit(file_item("airing"))
+    at = rig.clock.now_ms() + 5000
+    seqs = {name: rig.arb.reserve_seq() for name in ("a", "b")}  # arrived a, then b
+    rig.arb.submit(file_item("b", seq=seqs["b"]))  # b was ready first
+    rig.arb.submit(file_item("a", seq=seqs["a"]))
+    rig.arb.submit(file_item("t2", at_ms=at, seq=rig.arb.reserve_seq() + 10))
+    rig.arb.submit(file_item("t1", at_ms=at, seq=rig.arb.reserve_seq()))
+    assert [q["id"] for q in rig.arb.snapshot()["queue"]] == ["a", "b"]
+    rig.end()
+    rig.end()
+    rig.advance(5)  # t1 and t2 come due together, while b airs
+    rig.end()
+    rig.end()
+    assert [p[0] for p in rig.out.plays()] == ["/m/airing.wav", "/m/a.wav", "/m/b.wav",
+                                              "/m/t1.wav", "/m/t2.wav"]
+
+
 def test_at_in_the_past_starts_now() -> None:
     rig = Rig()
     rig.arb.submit(file_item("late", at_ms=rig.clock.now_ms() - 1000))

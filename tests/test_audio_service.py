@@ -17,6 +17,8 @@ import subprocess
 import threading
 import time
 import wave
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from agent.audio_service import (
     validate_volume,
     write_tone,
 )
+from agent.clock import FakeClock
 from tests.conftest import Watcher, agent_config, free_port, wait_online, wait_until
 
 pytest.importorskip("vlc")
@@ -611,3 +614,145 @@ def test_submit_scheduled_reports_to_the_scheduler_not_as_acks(tmp_path):
     assert svc.have("b" * 64) is False
     assert svc.cancel("nothing") is False
     svc.close()
+
+
+# --- in process, deterministic: a FakeClock, sim output, preparation run by the test -------
+
+class ManualPool:
+    """The service's preparation pool, driven by the test: a job runs when told to."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable, tuple, Future]] = []
+
+    def submit(self, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        self.jobs.append((fn, args, fut))
+        return fut
+
+    def run(self, index: int) -> None:
+        fn, args, fut = self.jobs[index]
+        try:
+            fut.set_result(fn(*args))
+        except Exception as e:  # handed to the service as a worker would
+            fut.set_exception(e)
+
+    def run_all(self) -> None:
+        for i, (_, _, fut) in enumerate(self.jobs):
+            if not fut.done():
+                self.run(i)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+class FakeTts:
+    """Renders nothing: the path names the text (not a WAV, so the sim output airs it until
+    the test calls ``finish()``)."""
+
+    def render(self, text: str, lang: str = "vi") -> str:
+        return f"/tts/{lang}/{text}"
+
+
+class InProc:
+    """A core on a FakeClock with the real audio service (sim output, no amplifier warm-up)."""
+
+    def __init__(self, tmp_path: Path, clock: FakeClock | None = None, **extra) -> None:
+        from agent.audio_service import AudioService
+        from tests.fakes import make_core
+
+        self.clock = clock or FakeClock()
+        sections = {"amplifier": {"warm_up_s": 0, "idle_hold_s": 0}, **extra}
+        self.core = make_core(tmp_path, clock=self.clock, extra=sections)
+        self.core.link.connect()
+        self.pool = ManualPool()
+        self.svc = AudioService(self.core, self.core.cfg, tts=FakeTts(), pool=self.pool)
+        self.svc.output.options["sim_duration_s"] = 3600  # ends when the test says
+        self.svc.start()
+        self.core.audio = self.svc
+        self.pool.run_all()  # the cache check at start
+        self.core.run_pending()
+        self.results: list[tuple[str, str, str | None]] = []
+
+    def on_result(self, sid: str, stage: str, reason: str | None) -> None:
+        self.results.append((sid, stage, reason))
+
+    def say(self, sid: str, text: str, **kw) -> int:
+        """Submit a scheduled ``say``; returns its preparation job's index."""
+        self.svc.submit_scheduled(sid, "say", {"text": text}, on_result=self.on_result, **kw)
+        return len(self.pool.jobs) - 1
+
+    def prepare(self, job: int) -> None:
+        self.pool.run(job)
+        self.core.run_pending()
+
+    def advance(self, seconds: float) -> None:
+        """Move both clocks, firing every core timer at its (fake) monotonic time."""
+        end = self.clock.monotonic() + seconds
+        while self.clock.monotonic() < end - 1e-9:
+            due = [t.when for t in self.core._timers if not t.cancelled]
+            step = min([end - self.clock.monotonic()]
+                       + [max(0.001, w - self.clock.monotonic()) for w in due])
+            self.clock.advance(step)
+            self.core.run_pending()
+
+    def finish(self) -> None:
+        """The sim output reaches the end of what airs."""
+        self.svc.output.finish()
+        self.core.run_pending()
+
+    def aired(self) -> list[str]:
+        return [a["source"] for a in self.svc.output.aired]
+
+    def stages(self, sid: str) -> list[str]:
+        return [st for s, st, _ in self.results if s == sid]
+
+    def close(self) -> None:
+        self.svc.close()
+        self.core.store.close()
+
+
+@pytest.fixture
+def inproc(tmp_path):
+    made: list[InProc] = []
+
+    def make(**kw) -> InProc:
+        made.append(InProc(tmp_path, **kw))
+        return made[-1]
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def test_at_items_due_together_air_in_submission_order_whatever_order_they_are_ready(inproc):
+    rig = inproc()
+    at = rig.clock.now_ms() + 10_000
+    jobs = [rig.say(f"s-{n}", n, at_ms=at) for n in "abc"]
+    # preparation finishes in reverse order, each beyond the 2 s hold for earlier arrivals
+    for job in reversed(jobs):
+        rig.prepare(job)
+        rig.advance(3)
+    assert [q["id"] for q in rig.core.snapshot()["queue"]] == ["s-c", "s-b", "s-a"]  # by at
+    assert rig.aired() == []
+    rig.advance(1.5)
+    assert rig.aired() == ["/tts/vi/a"]
+    rig.finish()
+    rig.finish()
+    assert rig.aired() == ["/tts/vi/a", "/tts/vi/b", "/tts/vi/c"]
+    assert rig.stages("s-a") == ["queued", "started", "done"]
+
+
+def test_items_queued_behind_airing_audio_keep_their_submission_order(inproc):
+    rig = inproc()
+    rig.prepare(rig.say("first", "x"))
+    assert rig.aired() == ["/tts/vi/x"]
+    slow, fast = rig.say("s-a", "a"), rig.say("s-b", "b")
+    rig.prepare(fast)
+    rig.advance(3)  # the hold for the earlier arrival has run out: s-b queues
+    assert [q["id"] for q in rig.core.snapshot()["queue"]] == ["s-b", "s-a"]
+    assert rig.stages("s-b") == ["queued"]
+    rig.prepare(slow)
+    assert [q["id"] for q in rig.core.snapshot()["queue"]][:2] == ["s-a", "s-b"]
+    rig.finish()
+    rig.finish()
+    assert rig.aired() == ["/tts/vi/x", "/tts/vi/a", "/tts/vi/b"]
