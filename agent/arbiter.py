@@ -278,6 +278,13 @@ class Arbiter:
             self._finish("done")
         self._schedule()
 
+    def on_clock_jump(self) -> None:
+        """The wall clock was stepped. ``at`` and ``exp`` are wall-clock instants, and
+        :meth:`next_deadline` maps them to the monotonic clock from the wall clock *now*: act
+        on what the step made due (an ``at`` jumped over starts, an amplifier warming up for
+        an ``at`` pushed back is released) and let the caller re-arm its timer."""
+        self.tick()
+
     # --- introspection --------------------------------------------------------------------
 
     @property

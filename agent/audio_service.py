@@ -33,6 +33,7 @@ API for the scheduler (core thread only)::
     svc.have(sha256) -> bool               # cached (cheap; airing re-verifies the hash)
     svc.set_pinned(shas)                   # media the schedule still needs: never evicted
     svc.cancel(slot_id) -> bool            # stop or drop a scheduled item
+    svc.on_clock_jump()                    # the wall clock was stepped: re-arm at waits
 """
 
 from __future__ import annotations
@@ -553,6 +554,19 @@ class AudioService:
             slot_id, by="schedule")
         self._after()
         return bool(stopped)
+
+    def on_clock_jump(self) -> None:
+        """The wall clock was stepped (the scheduler noticed): re-arm the ``at`` waits, the
+        amplifier warm-ups and the pre-roll from the new wall clock, and start at once what
+        the step made due. Never raises."""
+        try:
+            log.info("audio: wall clock stepped; re-arming at waits")
+            self._prerolled = None  # pre-rolled for an instant that moved: do it again
+            self.arbiter.on_clock_jump()
+        except Exception:
+            log.exception("audio: re-arming after a clock step failed")
+        finally:
+            self._after()
 
     # --- preparation (workers) ----------------------------------------------------------
 

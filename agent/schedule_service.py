@@ -11,7 +11,9 @@ hand the next slot to the audio service ahead of time (``due - lead``, when the 
 takes ``at_ms``: the arbiter then warms the amplifier and starts the item exactly at its time)
 and a watch tick every :data:`WATCH_S` seconds. Every firing compares how far the wall clock
 moved with how far the monotonic clock moved: a difference above :data:`JUMP_MS` is a clock
-step, handed to :meth:`SchedulePlanner.on_clock_jump` before the slots are re-planned.
+step, handed to :meth:`SchedulePlanner.on_clock_jump` before the slots are re-planned; then
+(slots the step made too late withdrawn) the audio service's ``on_clock_jump`` re-arms the
+``at`` waits of the slots handed over ahead from the new wall clock.
 
 Accounting. A slot is decided once (the slot log, saved before it airs): aired, or skipped
 when missed beyond its catch-up. A skipped slot gives a ``play`` event with
@@ -219,23 +221,39 @@ class ScheduleService:
         self._timer = None
         try:
             now = self.clock.now_ms()
-            self._detect_jump(now, self.clock.monotonic())
-            self._decide(now)
+            jumped = self._detect_jump(now, self.clock.monotonic())
+            self._decide(now)  # first: slots the step made too late are withdrawn
             if not self.held:
                 self._hand_over_ahead(now)
+            if jumped:
+                self._audio_clock_jump()
         finally:
             self._arm(self._next_delay_s(self.clock.now_ms()))
 
-    def _detect_jump(self, now: int, mono: float) -> None:
+    def _detect_jump(self, now: int, mono: float) -> bool:
         ref, self._ref = self._ref, (now, mono)
         if ref is None:
-            return
+            return False
         expected = ref[0] + round((mono - ref[1]) * 1000)
-        if abs(now - expected) > JUMP_MS:
-            log.warning("schedule: wall clock stepped by %+d ms; re-planning", now - expected)
-            self.jumps += 1
-            self.planner.on_clock_jump(expected, now)
-            self.core.mark_state_dirty()
+        if abs(now - expected) <= JUMP_MS:
+            return False
+        log.warning("schedule: wall clock stepped by %+d ms; re-planning", now - expected)
+        self.jumps += 1
+        self.planner.on_clock_jump(expected, now)
+        self.core.mark_state_dirty()
+        return True
+
+    def _audio_clock_jump(self) -> None:
+        """Slots handed over ahead wait in the audio service for a wall-clock instant: have
+        it re-arm them from the stepped clock (an older audio service without the hook
+        notices at its next timer)."""
+        hook = getattr(self.audio, "on_clock_jump", None)
+        if hook is None:
+            return
+        try:
+            hook()
+        except Exception:
+            log.exception("schedule: the audio service failed to follow the clock step")
 
     def _decide(self, now: int) -> None:
         result = self.planner.due(now, trusted=self.core.trust.trusted())

@@ -267,6 +267,19 @@ def test_reserved_seq_keeps_arrival_order_for_late_submissions() -> None:
                                               "/m/t1.wav", "/m/t2.wav"]
 
 
+def test_clock_step_past_an_at_starts_it_and_the_deadline_follows_the_wall_clock() -> None:
+    rig = Rig(warm_up_s=2, idle_hold_s=0)
+    at = rig.clock.now_ms() + 60_000
+    rig.arb.submit(file_item("sync", at_ms=at))
+    rig.clock.jump(-30_000)
+    assert rig.arb.next_deadline() == pytest.approx(rig.clock.monotonic() + 88)
+    rig.clock.jump(90_000)
+    rig.arb.on_clock_jump()
+    assert rig.out.plays() == [] and rig.relay()  # due: the amplifier warms up first
+    rig.advance(2)
+    assert [p[0] for p in rig.out.plays()] == ["/m/sync.wav"]
+
+
 def test_at_in_the_past_starts_now() -> None:
     rig = Rig()
     rig.arb.submit(file_item("late", at_ms=rig.clock.now_ms() - 1000))

@@ -656,13 +656,15 @@ class FakeTts:
 class InProc:
     """A core on a FakeClock with the real audio service (sim output, no amplifier warm-up)."""
 
-    def __init__(self, tmp_path: Path, clock: FakeClock | None = None, **extra) -> None:
+    def __init__(self, tmp_path: Path, clock: FakeClock | None = None,
+                 trusted_keys: dict | None = None, **extra) -> None:
         from agent.audio_service import AudioService
         from tests.fakes import make_core
 
         self.clock = clock or FakeClock()
         sections = {"amplifier": {"warm_up_s": 0, "idle_hold_s": 0}, **extra}
-        self.core = make_core(tmp_path, clock=self.clock, extra=sections)
+        self.core = make_core(tmp_path, clock=self.clock, extra=sections,
+                              trusted_keys=trusted_keys)
         self.core.link.connect()
         self.pool = ManualPool()
         self.svc = AudioService(self.core, self.core.cfg, tts=FakeTts(), pool=self.pool)
@@ -756,3 +758,65 @@ def test_items_queued_behind_airing_audio_keep_their_submission_order(inproc):
     rig.finish()
     rig.finish()
     assert rig.aired() == ["/tts/vi/x", "/tts/vi/a", "/tts/vi/b"]
+
+
+def test_clock_step_forward_past_an_at_starts_it_at_once(inproc):
+    rig = inproc()
+    at = rig.clock.now_ms() + 60_000
+    rig.prepare(rig.say("sync", "a", at_ms=at))
+    rig.advance(10)
+    rig.clock.jump(55_000)  # NTP step: 5 s past the instant
+    rig.core.run_pending()
+    assert rig.aired() == []  # the timer still waits on the old mapping
+    rig.svc.on_clock_jump()
+    rig.core.run_pending()
+    assert rig.aired() == ["/tts/vi/a"] and rig.stages("sync") == ["queued", "started"]
+
+
+def test_clock_step_back_re_arms_the_warm_up_and_the_at(inproc):
+    rig = inproc(amplifier={"warm_up_s": 2, "idle_hold_s": 0})
+    at = rig.clock.now_ms() + 20_000
+    rig.prepare(rig.say("sync", "a", at_ms=at))
+    rig.advance(19)
+    assert rig.svc.amp.state != "off"  # warming up for the instant
+    rig.clock.jump(-60_000)
+    rig.svc.on_clock_jump()
+    rig.core.run_pending()
+    assert rig.svc.amp.state == "off", "the instant is a minute away again"
+    rig.advance(2)  # the old instant passes: nothing airs
+    assert rig.aired() == []
+    rig.advance(57.5)
+    assert rig.aired() == [] and rig.svc.amp.state != "off"  # warming up again, 1.5 s ahead
+    rig.advance(1.5)
+    assert rig.aired() == ["/tts/vi/a"] and rig.clock.now_ms() == at
+    rig.finish()
+    [rec] = [e for e in rig.core.link.json("/event") if e.get("type") == "play"]
+    assert rec["started"] == at
+
+
+def test_scheduler_clock_step_re_arms_a_slot_handed_over_ahead(tmp_path, keys):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from agent import protocol, schedule_service
+
+    due = int(datetime(2025, 11, 26, 5, 0, tzinfo=ZoneInfo("Asia/Ho_Chi_Minh")).timestamp()
+              * 1000)
+    rig = InProc(tmp_path, clock=FakeClock(due - 20_000),
+                 trusted_keys={keys.kid: keys.public_b64})
+    try:
+        sched = schedule_service.install(rig.core, rig.core.cfg)
+        doc = keys.command("dev/dev-1", "schedule", {"items": [
+            {"id": "loa", "say": "Xin chào", "days": ["wed"], "times": ["05:00"],
+             "catch_up_s": 600}]}, rev=1)
+        rig.core.on_message("ttcs/dev/dev-1/desired/schedule", protocol.canonical(doc), True)
+        rig.advance(12)  # handed over ahead (10 s lead), waiting for 05:00
+        rig.pool.run_all()
+        rig.core.run_pending()
+        assert [q["at"] for q in rig.core.snapshot()["queue"]] == [due]
+        rig.clock.jump(30_000)  # now 05:00:22: within the slot's catch-up
+        rig.advance(5.01)  # the scheduler's watch tick sees the step
+        assert sched.jumps == 1
+        assert rig.aired() == ["/tts/vi/Xin chào"], "aired at once, not at the old timer"
+    finally:
+        rig.close()

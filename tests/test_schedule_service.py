@@ -59,6 +59,10 @@ class FakeAudio:
         self.cached: set[str] = set()
         self.pinned: set[str] = set()
         self.results: dict[str, object] = {}
+        self.clock_jumps: list[list[str]] = []  # what was cancelled when each was announced
+
+    def on_clock_jump(self) -> None:
+        self.clock_jumps.append(list(self.cancelled))
 
     def submit_scheduled(self, slot_id, kind, action, *, priority="normal", volume=None,
                          duration_s=None, repeat=1, exp_ms=None, on_result=None, at_ms=None,
@@ -350,6 +354,8 @@ def test_forward_jump_of_one_hour_skips_beyond_catch_up_and_airs_within(rig):
     r.advance_to(hcm(6, 0, 6))
     assert r.svc.jumps == 1
     assert r.audio.cancelled == ["dev.dev-1:strict:2025-11-26T05:00"]
+    # the audio service re-arms what waits for the old 05:00 after "strict" was withdrawn
+    assert r.audio.clock_jumps == [["dev.dev-1:strict:2025-11-26T05:00"]]
     assert [e["id"] for e in r.events("play")] == ["dev.dev-1:strict:2025-11-26T05:00"]
     assert r.svc.planner.log.outcome(key("late", "2025-11-26", "05:00")) == AIRED
     assert len(r.audio.submitted) == 2  # "late" stays with the audio service: it airs now
@@ -361,7 +367,7 @@ def test_backward_jump_of_one_hour_airs_nothing_twice_and_skips_nothing(rig):
     r.advance_to(hcm(5, 10))
     r.clock.jump(-3_600_000)
     r.advance_to(hcm(5, 40))
-    assert r.svc.jumps == 1
+    assert r.svc.jumps == 1 and r.audio.clock_jumps == [[]]
     assert r.audio.ids() == ["dev.dev-1:news:2025-11-26T05:00",
                              "dev.dev-1:news:2025-11-26T05:30"]
     assert r.events("play") == []
