@@ -44,6 +44,7 @@ import math
 import os
 import re
 import struct
+import unicodedata
 import wave
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,6 +76,9 @@ SILENT_MIN_MS = 2000  # a segment shorter than this proves nothing about silence
 PREROLL_S = 0.5
 HOLD_S = 2.0  # a prepared item waits at most this long for earlier arrivals (FIFO)
 FINAL = ("done", "stopped", "failed")
+MAX_BOARD_TEXT = 500  # board_text of play/live/say
+BOARD_TEXT_MAX_S = 86_400  # the board shows it until the audio ends (at most a day)
+BOARD_LIMIT = 1000  # the board's own limit: an emergency say's text is cut to it
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _LANG_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,2}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -106,6 +110,16 @@ def _priority(args: dict, errors: list[str]) -> None:
         errors.append("args.priority: must be emergency, priority or normal")
 
 
+def _board_text(args: dict, errors: list[str]) -> None:
+    if "board_text" not in args:
+        return
+    text = args["board_text"]
+    if not (isinstance(text, str) and text.strip()
+            and len(unicodedata.normalize("NFC", text)) <= MAX_BOARD_TEXT):
+        errors.append(f"args.board_text: must be a non-empty text of at most {MAX_BOARD_TEXT} "
+                      "characters")
+
+
 def _lang(obj: dict, path: str, errors: list[str]) -> None:
     if "lang" in obj and not (isinstance(obj["lang"], str) and _LANG_RE.match(obj["lang"])):
         errors.append(f"{path}.lang: must be a language tag such as 'vi'")
@@ -134,7 +148,9 @@ def _media_problems(media: Any, path: str) -> list[str]:
 
 def validate_play(args: dict, now_ms: int | None = None) -> list[str]:
     errors: list[str] = []
-    _unknown(args, {"media", "priority", "volume", "repeat", "at"}, "args", errors)
+    _unknown(args, {"media", "priority", "volume", "repeat", "at", "board_text"}, "args",
+             errors)
+    _board_text(args, errors)
     if "media" not in args:
         errors.append("args.media: required")
     else:
@@ -152,8 +168,9 @@ def validate_play(args: dict, now_ms: int | None = None) -> list[str]:
 
 def validate_live(args: dict) -> list[str]:
     errors: list[str] = []
-    _unknown(args, {"url", "backups", "fallback", "priority", "volume", "duration_s"},
-             "args", errors)
+    _unknown(args, {"url", "backups", "fallback", "priority", "volume", "duration_s",
+                    "board_text"}, "args", errors)
+    _board_text(args, errors)
     problem = stream_url_problem(args.get("url"))
     if problem:
         errors.append(f"args.url: {problem}")
@@ -173,7 +190,9 @@ def validate_live(args: dict) -> list[str]:
 
 def validate_say(args: dict) -> list[str]:
     errors: list[str] = []
-    _unknown(args, {"text", "lang", "priority", "repeat", "volume"}, "args", errors)
+    _unknown(args, {"text", "lang", "priority", "repeat", "volume", "board_text"}, "args",
+             errors)
+    _board_text(args, errors)
     text = args.get("text")
     if not (isinstance(text, str) and text.strip() and len(text) <= MAX_TEXT):
         errors.append(f"args.text: must be a non-empty text of at most {MAX_TEXT} characters")
@@ -300,6 +319,9 @@ class _Meta:
     ready: Item | None = None  # prepared, waiting for earlier arrivals (FIFO)
     submitted: bool = False  # handed to the arbiter
     extra: dict = field(default_factory=dict)  # merged into the play record
+    board_text: str | None = None  # shown on the board while the item airs (NFC)
+    priority: str = "normal"
+    on_board: bool = False
 
 
 @dataclass
@@ -445,7 +467,7 @@ class AudioService:
         item = Item(env.id, "file", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), repeat=a.get("repeat", 1), at_ms=a.get("at"),
                     exp_ms=env.exp)
-        self._prepare_media(item, media, _Meta(env.id, "command", "file"))
+        self._prepare_media(item, media, self._command_meta(env, "file"))
 
     def _cmd_live(self, env: Envelope) -> None:
         a = env.args
@@ -453,22 +475,35 @@ class AudioService:
                   "fallback": a.get("fallback")}
         item = Item(env.id, "stream", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), duration_s=a.get("duration_s"), exp_ms=env.exp)
-        self._prepare_live(item, action, _Meta(env.id, "command", "stream"))
+        self._prepare_live(item, action, self._command_meta(env, "stream"))
 
     def _cmd_say(self, env: Envelope) -> None:
         a = env.args
         item = Item(env.id, "tts", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), repeat=a.get("repeat", 1), exp_ms=env.exp)
-        self._prepare_say(item, a["text"], a.get("lang", "vi"), _Meta(env.id, "command", "tts"))
+        meta = self._command_meta(env, "tts")
+        if meta.board_text is None and meta.priority == "emergency":
+            meta.board_text = _board_cut(a["text"])  # an emergency shows what it says
+        self._prepare_say(item, a["text"], a.get("lang", "vi"), meta)
+
+    def _command_meta(self, env: Envelope, kind: str) -> _Meta:
+        text = env.args.get("board_text")
+        return _Meta(env.id, "command", kind, priority=env.args.get("priority", "normal"),
+                     board_text=unicodedata.normalize("NFC", text) if text else None)
 
     def _cmd_stop(self, env: Envelope) -> None:
+        board = self._board()
         if env.args.get("all"):
             stopped = self._cancel_preparing(None, env.id) + self.arbiter.stop_all(by=env.id)
+            if board is not None:  # ad-hoc board messages too (standing content stays)
+                stopped += [i for i in board.stop_all() if i not in stopped]
         elif "id" in env.args:
             target = env.args["id"]
             stopped = self._cancel_preparing(target, env.id)
             if not stopped and self.arbiter.stop_id(target, by=env.id):
                 stopped = [target]
+            if not stopped and board is not None and board.stop_id(target):
+                stopped = [target]  # a board command
         else:
             cur = self.arbiter.stop_current(by=env.id)
             stopped = [cur] if cur else []
@@ -727,6 +762,10 @@ class AudioService:
         if meta is not None and meta.test and stage in FINAL:
             detail = {**(detail or {}), **self._test_report(meta)}
         final = stage in FINAL or stage == "expired"
+        if meta is not None and meta.board_text is not None:
+            shown = self._board_follow(meta, stage, final)
+            if stage == "started":
+                detail = {**(detail or {}), "board": shown}
         if meta is not None and final and meta.segments:
             self._emit_record(meta, stage if stage in FINAL else "preempted")
         if meta is None or meta.origin == "command":
@@ -736,6 +775,33 @@ class AudioService:
             if final:
                 self._forget(item_id)
         self.core.mark_state_dirty()
+
+    def _board(self) -> Any:
+        """The board service, looked up when needed (it is installed after this one)."""
+        from agent import board_service
+
+        try:
+            return board_service.get(self.core)
+        except Exception:  # no board must never stop the audio
+            log.exception("board service lookup failed")
+            return None
+
+    def _board_follow(self, meta: _Meta, stage: str, final: bool) -> bool:
+        """Keep the item's board text up while it airs: shown at ``started``/``resumed``,
+        withdrawn when it is preempted or ends. Returns whether it is on the board."""
+        board = self._board()
+        if board is None:
+            return False
+        try:
+            if stage in ("started", "resumed"):
+                meta.on_board = board.show_audio_text(meta.id, meta.board_text, meta.priority,
+                                                      BOARD_TEXT_MAX_S)
+            elif (final or stage == "preempted") and meta.on_board:
+                meta.on_board = False
+                board.stop_id(meta.id)
+        except Exception:  # a board bug must not stop the audio
+            log.exception("board text of %s failed", meta.id)
+        return meta.on_board
 
     def _on_play(self, record: dict) -> None:
         """A segment closed: kept until the item's final stage (one event per item)."""
@@ -990,6 +1056,12 @@ class AudioService:
                         part.close()
                 except Exception:
                     log.exception("closing %r failed", part)
+
+
+def _board_cut(text: str) -> str:
+    """A say text for the board: NFC, cut to the board's limit with an ellipsis."""
+    text = unicodedata.normalize("NFC", text).strip()
+    return text if len(text) <= BOARD_LIMIT else text[:BOARD_LIMIT - 1].rstrip() + "…"
 
 
 def _with_extra(body: dict, extra: dict) -> dict:

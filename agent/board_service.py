@@ -20,8 +20,9 @@ accepted, tracked and recorded (events carry ``"driver": "none"``), so a group-w
 message or document does not make every speaker-only cabinet reject it at each reconnect.
 
 Other services find it with :func:`get` (``agent.board_service.get(core)``) and call
-:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all` and
-:meth:`BoardService.show_emergency_text` on the core thread.
+:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all`,
+:meth:`BoardService.show_audio_text` and :meth:`BoardService.show_emergency_text` on the core
+thread.
 """
 
 from __future__ import annotations
@@ -232,7 +233,9 @@ class BoardService:
 
     def stop_id(self, cmd_id: str) -> bool:
         """Withdraw an ad-hoc message (shown or queued). True when it was there; its sender
-        gets the ``stopped`` ack (unless it came from :meth:`show_emergency_text`)."""
+        gets the ``stopped`` ack (unless it came from :meth:`show_audio_text`)."""
+        if self._stopped:
+            return False
         removed = self.content.remove(cmd_id)
         if removed:
             self.update()
@@ -240,6 +243,8 @@ class BoardService:
 
     def stop_all(self) -> list[str]:
         """Withdraw every ad-hoc message; returns their ids. Standing content stays."""
+        if self._stopped:
+            return []
         ids = self.content.clear_commands()
         if ids:
             self.update()
@@ -247,15 +252,23 @@ class BoardService:
 
     def show_emergency_text(self, cmd_id: str, text: str,
                             duration_s: float = DEFAULT_DURATION_S) -> bool:
-        """Show ``text`` as an emergency for ``duration_s`` of display time (an audio
-        emergency carrying board text). No acks are sent for ``cmd_id`` (the audio service
-        acks its command); ``board`` events carry ``"origin": "audio"``. Call
-        :meth:`stop_id` when the audio ends early. False when the text or duration is bad."""
-        args = {"text": text, "priority": "emergency", "duration_s": duration_s,
+        """:meth:`show_audio_text` as an emergency."""
+        return self.show_audio_text(cmd_id, text, "emergency", duration_s)
+
+    def show_audio_text(self, cmd_id: str, text: str, priority: str = "emergency",
+                        duration_s: float = DEFAULT_DURATION_S) -> bool:
+        """Show ``text`` (scrolling) at ``priority`` for ``duration_s`` of display time: the
+        board text of an audio item. No acks are sent for ``cmd_id`` (the audio service acks
+        its command); ``board`` events carry ``"origin": "audio"``. Call :meth:`stop_id`
+        when the audio ends. False (logged) when the text, priority or duration is bad or the
+        service has stopped; True when it shows or was already queued."""
+        if self._stopped:
+            return False
+        args = {"text": text, "priority": priority, "duration_s": duration_s,
                 "effect": "scroll"}
         errors = validate_command_args(args)
         if errors:
-            log.warning("emergency board text for %s refused: %s", cmd_id, "; ".join(errors))
+            log.warning("board text for %s refused: %s", cmd_id, "; ".join(errors))
             return False
         if any(item["id"] == cmd_id for item in self.content.snapshot()["queue"]):
             return True

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+import unicodedata
 import wave
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -820,3 +821,137 @@ def test_scheduler_clock_step_re_arms_a_slot_handed_over_ahead(tmp_path, keys):
         assert rig.aired() == ["/tts/vi/Xin chào"], "aired at once, not at the old timer"
     finally:
         rig.close()
+
+
+# --- board text (in process: image board, sim audio) -----------------------------------------
+
+class BoardRig(InProc):
+    """InProc plus the board service (image driver) and signed commands."""
+
+    def __init__(self, tmp_path: Path, keys) -> None:
+        from agent import board_service
+
+        super().__init__(tmp_path, trusted_keys={keys.kid: keys.public_b64},
+                         security={"media_hosts": ["127.0.0.1"]},
+                         board={"driver": "image",
+                                "image_path": str(tmp_path / "out" / "board.png")})
+        self.keys = keys
+        self.board = board_service.install(self.core, self.core.cfg)
+        self.pump()
+
+    def pump(self) -> None:
+        for _ in range(3):
+            self.board.io.drain()
+            self.core.run_pending()
+
+    def send(self, typ: str, args: dict) -> str:
+        from agent import protocol
+
+        env = self.keys.command("dev/dev-1", typ, args, ts=self.clock.now_ms())
+        jobs = len(self.pool.jobs)
+        self.core.on_message("ttcs/dev/dev-1/cmd", protocol.canonical(env), False)
+        self.pump()
+        if len(self.pool.jobs) > jobs:  # prepare it (speech, stream) at once
+            self.prepare(jobs)
+            self.pump()
+        return env["id"]
+
+    def acks(self, cmd_id: str) -> list[dict]:
+        return [a for a in self.core.link.json("/ack") if a["id"] == cmd_id]
+
+    def cmd_stages(self, cmd_id: str) -> list[str]:
+        return [a["stage"] for a in self.acks(cmd_id)]
+
+    def showing(self) -> str | None:
+        shown = self.board.state()["showing"]
+        return shown["text"] if shown else None
+
+    def shows(self) -> list[tuple[str, str, str | None]]:
+        """Board show records: (id, result, origin)."""
+        return [(e["id"], e["result"], e.get("origin")) for e in self.core.link.json("/event")
+                if e.get("type") == "board" and "started" in e]
+
+    def close(self) -> None:
+        self.board.stop()
+        super().close()
+
+
+def test_board_text_follows_the_audio_item_and_stop_clears_the_board(tmp_path, keys):
+    rig = BoardRig(tmp_path, keys)
+    try:
+        notice = rig.send("board", {"text": "Họp tổ 5", "duration_s": 100})
+        assert rig.showing() == "Họp tổ 5"
+        decomposed = unicodedata.normalize("NFD", "Cúp điện 8h–11h")
+        news = rig.send("say", {"text": "Thông báo cúp điện", "priority": "priority",
+                                "board_text": decomposed})
+        assert rig.showing() == "Cúp điện 8h–11h"  # NFC, over the normal board message
+        started = [a for a in rig.acks(news) if a["stage"] == "started"]
+        assert started[0]["detail"]["board"] is True
+        flood = rig.send("say", {"text": "Lũ quét ở thôn 3", "priority": "emergency"})
+        assert rig.showing() == "Lũ quét ở thôn 3", "an emergency say shows its own text"
+        rig.finish()  # the emergency ends: its text goes, the preempted news and its text return
+        rig.pump()
+        assert rig.cmd_stages(flood)[-1] == "done"
+        assert rig.showing() == "Cúp điện 8h–11h"
+        assert rig.cmd_stages(news) == ["received", "queued", "started", "preempted", "resumed"]
+        # stop {"id"} of a board command
+        stop1 = rig.send("stop", {"id": notice})
+        assert rig.acks(stop1)[-1]["detail"]["stopped"] == [notice]
+        assert rig.cmd_stages(notice)[-1] == "stopped"
+        later = rig.send("board", {"text": "Tiêm chủng thứ Bảy", "duration_s": 100})
+        stop_all = rig.send("stop", {"all": True})
+        assert rig.acks(stop_all)[-1]["detail"]["stopped"] == [news, later]
+        assert rig.cmd_stages(news)[-1] == "stopped" and rig.cmd_stages(later)[-1] == "stopped"
+        assert rig.showing() is None
+        shows = rig.shows()
+        # withdrawn when preempted, again when stopped; the emergency's when it ended
+        assert [(r, o) for i, r, o in shows if i == news] == [("stopped", "audio")] * 2
+        assert [(r, o) for i, r, o in shows if i == flood] == [("stopped", "audio")]
+        assert (notice, "preempted", None) in shows
+        # the board sends no acks of its own for the audio commands' text
+        assert rig.cmd_stages(flood) == ["received", "queued", "started", "done"]
+    finally:
+        rig.close()
+
+
+def test_board_text_goes_when_the_item_ends_and_without_a_board_is_reported(tmp_path, keys):
+    rig = BoardRig(tmp_path, keys)
+    try:
+        cid = rig.send("say", {"text": "Họp dân lúc 19 giờ", "board_text": "Họp dân 19h"})
+        assert rig.showing() == "Họp dân 19h"
+        rig.finish()
+        rig.pump()
+        assert rig.cmd_stages(cid)[-1] == "done" and rig.showing() is None
+        plain = rig.send("say", {"text": "Xin chào"})  # normal, no board_text: board untouched
+        [started] = [a for a in rig.acks(plain) if a["stage"] == "started"]
+        assert "board" not in started.get("detail", {})
+        assert rig.showing() is None
+    finally:
+        rig.close()
+    alone = InProc(tmp_path / "alone", trusted_keys={keys.kid: keys.public_b64})
+    try:  # no board service: the audio airs, the started ack says the text was not shown
+        from agent import protocol
+
+        env = keys.command("dev/dev-1", "say", {"text": "a", "board_text": "b"},
+                           ts=alone.clock.now_ms())
+        alone.core.on_message("ttcs/dev/dev-1/cmd", protocol.canonical(env), False)
+        alone.prepare(len(alone.pool.jobs) - 1)
+        [started] = [a for a in alone.core.link.json("/ack") if a["stage"] == "started"]
+        assert started["detail"]["board"] is False
+    finally:
+        alone.close()
+
+
+@pytest.mark.parametrize("fn,args", [
+    (validate_play, {"media": {"url": "http://h/x", "sha256": SHA}, "board_text": "x" * 501}),
+    (validate_say, {"text": "x", "board_text": ""}),
+    (validate_live, {"url": "http://h/x", "board_text": 5}),
+    (validate_say, {"text": "x", "board_text": "   "}),
+])
+def test_bad_board_text_is_bad_args(fn, args):
+    assert any("args.board_text" in e for e in fn(args))
+
+
+def test_board_text_length_counts_nfc_characters():
+    text = unicodedata.normalize("NFD", "ệ" * 500)  # 1000 code points decomposed
+    assert validate_say({"text": "x", "board_text": text}) == []

@@ -309,6 +309,21 @@ def test_public_api_stop_and_emergency_text(rig: Rig) -> None:
     assert board_service.get(rig.core) is rig.svc
 
 
+def test_audio_text_at_any_priority_and_nothing_after_stop(rig: Rig) -> None:
+    a = rig.command({"text": "Một", "duration_s": 100, "effect": "static"})
+    assert rig.svc.show_audio_text("play-1", "Hai", "normal", 50) is True
+    rig.pump()
+    assert rig.state()["showing"]["id"] == a, "normal: after the earlier normal message"
+    assert rig.svc.show_audio_text("play-2", "Ba", "priority", 50) is True
+    rig.pump()
+    assert rig.state()["showing"]["id"] == "play-2" and rig.stages(a)[-1] == "preempted"
+    assert rig.svc.show_audio_text("play-3", "Bốn", "loud", 50) is False
+    assert rig.stages("play-1") == rig.stages("play-2") == []
+    rig.svc.stop()  # shutdown: the audio service's late withdrawals are no-ops
+    assert rig.svc.show_audio_text("play-4", "Năm") is False
+    assert rig.svc.stop_id("play-2") is False and rig.svc.stop_all() == []
+
+
 def test_brightness_by_time_of_day(tmp_path: Path) -> None:
     rig = Rig(tmp_path, {"brightness_schedule": {"06:00": 200, "18:00": 40}},
               now_ms=wednesday("17:58"))
@@ -546,3 +561,43 @@ def test_board_preview_cli_png_and_gif(broker, keys, tmp_path):
                           str(tmp_path / "missing.yaml")], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 1
+
+
+def test_process_audio_board_text_and_stop_all(broker, keys, tmp_path, agent_factory, watcher):
+    """A live relay carrying board text over a real agent (sim audio, image board): the text
+    shows while it airs, and ``stop {"all": true}`` clears audio and board messages alike."""
+    config = agent_config(
+        tmp_path, broker.port, keys, security={"media_hosts": ["127.0.0.1"]},
+        board={"driver": "image", "image_path": str(tmp_path / "out" / "board.png")})
+    agent = agent_factory(config)
+    wait_online(watcher, PDEV)
+
+    def showing():
+        states = watcher.json(f"dev/{PDEV}/state")
+        shown = (states[-1].get("board") or {}).get("showing") if states else None
+        return shown["text"] if shown else None
+
+    notice = keys.command(f"dev/{PDEV}", "board", {"text": "Họp tổ 5", "duration_s": 120})
+    watcher.publish(PCMD, notice)
+    watcher.wait_ack(notice["id"], "started")
+    live = keys.command(f"dev/{PDEV}", "live", {
+        "url": "http://127.0.0.1:9/vov1", "priority": "priority", "duration_s": 60,
+        "board_text": "Tiếp sóng VOV1"})
+    watcher.publish(PCMD, live)
+    assert watcher.wait_ack(live["id"], "started")["detail"]["board"] is True
+    watcher.wait_ack(notice["id"], "preempted")
+    wait_until(lambda: showing() == "Tiếp sóng VOV1", 10, what="the live item's board text")
+    stop = keys.command(f"dev/{PDEV}", "stop", {"all": True})
+    watcher.publish(PCMD, stop)
+    assert watcher.wait_ack(stop["id"], "done")["detail"]["stopped"] == [live["id"],
+                                                                         notice["id"]]
+    watcher.wait_ack(live["id"], "stopped")
+    watcher.wait_ack(notice["id"], "stopped")
+    wait_until(lambda: showing() is None, 10, what="a clear board")
+    shows = wait_until(lambda: [e for e in board_events(watcher) if e.get("id") == live["id"]],
+                       10, what="the board record of the live item")
+    assert shows[0]["origin"] == "audio" and shows[0]["text"] == "Tiếp sóng VOV1"
+    assert shows[0]["result"] == "stopped" and shows[0]["priority"] == "priority"
+    stages = [a["stage"] for a in watcher.acks(live["id"])]
+    assert stages == ["received", "queued", "started", "stopped"]  # none from the board
+    assert agent.alive()
