@@ -1,6 +1,11 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-from agent import __version__
+# Read, not imported: the build runs isolated, without the package's dependencies.
+__version__ = re.search(r'__version__ = "([^"]+)"',
+                        (Path(__file__).parent / "agent" / "__init__.py").read_text()).group(1)
 
 setup(
     name="ttcs-agent",
