@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from agent import __version__, health, protocol, sdnotify
 from agent.alerts import AlertManager
 from agent.clock import Clock, ClockTrust
+from agent.fsutil import write_json_volatile
 from agent.mqtt import LinkHandlers, MqttLink
 from agent.outbox import Outbox
 from agent.protocol import Envelope, Rejected, Topics
@@ -526,11 +527,8 @@ class Core:
                      "outbox": self.outbox.depth},
             "state": self.last_state,
         }
-        tmp = path + ".tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(body, f, ensure_ascii=False, indent=1)
-            os.replace(tmp, path)
+            write_json_volatile(path, body)
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
 

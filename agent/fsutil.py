@@ -40,3 +40,15 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json_volatile(path: str | os.PathLike, obj) -> None:
+    """Replace a JSON file that is rewritten often and worthless after a power cut (status
+    for technicians): renamed into place, so readers never see half a file, but not fsynced,
+    to spare the SD card. Raises OSError."""
+    import json
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)

@@ -20,7 +20,6 @@ Everything runs on the core thread except the blocking sampling, which runs in
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 from agent import health
 from agent.cabinet import ALERTS, CabinetInputs, InputChange
 from agent.core import Core
+from agent.fsutil import write_json_volatile
 from drivers.gpio import GPIOBackend, open_gpio
 from drivers.modem import Modem
 
@@ -226,11 +226,8 @@ class HealthService:
         body = self.last_health()
         if self.modem_error is not None:
             body["modem_error"] = self.modem_error
-        tmp = path + ".tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(body, f, ensure_ascii=False, indent=1)
-            os.replace(tmp, path)
+            write_json_volatile(path, body)
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from abc import ABC
 
 from PIL import Image
@@ -79,6 +80,26 @@ class BoardDriver(ABC):  # noqa: B024 - show or show_text is required, by kind
                 f"frame is {frame.size[0]}x{frame.size[1]}, board is {self.width}x{self.height}"
             )
         return frame if frame.mode == "1" else frame.convert("1")
+
+
+class LinkedBoard(BoardDriver):
+    """A board behind a link that can be lost (SPI, serial) and is reopened by the driver."""
+
+    def __init__(self, options: dict) -> None:
+        super().__init__(options)
+        self._retry_s = float(options.get("reconnect_interval_s", 5.0))
+        self._last_attempt = -1e9
+
+    def _connect(self) -> bool:
+        """Open the link; record the failure in ``last_error`` and return False."""
+        raise NotImplementedError
+
+    def _reconnect(self) -> bool:
+        """Try to reopen, at most once per ``reconnect_interval_s`` (a frame comes many times a
+        second; opening a missing device that often would only fill the log)."""
+        if time.monotonic() - self._last_attempt < self._retry_s:
+            return False
+        return self._connect()
 
 
 class NoneBoard(BoardDriver):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from drivers import DriverUnavailable
-from drivers.board import BoardDriver, BoardLinkError
+from drivers.board import BoardLinkError, LinkedBoard
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ BLOCK_ORIENTATIONS = (0, 90, -90, 180)
 SPI_SPEEDS_MHZ = (0.5, 1, 2, 4, 8)
 
 
-class Max7219Board(BoardDriver):
+class Max7219Board(LinkedBoard):
     name = "max7219"
     kind = "pixel"
 
@@ -61,9 +61,7 @@ class Max7219Board(BoardDriver):
         if uses_spi and importlib.util.find_spec("spidev") is None:
             raise DriverUnavailable("spidev is not installed (pip install spidev; enable SPI)")
         self._transport_factory = transport_factory or self._default_transport
-        self._retry_s = float(options.get("reconnect_interval_s", 5.0))
         self._device = None
-        self._last_attempt = -1e9
         self.last_error: str | None = None
         self._connect()  # failure is remembered, not raised: show() retries and reports it
 
@@ -99,13 +97,6 @@ class Max7219Board(BoardDriver):
         self._device = device
         self.last_error = None
         return True
-
-    def _reconnect(self) -> bool:
-        """Try to reopen, at most once per ``reconnect_interval_s`` (a frame comes many times a
-        second; opening a missing device that often would only fill the log)."""
-        if time.monotonic() - self._last_attempt < self._retry_s:
-            return False
-        return self._connect()
 
     def _ensure(self):
         if self._closed:

@@ -33,7 +33,7 @@ import time
 import unicodedata
 
 from drivers import DriverUnavailable
-from drivers.board import BoardDriver, BoardLinkError
+from drivers.board import BoardLinkError, LinkedBoard
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def alpha_text_packet(
     )
 
 
-class SerialSignBoard(BoardDriver):
+class SerialSignBoard(LinkedBoard):
     name = "serial"
     kind = "text"
 
@@ -130,9 +130,7 @@ class SerialSignBoard(BoardDriver):
         self.address = str(options.get("sign_address", "00"))
         self.label = str(options.get("file_label", "A"))
         self.columns = int(options.get("sign_columns", 0))
-        self._retry_s = float(options.get("reconnect_interval_s", 5.0))
         self._conn = None
-        self._last_attempt = -1e9
         self.last_error: str | None = None
         self.last_sent: str | None = None  # the text as the sign got it (transliterated)
         self.transliterated = False  # whether the last text lost characters or marks
@@ -152,13 +150,6 @@ class SerialSignBoard(BoardDriver):
             return False
         self.last_error = None
         return True
-
-    def _reconnect(self) -> bool:
-        """Try to reopen, at most once per ``reconnect_interval_s`` (a frame comes many times a
-        second; opening a missing device that often would only fill the log)."""
-        if time.monotonic() - self._last_attempt < self._retry_s:
-            return False
-        return self._connect()
 
     def _ensure(self):
         if self._closed:
