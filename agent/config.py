@@ -528,12 +528,34 @@ def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
             for line in str(e).splitlines():
                 path, _, message = line.partition(": ")
                 errors.append((path.strip(), message or line))
+    errors.extend(_secret_problems(cfg["mqtt"]))
     for pin_key in ("pin", "fault_pin"):
         pin = cfg["amplifier"][pin_key]
         for name, spec in (cfg["cabinet"] or {}).items():
             if pin is not None and spec and spec.get("pin") == pin:
                 errors.append((f"amplifier.{pin_key}",
                                f"BCM {pin} is already used by cabinet.{name}"))
+    return errors
+
+
+def _secret_problems(mqtt_cfg: dict) -> list[tuple[str, str]]:
+    """Key and password files must exist and be private (mode 0600)."""
+    from agent.mqtt import check_private
+
+    files = {"mqtt.password_file": mqtt_cfg.get("password_file"),
+             "mqtt.tls.key_file": (mqtt_cfg.get("tls") or {}).get("key_file")}
+    errors = []
+    for key, path in files.items():
+        if not path:
+            continue
+        try:
+            check_private(path)
+        except FileNotFoundError:
+            errors.append((key, f"{path} not found"))
+        except PermissionError as e:
+            errors.append((key, str(e)))
+        except OSError as e:
+            errors.append((key, f"cannot read {path}: {e}"))
     return errors
 
 

@@ -50,14 +50,19 @@ def no_delay(client: mqtt.Client) -> None:
         pass  # not a TCP socket (e.g. wrapped or already closed)
 
 
-def read_secret(path: str) -> str:
-    """Read a password file, refusing one that others can read."""
+def check_private(path: str) -> None:
+    """Refuse a secret (private key, password file) that group or others can read."""
     import os
     import stat
 
     st = os.stat(path)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise PermissionError(f"{path} is readable by group or others; chmod 600 it")
+
+
+def read_secret(path: str) -> str:
+    """Read a password file, refusing one that others can read."""
+    check_private(path)
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
 
@@ -75,6 +80,8 @@ def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True,
         manual_ack=manual_ack,
     )
     tls = mqtt_cfg.get("tls")
+    if tls and tls.get("key_file"):
+        check_private(tls["key_file"])
     if tls:
         client.tls_set(ca_certs=tls.get("ca_file"), certfile=tls.get("cert_file"),
                        keyfile=tls.get("key_file"), cert_reqs=ssl.CERT_REQUIRED)
