@@ -286,8 +286,8 @@ class MediaCache:
                 return self._download(url, sha)
             except _Retry as e:
                 last = str(e)
-                log.info("download of %s failed (attempt %d): %s", url, attempt + 1, e)
-        raise MediaError("media_unavailable", f"{url}: {last}")
+                log.info("download of %s failed (attempt %d): %s", redact(url), attempt + 1, e)
+        raise MediaError("media_unavailable", f"{redact(url)}: {last}")
 
     def _download(self, url: str, sha: str) -> int:
         deadline = self._clock.monotonic() + self.timeout_s
@@ -333,7 +333,7 @@ class MediaCache:
         resp.close()
         if code >= 500 or code in (408, 429):
             raise _Retry(f"HTTP {code}")
-        raise MediaError("media_unavailable", f"HTTP {code} from {resp.url}")
+        raise MediaError("media_unavailable", f"HTTP {code} from {redact(resp.url)}")
 
     def _stream_to(self, resp: requests.Response, tmp: Path, sha: str, deadline: float) -> int:
         digest, size = hashlib.sha256(), 0
@@ -388,3 +388,15 @@ def _requests():
     import requests
 
     return requests
+
+
+def redact(url: str) -> str:
+    """A URL safe for logs and acks: no user:password, no query string (tokens live there)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
+    except ValueError:
+        return "<bad url>"

@@ -257,3 +257,12 @@ def test_submit_shares_one_download(tmp_path, server) -> None:
     assert {f.result(timeout=10) for f in futures} == {str(cache.dir / SHA)}
     assert Handler.hits["/good"] == 1
     cache.close()
+
+
+def test_redact_hides_credentials_and_query_tokens():
+    from agent.media import redact
+
+    assert redact("https://u:secret@media.example.vn:8443/a/b.mp3?token=abc") == \
+        "https://media.example.vn:8443/a/b.mp3?…"
+    assert redact("http://media.example.vn/x.wav") == "http://media.example.vn/x.wav"
+    assert "secret" not in redact("http://user:secret@[::1/x")
