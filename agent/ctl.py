@@ -237,6 +237,8 @@ class Fleet:
     @staticmethod
     def _state(d: dict, body: dict) -> None:
         d["playing"] = body.get("playing")
+        if isinstance(body.get("volume"), int):
+            d["volume"] = body["volume"]
         alerts = body.get("alerts")
         if isinstance(alerts, list):
             d["alerts"] = {a["code"]: True for a in alerts
@@ -296,7 +298,9 @@ class Fleet:
         if isinstance(playing, dict):
             playing = playing.get("id") or playing.get("source") or "yes"
         audio = (d["health"] or {}).get("audio") if isinstance(d["health"], dict) else None
-        volume = audio.get("volume") if isinstance(audio, dict) else None
+        volume = d.get("volume")  # the state snapshot's, else the last health sample's
+        if volume is None and isinstance(audio, dict):
+            volume = audio.get("volume")
         alerts = ", ".join(sorted(d["alerts"]))
         return [name, ",".join(self.groups_of(name)) or "-", status, seen,
                 _esc(str(playing or "-")), "-" if volume is None else str(volume),
