@@ -46,11 +46,8 @@ def _install_components(core: Core, cfg: dict) -> None:
 
 
 def run(config_path: str | None) -> int:
-    try:
-        cfg = config.load(config_path)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+    cfg = config.load_or_report(config_path)
+    if cfg is None:
         return 1
     setup_logging(cfg["log"]["level"])
     log.info("ttcs-agent %s starting as %s (config %s)", __version__, cfg["device"]["id"],

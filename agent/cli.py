@@ -49,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_config(path: str | None) -> int:
-    try:
-        cfg = config.load(path)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(p)
+    cfg = config.load_or_report(path, sys.stdout)
+    if cfg is None:
         return 1
     print(f"{cfg['_path']}: ok (device {cfg['device']['id']})")
     return 0
@@ -62,11 +59,8 @@ def check_config(path: str | None) -> int:
 def board_preview(args) -> int:
     from agent.board_preview import preview
 
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+    cfg = config.load_or_report(args.config)
+    if cfg is None:
         return 1
     result = preview(cfg["board"], args.text, args.out, effect=args.effect, scale=args.scale)
     kind = "animated GIF" if result["animated"] else "PNG"
@@ -76,11 +70,8 @@ def board_preview(args) -> int:
 
 
 def status(path: str | None, raw: bool) -> int:
-    try:
-        cfg = config.load(path)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+    cfg = config.load_or_report(path)
+    if cfg is None:
         return 1
     global _DEVICE_TZ
     from zoneinfo import ZoneInfo

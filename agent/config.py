@@ -601,6 +601,18 @@ def load(path: str | None = None, schema: Section = SCHEMA) -> dict:
     return cfg
 
 
+def load_or_report(path: str | None = None, stream=None) -> dict | None:
+    """Load the config, or print every problem (to stderr) and return None."""
+    import sys
+
+    try:
+        return load(path)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=stream or sys.stderr)
+        return None
+
+
 def mask_secrets(cfg: dict) -> dict:
     """A copy safe to log or show."""
     out = copy.deepcopy(cfg)
