@@ -50,6 +50,9 @@ def run(config_path: str | None) -> int:
     if cfg is None:
         return 1
     setup_logging(cfg["log"]["level"])
+    # Events cross threads (network → core → libvlc): hand the interpreter over sooner than
+    # the default 5 ms, so a command is not kept waiting behind a busy thread.
+    sys.setswitchinterval(0.001)
     log.info("ttcs-agent %s starting as %s (config %s)", __version__, cfg["device"]["id"],
              cfg["_path"])
     core = build(cfg)

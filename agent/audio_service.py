@@ -613,7 +613,18 @@ class AudioService:
             self._prep_failed(meta, e.reason, e.message)
             return
         meta.shas = tuple(m["sha256"].lower() for m in media)
-        self._prepare(item, meta, lambda: [self._fetch_variant(m) for m in media])
+        self._prepare(item, meta, lambda: [self._fetch_variant(m) for m in media],
+                      ready=self._cached_variants(media))
+
+    def _cached_variants(self, media: list[dict]) -> list[Variant] | None:
+        """Variants at once when every file is cached and verified (no worker hop)."""
+        out = []
+        for m in media:
+            path = self.cache.ready_path(m["sha256"])
+            if path is None:
+                return None
+            out.append(Variant(path, m.get("lang"), dict(m), wav_duration_ms(path)))
+        return out
 
     def _fetch_variant(self, m: dict) -> Variant:
         """Worker thread: a verified local copy (never a file that failed its checksum)."""
@@ -655,8 +666,10 @@ class AudioService:
             return [Variant(key, None, media)]
         self._prepare(item, meta, make)
 
-    def _prepare(self, item: Item, meta: _Meta, make: Callable[[], list[Variant]]) -> None:
-        """Run ``make`` in a worker; hand the item to the arbiter on the core thread."""
+    def _prepare(self, item: Item, meta: _Meta, make: Callable[[], list[Variant]],
+                 ready: list[Variant] | None = None) -> None:
+        """Run ``make`` in a worker (or take ``ready`` variants as they are); hand the item to
+        the arbiter on the core thread."""
         old = self.items.get(item.id)
         if old is not None and not old.cancelled:
             self._prep_failed(meta, "duplicate_id", f"{item.id} is already queued or airing")
@@ -668,6 +681,11 @@ class AudioService:
         meta.rank = RANK.get(item.priority, 0)
         self.items[item.id] = meta
         self._update_pins()
+        if ready is not None:
+            done: Future = Future()
+            done.set_result(ready)
+            self._prepared(item, meta, done)
+            return
         fut = self._pool.submit(make)
         fut.add_done_callback(lambda f: self.core.post(self._prepared, item, meta, f))
         self._after()

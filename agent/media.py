@@ -148,6 +148,31 @@ class MediaCache:
         with self._lock_for(sha, self._sha_locks):
             return self._verified_path(sha)
 
+    def ready_path(self, sha256: str) -> str | None:
+        """The cached file if it was verified since start and is unchanged, without hashing
+        or waiting (for the core thread: a cached bulletin starts with no thread hop); None
+        when it would take work — then use :meth:`path_for` or :meth:`submit` in a worker."""
+        sha = str(sha256).lower()
+        lock = self._lock_for(sha, self._sha_locks)
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            with self._lock:
+                entry = self._entries.get(sha)
+            if entry is None or not entry.verified:
+                return None
+            path = self.dir / sha
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+            if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                return None
+            self._touch(sha, path)
+            return str(path)
+        finally:
+            lock.release()
+
     def has(self, sha256: str) -> bool:
         """Whether ``sha256`` is in the cache (not re-hashed: :meth:`path_for` does that)."""
         with self._lock:
