@@ -39,12 +39,17 @@ class Outbox:
             body = {**body, "historical": True}
         stored = self.store.enqueue(topic, body, qos=qos, kind=kind, now_ms=self.clock.now_ms(),
                                     event=event)
-        if not self.store.in_transaction:
-            self.pump()  # else the core pumps once the transaction is committed
+        self.pump()
         return stored
 
     def pump(self) -> None:
-        """Hand pending rows to the link, oldest first, up to the in-flight window."""
+        """Hand pending rows to the link, oldest first, up to the in-flight window.
+
+        Inside a store transaction this does nothing (the core pumps after its commit): a row
+        must never be published while a crash could still undo it, or its ``seq`` could be
+        given to another event after the restart."""
+        if self.store.in_transaction:
+            return
         while self.link.connected and len(self._inflight) < self.inflight_max:
             rows = self.store.pending(after=self._last_sent,
                                       limit=self.inflight_max - len(self._inflight))
@@ -61,8 +66,7 @@ class Outbox:
         rowid = self._inflight.pop(mid, None)
         if rowid is not None:
             self.store.delivered(rowid)
-            if not self.store.in_transaction:
-                self.pump()
+            self.pump()
 
     def on_connected(self) -> None:
         self._reset()

@@ -439,6 +439,11 @@ def test_sigkill_at_random_points_leaves_consistent_state(tmp_path, keys, agent_
         assert sorted(seqs) == list(range(1, last + 1)), "a gap in the event seq"
         arrival = [e["seq"] for e in w.json(f"dev/{DEV}/event")]
         firsts = [s for i, s in enumerate(arrival) if s not in arrival[:i]]
+        if firsts != sorted(firsts):
+            detail = [(e["seq"], e["type"], e.get("historical", False), e.get("ts"))
+                      for e in w.json(f"dev/{DEV}/event")]
+            (tmp_path / "events-arrived.json").write_text(json.dumps(detail))
+            print("OUT OF ORDER", tmp_path, detail)
         assert firsts == sorted(firsts), "events first delivered out of order"
         acks = distinct_acks(w)
         twice = [c for c, st in acks.items() if c and (st["received"] > 1 or st["done"] > 1)]
