@@ -97,6 +97,7 @@ class Core:
         self.stop_hooks: list[Callable[[], None]] = []
         self.alerts = AlertManager(clock, cfg)
         self._alert_timer: _Timer | None = None
+        self._alert_due: float | None = None
         self._inbound_acks: list[tuple[int, int, int]] = []
         self._workers = ThreadPoolExecutor(max_workers=3, thread_name_prefix="worker")
         self._watchdog_s = sdnotify.watchdog_interval_s()
@@ -180,13 +181,20 @@ class Core:
         for event in self.alerts.tick():
             self.emit_event(event.payload())
             self.mark_state_dirty()
+        due = self.alerts.next_deadline()
         if self._alert_timer is not None:
+            if due == self._alert_due:
+                return  # already armed for that instant (inputs are polled 5 times a second)
             self._alert_timer.cancel()
             self._alert_timer = None
-        due = self.alerts.next_deadline()
+        self._alert_due = due
         if due is not None:
             self._alert_timer = self.call_later(due - self.clock.monotonic() + 0.001,
-                                                self._alerts_tick)
+                                                self._alert_timer_fired)
+
+    def _alert_timer_fired(self) -> None:
+        self._alert_timer = None
+        self._alerts_tick()
 
     def _check_clock(self) -> None:
         trusted = self.trust.trusted()

@@ -214,3 +214,16 @@ def _jsonable(obj) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+def test_repeated_alert_reports_do_not_pile_up_timers(core):
+    # The cabinet is polled 5 times a second; each report of an unchanged condition must not
+    # leave another (cancelled) timer in the core's heap.
+    for _ in range(50):
+        core.set_alert("door_open", True)
+        core.clock.advance(0.05)
+    assert len(core._timers) < 5
+    core.clock.advance(10)
+    core.run_pending()
+    raised = [e for e in core.link.json("/event") if e.get("type") == "alert"]
+    assert [(e["code"], e["state"]) for e in raised] == [("door_open", "raised")]
