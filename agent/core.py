@@ -388,8 +388,8 @@ class Core:
             return
         self.store.seen_add(env.id, env.kid, env.ts, self.clock.now_ms())
         self.store.open_add(env.id, env.type, self.clock.now_ms())
+        self.store.commit()  # the id is remembered before anything airs or is acked
         self.ack(env.id, "received", detail={"type": env.type})
-        self.store.commit()  # the id is remembered before anything airs
         handler.execute(env)
 
     def _handler_for(self, env: Envelope) -> CommandHandler:

@@ -16,6 +16,12 @@ from agent.store import Store
 
 log = logging.getLogger(__name__)
 
+# Rows that may be published before the transaction that stored them commits. An ack carries no
+# ``seq``: if a crash undoes its row, what it said was still true when sent (and a command left
+# open is reported ``failed``/``interrupted`` at the next start). Sending acks at once spares
+# the controller an fsync of waiting per ack. Events never go early (see ``pump``).
+EARLY_KINDS = frozenset({"ack"})
+
 
 class Publisher(Protocol):
     connected: bool
@@ -39,23 +45,26 @@ class Outbox:
             body = {**body, "historical": True}
         stored = self.store.enqueue(topic, body, qos=qos, kind=kind, now_ms=self.clock.now_ms(),
                                     event=event)
-        self.pump()
+        if kind in EARLY_KINDS or not self.store.in_transaction:
+            self.pump()
         return stored
 
     def pump(self) -> None:
         """Hand pending rows to the link, oldest first, up to the in-flight window.
 
-        Inside a store transaction this does nothing (the core pumps after its commit): a row
-        must never be published while a crash could still undo it, or its ``seq`` could be
-        given to another event after the restart."""
-        if self.store.in_transaction:
-            return
+        Inside a store transaction only acks go, and only while no other row is waiting
+        before them (order is kept): an event must never be published while a crash could still
+        undo it, or its ``seq`` could be given to another event after the restart. The core
+        pumps again after its commit."""
+        early_only = self.store.in_transaction
         while self.link.connected and len(self._inflight) < self.inflight_max:
             rows = self.store.pending(after=self._last_sent,
                                       limit=self.inflight_max - len(self._inflight))
             if not rows:
                 return
             for row in rows:
+                if early_only and row.kind not in EARLY_KINDS:
+                    return
                 mid = self.link.publish(row.topic, row.payload, qos=max(1, row.qos))
                 if mid is None:
                     return  # the link dropped; on_disconnected resets the window

@@ -109,6 +109,7 @@ class Watcher:
         """``persistent``: a session the broker keeps (with a persistent broker, messages
         published while this client is away are delivered when it is back)."""
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.arrived: list[float] = []  # time.monotonic() at which each message came in
         self._parsed: list[tuple[str, dict | None]] = []  # (topic, JSON object or None)
         self._lock = threading.Condition()
         self._subscribed = queue.Queue()
@@ -134,6 +135,7 @@ class Watcher:
         self._subscribed.get(timeout=10)
 
     def _on_message(self, client, userdata, msg) -> None:
+        now = time.monotonic()
         payload = bytes(msg.payload)
         try:
             body = json.loads(payload)
@@ -143,6 +145,7 @@ class Watcher:
             body = None
         with self._lock:
             self.messages.append((msg.topic, payload, bool(msg.retain)))
+            self.arrived.append(now)
             self._parsed.append((msg.topic, body))
             self._lock.notify_all()
 
@@ -164,6 +167,16 @@ class Watcher:
                     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
                 self._lock.wait(left)
 
+    def arrival(self, suffix: str, pred, timeout: float = 10.0) -> float:
+        """Wait for the first message on a topic ending in ``suffix`` whose JSON body
+        satisfies ``pred``; return when it came in (``time.monotonic()``, taken on arrival)."""
+        def find():
+            for (t, body), at in zip(self._parsed, self.arrived, strict=True):
+                if body is not None and t.endswith(suffix) and pred(body):
+                    return at
+            return None
+        return self.wait_for(find, timeout, what=f"message on {suffix}")
+
     def acks(self, cmd_id=..., device: str | None = None) -> list[dict]:
         suffix = f"dev/{device}/ack" if device else "/ack"
         return [a for a in self.json(suffix) if cmd_id is ... or a.get("id") == cmd_id]
@@ -182,6 +195,7 @@ class Watcher:
     def clear(self) -> None:
         with self._lock:
             self.messages.clear()
+            self.arrived.clear()
             self._parsed.clear()
 
     def close(self) -> None:

@@ -44,7 +44,6 @@ from tests.conftest import (  # noqa: E402
     Watcher,
     agent_config,
     wait_online,
-    wait_until,
 )
 
 DEV = "krongpa-phutuc-c03"
@@ -100,12 +99,12 @@ def bench_baseline(port: int, watcher: Watcher, path: str, out: Path,
     try:
         for i in range(runs):
             cid = f"b{i}"
+            watcher.clear()
             t0, w0 = time.monotonic(), time.time()
             heard = AudioWatch(out, w0)
             watcher.publish("bench/base/cmd", json.dumps({"op": "play", "id": cid, "path": path}))
-            wait_until(lambda c=cid: any(m.get("id") == c for m in watcher.json("bench/base/ack")),
-                       10, 0.0005)
-            lat.append((time.monotonic() - t0) * 1000)
+            seen = watcher.arrival("bench/base/ack", lambda m, c=cid: m.get("id") == c)
+            lat.append((seen - t0) * 1000)
             if heard.result() is not None:
                 audio.append((heard.result() - w0) * 1000)
             time.sleep(0.2)
@@ -124,10 +123,9 @@ def send(watcher: Watcher, keys: Keys, typ: str, args: dict) -> tuple[str, float
 
 
 def wait_stage(watcher: Watcher, cid: str, stage: str, timeout: float = 20) -> float:
-    """Monotonic time at which the ack was seen (polled every 0.5 ms)."""
-    wait_until(lambda: any(a["stage"] == stage for a in watcher.acks(cid)), timeout, 0.0005,
-               what=f"{cid} {stage}")
-    return time.monotonic()
+    """Monotonic time at which the ack arrived (taken in the client's message callback)."""
+    return watcher.arrival("/ack", lambda a: a.get("id") == cid and a.get("stage") == stage,
+                           timeout)
 
 
 def bench_agent(watcher: Watcher, keys: Keys, media: dict, out: Path,
@@ -136,6 +134,7 @@ def bench_agent(watcher: Watcher, keys: Keys, media: dict, out: Path,
     inside the agent by the acks' own timestamps)."""
     lat, audio, inside = [], [], []
     for _ in range(runs):
+        watcher.clear()
         w0 = time.time()
         heard = AudioWatch(out, w0)
         cid, t0 = send(watcher, keys, "play", {"media": media})
@@ -154,6 +153,7 @@ def bench_preempt(watcher: Watcher, keys: Keys, long_media: dict, media: dict,
                   runs: int) -> list[float]:
     lat = []
     for _ in range(runs):
+        watcher.clear()
         normal, _ = send(watcher, keys, "play", {"media": long_media})
         wait_stage(watcher, normal, "started")
         time.sleep(0.3)
