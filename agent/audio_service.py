@@ -391,6 +391,7 @@ class AudioService:
             volume=self._saved_volume(int(cfg["audio"]["volume"])),
             resume_rewind_ms=int(cfg["audio"]["resume_rewind_ms"]))
         self.items: dict[str, _Meta] = {}
+        self._durations: dict[str, int | None] = {}  # sha256 -> WAV length (see _duration)
         self.relays: dict[str, LiveRelay] = {}
         self.live_run: _LiveRun | None = None
         self._pinned_sched: set[str] = set()
@@ -623,8 +624,18 @@ class AudioService:
             path = self.cache.ready_path(m["sha256"])
             if path is None:
                 return None
-            out.append(Variant(path, m.get("lang"), dict(m), wav_duration_ms(path)))
+            out.append(Variant(path, m.get("lang"), dict(m), self._duration(m["sha256"], path)))
         return out
+
+    def _duration(self, sha: str, path: str) -> int | None:
+        """A cached file's length, read once: the file is named by its checksum, so the same
+        sha256 always has the same length."""
+        sha = sha.lower()
+        if sha not in self._durations:
+            if len(self._durations) >= 1000:
+                self._durations.clear()
+            self._durations[sha] = wav_duration_ms(path)
+        return self._durations[sha]
 
     def _fetch_variant(self, m: dict) -> Variant:
         """Worker thread: a verified local copy (never a file that failed its checksum)."""

@@ -45,7 +45,7 @@ class Outbox:
             body = {**body, "historical": True}
         stored = self.store.enqueue(topic, body, qos=qos, kind=kind, now_ms=self.clock.now_ms(),
                                     event=event)
-        if kind in EARLY_KINDS or not self.store.in_transaction:
+        if (kind in EARLY_KINDS or not self.store.in_transaction):
             self.pump()
         return stored
 
@@ -58,8 +58,8 @@ class Outbox:
         pumps again after its commit."""
         early_only = self.store.in_transaction
         while self.link.connected and len(self._inflight) < self.inflight_max:
-            rows = self.store.pending(after=self._last_sent,
-                                      limit=self.inflight_max - len(self._inflight))
+            limit = self.inflight_max - len(self._inflight)
+            rows = self.store.pending(after=self._last_sent, limit=limit)
             if not rows:
                 return
             for row in rows:
@@ -70,6 +70,8 @@ class Outbox:
                     return  # the link dropped; on_disconnected resets the window
                 self._inflight[mid] = row.rowid
                 self._last_sent = row.rowid
+            if len(rows) < limit:
+                return  # that was all (no second query to find nothing)
 
     def on_published(self, mid: int) -> None:
         rowid = self._inflight.pop(mid, None)

@@ -90,3 +90,16 @@ def test_received_is_published_only_once_the_command_id_is_on_disk(tmp_path):
     stages = [a["stage"] for a in core.link.json("/ack") if a["id"] == "p1"]
     assert stages == ["received", "done"]
     core.store.close()
+
+
+def test_pump_sends_a_long_backlog_in_windows(tmp_path):
+    store, link, box = make(tmp_path)
+    link.connected = False
+    for i in range(45):
+        box.add("t/event", {"type": "play", "i": i}, kind="play", event=True)
+    link.connected = True
+    box.on_connected()
+    assert len(link.sent) == 20  # the in-flight window
+    for mid in range(1, 46):
+        box.on_published(mid)
+    assert [m["i"] for m in link.sent] == list(range(45)) and store.depth() == 0
