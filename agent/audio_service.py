@@ -368,7 +368,8 @@ class AudioService:
         self.cfg = cfg
         self.clock = core.clock
         self.live_options = live_options or LiveOptions(
-            silence_dbfs=float(cfg["verification"]["silence_dbfs"]))
+            silence_dbfs=float(cfg["verification"]["silence_dbfs"]),
+            **{k: float(v) for k, v in cfg["audio"]["live"].items()})
         self.output = output or self._open_output(cfg["audio"])
         self.meter = meter if meter is not None else self._open_meter(cfg["verification"])
         self.gpio = gpio if gpio is not None else open_gpio(cfg["gpio"]["backend"])

@@ -266,6 +266,17 @@ SCHEMA = Section(fields={
         "network_caching_ms": Num(default=3000, min=0, max=60000),
         "volume": Num(default=80, min=0, max=100),
         "resume_rewind_ms": Num(default=1000, min=0, max=10000),
+        "live": Section(fields={
+            "dead_air_s": Num(default=8.0, min=1, max=600, integer=False,
+                              doc="no progress or silence this long on a stream: next source"),
+            "start_grace_s": Num(default=12.0, min=1, max=600, integer=False,
+                                 doc="time a stream may take to produce its first audio"),
+            "probe_min_s": Num(default=10.0, min=1, max=3600, integer=False,
+                               doc="first re-probe of the primary after leaving it"),
+            "probe_max_s": Num(default=180.0, min=1, max=86400, integer=False,
+                               doc="longest wait between re-probes (the backoff doubles)"),
+            "probe_timeout_s": Num(default=5.0, min=1, max=60, integer=False),
+        }),
     }),
     "amplifier": Section(fields={
         "pin": Num(default=None, nullable=True, min=0, max=27),
@@ -529,6 +540,11 @@ def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
                 path, _, message = line.partition(": ")
                 errors.append((path.strip(), message or line))
     errors.extend(_secret_problems(cfg["mqtt"]))
+    live = cfg["audio"]["live"]
+    if live["probe_min_s"] > live["probe_max_s"]:
+        errors.append(("audio.live.probe_min_s",
+                       f"{live['probe_min_s']:g} is more than probe_max_s "
+                       f"({live['probe_max_s']:g})"))
     for pin_key in ("pin", "fault_pin"):
         pin = cfg["amplifier"][pin_key]
         for name, spec in (cfg["cabinet"] or {}).items():

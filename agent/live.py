@@ -12,7 +12,9 @@ endpoints and Liquidsoap ``fallback`` chains do:
   or a level below ``silence_dbfs`` for ``dead_air_s``) is left for the next one;
 - the fallback file loops while no stream airs; when it fails too, the chain is exhausted;
 - while off the primary, the primary is re-probed with a backoff (10 s, doubling to 3 min);
-  a good probe switches back to it and resets the backoff;
+  a good probe switches back to it. The backoff starts afresh only once the primary has aired
+  well for ``STABLE_S``: a primary that answers probes but keeps going dead is retried less
+  and less often instead of flapping;
 - rejoining (after a preemption) starts again from the primary.
 """
 
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 from agent.clock import Clock
 
 STREAM_SCHEMES = ("http", "https", "rtsp")
+STABLE_S = 60.0  # a source airing this long without a fault has recovered for good
 
 
 @dataclass
@@ -128,7 +131,10 @@ class LiveRelay:
             self._silent_since = self._silent_since or now
         else:
             self._silent_since = None
-        return self._stalled(now) or self._silent(now)
+        dead = self._stalled(now) or self._silent(now)
+        if not dead and self.index == 0 and now - self._since >= STABLE_S:
+            self._probe_delay = self.options.probe_min_s
+        return dead
 
     def _stalled(self, now: float) -> bool:
         if self._progress_at is None:  # nothing heard yet: allow for connecting and buffering
@@ -158,7 +164,8 @@ class LiveRelay:
         if ok:
             self.index = 0
             self._probe_at = None
-            self._probe_delay = self.options.probe_min_s
+            # if it fails again soon, the next probe waits longer (reset in observe())
+            self._probe_delay = min(self._probe_delay * 2, self.options.probe_max_s)
             self._restart("primary_back")
             return self.primary
         self._probe_delay = min(self._probe_delay * 2, self.options.probe_max_s)

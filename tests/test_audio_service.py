@@ -69,12 +69,15 @@ def media(tmp_path_factory) -> Path:
 
 class Server:
     """Serves ``folder``; ``/cut/NAME`` sends half of NAME then drops the connection for the
-    first ``cuts`` requests; ``/redirect?to=URL`` redirects; ``/stream`` is an endless WAV."""
+    first ``cuts`` requests; ``/redirect?to=URL`` redirects; ``/stream`` is an endless WAV;
+    ``/stall`` streams 1.5 s of it, then holds the connection open sending nothing (dead air);
+    ``/flaky`` answers 503 while ``flaky_down`` is set, else streams."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.requests: list[str] = []
         self.cuts = 1
+        self.flaky_down = True
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -89,6 +92,13 @@ class Server:
                     self.end_headers()
                 elif self.path.startswith("/stream"):
                     server.stream(self)
+                elif self.path.startswith("/stall"):
+                    server.stream(self, blocks=15, then_hold_s=30)
+                elif self.path.startswith("/flaky"):
+                    if server.flaky_down:
+                        self.send_error(503)
+                    else:
+                        server.stream(self)
                 else:
                     server.file(self)
 
@@ -118,8 +128,9 @@ class Server:
             return
         h.wfile.write(data)
 
-    def stream(self, h) -> None:
-        """A WAV header claiming a huge length, then a tone in real time for 30 s."""
+    def stream(self, h, blocks: int = 300, then_hold_s: float = 0) -> None:
+        """A WAV header claiming a huge length, then a tone in real time (``blocks`` of
+        0.1 s), then ``then_hold_s`` of silence on the wire with the connection open."""
         rate = 16000
         h.send_response(200)
         h.send_header("Content-Type", "audio/wav")
@@ -133,10 +144,11 @@ class Server:
                                   for i in range(rate // 10))).tobytes()
         try:
             h.wfile.write(header)
-            for _ in range(300):
+            for _ in range(blocks):
                 h.wfile.write(block)
                 h.wfile.flush()
                 time.sleep(0.1)
+            time.sleep(then_hold_s)
         except OSError:
             pass
 
@@ -493,6 +505,50 @@ def test_live_falls_back_to_the_local_file(make_rig, server, media):
     rec = rig.record(cid)
     assert rec["live"]["source"] == str(rig.cache / sha(media / "tone.wav"))
     assert rec["media"][0]["fallback"]["sha256"] == sha(media / "tone.wav")
+
+
+def test_live_dead_air_on_the_primary_fails_over_to_a_backup(make_rig, server):
+    """A primary that connects, airs, then goes quiet with its connection open: libvlc raises
+    no error, only the position stops; the relay calls it dead air and airs the backup."""
+    rig = make_rig(audio={"network_caching_ms": 300,
+                          "live": {"dead_air_s": 2, "start_grace_s": 5}})
+    cid = rig.send("live", {"url": server.url("stall"), "backups": [server.url("stream")],
+                            "duration_s": 9})
+    assert rig.final(cid)["stage"] == "done"
+    rec = rig.record(cid)
+    assert rec["result"] == "done" and rec["live"]["source"] == server.url("stream")
+    switches = rec["live"]["switches"]
+    assert [(s["source"], s["reason"]) for s in switches] == [
+        (server.url("stall"), "rejoin"), (server.url("stream"), "dead_air")]
+    # ~1.5 s of audio, then ≥ 2 s without progress: the switch comes 3.5-6 s in
+    assert 3000 <= switches[1]["at"] - switches[0]["at"] <= 6500
+    rig.proc.stop()
+    out_ms, out_db = wav_stats(rig.out)
+    assert out_ms > 300 and out_db > -40  # the backup aired (afile keeps the last source)
+
+
+def test_live_switches_back_to_the_primary_when_a_probe_finds_it_again(make_rig, server):
+    server.flaky_down = True
+    rig = make_rig(audio={"network_caching_ms": 300,
+                          "live": {"probe_min_s": 2, "probe_max_s": 8, "probe_timeout_s": 2}})
+    cid = rig.send("live", {"url": server.url("flaky"), "backups": [server.url("stream")],
+                            "duration_s": 10})
+    rig.wait(cid, "started")
+    wait_until(lambda: any(p.startswith("/stream") for p in server.requests), 10,
+               what="the backup airing")
+    time.sleep(1)
+    server.flaky_down = False  # the studio is back
+    assert rig.final(cid)["stage"] == "done"
+    rec = rig.record(cid)
+    flaky, backup = server.url("flaky"), server.url("stream")
+    assert [(s["source"], s["reason"]) for s in rec["live"]["switches"]] == [
+        (flaky, "rejoin"), (backup, "error"), (flaky, "primary_back")]
+    assert rec["live"]["source"] == flaky
+    # probed (a plain GET, not libvlc) before switching: one refused at the start, then
+    # at least one probe and libvlc's own request once it was back
+    assert sum(p.startswith("/flaky") for p in server.requests) >= 3
+    rig.proc.stop()
+    assert wav_stats(rig.out)[1] > -40
 
 
 def test_live_with_every_source_dead_fails(make_rig):

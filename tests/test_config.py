@@ -131,3 +131,9 @@ def test_example_config_shows_every_key():
 
     walk(config.SCHEMA, example)
     assert missing == [], f"config/agent.example.yaml does not document {missing}"
+
+
+def test_live_probe_bounds_must_be_ordered():
+    got = problems(GOOD + "audio:\n  live: {probe_min_s: 300, probe_max_s: 60}\n")
+    assert any(p.endswith("audio.live.probe_min_s: 300 is more than probe_max_s (60)")
+               for p in got), got

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from agent.clock import FakeClock
-from agent.live import LiveOptions, LiveRelay, as_http, probe_url, stream_url_problem
+from agent.live import STABLE_S, LiveOptions, LiveRelay, as_http, probe_url, stream_url_problem
 from tests.conftest import free_port
 
 P, B1, B2, F = "http://p/s", "http://b1/s", "rtsp://b2/s", "/cache/fallback"
@@ -121,8 +121,32 @@ def test_primary_reprobe_backs_off_and_switches_back():
     r.probe_started()
     assert r.probe_result(True) == P and r.current() == P
     assert r.switches[-1].reason == "primary_back"
-    r.failed("error")  # the backoff starts again from the minimum
+    pos = 0
+    for _ in range(int(STABLE_S) + 1):  # the primary airs well for a minute ...
+        clock.advance(1)
+        pos += 1000
+        assert not r.observe(pos)
+    r.failed("error")  # ... so the backoff starts again from the minimum
     assert r.next_deadline() == pytest.approx(clock.monotonic() + 10)
+
+
+def test_a_primary_that_answers_probes_but_keeps_dying_is_retried_less_often():
+    clock = FakeClock()
+    r = relay(clock, probe_min_s=10, probe_max_s=80, dead_air_s=5, start_grace_s=5)
+    r.failed("dead_air")
+    waits = []
+    for _ in range(4):
+        start = clock.monotonic()
+        while not r.probe_due():
+            clock.advance(1)
+        waits.append(clock.monotonic() - start)
+        r.probe_started()
+        assert r.probe_result(True) == P  # the probe gets bytes ...
+        pos = 0
+        while not r.observe(pos):  # ... but the stream stalls again
+            clock.advance(1)
+        assert r.failed("dead_air") == B1
+    assert waits == [10, 20, 40, 80]
 
 
 def test_report_lists_switches():
