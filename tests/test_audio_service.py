@@ -551,6 +551,23 @@ def test_live_switches_back_to_the_primary_when_a_probe_finds_it_again(make_rig,
     assert wav_stats(rig.out)[1] > -40
 
 
+def test_a_preempted_stream_rejoins_after_the_emergency(make_rig, server, media):
+    rig = make_rig(audio={"network_caching_ms": 300})
+    live = rig.send("live", {"url": server.url("stream"), "duration_s": 8})
+    rig.wait(live, "started")
+    time.sleep(1)
+    emergency = rig.send("play", {"media": media_arg(server, media, "short.wav"),
+                                  "priority": "emergency"})
+    assert rig.final(emergency)["stage"] == "done"
+    assert rig.final(live)["stage"] == "done"
+    assert rig.stages(live) == ["received", "queued", "started", "preempted", "resumed", "done"]
+    rec = rig.record(live)
+    assert rec["preemptions"] == 1 and [s["result"] for s in rec["segments"]] == [
+        "preempted", "done"]
+    assert [s["reason"] for s in rec["live"]["switches"]] == ["rejoin", "rejoin"]
+    assert sum(p.startswith("/stream") for p in server.requests) == 2  # connected again
+
+
 def test_live_with_every_source_dead_fails(make_rig):
     rig = make_rig(audio={"network_caching_ms": 300})
     cid = rig.send("live", {"url": f"http://127.0.0.1:{free_port()}/a",
