@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -164,7 +165,9 @@ class SystemSyncProbe:
     In order: the kernel (adjtimex: ntpd, chrony with rtcsync and systemd-timesyncd clear
     STA_UNSYNC), systemd-timesyncd's flag file ``/run/systemd/timesync/synchronized`` (created
     at its first sync since boot; /run is a tmpfs) and chrony (``chronyc -n tracking``, a
-    subprocess, so asked at most every ``chrony_every_s``). Returns ``(synced, source)``:
+    subprocess that may take up to 0.5 s: asked at most every ``chrony_every_s``, in the
+    background — ``spawn`` runs it, by default on a short-lived thread — so that a caller on the
+    core thread never waits for it; the latest answer is used). Returns ``(synced, source)``:
     ``(True, "kernel"|"timesyncd"|"chrony")``, ``(False, "unsynchronised")`` when a source
     answered no, ``(None, "unknown")`` when none could be asked.
     """
@@ -173,14 +176,17 @@ class SystemSyncProbe:
                  timesyncd_flag: str = TIMESYNCD_FLAG,
                  chrony: Callable[[], bool | None] = chrony_synchronised,
                  chrony_every_s: float = 30.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 spawn: Callable[[Callable[[], None]], None] | None = None) -> None:
         self._kernel = kernel
         self._flag = timesyncd_flag
         self._chrony = chrony
         self._chrony_every_s = chrony_every_s
         self._monotonic = monotonic
+        self._spawn = spawn or _spawn_daemon
         self._chrony_at: float | None = None
         self._chrony_last: bool | None = None
+        self._chrony_busy = False
 
     def __call__(self) -> tuple[bool | None, str]:
         answers = [self._kernel()]
@@ -197,10 +203,22 @@ class SystemSyncProbe:
 
     def _ask_chrony(self) -> bool | None:
         now = self._monotonic()
-        if self._chrony_at is None or now - self._chrony_at >= self._chrony_every_s:
+        due = self._chrony_at is None or now - self._chrony_at >= self._chrony_every_s
+        if due and not self._chrony_busy:
             self._chrony_at = now
-            self._chrony_last = self._chrony()
+            self._chrony_busy = True
+            self._spawn(self._refresh_chrony)
         return self._chrony_last
+
+    def _refresh_chrony(self) -> None:
+        try:
+            self._chrony_last = self._chrony()
+        finally:
+            self._chrony_busy = False
+
+
+def _spawn_daemon(fn: Callable[[], None]) -> None:
+    threading.Thread(target=fn, name="chronyc", daemon=True).start()
 
 
 class ClockTrust:

@@ -26,7 +26,7 @@ from agent import protocol, schedule_service
 from agent.clock import ClockTrust, FakeClock, SystemClock, SystemSyncProbe, chrony_synchronised
 from agent.schedule_service import ScheduleService, slot_id
 from agent.schedule_store import AIRED, SKIPPED, ScheduleStore
-from tests.conftest import Watcher, agent_config, wait_online, wait_until
+from tests.conftest import Broker, Watcher, agent_config, wait_online, wait_until
 from tests.fakes import make_core
 
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -445,7 +445,8 @@ def test_sync_probe_sources_in_order_and_chrony_rate_limited(tmp_path):
         return False
 
     probe = SystemSyncProbe(kernel=lambda: False, timesyncd_flag=str(flag), chrony=chrony,
-                            chrony_every_s=30, monotonic=lambda: mono["t"])
+                            chrony_every_s=30, monotonic=lambda: mono["t"],
+                            spawn=lambda fn: fn())
     assert probe() == (False, "unsynchronised")
     mono["t"] = 10
     assert probe() == (False, "unsynchronised") and calls == [0.0]  # not asked again yet
@@ -455,6 +456,23 @@ def test_sync_probe_sources_in_order_and_chrony_rate_limited(tmp_path):
     unknown = SystemSyncProbe(kernel=lambda: None, timesyncd_flag=str(tmp_path / "no"),
                               chrony=lambda: None)
     assert unknown() == (None, "unknown")
+
+
+def test_a_slow_chronyc_never_holds_up_the_caller(tmp_path):
+    release = threading.Event()
+
+    def chrony():  # chronyc answering late (the core thread must not wait for it)
+        release.wait(5)
+        return True
+
+    probe = SystemSyncProbe(kernel=lambda: False, timesyncd_flag=str(tmp_path / "no"),
+                            chrony=chrony)
+    t0 = time.monotonic()
+    assert probe() == (False, "unsynchronised")  # no answer yet
+    assert probe() == (False, "unsynchronised")  # one question at a time, still no wait
+    assert time.monotonic() - t0 < 0.5
+    release.set()
+    wait_until(lambda: probe() == (True, "chrony"), 5, 0.01, what="chrony's answer")
 
 
 def test_clock_trust_latches_and_names_its_source():
@@ -656,28 +674,33 @@ def test_real_agent_airs_a_slot_a_few_seconds_ahead(tmp_path, broker, keys, agen
     assert agent.alive()
 
 
-def test_real_agent_airs_with_the_broker_stopped(tmp_path, broker, keys, agent_factory,
-                                                 monkeypatch, watcher, media):
-    offset, slot = minute_ahead(10)
-    watcher.publish(DEV_TOPIC, schedule_doc(keys, 1, [slot_item(media, slot)]), retain=True)
-    start_agent(tmp_path, broker, keys, agent_factory, monkeypatch, offset)
-    wait_online(watcher, DEVICE)
-    wait_event(watcher, lambda e: e.get("type") == "schedule", what="the document applied")
-    cached = tmp_path / DEVICE / "cache"
-    wait_until(lambda: any(media["sha256"] in p.name for p in cached.rglob("*")), 10,
-               what="the media prefetched")
-    watcher.close()
-    broker.stop()
-    wait_until(lambda: time.time() * 1000 + offset > slot + 4000, 20, interval=0.2)
-    broker.start()
-    after = Watcher(broker.port, ["ttcs/#"])
+def test_real_agent_airs_with_the_broker_stopped(tmp_path, keys, agent_factory, monkeypatch,
+                                                 media):
+    # A broker that keeps sessions across its restart, and a watcher with a persistent
+    # session: the play record the agent sends when it is back reaches the watcher even if the
+    # agent reconnects before the watcher does.
+    broker = Broker(tmp_path / "pbroker", persistence=True).start()
+    watcher = Watcher(broker.port, ["ttcs/#"], persistent=True)
     try:
-        rec = wait_event(after, lambda e: e.get("type") == "play", 30,
+        offset, slot = minute_ahead(10)
+        watcher.publish(DEV_TOPIC, schedule_doc(keys, 1, [slot_item(media, slot)]), retain=True)
+        start_agent(tmp_path, broker, keys, agent_factory, monkeypatch, offset)
+        wait_online(watcher, DEVICE)
+        wait_event(watcher, lambda e: e.get("type") == "schedule", what="the document applied")
+        cached = tmp_path / DEVICE / "cache"
+        wait_until(lambda: any(media["sha256"] in p.name for p in cached.rglob("*")), 10,
+                   what="the media prefetched")
+        broker.stop()  # SIGTERM: mosquitto saves its sessions
+        wait_until(lambda: time.time() * 1000 + offset > slot + 4000, 20, interval=0.2)
+        assert not any(e.get("type") == "play" for e in watcher.json(f"dev/{DEVICE}/event"))
+        broker.start()
+        rec = wait_event(watcher, lambda e: e.get("type") == "play", 30,
                          what="the play record delivered after the outage")
         assert rec["origin"] == "schedule" and rec["result"] == "done"
         assert rec["historical"] is True and rec["started"] >= slot - 5
     finally:
-        after.close()
+        watcher.close()
+        broker.stop()
 
 
 def test_real_agent_restart_between_two_slots(tmp_path, broker, keys, agent_factory,
