@@ -48,6 +48,10 @@ class TcpProxy:
             _close(b)
         return len(pairs)
 
+    def live_connections(self) -> int:
+        with self._lock:
+            return len(self._pairs)
+
     def cut_mid_packet(self) -> None:
         """Forward only part of the next chunk (either way), then close that connection."""
         self._cut_next = True

@@ -662,13 +662,20 @@ def test_proxy_delay_throttle_drop_and_cut(tmp_path, keys, agent_factory):
         proxy.rate_bps = 2000
         burst(10)
         proxy.rate_bps = 0
+        def back_after(fault) -> None:
+            """Inject ``fault`` on a live connection, then wait for the agent to reconnect (its
+            backoff grows to 1 s between short sessions), so that every fault counts."""
+            wait_until(lambda: proxy.live_connections() > 0, 10, 0.02, what="a connection")
+            before = proxy.connections
+            fault()
+            wait_until(lambda: proxy.connections > before, 15, 0.02, what="a reconnection")
+
         for _ in range(4):
             burst(5)
-            proxy.drop_all()
+            back_after(proxy.drop_all)
         for _ in range(4):
             burst(5)
-            proxy.cut_mid_packet()
-            time.sleep(0.3)
+            back_after(lambda: (proxy.cut_mid_packet(), burst(2)))
         proxy.refuse = True
         proxy.drop_all()
         burst(10)
@@ -676,7 +683,7 @@ def test_proxy_delay_throttle_drop_and_cut(tmp_path, keys, agent_factory):
         proxy.clear_faults()
         burst(5)
         check_exactly_once(ctl, w, set())
-        assert proxy.connections > 5 and proxy.cuts >= 1
+        assert proxy.connections >= 9 and proxy.cuts >= 4  # every fault hit a connection
         session = wait_online(w, DEV)["session"]
         if volumes:
             def converged():
