@@ -466,7 +466,8 @@ class Core:
         body = health.build_health(system, self.health_extra(), self.clock)
         body["agent_uptime_s"] = int(self.clock.monotonic() - self.started_mono)
         body["session"] = self.session
-        self.last_health = self.outbox.add(self.topics.dev("health"), body, kind="health")
+        self.last_health = self.outbox.send_or_store(self.topics.dev("health"), body,
+                                                     kind="health")
 
     def health_extra(self) -> dict:
         extra = {"version": __version__, "clock_trusted": self.trust.trusted(),

@@ -103,3 +103,17 @@ def test_pump_sends_a_long_backlog_in_windows(tmp_path):
     for mid in range(1, 46):
         box.on_published(mid)
     assert [m["i"] for m in link.sent] == list(range(45)) and store.depth() == 0
+
+
+def test_health_goes_straight_out_when_connected_and_is_stored_otherwise(tmp_path):
+    store, link, box = make(tmp_path)
+    box.send_or_store("t/health", {"n": 1}, kind="health")
+    assert link.sent == [{"n": 1}] and store.depth() == 0  # no disk write
+    link.connected = False
+    box.send_or_store("t/health", {"n": 2}, kind="health")
+    assert store.depth() == 1  # offline: kept, flagged historical
+    link.connected = True
+    box.send_or_store("t/health", {"n": 3}, kind="health")
+    # an older row waits: this one is stored too and goes after it, in order
+    assert store.depth() == 2
+    assert [m["n"] for m in link.sent] == [1, 2, 3] and link.sent[1]["historical"] is True
