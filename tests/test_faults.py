@@ -428,6 +428,11 @@ def test_sigkill_at_random_points_leaves_consistent_state(tmp_path, keys, agent_
                    what="the outbox drained")
         try:
             seqs = wait_events(w, last)
+            # the last session may add events of its own (a document applied, a download
+            # that failed) after `last` was read: compare with the store's final count
+            time.sleep(1)
+            last = db_value(db, "SELECT value FROM meta WHERE key='seq'")
+            seqs = wait_events(w, last)
         finally:
             got = events_by_seq(w)
             missing = sorted(set(range(1, last + 1)) - set(got))
