@@ -161,14 +161,14 @@ class LiveRelay:
         self.probing = False
         if self.index == 0:
             return None
+        # either way the next probe waits longer: after a failed probe, or if the primary
+        # fails again soon after a good one (observe() resets it once the primary airs well)
+        self._probe_delay = min(self._probe_delay * 2, self.options.probe_max_s)
         if ok:
             self.index = 0
             self._probe_at = None
-            # if it fails again soon, the next probe waits longer (reset in observe())
-            self._probe_delay = min(self._probe_delay * 2, self.options.probe_max_s)
             self._restart("primary_back")
             return self.primary
-        self._probe_delay = min(self._probe_delay * 2, self.options.probe_max_s)
         self._probe_at = self.clock.monotonic() + self._probe_delay
         return None
 

@@ -13,11 +13,6 @@ share one download.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import requests
-
 import hashlib
 import ipaddress
 import logging
@@ -30,10 +25,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 from agent.clock import Clock, SystemClock
 from agent.fsutil import fsync_dir
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +109,6 @@ class MediaCache:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="media")
         self._scan()
 
-    # --- public API -----------------------------------------------------------------------
-
-
     @property
     def _session(self) -> requests.Session:
         """Created at the first download: most days nothing is downloaded, and requests
@@ -120,6 +116,9 @@ class MediaCache:
         if self._session_obj is None:
             self._session_obj = _requests().Session()
         return self._session_obj
+
+    # --- public API -----------------------------------------------------------------------
+
     def check_url(self, url: str) -> None:
         """Raise :class:`MediaError` (``media_host``) unless ``url`` may be downloaded."""
         if not isinstance(url, str) or len(url) > MAX_URL_LEN:
@@ -171,7 +170,7 @@ class MediaCache:
                 return None
             if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
                 return None
-            if time.time() - st.st_mtime_ns / 1e9 < TOUCH_EVERY_S:
+            if 0 <= time.time() - st.st_mtime_ns / 1e9 < TOUCH_EVERY_S:
                 with self._lock:  # recently touched: the LRU order on disk is close enough
                     entry.last_used = time.time()
             else:

@@ -8,12 +8,11 @@ down rows accumulate (flagged ``historical``) and are sent in order on reconnect
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Protocol
 
 from agent.clock import Clock
-from agent.store import Store
+from agent.store import Store, encode
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class Outbox:
             body = {**body, "historical": True}
         stored = self.store.enqueue(topic, body, qos=qos, kind=kind, now_ms=self.clock.now_ms(),
                                     event=event)
-        if (kind in EARLY_KINDS or not self.store.in_transaction):
+        if kind in EARLY_KINDS or not self.store.in_transaction:
             self.pump()
         return stored
 
@@ -55,10 +54,10 @@ class Outbox:
         without storing — two SQLite commits less per sample, most of an idle agent's writes to
         the SD card. A sample whose PUBACK never comes (the link drops at that instant) is then
         lost; samples taken offline, or while older rows wait, are stored as usual."""
-        if self.link.connected and not self._inflight and self.depth == 0:
-            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-            if self.link.publish(topic, payload, qos=1) is not None:
-                return body
+        # depth counts rows in flight too: 0 means nothing is waiting to go before this
+        if (self.link.connected and self.depth == 0
+                and self.link.publish(topic, encode(body), qos=1) is not None):
+            return body
         return self.add(topic, body, kind=kind)
 
     def pump(self) -> None:

@@ -29,6 +29,11 @@ CREATE INDEX IF NOT EXISTS outbox_kind ON outbox(kind, rowid);
 CREATE TABLE IF NOT EXISTS open_cmds (id TEXT PRIMARY KEY, type TEXT, since INTEGER);
 """
 
+def encode(body: dict) -> bytes:
+    """The wire form of an outbound message (compact UTF-8 JSON)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 # What the outbox may drop when full, first to last. Play records and alerts are never dropped.
 DROPPABLE = ("health", "ack")
 
@@ -143,7 +148,7 @@ class Store:
                 seq = self._get("seq") + 1
                 self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('seq', ?)", (seq,))
                 body = {**body, "seq": seq}
-            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            payload = encode(body)
             self.db.execute(
                 "INSERT INTO outbox(topic, payload, qos, kind, created) VALUES (?,?,?,?,?)",
                 (topic, payload, qos, kind, now_ms))

@@ -102,6 +102,14 @@ def test_a_level_blip_resets_the_silence_timer():
         assert not r.observe(pos, float(level))
 
 
+def until_probe_due(r: LiveRelay, clock: FakeClock) -> float:
+    """Advance the clock a second at a time until a probe is due; return the wait."""
+    start = clock.monotonic()
+    while not r.probe_due():
+        clock.advance(1)
+    return clock.monotonic() - start
+
+
 def test_primary_reprobe_backs_off_and_switches_back():
     clock = FakeClock()
     r = relay(clock, probe_min_s=10, probe_max_s=40)
@@ -109,15 +117,11 @@ def test_primary_reprobe_backs_off_and_switches_back():
     assert not r.probe_due() and r.next_deadline() == pytest.approx(clock.monotonic() + 10)
     delays = []
     for _ in range(4):
-        start = clock.monotonic()
-        while not r.probe_due():
-            clock.advance(1)
-        delays.append(clock.monotonic() - start)
+        delays.append(until_probe_due(r, clock))
         assert r.probe_started() == P and not r.probe_due() and r.next_deadline() is None
         assert r.probe_result(False) is None and r.current() == B1
     assert delays == [10, 20, 40, 40]
-    while not r.probe_due():
-        clock.advance(1)
+    until_probe_due(r, clock)
     r.probe_started()
     assert r.probe_result(True) == P and r.current() == P
     assert r.switches[-1].reason == "primary_back"
@@ -136,10 +140,7 @@ def test_a_primary_that_answers_probes_but_keeps_dying_is_retried_less_often():
     r.failed("dead_air")
     waits = []
     for _ in range(4):
-        start = clock.monotonic()
-        while not r.probe_due():
-            clock.advance(1)
-        waits.append(clock.monotonic() - start)
+        waits.append(until_probe_due(r, clock))
         r.probe_started()
         assert r.probe_result(True) == P  # the probe gets bytes ...
         pos = 0
