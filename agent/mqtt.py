@@ -67,12 +67,31 @@ def read_secret(path: str) -> str:
         return f.read().strip()
 
 
+class Client(mqtt.Client):
+    """paho's client, with one writer to the socket at a time.
+
+    The agent publishes from its core thread while its own network thread runs ``loop()``.
+    Without ``loop_start()`` paho writes from the publishing thread itself, and its
+    ``loop_write`` takes a packet off the queue and sends it without a lock: with two threads
+    writing, one can take event N, the other N+1, and N+1 reach the broker first. Holding a
+    lock from taking to sending keeps the wire in queue order (publishes queue in call order).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_lock = threading.RLock()  # re-entered when a write triggers a callback
+
+    def loop_write(self) -> mqtt.MQTTErrorCode:
+        with self._write_lock:
+            return super().loop_write()
+
+
 def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True,
                 manual_ack: bool = False) -> mqtt.Client:
     """A configured paho client (protocol, TLS, credentials) — shared by agent and ttcs-ctl.
     ``persistent``: an MQTT 3.1.1 session the broker keeps (MQTT 5 chooses at connect)."""
     v5 = str(mqtt_cfg.get("protocol", "5")) == "5"
-    client = mqtt.Client(
+    client = Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,

@@ -263,3 +263,45 @@ def test_mqtt_311_client_works(broker, keys, tmp_path, agent_factory):
         w.wait_ack(env["id"], "done")
     finally:
         w.close()
+
+
+def test_two_threads_writing_to_the_link_keep_the_queue_order():
+    """The core thread publishes while the network thread may be writing too: a packet taken
+    off paho's queue must reach the socket before the next one is taken (an event overtaking
+    the one before it was seen in the SIGKILL fault test)."""
+    import threading
+
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.mqtt import Client
+
+    client = Client(CallbackAPIVersion.VERSION2, client_id="order")
+    sent: list[bytes] = []
+    first_taken, release = threading.Event(), threading.Event()
+
+    def slow_first_send(data) -> int:  # the network thread, descheduled mid-send
+        if not first_taken.is_set():
+            first_taken.set()
+            release.wait(5)
+        sent.append(bytes(data))
+        return len(data)
+
+    def packet(mid: int) -> dict:  # a PUBACK: 0x40, length 2, mid
+        return {"command": 0x40, "mid": mid, "qos": 0, "pos": 0, "to_process": 4,
+                "packet": bytes([0x40, 2, 0, mid]), "info": None}
+
+    client._sock = object()  # "connected"; the send itself is the stub
+    client._sock_send = slow_first_send
+    client._out_packet.append(packet(1))
+    network = threading.Thread(target=client.loop_write)
+    network.start()
+    assert first_taken.wait(5)
+    client._out_packet.append(packet(2))
+    core = threading.Thread(target=client.loop_write)  # waits for the network thread's send
+    core.start()
+    time.sleep(0.2)
+    release.set()
+    network.join(5)
+    core.join(5)
+    client._sock = None  # nothing to close
+    assert [p[3] for p in sent] == [1, 2]
