@@ -63,7 +63,7 @@ def run(config_path: str | None) -> int:
         core.request_stop()
 
     def on_hup(signum, frame) -> None:
-        core.post(_reload, core, cfg["_path"])
+        core.interrupt(_reload, core, cfg["_path"])
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import logging
 import os
 import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ from agent.fsutil import write_json_volatile
 from agent.mqtt import LinkHandlers, MqttLink
 from agent.outbox import Outbox
 from agent.protocol import Envelope, Rejected, Topics
-from agent.store import Store
+from agent.store import Store, encode
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,13 @@ class Core:
         self.topics = Topics(cfg["mqtt"]["topic_prefix"], self.device)
         self.session = store.next_session()
         self.started_mono = clock.monotonic()
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Other threads wake the core's poll through this pipe; only while it sleeps there.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sleeping = False
+        self._owner = threading.get_ident()
         self._timers: list[_Timer] = []
         self._timer_seq = itertools.count()
         self._running = False
@@ -128,6 +134,22 @@ class Core:
     def post(self, fn: Callable, *args: Any) -> None:
         """Run ``fn(*args)`` on the core thread. Safe from any thread; never blocks."""
         self._queue.put((fn, args))
+        # The core raises _sleeping before its last look at the queue, so either it sees
+        # this item or we see the flag.
+        if self._sleeping and threading.get_ident() != self._owner:
+            self._wakeup()
+
+    def interrupt(self, fn: Callable, *args: Any) -> None:
+        """:meth:`post` that also wakes the core when called on its own thread while it
+        sleeps in :meth:`_poll` (a signal handler)."""
+        self._queue.put((fn, args))
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending (or we are closing)
 
     def call_later(self, delay_s: float, fn: Callable, *args: Any) -> _Timer:
         """Run ``fn`` on the core thread after ``delay_s`` (monotonic). Core thread only."""
@@ -206,6 +228,8 @@ class Core:
     def run(self) -> None:
         """Start the link and run events until :meth:`request_stop`; then shut down."""
         self._running = True
+        self._owner = threading.get_ident()
+        self.link.waker = self._wakeup
         self.link.start()
         sdnotify.ready()  # config read, components and MQTT set up; the broker may be away
         self.call_every(self.cfg["health"]["interval_s"], self.send_health, first_s=5)
@@ -215,13 +239,26 @@ class Core:
         try:
             while self._running:
                 self._watchdog_tick()
-                try:
-                    first = self._queue.get(timeout=self._wait_time())
-                except queue.Empty:
-                    first = None
-                self._run_batch(first)
+                self._poll()
+                self._run_batch(None)
         finally:
             self._shutdown()
+
+    def _poll(self) -> None:
+        """Serve the MQTT connection; sleep there until the broker, a timer or another
+        thread's :meth:`post` needs the core. The link's callbacks post on this thread."""
+        self._sleeping = True
+        try:
+            idle = self._queue.empty()
+            woken = self.link.poll(self._wait_time() if idle else 0.0,
+                                   self._wake_r if idle else None)
+        finally:
+            self._sleeping = False
+        if woken:
+            try:
+                os.read(self._wake_r, 4096)
+            except (BlockingIOError, OSError):
+                pass
 
     def _run_batch(self, first: tuple | None, limit: int = 100) -> None:
         """Run due timers, ``first`` and whatever else is queued (up to ``limit``) in one
@@ -288,7 +325,7 @@ class Core:
 
     def request_stop(self) -> None:
         """Ask the loop to stop (any thread, e.g. a signal handler)."""
-        self.post(self._stop)
+        self.interrupt(self._stop)
 
     def _stop(self) -> None:
         self._running = False
@@ -308,6 +345,8 @@ class Core:
         self._workers.shutdown(wait=False, cancel_futures=True)
         self.write_status_file()
         self.store.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
     # --- link events -------------------------------------------------------------------
 
@@ -388,7 +427,9 @@ class Core:
             return
         self.store.seen_add(env.id, env.kid, env.ts, self.clock.now_ms())
         self.store.open_add(env.id, env.type, self.clock.now_ms())
-        self.store.commit()  # the id is remembered before anything airs or is acked
+        # Written before anything airs or is acked (a crashed agent remembers it); flushed to
+        # the card at the end of this batch, before the broker hears it was delivered.
+        self.store.commit()
         self.ack(env.id, "received", detail={"type": env.type})
         handler.execute(env)
 
@@ -432,7 +473,13 @@ class Core:
     def ack(self, cmd_id: str | None, stage: str, reason: str | None = None,
             detail: dict | None = None) -> None:
         body = protocol.ack(cmd_id, stage, self.clock.now_ms(), reason, detail)
-        self.outbox.add(self.topics.dev("ack"), body, kind="ack")
+        if stage in protocol.FINAL_STAGES:
+            self.outbox.add(self.topics.dev("ack"), body, kind="ack")
+        else:
+            # A step on the way (received, queued, started, ...) goes straight out while
+            # connected; if a crash loses it, the command is still open and its final ack
+            # (failed/interrupted at the next start) is stored like every final ack.
+            self.outbox.send_or_store(self.topics.dev("ack"), body, kind="ack")
         if cmd_id is not None and stage in protocol.FINAL_STAGES:
             self.store.open_done(cmd_id)
 
@@ -571,6 +618,5 @@ def _no_args(args: dict) -> list[str]:
     return [f"args.{k}: unknown argument (this command takes none)" for k in args]
 
 
-def _dumps(obj: dict) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+_dumps = encode  # the outbound wire form
 

@@ -1,15 +1,19 @@
-"""The MQTT link (paho-mqtt 2.x, VERSION2 callbacks) with its own network thread.
+"""The MQTT link (paho-mqtt 2.x, VERSION2 callbacks), served by its owner's thread.
 
-The link never gives up: it connects, loops, and after any loss waits a jittered exponential
-backoff (capped at ``mqtt.reconnect_max_s``) before trying again, so a fleet does not stampede
-a restarted broker. Its callbacks only hand events to the core through the functions given to
-it; they run on the network thread and must not block.
+The owner (the core thread) calls :meth:`MqttLink.poll` in its loop: one ``select()`` on the
+broker socket and the owner's wake-up pipe, then paho's ``loop_read``/``loop_write``/
+``loop_misc``. So one thread reads and writes the socket (TLS included) and inbound commands
+are handled where they were read. Connecting blocks (DNS, TCP, TLS, CONNECT), so it happens on a
+connector thread, which hands the socket over and waits until it is lost. The link never gives
+up: after any loss it waits a jittered exponential backoff (capped at
+``mqtt.reconnect_max_s``) before trying again, so a fleet does not stampede a restarted broker.
+The callbacks run inside ``poll`` and only hand events to the core.
 """
-
 from __future__ import annotations
 
 import logging
 import random
+import select
 import socket
 import ssl
 import threading
@@ -70,11 +74,12 @@ def read_secret(path: str) -> str:
 class Client(mqtt.Client):
     """paho's client, with one writer to the socket at a time.
 
-    The agent publishes from its core thread while its own network thread runs ``loop()``.
     Without ``loop_start()`` paho writes from the publishing thread itself, and its
     ``loop_write`` takes a packet off the queue and sends it without a lock: with two threads
-    writing, one can take event N, the other N+1, and N+1 reach the broker first. Holding a
-    lock from taking to sending keeps the wire in queue order (publishes queue in call order).
+    writing, one can take event N, the other N+1, and N+1 reach the broker first (seen when the
+    agent had a network thread beside the core). The agent now writes from one thread at a time
+    (the connector thread sends CONNECT, then the core thread everything else); the lock from
+    taking to sending keeps the wire in queue order should two ever overlap.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -132,32 +137,46 @@ class MqttLink:
         self.reconnects = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._need = threading.Event()  # set: the connector thread should (re)connect
+        self._attached = False  # the owner thread is serving the socket
+        self.waker: Callable[[], None] = lambda: None  # set by the owner: wakes its poll
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        """Start the connector thread. The connection itself is served by :meth:`poll`."""
+        self._thread = threading.Thread(target=self._run, name="mqtt-connect", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Disconnect (owner thread) and end the connector thread."""
         self._stop.set()
-        try:
-            self.client.disconnect()
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        self._need.set()
+        if self._attached:
+            try:
+                self.client.disconnect()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self._detach("stopped")
         if self._thread:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        """Connector thread: connect (blocking: DNS, TCP, TLS), hand the socket to the owner
+        thread, wait until it is lost, back off, connect again."""
         attempt = 0
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                self._session()
+                if self._connect():
+                    self._need.clear()
+                    self._attached = True
+                    self.waker()
+                    self._need.wait()
             except Exception as e:  # the link must outlive any bug or surprise
-                log.exception("mqtt: network thread error")
-                self._lost(f"network thread error: {e}")
+                log.exception("mqtt: connector thread error")
+                self.last_error = f"connector error: {e}"
             if self._stop.is_set():
                 break
             if time.monotonic() - started > 60:
@@ -167,17 +186,6 @@ class MqttLink:
             attempt += 1
             log.info("mqtt: reconnecting in %.1f s (%s)", delay, self.last_error)
             self._stop.wait(delay)
-
-    def _session(self) -> None:
-        """Connect and run the network loop until the connection ends."""
-        if not self._connect():
-            return
-        while not self._stop.is_set():
-            rc = self.client.loop(timeout=0.5)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                break
-        if self.connected:
-            self._lost("network loop ended")
 
     def _connect(self) -> bool:
         topic, payload = self.will()
@@ -197,6 +205,54 @@ class MqttLink:
             self.last_error = f"connect to {self.cfg['host']}:{self.cfg['port']} failed: {e}"
             return False
 
+    # --- serving the connection (owner thread) ----------------------------------------
+
+    def poll(self, timeout: float, wake_fd: int | None = None) -> bool:
+        """Wait up to ``timeout`` for the broker or ``wake_fd``, then read, write and keep
+        the connection alive. Called only by the owner (the core thread), which is then the
+        only thread that touches the socket: no locks, no thread hop for inbound messages.
+        Returns whether ``wake_fd`` became readable."""
+        sock = self.client.socket() if self._attached else None
+        if self._attached and sock is None:
+            # paho closed it (a write failed while publishing; a refused connection)
+            self._detach(self.last_error or "connection closed")
+        rlist: list = [] if wake_fd is None else [wake_fd]
+        wlist: list = []
+        if sock is not None:
+            rlist.append(sock)
+            if self.client.want_write():
+                wlist.append(sock)
+            if getattr(sock, "pending", lambda: 0)() > 0:
+                timeout = 0.0  # TLS already holds decrypted bytes
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
+        except (OSError, ValueError, TypeError):
+            readable, writable = [], []
+            if sock is not None:
+                self._detach("socket error")
+                return False
+        woken = wake_fd is not None and wake_fd in readable
+        if sock is None:
+            return woken
+        rc = mqtt.MQTT_ERR_SUCCESS
+        if sock in readable or getattr(sock, "pending", lambda: 0)() > 0:
+            rc = self.client.loop_read()
+        if rc == mqtt.MQTT_ERR_SUCCESS and (sock in writable or self.client.want_write()):
+            rc = self.client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = self.client.loop_misc()
+        if rc != mqtt.MQTT_ERR_SUCCESS or self.client.socket() is None:
+            self._detach(f"connection lost ({mqtt.error_string(rc)})")
+        return woken
+
+    def _detach(self, reason: str) -> None:
+        """The connection is gone: tell the core, and the connector thread to reconnect."""
+        if not self._attached:
+            return
+        self._attached = False
+        self._lost(reason)
+        self._need.set()
+
     def _lost(self, reason: str) -> None:
         was = self.connected
         self.connected = False
@@ -204,7 +260,7 @@ class MqttLink:
         if was:
             self.handlers.on_disconnect(reason)
 
-    # --- paho callbacks (network thread) -----------------------------------------------
+    # --- paho callbacks (owner thread, inside poll) -----------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -229,7 +285,7 @@ class MqttLink:
         self.client.subscribe(subs)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._lost(f"disconnected: {reason_code}")
+        self._detach(f"disconnected: {reason_code}")
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self.handlers.on_message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid,
@@ -238,7 +294,7 @@ class MqttLink:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self.handlers.on_publish(mid)
 
-    # --- publishing (any thread) -------------------------------------------------------
+    # --- publishing (owner thread) -------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
         """Publish if connected; return the message id, or None when it was not sent."""
@@ -256,12 +312,15 @@ class MqttLink:
             self.client.ack(mid, qos)
 
     def publish_wait(self, topic: str, payload: bytes, timeout: float = 2.0) -> bool:
-        """Publish retained QoS 1 and wait for the broker's acknowledgement (for shutdown)."""
+        """Publish retained QoS 1 and serve the connection until the broker acknowledges it
+        (owner thread, for shutdown)."""
         if not self.connected:
             return False
         info = self.client.publish(topic, payload, qos=1, retain=True)
-        try:
-            info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):
-            return False
+        deadline = time.monotonic() + timeout
+        while not info.is_published() and self._attached:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.poll(min(left, 0.1))
         return info.is_published()

@@ -1,7 +1,11 @@
 """Durable agent state in SQLite (WAL): session and event counters, replay memory, the outbox.
 
-One connection, used only by the core thread. Every write that must survive a power cut is
-one transaction with ``synchronous=FULL``: after ``commit`` returns, it is on the card.
+One connection, used only by the core thread. Writes happen in transactions; when the
+outermost one ends, its commit is flushed to the card (``fsync`` of the WAL): after
+:meth:`Store.transaction` exits, what it wrote survives a power cut. :meth:`Store.commit`
+in the middle of one writes without flushing: that survives a crash of the agent at once and a
+power cut from the end of the transaction on (two steps, so a command's ``received`` need not
+wait for the card; see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ CREATE INDEX IF NOT EXISTS outbox_kind ON outbox(kind, rowid);
 CREATE TABLE IF NOT EXISTS open_cmds (id TEXT PRIMARY KEY, type TEXT, since INTEGER);
 """
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once
+
+
 def encode(body: dict) -> bytes:
     """The wire form of an outbound message (compact UTF-8 JSON)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(body).encode()
 
 
 # What the outbox may drop when full, first to last. Play records and alerts are never dropped.
@@ -55,9 +62,13 @@ class Store:
         self.seen_max = seen_max
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: a commit writes the WAL without fsync; sync() flushes it at the end of each
+        # outermost transaction (SQLite still syncs around its checkpoints).
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self._wal_fd: int | None = None
+        self._synced_changes = -1
         self.dropped = 0
         self._tx_depth = 0
         self._depth = self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
@@ -81,12 +92,45 @@ class Store:
             self._tx_depth -= 1
             if self._tx_depth == 0:
                 self.db.execute("COMMIT")
+                self.sync()
 
     def commit(self) -> None:
-        """Make what the current transaction wrote durable now, and go on in a new one."""
+        """Write what the current transaction holds now (it survives a crash of the agent),
+        and go on in a new one. It is flushed to the card when the outermost transaction
+        ends, with everything after it."""
         if self._tx_depth:
             self.db.execute("COMMIT")
             self.db.execute("BEGIN IMMEDIATE")
+
+    def sync(self) -> None:
+        """Flush committed writes to the card (fsync of the WAL file), if there are any."""
+        changes = self.db.total_changes
+        if changes == self._synced_changes:
+            return
+        fd = self._wal()
+        if fd is not None:
+            os.fsync(fd)
+        self._synced_changes = changes
+
+    def _wal(self) -> int | None:
+        """A descriptor of the WAL file (fsync works per file, whoever wrote it); reopened
+        if the file was replaced. None if there is no WAL file (nothing to flush)."""
+        wal = self.path + "-wal"
+        try:
+            st = os.stat(wal)
+        except FileNotFoundError:
+            return None
+        if self._wal_fd is not None and os.fstat(self._wal_fd).st_ino != st.st_ino:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        if self._wal_fd is None:
+            self._wal_fd = os.open(wal, os.O_RDONLY)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(wal)), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the WAL file's own entry, once per file
+            finally:
+                os.close(dir_fd)
+        return self._wal_fd
 
     @property
     def in_transaction(self) -> bool:
@@ -97,6 +141,9 @@ class Store:
             self.db.close()
         except sqlite3.Error:
             pass
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

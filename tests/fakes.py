@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 from pathlib import Path
 
 from agent import config
@@ -27,9 +28,14 @@ class FakeLink:
         self._mid = 0
         self.auto_ack = True
         self.acked: list[int] = []
+        self.waker = lambda: None
 
     def start(self) -> None:
         pass
+
+    def poll(self, timeout: float, wake_fd: int | None = None) -> bool:
+        fds = [] if wake_fd is None else [wake_fd]
+        return bool(select.select(fds, [], [], timeout)[0])
 
     def stop(self) -> None:
         self.connected = False

@@ -305,3 +305,75 @@ def test_two_threads_writing_to_the_link_keep_the_queue_order():
     core.join(5)
     client._sock = None  # nothing to close
     assert [p[3] for p in sent] == [1, 2]
+
+
+class LinkOwner:
+    """Drives an :class:`agent.mqtt.MqttLink` the way the core does: one thread polls it and
+    publishes; the handlers record what the link reported."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        from agent.mqtt import LinkHandlers, MqttLink
+
+        self.events: list[str] = []
+        self.calls: list = []  # run on the owner thread
+        handlers = LinkHandlers(on_connect=lambda sp: self.events.append("up"),
+                                on_disconnect=lambda reason: self.events.append("down"),
+                                on_message=lambda *m: None, on_publish=lambda mid: None)
+        self.link = MqttLink({"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1,
+                              "reconnect_max_s": 0.2}, "owner-test", handlers,
+                             will=lambda: ("t/status", b"offline"), cmd_topics=["t/cmd"],
+                             doc_topics=[])
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.link.start()
+        while not self._stop.is_set():
+            self.link.poll(0.02)
+            while self.calls:
+                self.calls.pop(0)()
+        self.link.stop()
+
+    def start(self) -> LinkOwner:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+def test_link_reconnects_when_paho_closed_the_socket_behind_its_back(broker):
+    """A publish whose write fails makes paho close the socket from inside ``publish``; the
+    owner's next poll must notice and have the connector thread connect again (before, the link
+    kept waiting on a closed socket: no more commands after some broker restarts)."""
+    owner = LinkOwner(broker.port).start()
+    try:
+        wait_until(lambda: owner.link.connected, 10, what="connected")
+        owner.calls.append(owner.link.client._sock_close)  # as paho does on a failed write
+        wait_until(lambda: owner.events.count("up") == 2, 10, what="reconnected")
+        assert owner.events == ["up", "down", "up"]
+        assert owner.link.reconnects == 2
+        got = []
+        owner.calls.append(lambda: got.append(owner.link.publish("t/x", b"1")))
+        wait_until(lambda: got, 5, what="publish")
+        assert isinstance(got[0], int)  # a message id: published on the new connection
+    finally:
+        owner.close()
+
+
+def test_link_reconnects_after_the_broker_restarts(tmp_path):
+    broker = Broker(tmp_path / "b").start()
+    owner = LinkOwner(broker.port).start()
+    try:
+        wait_until(lambda: owner.link.connected, 10, what="connected")
+        broker.stop()
+        wait_until(lambda: not owner.link.connected, 10, what="loss noticed")
+        broker.start()
+        wait_until(lambda: owner.link.connected, 10, what="reconnected")
+        assert owner.events == ["up", "down", "up"]
+    finally:
+        owner.close()
+        broker.stop()
