@@ -47,7 +47,7 @@ import struct
 import unicodedata
 import wave
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -694,23 +694,20 @@ class AudioService:
         self.items[item.id] = meta
         self._update_pins()
         if ready is not None:
-            done: Future = Future()
-            done.set_result(ready)
-            self._prepared(item, meta, done)
+            self._prepared(item, meta, ready)
             return
         fut = self._pool.submit(make)
-        fut.add_done_callback(lambda f: self.core.post(self._prepared, item, meta, f))
+        fut.add_done_callback(lambda f: self.core.post(self._prepared, item, meta, _outcome(f)))
         self._after()
 
-    def _prepared(self, item: Item, meta: _Meta, fut: Future) -> None:
+    def _prepared(self, item: Item, meta: _Meta, result: list[Variant] | BaseException) -> None:
         if meta.cancelled or self.items.get(item.id) is not meta:
             return
-        exc = fut.exception()
-        if exc is not None:
-            reason, message = _reason_for(exc)
+        if isinstance(result, BaseException):
+            reason, message = _reason_for(result)
             self._prep_failed(meta, reason, message)
             return
-        item.variants = fut.result()
+        item.variants = result
         meta.ready = item
         self._after()
 
@@ -1097,6 +1094,14 @@ def _board_cut(text: str) -> str:
 def _with_extra(body: dict, extra: dict) -> dict:
     """``body`` plus the caller's ``extra`` fields that do not clash with its own."""
     return {**body, **{k: v for k, v in extra.items() if k not in body}}
+
+
+def _outcome(fut: Future) -> Any:
+    """A finished future's result, or the exception it ended with (cancelled included)."""
+    try:
+        return fut.exception() or fut.result()
+    except CancelledError as e:
+        return e
 
 
 def _reason_for(exc: BaseException) -> tuple[str, str]:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_REDIRECTS = 3
 MAX_URL_LEN = 2048
+_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\\]")  # whitespace, control characters, backslash
 CHUNK = 64 * 1024
 # A cached file's mtime is its last use (the LRU order kept across restarts). Refreshing it at
 # most hourly keeps two syscalls off the path of a cached bulletin that is aired again.
@@ -123,7 +124,7 @@ class MediaCache:
         """Raise :class:`MediaError` (``media_host``) unless ``url`` may be downloaded."""
         if not isinstance(url, str) or len(url) > MAX_URL_LEN:
             raise MediaError("media_host", "url must be a string of at most 2048 characters")
-        if any(c.isspace() or ord(c) < 32 or c == "\\" for c in url):
+        if _BAD_URL_CHAR.search(url):
             raise MediaError("media_host", "url contains whitespace, control characters or '\\'")
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("http", "https"):

@@ -61,6 +61,8 @@ class VlcAudio(AudioOutput):
     def __init__(self, options: dict | None = None, listener: Listener | None = None) -> None:
         super().__init__(options, listener)
         self._vlc = _import_vlc()
+        # nothing open, nothing to stop (stop() costs a round of libvlc locking)
+        self._idle_states = (self._vlc.State.NothingSpecial, self._vlc.State.Stopped)
         self._lock = threading.Lock()
         self._instance: Any = None
         self._player: Any = None
@@ -232,7 +234,7 @@ class VlcAudio(AudioOutput):
         pos = self._position_locked()
         self._current = None  # before stop(): events of the old media are now stale
         self._prerolled = None
-        if self._player is not None:
+        if self._player is not None and self._player.get_state() not in self._idle_states:
             self._player.stop()  # also after the end: closes the output (afile writes its header)
         return pos
 
