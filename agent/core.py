@@ -83,6 +83,7 @@ class Core:
         self.trust = trust
         self.device = cfg["device"]["id"]
         self.topics = Topics(cfg["mqtt"]["topic_prefix"], self.device)
+        self._ack_topic = self.topics.dev("ack")
         self.session = store.next_session()
         self.started_mono = clock.monotonic()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -146,6 +147,8 @@ class Core:
         self._wakeup()
 
     def _wakeup(self) -> None:
+        if self._wake_w < 0:
+            return  # shut down
         try:
             os.write(self._wake_w, b"!")
         except (BlockingIOError, OSError):
@@ -345,7 +348,8 @@ class Core:
         self._workers.shutdown(wait=False, cancel_futures=True)
         self.write_status_file()
         self.store.close()
-        for fd in (self._wake_r, self._wake_w):
+        wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+        for fd in (wake_r, wake_w):  # a late post must not write into a reused descriptor
             os.close(fd)
 
     # --- link events -------------------------------------------------------------------
@@ -474,12 +478,12 @@ class Core:
             detail: dict | None = None) -> None:
         body = protocol.ack(cmd_id, stage, self.clock.now_ms(), reason, detail)
         if stage in protocol.FINAL_STAGES:
-            self.outbox.add(self.topics.dev("ack"), body, kind="ack")
+            self.outbox.add(self._ack_topic, body, kind="ack")
         else:
             # A step on the way (received, queued, started, ...) goes straight out while
             # connected; if a crash loses it, the command is still open and its final ack
             # (failed/interrupted at the next start) is stored like every final ack.
-            self.outbox.send_or_store(self.topics.dev("ack"), body, kind="ack")
+            self.outbox.send_or_store(self._ack_topic, body, kind="ack")
         if cmd_id is not None and stage in protocol.FINAL_STAGES:
             self.store.open_done(cmd_id)
 

@@ -89,6 +89,7 @@ class MediaCache:
                  sleep: Callable[[float], None] = time.sleep,
                  session: requests.Session | None = None) -> None:
         self.dir = Path(cache_dir)
+        self._dir_str = str(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.allowed = {h.lower().rstrip(".") for h in allowed_hosts}
         self.quota_bytes = int(quota_mb * 1024 * 1024)
@@ -155,28 +156,28 @@ class MediaCache:
         """The cached file if it was verified since start and is unchanged, without hashing
         or waiting (for the core thread: a cached bulletin starts with no thread hop); None
         when it would take work — then use :meth:`path_for` or :meth:`submit` in a worker."""
+        # On the path of every cached bulletin: plain strings and os.stat, no pathlib.
         sha = str(sha256).lower()
         lock = self._lock_for(sha, self._sha_locks)
         if not lock.acquire(blocking=False):
             return None
         try:
-            with self._lock:
-                entry = self._entries.get(sha)
+            entry = self._entries.get(sha)  # a dict read is atomic; entries are replaced whole
             if entry is None or not entry.verified:
                 return None
-            path = self.dir / sha
+            path = os.path.join(self._dir_str, sha)
             try:
-                st = path.stat()
+                st = os.stat(path)
             except FileNotFoundError:
                 return None
-            if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+            if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
                 return None
-            if 0 <= time.time() - st.st_mtime_ns / 1e9 < TOUCH_EVERY_S:
-                with self._lock:  # recently touched: the LRU order on disk is close enough
-                    entry.last_used = time.time()
+            now = time.time()
+            if 0 <= now - st.st_mtime_ns / 1e9 < TOUCH_EVERY_S:
+                entry.last_used = now  # recently touched: the LRU order on disk is close enough
             else:
-                self._touch(sha, path)
-            return str(path)
+                self._touch(sha, Path(path))
+            return path
         finally:
             lock.release()
 
@@ -250,6 +251,9 @@ class MediaCache:
                 self._entries[p.name] = _Entry(st.st_size, st.st_mtime_ns, st.st_mtime, False)
 
     def _lock_for(self, sha: str, locks: dict[str, threading.Lock]) -> threading.Lock:
+        lock = locks.get(sha)
+        if lock is not None:
+            return lock
         with self._lock:
             return locks.setdefault(sha, threading.Lock())
 

@@ -1,9 +1,11 @@
 """Store-and-forward of acks, events and health (SPEC §10).
 
-Every outbound ack, event and health sample is first committed to SQLite, then published with
-QoS 1; its row is deleted only when the broker has acknowledged it (PUBACK). While the link is
-down rows accumulate (flagged ``historical``) and are sent in order on reconnect, a window of
-``inflight`` at a time. Used only from the core thread.
+Every event, final ack and offline ack or health sample is first stored in SQLite, then
+published with QoS 1; its row is deleted only when the broker has acknowledged it (PUBACK).
+While the link is down rows accumulate (flagged ``historical``) and are sent in order on
+reconnect, a window of ``inflight`` at a time. What may be lost to a crash goes straight out
+while connected with nothing waiting (:meth:`Outbox.send_or_store`: health samples and the acks
+of steps on the way). Used only from the core thread.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ class Outbox:
         return stored
 
     def send_or_store(self, topic: str, body: dict, *, kind: str) -> dict:
-        """For samples that may be lost (health): while connected with nothing waiting, publish
-        without storing — two SQLite commits less per sample, most of an idle agent's writes to
-        the SD card. A sample whose PUBACK never comes (the link drops at that instant) is then
-        lost; samples taken offline, or while older rows wait, are stored as usual."""
+        """For messages that may be lost (health samples, acks of steps on the way): while
+        connected with nothing waiting, publish without storing — two SQLite writes less each,
+        most of an idle agent's writes to the SD card. paho resends it after a reconnect; only
+        a crash before its PUBACK loses it. Offline, or while older rows wait, it is stored."""
         # depth counts rows in flight too: 0 means nothing is waiting to go before this
         if (self.link.connected and self.depth == 0
                 and self.link.publish(topic, encode(body), qos=1) is not None):

@@ -78,29 +78,35 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One durable commit for everything inside (nestable: the outermost commits).
+        """One durable commit for everything inside (nestable: the outermost commits and
+        flushes to the card).
 
         The core wraps each batch of events in one, so an event that writes several acks and
-        events costs one fsync, not one each. Writes made before an error are kept: each write
-        is consistent on its own, and losing acks is worse than keeping them."""
-        if self._tx_depth == 0:
-            self.db.execute("BEGIN IMMEDIATE")
+        events costs one fsync, not one each. SQLite's transaction begins at the first write
+        (a batch that writes nothing costs nothing). Writes made before an error are kept: each
+        write is consistent on its own, and losing acks is worse than keeping them."""
         self._tx_depth += 1
         try:
             yield
         finally:
             self._tx_depth -= 1
             if self._tx_depth == 0:
-                self.db.execute("COMMIT")
+                if self.db.in_transaction:
+                    self.db.execute("COMMIT")
                 self.sync()
 
     def commit(self) -> None:
-        """Write what the current transaction holds now (it survives a crash of the agent),
-        and go on in a new one. It is flushed to the card when the outermost transaction
-        ends, with everything after it."""
-        if self._tx_depth:
+        """Write what the current transaction holds now (it survives a crash of the agent);
+        later writes go into a new one. It is flushed to the card when the outermost
+        transaction ends, with everything after it."""
+        if self.db.in_transaction:
             self.db.execute("COMMIT")
+
+    def _write(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        """Every write goes through here: it opens the transaction when it is the first."""
+        if not self.db.in_transaction:
             self.db.execute("BEGIN IMMEDIATE")
+        return self.db.execute(sql, params)
 
     def sync(self) -> None:
         """Flush committed writes to the card (fsync of the WAL file), if there are any."""
@@ -158,7 +164,7 @@ class Store:
         """Increase and return the session number (once per agent start)."""
         with self.transaction():
             n = self._get("session") + 1
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('session', ?)", (n,))
+            self._write("INSERT OR REPLACE INTO meta(key, value) VALUES ('session', ?)", (n,))
         return n
 
     @property
@@ -172,14 +178,14 @@ class Store:
         return row[0] if row else None
 
     def seen_add(self, cmd_id: str, kid: str | None, ts: int, now_ms: int) -> None:
-        """Remember an accepted id (durably, before it is acted on)."""
+        """Remember an accepted id (written before it is acted on; see :meth:`commit`)."""
         with self.transaction():
-            cur = self.db.execute(
+            cur = self._write(
                 "INSERT OR IGNORE INTO seen(id, kid, ts, first_seen) VALUES (?,?,?,?)",
                 (cmd_id, kid, ts, now_ms))
             self._seen_count += cur.rowcount
             if self._seen_count > self.seen_max:
-                cur = self.db.execute(
+                cur = self._write(
                     "DELETE FROM seen WHERE id IN (SELECT id FROM seen ORDER BY first_seen, rowid "
                     "LIMIT ?)", (self._seen_count - self.seen_max,))
                 self._seen_count -= cur.rowcount
@@ -193,10 +199,10 @@ class Store:
         with self.transaction():
             if event:
                 seq = self._get("seq") + 1
-                self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('seq', ?)", (seq,))
+                self._write("INSERT OR REPLACE INTO meta(key, value) VALUES ('seq', ?)", (seq,))
                 body = {**body, "seq": seq}
             payload = encode(body)
-            self.db.execute(
+            self._write(
                 "INSERT INTO outbox(topic, payload, qos, kind, created) VALUES (?,?,?,?,?)",
                 (topic, payload, qos, kind, now_ms))
             self._depth += 1
@@ -208,7 +214,7 @@ class Store:
         for kind in DROPPABLE:
             if over <= 0:
                 return
-            cur = self.db.execute(
+            cur = self._write(
                 "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox WHERE kind=? "
                 "ORDER BY rowid LIMIT ?)", (kind, over))
             self.dropped += cur.rowcount
@@ -229,17 +235,19 @@ class Store:
 
     def delivered(self, rowid: int) -> None:
         with self.transaction():
-            cur = self.db.execute("DELETE FROM outbox WHERE rowid=?", (rowid,))
+            cur = self._write("DELETE FROM outbox WHERE rowid=?", (rowid,))
             self._depth -= cur.rowcount
 
     # --- commands in progress ----------------------------------------------------------
 
     def open_add(self, cmd_id: str, typ: str, now_ms: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO open_cmds(id, type, since) VALUES (?,?,?)",
+        with self.transaction():
+            self._write("INSERT OR REPLACE INTO open_cmds(id, type, since) VALUES (?,?,?)",
                         (cmd_id, typ, now_ms))
 
     def open_done(self, cmd_id: str) -> None:
-        self.db.execute("DELETE FROM open_cmds WHERE id=?", (cmd_id,))
+        with self.transaction():
+            self._write("DELETE FROM open_cmds WHERE id=?", (cmd_id,))
 
     def open_list(self) -> list[tuple[str, str, int]]:
         return self.db.execute("SELECT id, type, since FROM open_cmds ORDER BY since").fetchall()
