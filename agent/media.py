@@ -92,6 +92,7 @@ class MediaCache:
         self._dir_str = str(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.allowed = {h.lower().rstrip(".") for h in allowed_hosts}
+        self._urls_ok: set[str] = set()  # passed check_url (the allow-list never changes)
         self.quota_bytes = int(quota_mb * 1024 * 1024)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
@@ -123,6 +124,14 @@ class MediaCache:
 
     def check_url(self, url: str) -> None:
         """Raise :class:`MediaError` (``media_host``) unless ``url`` may be downloaded."""
+        if isinstance(url, str) and url in self._urls_ok:  # the same URLs come again and again
+            return
+        self._check_url(url)
+        if len(self._urls_ok) >= 1000:
+            self._urls_ok.clear()
+        self._urls_ok.add(url)
+
+    def _check_url(self, url: str) -> None:
         if not isinstance(url, str) or len(url) > MAX_URL_LEN:
             raise MediaError("media_host", "url must be a string of at most 2048 characters")
         if _BAD_URL_CHAR.search(url):

@@ -129,9 +129,12 @@ def _with_all(groups: list[str]) -> list[str]:
 
 # --- canonical JSON and signatures -------------------------------------------------------
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(obj: dict) -> bytes:
     """RFC 8785 (JCS) canonical form of a float-free JSON object."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 def signed_bytes(envelope: dict) -> bytes:

@@ -64,10 +64,10 @@ def summary(values: list[float]) -> dict:
 class Baseline:
     """The minimal player (``minimal_player.py``) in its own process, like the agent."""
 
-    def __init__(self, port: int, out: Path) -> None:
+    def __init__(self, port: int, out: Path, protocol: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("minimal_player.py")), str(port),
-             str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             str(out), protocol], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the minimal player did not start")
@@ -128,12 +128,13 @@ def agent_once(watcher: Watcher, keys: Keys, media: dict,
 
 
 def bench_pair(port: int, watcher: Watcher, keys: Keys, tone: Path, media: dict,
-               base_out: Path, out: Path, runs: int, idle: bool) -> dict[str, list[float]]:
+               base_out: Path, out: Path, runs: int, idle: bool,
+               protocol: str) -> dict[str, list[float]]:
     """The baseline and the agent, ``runs`` plays each. ``idle=False``: each runs its plays
     back to back (a warm process: the command comes right after the last one's stop).
     ``idle=True``: they take turns, so each command reaches a process that sat idle for
     ~0.6 s — as in the field, where commands come minutes apart."""
-    base = Baseline(port, base_out)
+    base = Baseline(port, base_out, protocol)
     time.sleep(0.5)
     r: dict[str, list[float]] = {k: [] for k in ("base", "base_audio", "agent", "agent_audio",
                                                  "inside")}
@@ -233,6 +234,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--at-runs", type=int, default=10)
+    ap.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                    help="MQTT version of the agent and the minimal player (default: the "
+                         "agent's default, 5)")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "ttcs-audio-latency.json"))
     opts = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ttcs-bench-"))
@@ -255,11 +259,13 @@ def main() -> int:
                        audio={"backend": "vlc",
                               "vlc_args": ["--aout=afile", f"--audiofile-file={out}"]},
                        amplifier={"warm_up_s": 0, "idle_hold_s": 30},
+                       mqtt={"protocol": opts.protocol},
                        security={"trusted_keys": {keys.kid: keys.public_b64},
                                  "media_hosts": ["127.0.0.1"]},
                        log={"level": "warning"})
     agent = AgentProcess(cfg, tmp / "agent.log").start()
-    results: dict = {"runs": opts.runs, "libvlc": vlc.libvlc_get_version().decode()}
+    results: dict = {"runs": opts.runs, "protocol": opts.protocol,
+                     "libvlc": vlc.libvlc_get_version().decode()}
     try:
         wait_online(watcher, DEV)
         for p in (tone, long):  # cache both first: the figures are for cached media
@@ -269,7 +275,8 @@ def main() -> int:
             wait_stage(watcher, sid, "done")
         for mode in ("warm", "idle"):
             r = bench_pair(broker.port, watcher, keys, tone, media(tone),
-                           tmp / "base-out.wav", out, opts.runs, idle=mode == "idle")
+                           tmp / "base-out.wav", out, opts.runs, idle=mode == "idle",
+                           protocol=opts.protocol)
             results[mode] = {"baseline_started_ms": summary(r["base"]),
                              "baseline_first_audio_ms": summary(r["base_audio"]),
                              "agent_started_ms": summary(r["agent"]),

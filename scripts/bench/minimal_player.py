@@ -2,8 +2,9 @@
 """The benchmark's yardstick: the simplest player that does the job, as its own process like
 the agent. paho callback → libvlc play → publish "started"; no signature, no storage.
 
-``minimal_player.py PORT OUT.wav`` subscribes to ``bench/base/cmd`` (``{"op": "play", "id",
-"path"}`` or ``{"op": "stop"}``), answers on ``bench/base/ack`` and prints ``ready`` once
+``minimal_player.py PORT OUT.wav [PROTOCOL]`` (MQTT ``5``, the default, or ``3.1.1``: the
+version the agent uses in the same run) subscribes to ``bench/base/cmd`` (``{"op": "play",
+"id", "path"}`` or ``{"op": "stop"}``), answers on ``bench/base/ack`` and prints ``ready`` once
 subscribed. Runs until stdin closes.
 """
 
@@ -24,6 +25,7 @@ from agent.mqtt import no_delay
 
 def main() -> int:
     port, out = int(sys.argv[1]), sys.argv[2]
+    protocol = mqtt.MQTTv5 if (sys.argv[3:] or ["5"])[0] == "5" else mqtt.MQTTv311
     sys.setswitchinterval(0.001)  # as the agent does
     inst = vlc.Instance(["--no-video", "--quiet", "--aout=afile", f"--audiofile-file={out}"])
     player = inst.media_player_new()
@@ -37,7 +39,8 @@ def main() -> int:
         else:
             player.stop()
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-baseline")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-baseline",
+                         protocol=protocol)
     client.on_connect = lambda c, u, f, rc, p: c.subscribe("bench/base/cmd", 1)
     client.on_subscribe = lambda *a: print("ready", flush=True)
     client.on_message = on_message
