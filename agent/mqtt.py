@@ -71,6 +71,10 @@ def read_secret(path: str) -> str:
         return f.read().strip()
 
 
+# publish() results for which paho still holds a QoS > 0 message and resends it after reconnecting
+_KEPT_BY_PAHO = (mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_CONN_LOST)
+
+
 class Client(mqtt.Client):
     """paho's client, with one writer to the socket at a time.
 
@@ -297,13 +301,17 @@ class MqttLink:
     # --- publishing (owner thread) -------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
-        """Publish if connected; return the message id, or None when it was not sent."""
+        """Publish if connected; return the message id, or None when it was not taken.
+
+        A QoS 1 message whose write finds the connection just lost is still taken: paho keeps
+        it and sends it again after reconnecting, so the caller must not send a copy of its own
+        (a stored copy would arrive as a second, ``historical`` message)."""
         if not self.connected:
             return None
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return None
-        return info.mid
+        if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc in _KEPT_BY_PAHO):
+            return info.mid
+        return None
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """Acknowledge an inbound message received on the current connection. One received on

@@ -377,3 +377,31 @@ def test_link_reconnects_after_the_broker_restarts(tmp_path):
     finally:
         owner.close()
         broker.stop()
+
+
+def test_a_publish_that_meets_a_dead_connection_arrives_once(broker):
+    """The write fails (connection just lost): paho keeps the QoS 1 message and resends it after
+    reconnecting, so publish() reports it taken. Before, it said "not sent" and the outbox
+    stored a second copy (``historical``): an ack seen twice in the broker-restart fault test."""
+    import socket as socketlib
+
+    w = Watcher(broker.port, ["t/#"])
+    owner = LinkOwner(broker.port).start()
+    try:
+        wait_until(lambda: owner.link.connected, 10, what="connected")
+        got: list = []
+
+        def publish_into_a_dead_socket() -> None:
+            owner.link.client.socket().shutdown(socketlib.SHUT_RDWR)
+            got.append(owner.link.publish("t/x", b"only-once"))
+
+        owner.calls.append(publish_into_a_dead_socket)
+        wait_until(lambda: got, 5, what="publish")
+        assert isinstance(got[0], int), "paho kept the message: it is not for the caller to resend"
+        wait_until(lambda: owner.link.reconnects == 2, 10, what="reconnected")
+        wait_until(lambda: [p for t, p, _ in w.messages if t == "t/x"], 10, what="redelivery")
+        time.sleep(0.5)
+        assert [p for t, p, _ in w.messages if t == "t/x"] == [b"only-once"]
+    finally:
+        owner.close()
+        w.close()
