@@ -173,8 +173,10 @@ class MqttLink:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
+                self._need.clear()  # from here on only stop() or a detach sets it
                 if self._connect():
-                    self._need.clear()
+                    if self._stop.is_set():  # stop() came while connecting
+                        break
                     self._attached = True
                     self.waker()
                     self._need.wait()
@@ -222,12 +224,14 @@ class MqttLink:
             self._detach(self.last_error or "connection closed")
         rlist: list = [] if wake_fd is None else [wake_fd]
         wlist: list = []
+        pending = 0  # bytes TLS has already decrypted (select cannot see them)
         if sock is not None:
             rlist.append(sock)
             if self.client.want_write():
                 wlist.append(sock)
-            if getattr(sock, "pending", lambda: 0)() > 0:
-                timeout = 0.0  # TLS already holds decrypted bytes
+            pending = getattr(sock, "pending", lambda: 0)()
+            if pending > 0:
+                timeout = 0.0
         try:
             readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
         except (OSError, ValueError, TypeError):
@@ -239,7 +243,7 @@ class MqttLink:
         if sock is None:
             return woken
         rc = mqtt.MQTT_ERR_SUCCESS
-        if sock in readable or getattr(sock, "pending", lambda: 0)() > 0:
+        if sock in readable or pending > 0:
             rc = self.client.loop_read()
         if rc == mqtt.MQTT_ERR_SUCCESS and (sock in writable or self.client.want_write()):
             rc = self.client.loop_write()

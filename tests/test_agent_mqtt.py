@@ -405,3 +405,23 @@ def test_a_publish_that_meets_a_dead_connection_arrives_once(broker):
     finally:
         owner.close()
         w.close()
+
+
+def test_stop_while_connecting_ends_the_connector_thread(broker):
+    """stop() while the connector thread is inside connect(): before, the thread cleared the
+    stop's wake-up after connecting and waited forever (shutdown then hung for its 5 s join)."""
+    owner = LinkOwner(broker.port)
+    link = owner.link
+    real_connect = link._connect
+
+    def connect_while_stopped() -> bool:
+        ok = real_connect()
+        link._stop.set()  # what stop() does from the core thread while not yet attached
+        link._need.set()
+        return ok
+
+    link._connect = connect_while_stopped
+    link.start()
+    link._thread.join(3)
+    assert not link._thread.is_alive()
+    assert not link.connected
