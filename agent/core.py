@@ -359,7 +359,7 @@ class Core:
                                 "session": self.session}
         if reason:
             body["reason"] = reason
-        return _dumps(body)
+        return encode(body)
 
     def _will(self) -> tuple[str, bytes]:
         return self.topics.dev("status"), self._status_payload("offline", reason="lost")
@@ -569,7 +569,7 @@ class Core:
         if comparable == last and not force:
             return
         # Not connected: the snapshot is published again at the next connect.
-        self.link.publish(self.topics.dev("state"), _dumps(snap), qos=1, retain=True)
+        self.link.publish(self.topics.dev("state"), encode(snap), qos=1, retain=True)
         self.last_state = snap
         self._state_last = self.clock.monotonic()
         self.write_status_file()
@@ -620,7 +620,3 @@ class Core:
 
 def _no_args(args: dict) -> list[str]:
     return [f"args.{k}: unknown argument (this command takes none)" for k in args]
-
-
-_dumps = encode  # the outbound wire form
-
