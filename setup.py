@@ -12,7 +12,7 @@ setup(
     version=__version__,
     description="Agent for commune IP loudspeaker cabinets and LED information boards",
     python_requires=">=3.11",
-    packages=find_packages(include=["agent", "agent.*", "drivers", "drivers.*"]),
+    packages=find_packages(include=["agent", "agent.*", "ctl", "ctl.*", "drivers", "drivers.*"]),
     install_requires=[
         "paho-mqtt>=2.0,<3",
         "cryptography>=41",
@@ -34,6 +34,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "ttcs-agent=agent.cli:main",
-        "ttcs-ctl=agent.ctl:main",
+        "ttcs-ctl=ctl.main:main",
     ]},
 )

@@ -11,9 +11,9 @@ import signal
 import sys
 
 from agent import __version__, config
-from agent.clock import ClockTrust, SystemClock
-from agent.core import Core
-from agent.store import Store
+from agent.core.clock import ClockTrust, SystemClock
+from agent.core.loop import Core
+from agent.core.store import Store
 
 log = logging.getLogger("ttcs-agent")
 

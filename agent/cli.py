@@ -57,7 +57,7 @@ def check_config(path: str | None) -> int:
 
 
 def board_preview(args) -> int:
-    from agent.board_preview import preview
+    from agent.board.preview import preview
 
     cfg = config.load_or_report(args.config)
     if cfg is None:

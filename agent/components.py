@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 import logging
 
-from agent.core import Core
+from agent.core.loop import Core
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("audio_service", "board_service", "schedule_service", "health_service")
+COMPONENTS = ("audio.service", "board.service", "schedule.service", "health.service")
 
 
 def install(core: Core, cfg: dict) -> None:

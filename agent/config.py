@@ -528,8 +528,8 @@ def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> di
 def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
     """Rules across keys that the schema cannot express, checked by the parts that own them
     (so ``check-config`` refuses what would stop the agent at start)."""
-    from agent.alerts import AlertConfig
-    from agent.cabinet import parse_inputs
+    from agent.core.alerts import AlertConfig
+    from agent.health.cabinet import parse_inputs
 
     errors: list[tuple[str, str]] = []
     for check in (lambda: AlertConfig.from_config(cfg), lambda: parse_inputs(cfg["cabinet"])):
@@ -556,7 +556,7 @@ def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
 
 def _secret_problems(mqtt_cfg: dict) -> list[tuple[str, str]]:
     """Key and password files must exist and be private (mode 0600)."""
-    from agent.mqtt import check_private
+    from agent.core.mqtt import check_private
 
     files = {"mqtt.password_file": mqtt_cfg.get("password_file"),
              "mqtt.tls.key_file": (mqtt_cfg.get("tls") or {}).get("key_file")}

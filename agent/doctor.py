@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from agent import config
-from agent.alerts import AlertConfig
-from agent.cabinet import parse_inputs
-from agent.clock import kernel_clock_synchronised
+from agent.core.alerts import AlertConfig
+from agent.core.clock import kernel_clock_synchronised
+from agent.health.cabinet import parse_inputs
 
 NET_TIMEOUT_S = 3.0
 MODEM_TIMEOUT_S = 3.0
@@ -297,7 +297,7 @@ def check_audio(cfg: dict) -> list[Finding]:
     instance.release()
     device = a.get("device")
     if device:
-        from drivers.audio_vlc import alsa_card_present
+        from drivers.audio.vlc import alsa_card_present
 
         if not alsa_card_present(device):
             return [fail("audio", f"audio.device {device}: no such sound card",
@@ -379,7 +379,7 @@ def check_modem(cfg: dict) -> list[Finding]:
     status = read_agent_status(cfg)
     if status is not None and status["alive"]:
         return [_modem_from_health(cfg, m["port"])]
-    from drivers.modem import Modem, ModemError, ModemPortError
+    from drivers.modem.at import Modem, ModemError, ModemPortError
 
     try:
         with Modem(m["port"], baudrate=m["baudrate"],

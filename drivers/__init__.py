@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 # hardware library costs nothing unless the config asks for it.
 REGISTRY: dict[str, dict[str, str]] = {
     "audio": {
-        "sim": "drivers.audio:SimAudio",
-        "vlc": "drivers.audio_vlc:VlcAudio",
+        "sim": "drivers.audio.base:SimAudio",
+        "vlc": "drivers.audio.vlc:VlcAudio",
     },
     "gpio": {
         "sim": "drivers.gpio:SimGPIO",
@@ -27,10 +27,10 @@ REGISTRY: dict[str, dict[str, str]] = {
         "sounddevice": "drivers.level:SoundDeviceMeter",
     },
     "board": {
-        "none": "drivers.board:NoneBoard",
-        "image": "drivers.board:ImageBoard",
-        "max7219": "drivers.board_max7219:Max7219Board",
-        "serial": "drivers.board_serial:SerialSignBoard",
+        "none": "drivers.board.base:NoneBoard",
+        "image": "drivers.board.base:ImageBoard",
+        "max7219": "drivers.board.max7219:Max7219Board",
+        "serial": "drivers.board.alpha:SerialSignBoard",
     },
 }
 

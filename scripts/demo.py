@@ -42,7 +42,7 @@ def banner(text: str) -> None:
 
 def display(cmd: list[str]) -> str:
     """The command as a technician would type it: ttcs-agent / ttcs-ctl, no --config."""
-    words = ["ttcs-ctl" if cmd[2] == "agent.ctl" else "ttcs-agent"]
+    words = ["ttcs-ctl" if cmd[2] == "ctl" else "ttcs-agent"]
     rest = cmd[3:]
     i = 0
     while i < len(rest):
@@ -120,10 +120,10 @@ def main() -> int:
 
         banner("2. The district controller makes its signing key")
         key = folder / "ctl" / "district.key"
-        out = run([PY, "-m", "agent.ctl", "keygen", "--out", str(key), "--kid", "district-ctl-1"])
+        out = run([PY, "-m", "ctl", "keygen", "--out", str(key), "--kid", "district-ctl-1"])
         pub = out.stdout.strip().splitlines()[-1].split('"')[1]
         forger_key = folder / "ctl" / "forger.key"
-        run([PY, "-m", "agent.ctl", "keygen", "--out", str(forger_key), "--kid", "district-ctl-1"])
+        run([PY, "-m", "ctl", "keygen", "--out", str(forger_key), "--kid", "district-ctl-1"])
 
         banner("3. The cabinet's agent, on simulated hardware")
         cfg_path = agent_config(folder, port, "district-ctl-1", pub)
@@ -140,14 +140,14 @@ def main() -> int:
         forger_cfg.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": port},
                                               "signing": {"kid": "district-ctl-1",
                                                           "key_file": str(forger_key)}}))
-        ctl = [PY, "-m", "agent.ctl", "--config", str(ctl_cfg)]
+        ctl = [PY, "-m", "ctl", "--config", str(ctl_cfg)]
         time.sleep(1.5)
 
         banner("4. A signed ping: received, then done")
         run([*ctl, "send", f"dev/{DEVICE}", "ping", "--timeout", "10"])
 
         banner("5. A forged command (signed with a key the cabinet does not trust): rejected")
-        run([PY, "-m", "agent.ctl", "--config", str(forger_cfg), "send", f"dev/{DEVICE}",
+        run([PY, "-m", "ctl", "--config", str(forger_cfg), "send", f"dev/{DEVICE}",
              "play", json.dumps({"media": {"url": "http://evil.example/x.mp3", "sha256": "0" * 64},
                                  "priority": "emergency"}), "--timeout", "10"])
 

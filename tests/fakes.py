@@ -8,9 +8,9 @@ import select
 from pathlib import Path
 
 from agent import config
-from agent.clock import ClockTrust, FakeClock
-from agent.core import Core
-from agent.store import Store
+from agent.core.clock import ClockTrust, FakeClock
+from agent.core.loop import Core
+from agent.core.store import Store
 
 
 class FakeLink:

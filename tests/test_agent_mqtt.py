@@ -192,7 +192,7 @@ def test_status_command_reads_running_agent(agent, tmp_path):
 
 def test_ctl_keygen_send_and_watch(broker, tmp_path, agent_factory, watcher):
     keyfile = tmp_path / "ctl" / "key.pem"
-    gen = subprocess.run([sys.executable, "-m", "agent.ctl", "keygen", "--out", str(keyfile)],
+    gen = subprocess.run([sys.executable, "-m", "ctl", "keygen", "--out", str(keyfile)],
                          cwd=ROOT, capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     assert (keyfile.stat().st_mode & 0o777) == 0o600
@@ -208,7 +208,7 @@ def test_ctl_keygen_send_and_watch(broker, tmp_path, agent_factory, watcher):
                        f"signing: {{kid: district-ctl-1, key_file: {keyfile}}}\n")
 
     def ctl(*args, timeout=20):
-        return subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(ctl_cfg), *args],
+        return subprocess.run([sys.executable, "-m", "ctl", "--config", str(ctl_cfg), *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     ok = ctl("send", f"dev/{DEV}", "ping", "--timeout", "10")
@@ -273,7 +273,7 @@ def test_two_threads_writing_to_the_link_keep_the_queue_order():
 
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from agent.mqtt import Client
+    from agent.core.mqtt import Client
 
     client = Client(CallbackAPIVersion.VERSION2, client_id="order")
     sent: list[bytes] = []
@@ -308,13 +308,13 @@ def test_two_threads_writing_to_the_link_keep_the_queue_order():
 
 
 class LinkOwner:
-    """Drives an :class:`agent.mqtt.MqttLink` the way the core does: one thread polls it and
+    """Drives an :class:`agent.core.mqtt.MqttLink` the way the core does: one thread polls it and
     publishes; the handlers record what the link reported."""
 
     def __init__(self, port: int) -> None:
         import threading
 
-        from agent.mqtt import LinkHandlers, MqttLink
+        from agent.core.mqtt import LinkHandlers, MqttLink
 
         self.events: list[str] = []
         self.calls: list = []  # run on the owner thread

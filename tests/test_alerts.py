@@ -1,4 +1,4 @@
-"""agent.alerts on a FakeClock: debounce, the 100 s bound, hysteresis, flapping, keys, config."""
+"""agent.core.alerts on a FakeClock: debounce, the 100 s bound, hysteresis, flapping, keys, config."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.alerts import AlertConfig, AlertEvent, AlertManager
-from agent.clock import FakeClock
+from agent.core.alerts import AlertConfig, AlertEvent, AlertManager
+from agent.core.clock import FakeClock
 
 FAULT_REPORT_LIMIT_S = 100.0  # EN 54-16
 

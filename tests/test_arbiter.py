@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from agent.amplifier import Amplifier
-from agent.arbiter import Arbiter, Item, Variant, order_variants
-from agent.clock import FakeClock
+from agent.audio.amplifier import Amplifier
+from agent.audio.arbiter import Arbiter, Item, Variant, order_variants
+from agent.core.clock import FakeClock
 from drivers import DriverError
-from drivers.audio import AudioOutput
+from drivers.audio.base import AudioOutput
 from drivers.gpio import SimGPIO
 
 RELAY = 17

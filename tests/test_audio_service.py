@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.audio_service import (
+from agent.audio.service import (
     merge_levels,
     validate_live,
     validate_play,
@@ -35,7 +35,7 @@ from agent.audio_service import (
     validate_volume,
     write_tone,
 )
-from agent.clock import FakeClock
+from agent.core.clock import FakeClock
 from tests.conftest import Watcher, agent_config, free_port, wait_online, wait_until
 
 pytest.importorskip("vlc")
@@ -656,7 +656,7 @@ def pump(core, pred, timeout: float = 20):
 
 
 def test_submit_scheduled_reports_to_the_scheduler_not_as_acks(tmp_path):
-    from agent import audio_service
+    from agent.audio import service as audio_service
     from tests.fakes import make_core
 
     core = make_core(tmp_path, extra={"amplifier": {"warm_up_s": 0, "idle_hold_s": 0},
@@ -732,7 +732,7 @@ class InProc:
 
     def __init__(self, tmp_path: Path, clock: FakeClock | None = None,
                  trusted_keys: dict | None = None, **extra) -> None:
-        from agent.audio_service import AudioService
+        from agent.audio.service import AudioService
         from tests.fakes import make_core
 
         self.clock = clock or FakeClock()
@@ -872,7 +872,8 @@ def test_scheduler_clock_step_re_arms_a_slot_handed_over_ahead(tmp_path, keys):
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
-    from agent import protocol, schedule_service
+    from agent import protocol
+    from agent.schedule import service as schedule_service
 
     due = int(datetime(2025, 11, 26, 5, 0, tzinfo=ZoneInfo("Asia/Ho_Chi_Minh")).timestamp()
               * 1000)
@@ -902,7 +903,7 @@ class BoardRig(InProc):
     """InProc plus the board service (image driver) and signed commands."""
 
     def __init__(self, tmp_path: Path, keys) -> None:
-        from agent import board_service
+        from agent.board import service as board_service
 
         super().__init__(tmp_path, trusted_keys={keys.kid: keys.public_b64},
                          security={"media_hosts": ["127.0.0.1"]},

@@ -7,12 +7,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.board_content import (
+from agent.board.content import (
     BoardContent,
     validate_command_args,
     validate_document_args,
 )
-from agent.clock import FakeClock
+from agent.core.clock import FakeClock
 
 TZ = "Asia/Ho_Chi_Minh"
 DEV, GRP = "dev/krongpa-phutuc-c03", "grp/krongpa"

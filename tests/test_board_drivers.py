@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image, ImageChops
 
 import drivers
-from drivers.board import BoardLinkError, ImageBoard, NoneBoard
-from drivers.board_max7219 import Max7219Board
-from drivers.board_serial import SerialSignBoard, to_sign_charset
+from drivers.board.alpha import SerialSignBoard, to_sign_charset
+from drivers.board.base import BoardLinkError, ImageBoard, NoneBoard
+from drivers.board.max7219 import Max7219Board
 
 
 def frame(width: int = 64, height: int = 16, lit: tuple[int, int] | None = None) -> Image.Image:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageChops
 
-from agent.board_render import (
+from agent.board.render import (
     DEJAVU_SANS,
     RenderConfig,
     TextRender,
@@ -207,7 +207,7 @@ def test_brightness_schedule_reports_every_error() -> None:
 
 
 def test_preview_static_png(tmp_path: Path) -> None:
-    from agent.board_preview import preview
+    from agent.board.preview import preview
 
     result = preview(
         {"driver": "image", "width": 128, "height": 32}, "Họp 19h", str(tmp_path / "p.png")
@@ -225,7 +225,7 @@ def test_preview_static_png(tmp_path: Path) -> None:
 
 
 def test_preview_scrolling_gif_loops_once(tmp_path: Path) -> None:
-    from agent.board_preview import preview
+    from agent.board.preview import preview
 
     board = {"width": 64, "height": 16, "scroll_speed_px_s": 20}
     result = preview(board, BULLETIN, str(tmp_path / "p.png"), scale=2)

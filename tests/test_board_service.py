@@ -19,10 +19,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from PIL import Image
 
-from agent import board_service, protocol
-from agent.board_render import RenderConfig, TextRender
-from agent.board_service import IMAGE_FPS, BoardService
-from agent.clock import FakeClock
+from agent import protocol
+from agent.board import service as board_service
+from agent.board.render import RenderConfig, TextRender
+from agent.board.service import IMAGE_FPS, BoardService
+from agent.core.clock import FakeClock
 from tests.conftest import ROOT, Keys, Watcher, agent_config, wait_online, wait_until
 from tests.fakes import make_core
 from tests.test_board_drivers import FakeAlphaSign

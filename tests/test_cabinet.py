@@ -1,12 +1,12 @@
-"""agent.cabinet: debounced, polarity-aware cabinet inputs on SimGPIO and a FakeClock."""
+"""agent.health.cabinet: debounced, polarity-aware cabinet inputs on SimGPIO and a FakeClock."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.alerts import AlertManager
-from agent.cabinet import CabinetInputs, parse_inputs
-from agent.clock import FakeClock
+from agent.core.alerts import AlertManager
+from agent.core.clock import FakeClock
+from agent.health.cabinet import CabinetInputs, parse_inputs
 from drivers.gpio import SimGPIO
 
 DOOR, MAINS, AMP = 17, 27, 22

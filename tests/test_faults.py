@@ -45,8 +45,8 @@ from tests.proxy import TcpProxy
 SOAK = os.environ.get("TTCS_SOAK") == "1"
 DEV = "krongpa-phutuc-c03"
 CMD = f"ttcs/dev/{DEV}/cmd"
-HAS_AUDIO = importlib.util.find_spec("agent.audio_service") is not None
-HAS_BOARD = importlib.util.find_spec("agent.board_service") is not None
+HAS_AUDIO = importlib.util.find_spec("agent.audio.service") is not None
+HAS_BOARD = importlib.util.find_spec("agent.board.service") is not None
 MEDIA_HOST = "media.test"
 
 

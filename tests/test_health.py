@@ -1,4 +1,4 @@
-"""agent.health: system sampling on this machine, vcgencmd parsing, the health payload."""
+"""agent.health.system: system sampling on this machine, vcgencmd parsing, the health payload."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import health
-from agent.clock import FakeClock
+from agent.core.clock import FakeClock
+from agent.health import system as health
 
 
 def _fake_vcgencmd(tmp_path: Path, body: str) -> Path:

@@ -1,4 +1,4 @@
-"""agent.health_service: cabinet inputs, system sampling and the modem wired into the core.
+"""agent.health.service: cabinet inputs, system sampling and the modem wired into the core.
 
 In-process tests drive a real core (tests/fakes.py) on a FakeClock with SimGPIO pins and a
 scripted fake modem on a pty; the last test runs the agent as a process against mosquitto.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import health_service
 from agent.cli import render_status
-from agent.clock import FakeClock
+from agent.core.clock import FakeClock
+from agent.health import service as health_service
 from drivers.gpio import SIM_INPUTS_ENV, SimGPIO
 from tests.conftest import ROOT, Broker, Watcher, agent_config, wait_online, wait_until
 from tests.fakes import make_core

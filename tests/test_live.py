@@ -7,8 +7,15 @@ import threading
 
 import pytest
 
-from agent.clock import FakeClock
-from agent.live import STABLE_S, LiveOptions, LiveRelay, as_http, probe_url, stream_url_problem
+from agent.audio.live import (
+    STABLE_S,
+    LiveOptions,
+    LiveRelay,
+    as_http,
+    probe_url,
+    stream_url_problem,
+)
+from agent.core.clock import FakeClock
 from tests.conftest import free_port
 
 P, B1, B2, F = "http://p/s", "http://b1/s", "rtsp://b2/s", "/cache/fallback"

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from agent.media import MediaCache, MediaError
+from agent.audio.media import MediaCache, MediaError
 
 BODY = os.urandom(50_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -260,7 +260,7 @@ def test_submit_shares_one_download(tmp_path, server) -> None:
 
 
 def test_redact_hides_credentials_and_query_tokens():
-    from agent.media import redact
+    from agent.audio.media import redact
 
     assert redact("https://u:secret@media.example.vn:8443/a/b.mp3?token=abc") == \
         "https://media.example.vn:8443/a/b.mp3?…"

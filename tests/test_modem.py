@@ -1,4 +1,4 @@
-"""drivers.modem against a scripted fake modem on a pty, opened by the real pyserial."""
+"""drivers.modem.at against a scripted fake modem on a pty, opened by the real pyserial."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from drivers import DriverError
-from drivers.modem import (
+from drivers.modem.at import (
     Modem,
     ModemError,
     ModemPortError,

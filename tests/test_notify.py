@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from aiosmtpd.controller import Controller
 
-from agent.notify import (
+from ctl.notify import (
     Dispatcher,
     EmailChannel,
     NotifyError,
@@ -23,7 +23,7 @@ from agent.notify import (
     channels_from_config,
     render,
 )
-from agent.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings, RelayStore
 from tests.conftest import free_port
 
 T0 = 1_764_000_000_000

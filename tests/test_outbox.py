@@ -6,9 +6,9 @@ import json
 import sqlite3
 
 from agent import protocol
-from agent.clock import FakeClock
-from agent.outbox import Outbox
-from agent.store import Store
+from agent.core.clock import FakeClock
+from agent.core.outbox import Outbox
+from agent.core.store import Store
 from tests.conftest import Keys
 from tests.fakes import make_core
 

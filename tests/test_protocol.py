@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import protocol
-from agent.clock import FakeClock
+from agent.core.clock import FakeClock
 from agent.protocol import Rejected
 from tests.conftest import Keys
 from tests.fakes import make_core

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import protocol, push
+from agent import protocol
+from ctl import push
 from tests.conftest import ROOT, Watcher, agent_config, wait_online, wait_until
 
 DEV = "krongpa-phutuc-c03"
@@ -45,7 +46,7 @@ def write(tmp_path: Path, name: str, doc: dict) -> Path:
 
 
 def ctl(cfg: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(cfg), *args],
+    return subprocess.run([sys.executable, "-m", "ctl", "--config", str(cfg), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

@@ -17,8 +17,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.notify import Dispatcher, Message, NotifyError, render
-from agent.relay import Relay, RelaySettings, RelayStore, groups_of
+from ctl.notify import Dispatcher, Message, NotifyError, render
+from ctl.relay import Relay, RelaySettings, RelayStore, groups_of
 from tests.conftest import ROOT, Watcher, agent_config, wait_online, wait_until
 
 T0 = 1_764_000_000_000  # 2025-11-24 16:00 UTC
@@ -380,7 +380,7 @@ class RelayProcess:
 
     def start(self) -> RelayProcess:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--config",
+        self.proc = subprocess.Popen([sys.executable, "-m", "ctl", "--config",
                                       str(self.cfg_path), "relay"], cwd=ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         return self
@@ -489,7 +489,7 @@ def test_relay_process_missed_heartbeats(broker, keys, tmp_path, agent_factory, 
 def test_watch_fleet_filters_by_group_and_alert():
     from rich.console import Console
 
-    from agent.ctl import Fleet
+    from ctl.main import Fleet
 
     fleet = Fleet({"krongpa": ["krongpa-*"]})
     fleet.update(f"ttcs/dev/{DEV}/status", b'{"state":"online"}', now=100)
@@ -515,7 +515,7 @@ def test_watch_once_with_group_filter(broker, keys, tmp_path, agent_factory):
         agent_factory(agent_config(tmp_path, broker.port, keys))
         wait_online(w, DEV)
         cfg = relay_config(tmp_path, broker.port, "http://127.0.0.1:9/")
-        base = [sys.executable, "-m", "agent.ctl", "--config", str(cfg), "watch", "--once", "1.5"]
+        base = [sys.executable, "-m", "ctl", "--config", str(cfg), "watch", "--once", "1.5"]
         out = subprocess.run([*base, "--group", "krongpa"], cwd=ROOT, capture_output=True,
                              text=True, timeout=30)
         assert out.returncode == 0 and DEV in out.stdout and "online" in out.stdout

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from agent import report
-from agent.relay import Relay, RelaySettings, RelayStore
+from ctl import report
+from ctl.relay import Relay, RelaySettings, RelayStore
 from tests.conftest import ROOT
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -163,7 +163,7 @@ def test_ctl_report_command(store, tmp_path):
     cfg = tmp_path / "ctl.yaml"
     cfg.write_text(yaml.safe_dump({"relay": {"db_path": str(tmp_path / "relay.db"),
                                              "groups": GROUPS}}))
-    out = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(cfg), "report",
+    out = subprocess.run([sys.executable, "-m", "ctl", "--config", str(cfg), "report",
                           "--month", "2025-11", "--out", str(tmp_path / "out")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -171,7 +171,7 @@ def test_ctl_report_command(store, tmp_path):
     text = (tmp_path / "out" / "ttcs-report-2025-11.csv").read_text()
     assert f"device,{A},1,60,1.00,6,1," in text
     assert A in out.stdout and "krongpa" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(cfg), "report",
+    bad = subprocess.run([sys.executable, "-m", "ctl", "--config", str(cfg), "report",
                           "--month", "2025-1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 64 and "YYYY-MM" in bad.stderr

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.clock import FakeClock
-from agent.schedule import (
+from agent.core.clock import FakeClock
+from agent.schedule.model import (
     DAY_MS,
     MINUTE_MS,
     ScheduleBook,
     SchedulePlanner,
     validate_schedule_args,
 )
-from agent.schedule_store import AIRED, SKIPPED, SlotLog
+from agent.schedule.store import AIRED, SKIPPED, SlotLog
 
 HCM = "Asia/Ho_Chi_Minh"
 BERLIN = "Europe/Berlin"

@@ -1,4 +1,4 @@
-"""The scheduler wired into the agent (agent/schedule_service.py) and the clock trust probes.
+"""The scheduler wired into the agent (agent/schedule/service.py) and the clock trust probes.
 
 In-process tests drive a real Core (tests/fakes.py) on a FakeClock with a recording audio
 double, so days, restarts, clock jumps and a boot at 1970 run without sleeping. The real-time
@@ -22,10 +22,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent import protocol, schedule_service
-from agent.clock import ClockTrust, FakeClock, SystemClock, SystemSyncProbe, chrony_synchronised
-from agent.schedule_service import ScheduleService, slot_id
-from agent.schedule_store import AIRED, SKIPPED, ScheduleStore
+from agent import protocol
+from agent.core.clock import (
+    ClockTrust,
+    FakeClock,
+    SystemClock,
+    SystemSyncProbe,
+    chrony_synchronised,
+)
+from agent.schedule import service as schedule_service
+from agent.schedule.service import ScheduleService, slot_id
+from agent.schedule.store import AIRED, SKIPPED, ScheduleStore
 from tests.conftest import Broker, Watcher, agent_config, wait_online, wait_until
 from tests.fakes import make_core
 
@@ -518,7 +525,7 @@ def test_test_only_wall_clock_offset(monkeypatch):
 
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng needed")
 def test_real_audio_service_airs_a_slot_with_its_play_record(tmp_path, keys):
-    from agent import audio_service
+    from agent.audio import service as audio_service
 
     clock = FakeClock(hcm(4, 59, 58))
     core = make_core(tmp_path, trusted_keys={keys.kid: keys.public_b64}, clock=clock,
@@ -577,7 +584,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def media(tmp_path):
-    from agent.audio_service import write_tone
+    from agent.audio.service import write_tone
 
     folder = tmp_path / "www"
     folder.mkdir()

@@ -7,10 +7,11 @@ import os
 
 import pytest
 
-import agent.fsutil
-from agent.clock import FakeClock
-from agent.schedule import DAY_MS, ScheduleBook, SchedulePlanner
-from agent.schedule_store import (
+import agent.schedule.store
+import drivers.fsutil
+from agent.core.clock import FakeClock
+from agent.schedule.model import DAY_MS, ScheduleBook, SchedulePlanner
+from agent.schedule.store import (
     AIRED,
     SKIPPED,
     ScheduleStore,
@@ -86,7 +87,7 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     def power_cut(src, dst):
         raise OSError("power cut before rename")
 
-    monkeypatch.setattr(agent.fsutil.os, "replace", power_cut)
+    monkeypatch.setattr(drivers.fsutil.os, "replace", power_cut)
     with pytest.raises(OSError):
         store.save("dev/c03", 2, envelope("dev/c03", 2, []))
     monkeypatch.undo()
@@ -144,8 +145,8 @@ def test_slot_log_is_bounded_to_fourteen_days_and_max_entries(tmp_path):
 
 def test_slot_log_writes_only_when_something_changed(tmp_path, monkeypatch):
     writes = []
-    real = agent.schedule_store.atomic_write
-    monkeypatch.setattr(agent.schedule_store, "atomic_write",
+    real = agent.schedule.store.atomic_write
+    monkeypatch.setattr(agent.schedule.store, "atomic_write",
                         lambda p, d: (writes.append(p), real(p, d)))
     log = SlotLog(tmp_path / "slots.json")
     log.save()

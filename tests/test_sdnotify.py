@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import sdnotify
-from agent.clock import SystemClock
+from agent.core import sdnotify
+from agent.core.clock import SystemClock
 from tests.conftest import Broker, Watcher, agent_config, free_port, wait_online, wait_until
 from tests.fakes import make_core
 

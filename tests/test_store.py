@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from agent.store import Store
+from agent.core.store import Store
 
 
 def test_session_and_seq_survive_reopen(tmp_path):

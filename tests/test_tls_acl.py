@@ -193,7 +193,7 @@ def test_agent_over_tls_answers_a_ping_sent_by_ttcs_ctl(fleet, tmp_path, tls_bro
     ctl_cfg.write_text(json.dumps({
         "mqtt": {"host": "127.0.0.1", "port": tls_broker.port, "topic_prefix": "ttcs", "tls": tls},
         "signing": {"kid": keys.kid, "key_file": str(key_file)}}))
-    out = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(ctl_cfg), "send",
+    out = subprocess.run([sys.executable, "-m", "ctl", "--config", str(ctl_cfg), "send",
                           "dev/dev-a", "ping", "--timeout", "15", "--json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=40)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -326,7 +326,7 @@ def test_ctl_refuses_a_loose_tls_key(tmp_path, keys, pki):
     ctl_cfg = tmp_path / "ctl.yaml"
     ctl_cfg.write_text(json.dumps({"mqtt": {"host": "127.0.0.1", "port": 8883,
                                             "topic_prefix": "ttcs", "tls": tls}}))
-    out = subprocess.run([sys.executable, "-m", "agent.ctl", "--config", str(ctl_cfg), "send",
+    out = subprocess.run([sys.executable, "-m", "ctl", "--config", str(ctl_cfg), "send",
                           "dev/dev-a", "ping", "--unsigned", "--timeout", "2"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert out.returncode != 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.tts import EspeakEngine, PiperEngine, TtsError, make_engine
+from agent.audio.tts import EspeakEngine, PiperEngine, TtsError, make_engine
 
 needs_espeak = pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng needed")
 TEXT = "Xin chào bà con. Đây là thông báo của Ủy ban nhân dân xã."

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from drivers import DriverError
-from drivers.audio import wav_duration_ms
+from drivers.audio.base import wav_duration_ms
 
 vlc = pytest.importorskip("vlc")
-from drivers.audio_vlc import VlcAudio, alsa_card_present  # noqa: E402
+from drivers.audio.vlc import VlcAudio, alsa_card_present  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng needed")
 

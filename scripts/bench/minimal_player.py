@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import vlc
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import no_delay
+from agent.core.mqtt import no_delay
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ from common import (
     write_json,
 )
 
-from agent.store import Store
+from agent.core.store import Store
 
 DEV = "outbox-01"
 

@@ -5,7 +5,7 @@ Real agents (``python -m agent run``) against a private mosquitto, each given a 
 ``desired/schedule`` document with one slot a few seconds ahead, airing a cached WAV served by a
 local HTTP server on sim audio or libvlc writing to a file (``--aout=afile``). Slot times are
 whole minutes, so each agent runs with the test-only wall-clock offset
-(``TTCS_TEST_CLOCK_OFFSET_MS``, agent/clock.py) that puts a minute boundary where the
+(``TTCS_TEST_CLOCK_OFFSET_MS``, agent/core/clock.py) that puts a minute boundary where the
 benchmark wants it; agents run ``--parallel`` at a time, their slots ``--spacing`` s apart.
 
 Measured per slot, in the agent's own clock: ``started − due``, where ``started`` is the play
@@ -49,7 +49,7 @@ from common import (
 )
 
 from agent import protocol
-from agent.audio_service import write_tone
+from agent.audio.service import write_tone
 from tests.conftest import Watcher
 
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")

@@ -1,0 +1,592 @@
+"""What the board shows, and when: standing content (SPEC §9) and ad-hoc ``board`` commands.
+
+Plain domain logic: no threads, no I/O, time from an injected :class:`agent.core.clock.Clock`.
+The caller (the core) feeds documents and commands in, calls :meth:`BoardContent.update`
+whenever something may have changed (at the latest after :meth:`next_deadline_s` seconds) and
+publishes what ``update`` returns: board show records (events) and command stages (acks).
+
+Rules:
+
+- Standing content is the union of the documents of the device topic and its group topics;
+  each topic's document is replaced only by a higher ``rev`` (no rollback by replay). The
+  device's messages come first, then each group's (topics in name order); a message id seen
+  twice keeps its first (most specific) definition.
+- A standing message is shown only inside its windows (``from``/``until`` dates inclusive,
+  ``days``, ``times`` as ``HH:MM-HH:MM`` local times in the device timezone; a window whose end
+  is before its start runs over midnight and belongs to the day it starts). Windowed messages
+  are held back while the wall clock is untrusted; unwindowed ones always show.
+- Active standing messages rotate in turn, each for its document's ``rotate_s``.
+- Ad-hoc messages override standing content: highest priority first, and within a priority in
+  arrival order (as the audio queue does). An ad-hoc message is shown for ``duration_s`` of
+  *display* time: while a higher one covers it, its time stands still, and it resumes after.
+  Emergency is the highest priority, so it overrides everything.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from agent.core.clock import Clock
+
+PRIORITY_RANK = {"normal": 0, "priority": 1, "emergency": 2}
+EFFECTS = ("scroll", "static")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+MAX_TEXT = 1000
+MAX_MESSAGES = 100
+DEFAULT_ROTATE_S = 10
+MAX_ROTATE_S = 3600
+DEFAULT_DURATION_S = 300
+MAX_DURATION_S = 86_400
+
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-(([01]\d|2[0-3]):([0-5]\d)|24:00)$")
+_MESSAGE_KEYS = {"id", "text", "from", "until", "days", "times"}
+_DOCUMENT_KEYS = {"messages", "rotate_s"}
+_COMMAND_KEYS = {"text", "priority", "duration_s", "effect"}
+
+
+def clean_text(text: str) -> str:
+    """NFC, white space folded: the form shown, recorded and compared."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+# --- values handed to the caller ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What the board shows now. ``effect``: scroll | static | auto (standing content)."""
+
+    message_id: str
+    text: str
+    effect: str
+    source: str  # "command" | "standing"
+    priority: str
+    since_ms: int
+    topic: str | None = None  # the document's topic, for standing content
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        return (self.source, self.topic, self.message_id)
+
+    def to_dict(self) -> dict:
+        d = {
+            "id": self.message_id,
+            "text": self.text,
+            "effect": self.effect,
+            "source": self.source,
+            "priority": self.priority,
+            "since": self.since_ms,
+        }
+        if self.topic is not None:
+            d["topic"] = self.topic
+        return d
+
+
+@dataclass(frozen=True)
+class ShowRecord:
+    """One completed showing: the board's proof-of-display, published as an event.
+
+    ``result``: done (an ad-hoc message ran its duration), preempted, stopped, rotated (the
+    next standing message took its turn), withdrawn (its window closed or its document was
+    replaced).
+    """
+
+    message_id: str
+    text: str
+    source: str
+    priority: str
+    started_ms: int
+    ended_ms: int
+    result: str
+    topic: str | None = None
+
+    def to_event(self) -> dict:
+        event = {
+            "type": "board",
+            "id": self.message_id,
+            "source": self.source,
+            "priority": self.priority,
+            "text": self.text,
+            "started": self.started_ms,
+            "ended": self.ended_ms,
+            "result": self.result,
+        }
+        if self.topic is not None:
+            event["topic"] = self.topic
+        return event
+
+
+@dataclass(frozen=True)
+class CommandStage:
+    """An ack stage for an ad-hoc command: queued, started, preempted, resumed, done, stopped."""
+
+    cmd_id: str
+    stage: str
+    ts_ms: int
+
+
+@dataclass
+class Changes:
+    shown: Shown | None
+    changed: bool = False
+    records: list[ShowRecord] = field(default_factory=list)
+    stages: list[CommandStage] = field(default_factory=list)
+
+
+# --- standing messages ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StandingMessage:
+    id: str
+    text: str
+    topic: str
+    rotate_s: float
+    from_date: date | None = None
+    until_date: date | None = None
+    days: frozenset[int] | None = None
+    times: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def windowed(self) -> bool:
+        return bool(self.from_date or self.until_date or self.days is not None or self.times)
+
+    def active_at(self, local: datetime) -> bool:
+        today = local.date()
+        if not self.times:
+            return self._day_ok(today)
+        minute = local.hour * 60 + local.minute
+        for start, end in self.times:
+            if start < end and start <= minute < end and self._day_ok(today):
+                return True
+            if (
+                start >= end
+            ):  # over midnight: the evening part today, the morning part for yesterday
+                if minute >= start and self._day_ok(today):
+                    return True
+                if minute < end and self._day_ok(today - timedelta(days=1)):
+                    return True
+        return False
+
+    def _day_ok(self, day: date) -> bool:
+        if self.days is not None and day.weekday() not in self.days:
+            return False
+        if self.from_date and day < self.from_date:
+            return False
+        return not (self.until_date and day > self.until_date)
+
+
+@dataclass
+class _Layer:
+    topic: str
+    rev: int
+    args: dict
+    messages: tuple[StandingMessage, ...]
+
+
+@dataclass
+class _AdHoc:
+    cmd_id: str
+    text: str
+    priority: str
+    effect: str
+    remaining_s: float
+    seq: int
+    started: bool = False
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (-PRIORITY_RANK[self.priority], self.seq)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def _check_text(value, where: str) -> list[str]:
+    if not isinstance(value, str) or not clean_text(value):
+        return [f"{where}: must be a non-empty string"]
+    if len(clean_text(value)) > MAX_TEXT:
+        return [f"{where}: must be at most {MAX_TEXT} characters"]
+    return []
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_unknown(obj: dict, allowed: set[str], where: str) -> list[str]:
+    return [
+        f"{where}.{k}: unknown key (allowed: {', '.join(sorted(allowed))})"
+        for k in obj
+        if k not in allowed
+    ]
+
+
+def _check_date(value, where: str) -> list[str]:
+    try:
+        if isinstance(value, str) and _DATE.match(value):
+            date.fromisoformat(value)
+            return []
+    except ValueError:
+        pass
+    return [f"{where}: must be a date YYYY-MM-DD"]
+
+
+def _check_message(msg, where: str) -> list[str]:
+    if not isinstance(msg, dict):
+        return [f"{where}: must be an object"]
+    errors = _check_unknown(msg, _MESSAGE_KEYS, where)
+    if not isinstance(msg.get("id"), str) or not _ID.match(msg["id"]):
+        errors.append(f"{where}.id: must be 1-64 of A-Z a-z 0-9 . _ : -")
+    errors += _check_text(msg.get("text"), f"{where}.text")
+    for key in ("from", "until"):
+        if key in msg:
+            errors += _check_date(msg[key], f"{where}.{key}")
+    days = msg.get("days", list(DAYS))
+    if not isinstance(days, list) or not days or any(d not in DAYS for d in days):
+        errors.append(f"{where}.days: must be a non-empty list of {'|'.join(DAYS)}")
+    times = msg.get("times", [])
+    if not isinstance(times, list) or any(
+        not isinstance(t, str) or not _SPAN.match(t) for t in times
+    ):
+        errors.append(f'{where}.times: must be a list of "HH:MM-HH:MM"')
+    return errors
+
+
+def validate_document_args(args) -> list[str]:
+    """Errors in the args of a ``desired/board`` document (empty list: valid)."""
+    if not isinstance(args, dict):
+        return ["args: must be an object"]
+    errors = _check_unknown(args, _DOCUMENT_KEYS, "args")
+    messages = args.get("messages")
+    if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
+        errors.append(f"args.messages: must be a list of at most {MAX_MESSAGES} messages")
+        messages = []
+    seen: set = set()
+    for i, msg in enumerate(messages):
+        errors += _check_message(msg, f"args.messages[{i}]")
+        mid = msg.get("id") if isinstance(msg, dict) else None
+        if mid in seen:
+            errors.append(f"args.messages[{i}].id: duplicate id {mid!r}")
+        seen.add(mid)
+    rotate = args.get("rotate_s", DEFAULT_ROTATE_S)
+    if not _is_number(rotate) or not 1 <= rotate <= MAX_ROTATE_S:
+        errors.append(f"args.rotate_s: must be a number of seconds 1-{MAX_ROTATE_S}")
+    return errors
+
+
+def validate_command_args(args) -> list[str]:
+    """Errors in the args of a ``board`` command (empty list: valid)."""
+    if not isinstance(args, dict):
+        return ["args: must be an object"]
+    errors = _check_unknown(args, _COMMAND_KEYS, "args")
+    errors += _check_text(args.get("text"), "args.text")
+    if args.get("priority", "normal") not in PRIORITY_RANK:
+        errors.append("args.priority: must be emergency|priority|normal")
+    duration = args.get("duration_s", DEFAULT_DURATION_S)
+    if not _is_number(duration) or not 0 < duration <= MAX_DURATION_S:
+        errors.append(f"args.duration_s: must be a number of seconds >0 and <= {MAX_DURATION_S}")
+    if args.get("effect", "scroll") not in EFFECTS:
+        errors.append("args.effect: must be scroll|static")
+    return errors
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = hhmm.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+def _parse_message(msg: dict, topic: str, rotate_s: float) -> StandingMessage:
+    spans = tuple(
+        (_minutes(span.split("-")[0]), _minutes(span.split("-")[1]))
+        for span in msg.get("times", [])
+    )
+    days = frozenset(DAYS.index(d) for d in msg["days"]) if "days" in msg else None
+    return StandingMessage(
+        id=msg["id"],
+        text=clean_text(msg["text"]),
+        topic=topic,
+        rotate_s=float(rotate_s),
+        from_date=date.fromisoformat(msg["from"]) if "from" in msg else None,
+        until_date=date.fromisoformat(msg["until"]) if "until" in msg else None,
+        days=days,
+        times=spans,
+    )
+
+
+def _topic_order(topic: str) -> tuple[int, str]:
+    return (0 if topic.startswith("dev/") else 1, topic)
+
+
+# --- the content model ---------------------------------------------------------------------
+
+
+class BoardContent:
+    """Decides what the board shows. See the module docstring for the rules.
+
+    ``tz``: a zoneinfo name (``device.timezone``). ``trusted``: whether the wall clock can be
+    believed (``ClockTrust.trusted``); windowed standing messages wait for it.
+    """
+
+    def __init__(
+        self, clock: Clock, tz: str = "Asia/Ho_Chi_Minh", trusted: Callable[[], bool] | None = None
+    ) -> None:
+        try:
+            self._tz = ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {tz!r}") from exc
+        self._clock = clock
+        self._trusted = trusted or (lambda: True)
+        self._layers: dict[str, _Layer] = {}
+        self._adhoc: list[_AdHoc] = []
+        self._seq = 0
+        self._pending: list[CommandStage] = []
+        self._stopped: set[str] = set()
+        self._shown: Shown | None = None
+        self._last_mono = clock.monotonic()
+        self._rot_key: tuple[str, str] | None = None  # (topic, id) of the standing message in turn
+        self._rot_since = 0.0
+
+    # -- inputs --
+
+    def apply_document(self, topic: str, rev: int, args: dict) -> tuple[bool, str]:
+        """Replace ``topic``'s standing document if ``rev`` is higher than the one held.
+
+        Returns ``(applied, reason)``; reason is ``applied``, ``stale_rev`` or ``bad_args``.
+        Call :meth:`update` afterwards.
+        """
+        if validate_document_args(args) or isinstance(rev, bool) or not isinstance(rev, int):
+            return False, "bad_args"
+        held = self._layers.get(topic)
+        if held is not None and rev <= held.rev:
+            return False, "stale_rev"
+        rotate_s = args.get("rotate_s", DEFAULT_ROTATE_S)
+        messages = tuple(_parse_message(m, topic, rotate_s) for m in args["messages"])
+        self._layers[topic] = _Layer(topic, rev, args, messages)
+        return True, "applied"
+
+    def forget_topic(self, topic: str) -> None:
+        """Drop a topic's document (the device left that group)."""
+        self._layers.pop(topic, None)
+
+    def add_message(self, cmd_id: str, args: dict) -> None:
+        """Queue an ad-hoc ``board`` command (args already validated). Call :meth:`update`."""
+        errors = validate_command_args(args)
+        if errors:
+            raise ValueError("; ".join(errors))
+        self._seq += 1
+        self._adhoc.append(
+            _AdHoc(
+                cmd_id=cmd_id,
+                text=clean_text(args["text"]),
+                priority=args.get("priority", "normal"),
+                effect=args.get("effect", "scroll"),
+                remaining_s=float(args.get("duration_s", DEFAULT_DURATION_S)),
+                seq=self._seq,
+            )
+        )
+        self._adhoc.sort(key=lambda a: a.order)
+        self._pending.append(CommandStage(cmd_id, "queued", self._clock.now_ms()))
+
+    def remove(self, cmd_id: str) -> bool:
+        """Withdraw an ad-hoc message (a ``stop`` by id). Call :meth:`update`."""
+        before = len(self._adhoc)
+        self._adhoc = [a for a in self._adhoc if a.cmd_id != cmd_id]
+        if len(self._adhoc) == before:
+            return False
+        if self._shown is not None and self._shown.key == ("command", None, cmd_id):
+            self._stopped.add(cmd_id)  # its show record ends as "stopped" at the next update
+        self._pending.append(CommandStage(cmd_id, "stopped", self._clock.now_ms()))
+        return True
+
+    def clear_commands(self) -> list[str]:
+        """Withdraw every ad-hoc message (a ``stop`` with ``all``); returns their ids."""
+        ids = [a.cmd_id for a in self._adhoc]
+        for cmd_id in ids:
+            self.remove(cmd_id)
+        return ids
+
+    # -- outputs --
+
+    def current(self) -> Shown | None:
+        """What the last :meth:`update` decided to show (None: a blank board)."""
+        return self._shown
+
+    def update(self) -> Changes:
+        """Advance time, decide what to show, and return what changed since the last call."""
+        now_mono = self._clock.monotonic()
+        changes = Changes(shown=self._shown, stages=self._pending)
+        self._pending = []
+        finished = self._account(now_mono)
+        target = self._target(now_mono)
+        held = self._shown.key if self._shown is not None else None
+        if (target[0] if target is not None else None) == held:
+            return changes
+        self._switch(target, finished, changes)
+        return changes
+
+    def next_deadline_s(self) -> float:
+        """Seconds until :meth:`update` may change something without any new input."""
+        now = self._clock.monotonic()
+        waits = [60.0 - (self._clock.now_ms() / 1000.0) % 60.0]  # windows move by the minute
+        shown = self._shown
+        if shown and shown.source == "command" and self._adhoc:
+            waits.append(self._adhoc[0].remaining_s - (now - self._last_mono))
+        elif shown and shown.source == "standing" and self._rot_key:
+            msg = self._find_standing(self._rot_key)
+            if msg is not None:
+                waits.append(msg.rotate_s - (now - self._rot_since))
+        return max(0.0, min(waits))
+
+    def snapshot(self) -> dict:
+        """For the ``state`` topic: what is shown, document revisions, the ad-hoc queue."""
+        return {
+            "showing": self._shown.to_dict() if self._shown else None,
+            "documents": {
+                t: {"rev": layer.rev, "messages": len(layer.messages)}
+                for t, layer in sorted(self._layers.items())
+            },
+            "queue": [
+                {"id": a.cmd_id, "priority": a.priority, "remaining_s": round(a.remaining_s, 1)}
+                for a in self._adhoc
+            ],
+        }
+
+    def documents(self) -> dict[str, dict]:
+        """The documents held, ``{topic: {"rev", "args"}}``: persist these to show standing
+        content after a restart before the broker re-delivers them."""
+        return {t: {"rev": layer.rev, "args": layer.args} for t, layer in self._layers.items()}
+
+    # -- internals --
+
+    def _account(self, now_mono: float) -> set[str]:
+        """Charge display time to the ad-hoc message on show; return the ids that finished."""
+        elapsed, self._last_mono = now_mono - self._last_mono, now_mono
+        shown = self._shown
+        if not shown or shown.source != "command":
+            return set()
+        finished = set()
+        for item in self._adhoc:
+            if item.cmd_id == shown.message_id:
+                item.remaining_s -= elapsed
+                if item.remaining_s <= 1e-9:
+                    finished.add(item.cmd_id)
+        self._adhoc = [a for a in self._adhoc if a.cmd_id not in finished]
+        return finished
+
+    def _standing(self) -> list[StandingMessage]:
+        seen: set[str] = set()
+        union = []
+        for topic in sorted(self._layers, key=_topic_order):
+            for msg in self._layers[topic].messages:
+                if msg.id not in seen:
+                    seen.add(msg.id)
+                    union.append(msg)
+        return union
+
+    def _find_standing(self, key: tuple[str, str]) -> StandingMessage | None:
+        return next((m for m in self._standing() if (m.topic, m.id) == key), None)
+
+    def _active(self) -> tuple[list[StandingMessage], list[StandingMessage]]:
+        union = self._standing()
+        local = datetime.fromtimestamp(self._clock.now_ms() / 1000.0, self._tz)
+        trusted = self._trusted()
+        active = [m for m in union if (trusted or not m.windowed) and m.active_at(local)]
+        return union, active
+
+    def _target(self, now_mono: float):
+        """``(key, payload)`` of what should show now, or None for a blank board."""
+        if self._adhoc:
+            item = self._adhoc[0]
+            return ("command", None, item.cmd_id), item
+        msg = self._standing_turn(now_mono)
+        if msg is None:
+            return None
+        return ("standing", msg.topic, msg.id), msg
+
+    def _standing_turn(self, now_mono: float) -> StandingMessage | None:
+        union, active = self._active()
+        if not active:
+            self._rot_key = None
+            return None
+        keys = [(m.topic, m.id) for m in active]
+        showing_standing = self._shown is not None and self._shown.source == "standing"
+        if self._rot_key in keys:
+            msg = active[keys.index(self._rot_key)]
+            if not showing_standing:  # back from an override: its turn starts afresh
+                self._rot_since = now_mono
+                return msg
+            if now_mono - self._rot_since < msg.rotate_s:
+                return msg
+            nxt = active[(keys.index(self._rot_key) + 1) % len(active)]
+        else:
+            nxt = self._after(union, active)
+        self._rot_key, self._rot_since = (nxt.topic, nxt.id), now_mono
+        return nxt
+
+    def _after(
+        self, union: list[StandingMessage], active: list[StandingMessage]
+    ) -> StandingMessage:
+        """The first active message after the one whose turn it was (in the union order)."""
+        order = [(m.topic, m.id) for m in union]
+        if self._rot_key not in order:
+            return active[0]
+        position = order.index(self._rot_key)
+        later = [m for m in active if order.index((m.topic, m.id)) > position]
+        return later[0] if later else active[0]
+
+    def _switch(self, target, finished: set[str], changes: Changes) -> None:
+        now_ms = self._clock.now_ms()
+        prev = self._shown
+        if prev is not None:
+            result = self._end_result(prev, finished, target)
+            changes.records.append(
+                ShowRecord(
+                    prev.message_id,
+                    prev.text,
+                    prev.source,
+                    prev.priority,
+                    prev.since_ms,
+                    now_ms,
+                    result,
+                    prev.topic,
+                )
+            )
+            if prev.source == "command" and result in ("done", "preempted"):
+                changes.stages.append(CommandStage(prev.message_id, result, now_ms))
+        self._shown = self._shown_for(target, now_ms, changes) if target else None
+        changes.shown = self._shown
+        changes.changed = True
+
+    def _end_result(self, prev: Shown, finished: set[str], target) -> str:
+        if prev.source == "command":
+            if prev.message_id in finished:
+                return "done"
+            if prev.message_id in self._stopped:
+                self._stopped.discard(prev.message_id)
+                return "stopped"
+            return "preempted"
+        if target is not None and target[0][0] == "command":
+            return "preempted"
+        if target is not None and self._find_standing((prev.topic, prev.message_id)):
+            _, active = self._active()
+            if any((m.topic, m.id) == (prev.topic, prev.message_id) for m in active):
+                return "rotated"
+        return "withdrawn"
+
+    def _shown_for(self, target, now_ms: int, changes: Changes) -> Shown:
+        (source, topic, _), item = target
+        if source == "command":
+            changes.stages.append(
+                CommandStage(item.cmd_id, "resumed" if item.started else "started", now_ms)
+            )
+            item.started = True
+            return Shown(item.cmd_id, item.text, item.effect, "command", item.priority, now_ms)
+        return Shown(item.id, item.text, "auto", "standing", "normal", now_ms, topic)

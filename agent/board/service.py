@@ -1,0 +1,531 @@
+"""The LED board as a service of the core: content, frames, driver supervision, proof.
+
+Wires the building blocks together (SPEC §9, docs/BOARD.md):
+
+- :class:`agent.board.content.BoardContent` decides what shows: ``desired/board`` documents
+  (persisted per topic in ``<state_dir>/board-docs`` and restored at boot, before any broker
+  is reachable) and ad-hoc ``board`` commands. Its command stages become acks, its show
+  records become ``board`` events.
+- :class:`agent.board.render.TextRender` draws pixel boards; frames are pushed when the scroll
+  moves (from the core's clock, at most ``FPS`` a second, fewer for the ``image`` driver, and
+  only when the frame changed). Text boards (the serial sign) get ``show_text`` once per
+  message.
+- The driver runs on a thread of its own (:class:`DriverThread`): a serial write may block for
+  seconds and must not stall the core. At most one driver call is in flight; newer output
+  replaces output not yet sent. A failure raises the ``board_link`` alert and retries every
+  ``board.reconnect_interval_s`` (at least 1 s) until the board answers, which clears it.
+
+The service is installed even with ``board.driver: none``: commands and documents are then
+accepted, tracked and recorded (events carry ``"driver": "none"``), so a group-wide board
+message or document does not make every speaker-only cabinet reject it at each reconnect.
+
+Other services find it with :func:`get` (``agent.board.service.get(core)``) and call
+:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all`,
+:meth:`BoardService.show_audio_text` and :meth:`BoardService.show_emergency_text` on the core
+thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from PIL import Image
+
+from agent import protocol
+from agent.board.content import (
+    DEFAULT_DURATION_S,
+    BoardContent,
+    CommandStage,
+    Shown,
+    ShowRecord,
+    validate_command_args,
+    validate_document_args,
+)
+from agent.board.render import (
+    RenderConfig,
+    TextRender,
+    brightness_at,
+    parse_brightness_schedule,
+)
+from agent.core.loop import Core, FuncHandler
+from agent.protocol import Envelope, Rejected
+from agent.schedule.store import ScheduleStore
+
+log = logging.getLogger(__name__)
+
+DOC_FOLDER = "board-docs"
+FPS = 20.0  # frame-rate cap for LED matrices
+IMAGE_FPS = 4.0  # the image driver writes a PNG (fsync) per frame: spare the SD card
+MINUTE_S = 60.0
+MIN_RETRY_S = 1.0
+STOP_JOIN_S = 3.0
+ALERT = "board_link"
+
+_services: weakref.WeakKeyDictionary[Core, BoardService] = weakref.WeakKeyDictionary()
+
+
+def install(core: Core, cfg: dict) -> BoardService:
+    """Open the configured board, restore the stored documents and register everything."""
+    service = BoardService(core, cfg)
+    service.start()
+    _services[core] = service
+    return service
+
+
+def get(core: Core) -> BoardService | None:
+    """The board service installed on ``core`` (None before :func:`install`)."""
+    return _services.get(core)
+
+
+class BoardDocStore(ScheduleStore):
+    """The last applied board document of each topic, kept as received (re-verified at boot)."""
+
+    def __init__(self, state_dir: str) -> None:
+        super().__init__(state_dir)
+        self.dir = Path(state_dir) / DOC_FOLDER
+
+
+class DriverThread:
+    """One thread that owns the driver: calls run in order, each result (or the exception
+    raised) is handed to its callback on the core thread through ``post``."""
+
+    def __init__(self, post: Callable[..., None]) -> None:
+        self._post = post
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="board-driver", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], then: Callable[[Any], None]) -> None:
+        self._queue.put((fn, then))
+
+    def drain(self) -> None:
+        """Block until every submitted call has run and its callback was posted (tests)."""
+        self._queue.join()
+
+    def stop(self, timeout: float = STOP_JOIN_S) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            fn, then = item
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - every driver failure goes to the core
+                result = exc
+            self._post(then, result)
+            self._queue.task_done()
+
+
+class _DocHandler:
+    def __init__(self, service: BoardService) -> None:
+        self._service = service
+
+    def apply(self, target: str, env: Envelope, raw: bytes) -> tuple[str, str | None]:
+        return self._service.apply_document(target, env, raw)
+
+
+class BoardService:
+    """See the module docstring. Every method runs on the core thread."""
+
+    def __init__(self, core: Core, cfg: dict, driver: Any = None) -> None:
+        self.core = core
+        self.clock = core.clock
+        self.options: dict = cfg["board"]
+        self.driver_name: str = self.options["driver"]
+        self.render_cfg = RenderConfig.from_options(self.options)
+        self._tz = ZoneInfo(cfg["device"]["timezone"])
+        self.content = BoardContent(core.clock, cfg["device"]["timezone"], core.trust.trusted)
+        self.store = BoardDocStore(cfg["paths"]["state_dir"])
+        groups = set(cfg["device"]["groups"]) | {"all"}
+        self._topics = {f"dev/{core.device}"} | {f"grp/{g}" for g in groups}
+        self._points, problems = parse_brightness_schedule(self.options["brightness_schedule"])
+        for problem in problems:
+            log.warning("board.brightness_schedule.%s", problem)
+        self.brightness: int | None = None
+        self.io = DriverThread(core.post)
+        self.driver = driver
+        self.link: bool | None = None  # None: no board fitted (driver none)
+        self._busy = False
+        self._pending: dict[str, tuple] = {}
+        self._render: TextRender | None = None
+        self._shown_mono = 0.0
+        self._last_frame: bytes | None = None
+        self._timers: dict[str, Any] = {}
+        self._silent: OrderedDict[str, None] = OrderedDict()  # audio emergencies: no acks
+        self._show_extra: dict[str, Any] = {}
+        self._error: str | None = None
+        self._stopped = False
+        fps = IMAGE_FPS if self.driver_name == "image" else FPS
+        self._min_frame_s = 1.0 / fps
+        self._retry_s = max(MIN_RETRY_S, float(self.options["reconnect_interval_s"]))
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        core = self.core
+        if self.driver is None:
+            self._open_driver()
+        core.register_command("board", FuncHandler(self._execute, validate_command_args))
+        core.register_document("board", _DocHandler(self))
+        core.add_state("board", self.state)
+        core.health_parts.append(lambda: {"board_link": self.link})
+        core.stop_hooks.append(self.stop)
+        self.restore()
+        self._minute()
+        wall_s = self.clock.now_ms() / 1000.0
+        core.call_every(MINUTE_S, self._minute, first_s=MINUTE_S - wall_s % MINUTE_S + 0.05)
+        self.update()
+        if self.content.current() is None:
+            self._show(None)  # blank what the board kept from before (a stale emergency)
+
+    def _open_driver(self) -> None:
+        from drivers import resolve
+
+        try:
+            self.driver = resolve("board", self.driver_name)(self.options)
+        except Exception as exc:  # noqa: BLE001 - a bad board must not stop the agent
+            log.error("board driver %s cannot start: %s", self.driver_name, exc)
+            self.driver_name = f"{self.driver_name} (unavailable)"
+            self._link_failed(f"cannot open the driver: {exc}", retry=False)
+            return
+        if self.driver_name != "none":
+            self.link = True
+            if not self.driver.ok():
+                self._link_failed(getattr(self.driver, "last_error", None) or "not connected")
+
+    def stop(self) -> None:
+        """Shutdown: record what was on show, tell the senders of unfinished messages."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        now = self.clock.now_ms()
+        shown = self.content.current()
+        if shown is not None:
+            self._emit(ShowRecord(shown.message_id, shown.text, shown.source, shown.priority,
+                                  shown.since_ms, now, "shutdown", shown.topic))
+        for item in self.content.snapshot()["queue"]:
+            if item["id"] not in self._silent:
+                self.core.ack(item["id"], "stopped", "shutdown")
+        driver = self.driver
+        if driver is not None:
+            self.io.submit(driver.close, lambda result: None)
+        self.io.stop()
+
+    # --- public API for other services -------------------------------------------------
+
+    def stop_id(self, cmd_id: str) -> bool:
+        """Withdraw an ad-hoc message (shown or queued). True when it was there; its sender
+        gets the ``stopped`` ack (unless it came from :meth:`show_audio_text`)."""
+        if self._stopped:
+            return False
+        removed = self.content.remove(cmd_id)
+        if removed:
+            self.update()
+        return removed
+
+    def stop_all(self) -> list[str]:
+        """Withdraw every ad-hoc message; returns their ids. Standing content stays."""
+        if self._stopped:
+            return []
+        ids = self.content.clear_commands()
+        if ids:
+            self.update()
+        return ids
+
+    def show_emergency_text(self, cmd_id: str, text: str,
+                            duration_s: float = DEFAULT_DURATION_S) -> bool:
+        """:meth:`show_audio_text` as an emergency."""
+        return self.show_audio_text(cmd_id, text, "emergency", duration_s)
+
+    def show_audio_text(self, cmd_id: str, text: str, priority: str = "emergency",
+                        duration_s: float = DEFAULT_DURATION_S) -> bool:
+        """Show ``text`` (scrolling) at ``priority`` for ``duration_s`` of display time: the
+        board text of an audio item. No acks are sent for ``cmd_id`` (the audio service acks
+        its command); ``board`` events carry ``"origin": "audio"``. Call :meth:`stop_id`
+        when the audio ends. False (logged) when the text, priority or duration is bad or the
+        service has stopped; True when it shows or was already queued."""
+        if self._stopped:
+            return False
+        args = {"text": text, "priority": priority, "duration_s": duration_s,
+                "effect": "scroll"}
+        errors = validate_command_args(args)
+        if errors:
+            log.warning("board text for %s refused: %s", cmd_id, "; ".join(errors))
+            return False
+        if any(item["id"] == cmd_id for item in self.content.snapshot()["queue"]):
+            return True
+        self._silent[cmd_id] = None
+        while len(self._silent) > 256:
+            self._silent.popitem(last=False)
+        self.content.add_message(cmd_id, args)
+        self.update()
+        return True
+
+    def state(self) -> dict:
+        snap = self.content.snapshot()
+        snap.update(driver=self.driver_name, link=self.link, brightness=self.brightness)
+        if self._error and self.link is False:
+            snap["error"] = self._error
+        return snap
+
+    # --- commands and documents --------------------------------------------------------
+
+    def _execute(self, env: Envelope) -> None:
+        self.content.add_message(env.id, env.args)
+        self.update()
+
+    def apply_document(self, target: str, env: Envelope, raw: bytes) -> tuple[str, str | None]:
+        errors = validate_document_args(env.args)
+        if errors:
+            log.warning("board document on %s refused: %s", target, "; ".join(errors[:5]))
+            return "rejected", protocol.BAD_ARGS
+        held = self.content.documents().get(target)
+        if held is not None and env.rev == held["rev"]:
+            return "unchanged", None
+        if held is not None and env.rev < held["rev"]:
+            return "refused", protocol.STALE_REV
+        applied, reason = self.content.apply_document(target, env.rev, env.args)
+        if not applied:
+            return "refused", reason
+        try:
+            self.store.save(target, env.rev, raw)
+        except OSError as exc:
+            log.error("board document %s rev %s applied but not stored: %s", target, env.rev, exc)
+        self.update()
+        return "applied", None
+
+    def restore(self) -> None:
+        """Apply the stored documents, each re-verified, so standing content shows at boot."""
+        keys = protocol.load_public_keys(self.core.cfg["security"]["trusted_keys"])
+        for topic, (rev, raw) in self.store.load_all().items():
+            if topic not in self._topics:
+                log.info("board document of %s dropped: not a topic of this device", topic)
+                self.store.delete(topic)
+                continue
+            try:
+                env = protocol.parse_envelope(protocol.decode(raw), "board")
+                if env.target != topic or env.rev != rev:
+                    raise Rejected(protocol.WRONG_TARGET, "stored topic or rev differs")
+                protocol.verify(env, keys, self.core.cfg["security"]["require_signed"])
+            except Rejected as r:
+                log.warning("stored board document %s ignored: %s (%s)", topic, r.reason,
+                            r.message)
+                continue
+            _, reason = self.content.apply_document(topic, env.rev, env.args)
+            log.info("board document %s rev %s restored: %s", topic, rev, reason)
+
+    # --- content -------------------------------------------------------------------------
+
+    def update(self) -> None:
+        """Let the content advance; publish its stages and records; show what changed."""
+        changes = self.content.update()
+        for record in changes.records:
+            self._emit(record)
+        for stage in changes.stages:
+            self._ack(stage)
+        if changes.changed:
+            self._show(changes.shown)
+        if changes.changed or changes.stages:
+            self.core.mark_state_dirty()
+        self._set_timer("content", max(0.01, self.content.next_deadline_s()), self.update)
+
+    def _ack(self, stage: CommandStage) -> None:
+        if stage.cmd_id not in self._silent:
+            self.core.ack(stage.cmd_id, stage.stage)
+
+    def _emit(self, record: ShowRecord) -> None:
+        event = record.to_event()
+        event["driver"] = self.driver_name
+        if record.message_id in self._silent and record.source == "command":
+            event["origin"] = "audio"
+        event.update(self._show_extra)
+        self.core.emit_event(event)
+
+    def _show(self, shown: Shown | None) -> None:
+        self._show_extra = {"link_lost": True} if self.link is False else {}
+        self._cancel("frame")
+        if self.driver is None or self.driver_name == "none":
+            return
+        if self.driver.kind == "text":
+            self._want_text(shown)
+            return
+        self._render = self._make_render(shown) if shown is not None else None
+        self._shown_mono = self.clock.monotonic()
+        self._frame_tick()
+
+    def _make_render(self, shown: Shown) -> TextRender | None:
+        effect = shown.effect
+        try:
+            return TextRender(shown.text, self.render_cfg, effect)
+        except OSError as exc:  # a configured font that cannot be read: fall back
+            log.error("board font %s unusable (%s); using the default", self.render_cfg.font, exc)
+        try:
+            fallback = dataclasses.replace(self.render_cfg, font=None)
+            return TextRender(shown.text, fallback, effect)
+        except OSError:
+            log.exception("no usable font: the board stays blank")
+            return None
+
+    # --- output --------------------------------------------------------------------------
+
+    def _frame_tick(self, force: bool = False) -> None:
+        self._timers.pop("frame", None)
+        render = self._render
+        elapsed = self.clock.monotonic() - self._shown_mono
+        if render is None:
+            frame = Image.new("1", (self.render_cfg.width, self.render_cfg.height), 0)
+        else:
+            frame = render.frame_at(elapsed)
+        self._want_frame(frame, force)
+        if render is not None and render.scrolling and self.link is not False:
+            step = (render.next_change_s(elapsed) or elapsed) - elapsed
+            self._set_timer("frame", max(step, self._min_frame_s), self._frame_tick)
+
+    def _want_frame(self, frame: Image.Image, force: bool) -> None:
+        data = frame.tobytes()
+        if data == self._last_frame and not force:
+            return
+        self._last_frame = data
+        self._pending["output"] = ("frame", frame, self._current_key())
+        self._kick()
+
+    def _want_text(self, shown: Shown | None) -> None:
+        text = shown.text if shown is not None else ""
+        self._pending["output"] = ("text", text, self._text_effect(shown), self._current_key())
+        self._kick()
+
+    def _text_effect(self, shown: Shown | None) -> str:
+        if shown is None or shown.effect == "static":
+            return "static"
+        if shown.effect == "scroll":
+            return "scroll"
+        columns = int(self.options.get("sign_columns") or 0)
+        return "static" if columns and len(shown.text) <= columns else "scroll"
+
+    def _current_key(self) -> tuple | None:
+        shown = self.content.current()
+        return shown.key if shown is not None else None
+
+    def _kick(self) -> None:
+        """Send the next pending call to the driver thread unless one is in flight."""
+        if self._busy or not self._pending or self.driver is None:
+            return
+        name = "brightness" if "brightness" in self._pending else "output"
+        op = self._pending.pop(name)
+        self._busy = True
+        self.io.submit(self._driver_call(op), lambda result: self._done(op, result))
+
+    def _driver_call(self, op: tuple) -> Callable[[], bool]:
+        driver = self.driver
+
+        def call() -> bool:
+            if op[0] == "brightness":
+                driver.set_brightness(op[1])
+            elif op[0] == "frame":
+                driver.show(op[1])
+            else:
+                driver.show_text(op[1], op[2])
+            return driver.ok()
+
+        return call
+
+    def _done(self, op: tuple, result: Any) -> None:
+        self._busy = False
+        if isinstance(result, BaseException) or result is False:
+            error = str(result) if isinstance(result, BaseException) else "driver reports no link"
+            self._link_failed(error or type(result).__name__)
+        else:
+            if op[0] == "text" and op[-1] == self._current_key():
+                self._note_sign_text()
+            self._link_restored()
+        self._kick()
+
+    def _note_sign_text(self) -> None:
+        if getattr(self.driver, "transliterated", False):
+            self._show_extra["sign_text"] = self.driver.last_sent
+        else:
+            self._show_extra.pop("sign_text", None)
+
+    # --- link supervision ----------------------------------------------------------------
+
+    def _link_failed(self, error: str, retry: bool = True) -> None:
+        self._last_frame = None
+        self._error = error
+        self._show_extra["link_lost"] = True
+        self._pending.pop("output", None)
+        self._cancel("frame")
+        if self.link is not False:
+            log.warning("board link lost (%s): %s", self.driver_name, error)
+            self.link = False
+            self.core.set_alert(ALERT, True, {"driver": self.driver_name, "error": error})
+            self.core.mark_state_dirty()
+        if retry and "retry" not in self._timers:
+            self._set_timer("retry", self._retry_s, self._retry)
+
+    def _link_restored(self) -> None:
+        if self.link is not False:
+            return
+        log.info("board link back (%s)", self.driver_name)
+        self.link = True
+        self._error = None
+        self.core.set_alert(ALERT, False)
+        self.core.mark_state_dirty()
+        self._cancel("retry")
+        if self.driver.kind != "text":
+            self._frame_tick()
+
+    def _retry(self) -> None:
+        """Show the current content again: the driver reconnects on the way."""
+        self._timers.pop("retry", None)
+        if self.driver.kind == "text":
+            self._want_text(self.content.current())
+        else:
+            self._frame_tick(force=True)
+        if self.brightness is not None:
+            self._pending["brightness"] = ("brightness", self.brightness)
+            self._kick()
+
+    # --- every minute ------------------------------------------------------------------------
+
+    def _minute(self) -> None:
+        """Brightness by time of day; a pixel board gets its frame again (a glitched module
+        recovers, a dead link is noticed even while a static message stands)."""
+        local = datetime.fromtimestamp(self.clock.now_ms() / 1000.0, self._tz).time()
+        level = brightness_at(self._points, local, int(self.options["brightness"]))
+        if level != self.brightness:
+            self.brightness = level
+            self._pending["brightness"] = ("brightness", level)
+            self._kick()
+            self.core.mark_state_dirty()
+        live = self.driver is not None and self.driver_name != "none" and self.link
+        if live and self.driver.kind != "text" and "frame" not in self._timers:
+            self._frame_tick(force=True)
+
+    # --- timers --------------------------------------------------------------------------
+
+    def _set_timer(self, name: str, delay_s: float, fn: Callable[[], None]) -> None:
+        self._cancel(name)
+        self._timers[name] = self.core.call_later(delay_s, fn)
+
+    def _cancel(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()

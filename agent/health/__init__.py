@@ -1,0 +1,1 @@
+"""Health: system samples, cabinet inputs, the service that reports them."""

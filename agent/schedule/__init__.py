@@ -1,0 +1,1 @@
+"""Schedules: the model and planner, the persisted documents and slot log, the service."""

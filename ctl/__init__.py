@@ -1,0 +1,1 @@
+"""ttcs-ctl: the district controller (keys, signed commands, fleet watch, relay, reports)."""

@@ -1,0 +1,5 @@
+import sys
+
+from ctl.main import main
+
+sys.exit(main())

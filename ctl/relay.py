@@ -1,0 +1,489 @@
+"""``ttcs-ctl relay``: the controller-side watcher of the fleet (SPEC §10, docs/CTL.md).
+
+It subscribes to every device's ``status``, ``state``, ``health`` and ``event`` topics and keeps
+what it learns in SQLite:
+
+- events deduplicated by (device, ``seq``), with gaps in ``seq`` noticed (and marked filled
+  when the missing events arrive late);
+- health samples (pruned after ``relay.health_keep_days``), and each device's heartbeat
+  interval, learned from the gap between consecutive live samples;
+- online/offline transitions (for uptime): offline on the device's will or clean shutdown, or
+  after ``relay.missed_beats`` heartbeats without a word from it;
+- notices (offline, recovered, alert raised/cleared) that are grouped into one batch per
+  ``relay.group_window_s`` and handed to :mod:`ctl.notify` for delivery.
+
+:class:`Relay` is pure logic over a :class:`RelayStore`: every call takes ``now_ms`` so tests
+drive time. :func:`run` wires it to MQTT. Nothing a device sends can crash it: a payload that
+is not a JSON object of the expected shape is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LEAVES = ("status", "state", "health", "event")
+MAX_INTERVAL_MS = 86_400_000
+MIN_INTERVAL_MS = 1_000
+DEVICE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, online INTEGER, since_ms INTEGER, reason TEXT, session INTEGER,
+    last_seen_ms INTEGER, health_ts INTEGER, interval_ms INTEGER, max_seq INTEGER,
+    state TEXT, first_seen_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, type TEXT NOT NULL,
+    historical INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (device, seq));
+CREATE INDEX IF NOT EXISTS events_by_type ON events(type, ts);
+CREATE TABLE IF NOT EXISTS gaps (
+    device TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    noticed_ms INTEGER NOT NULL, filled_ms INTEGER, PRIMARY KEY (device, first_seq));
+CREATE TABLE IF NOT EXISTS health (
+    device TEXT NOT NULL, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS health_by_device ON health(device, ts);
+CREATE TABLE IF NOT EXISTS transitions (
+    device TEXT NOT NULL, ts INTEGER NOT NULL, online INTEGER NOT NULL, reason TEXT);
+CREATE INDEX IF NOT EXISTS transitions_by_device ON transitions(device, ts);
+CREATE TABLE IF NOT EXISTS notices (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, kind TEXT NOT NULL,
+    code TEXT, key TEXT, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, detail TEXT,
+    batch INTEGER);
+CREATE INDEX IF NOT EXISTS notices_pending ON notices(batch, received_ms);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+    batch INTEGER NOT NULL, channel TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
+    PRIMARY KEY (batch, channel));
+"""
+
+
+# --- storage -----------------------------------------------------------------------------
+
+class RelayStore:
+    """The relay's SQLite database (WAL, ``synchronous=FULL``), shared by relay and report."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.expanduser(path)
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def tx(self) -> _Tx:
+        return _Tx(self)
+
+    def q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        return self.db.execute(sql, args).fetchall()
+
+    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+        return self.db.execute(sql, args).fetchone()
+
+    def x(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        return self.db.execute(sql, args)
+
+    def instance_id(self) -> str:
+        """A random id made once per database: with a batch id it names a notification
+        uniquely (the webhook's ``Idempotency-Key``)."""
+        row = self.one("SELECT value FROM meta WHERE key='instance'")
+        if row:
+            return row["value"]
+        value = secrets.token_hex(8)
+        self.x("INSERT INTO meta(key, value) VALUES('instance', ?)", value)
+        return value
+
+
+class _Tx:
+    """``with store.tx():`` one IMMEDIATE transaction under the store's lock."""
+
+    def __init__(self, store: RelayStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> RelayStore:
+        self.store.lock.acquire()
+        self.store.db.execute("BEGIN IMMEDIATE")
+        return self.store
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.store.lock.release()
+
+
+# --- the logic ---------------------------------------------------------------------------
+
+@dataclass
+class RelaySettings:
+    heartbeat_default_s: float = 60.0
+    missed_beats: int = 3
+    group_window_s: float = 300.0
+    alert_codes: list[str] = field(default_factory=list)  # empty: all
+    channels: list[str] = field(default_factory=list)
+    health_keep_days: int = 31
+
+    @classmethod
+    def from_config(cls, cfg: dict, channels: list[str]) -> RelaySettings:
+        r = cfg["relay"]
+        return cls(heartbeat_default_s=float(r["heartbeat_default_s"]),
+                   missed_beats=int(r["missed_beats"]), group_window_s=float(r["group_window_s"]),
+                   alert_codes=list(cfg["alerts"]["codes"]), channels=channels,
+                   health_keep_days=int(r["health_keep_days"]))
+
+
+@dataclass
+class Counters:
+    messages: int = 0
+    dropped: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    notices: int = 0
+    batches: int = 0
+
+
+class Relay:
+    """What the relay does with each message and each tick; ``now_ms`` is always passed in."""
+
+    def __init__(self, store: RelayStore, settings: RelaySettings, prefix: str = "ttcs") -> None:
+        self.store = store
+        self.settings = settings
+        self.prefix = prefix
+        self.counters = Counters()
+        self.watch_since_ms = 0  # the relay could not hear anything before this (see connected)
+        self.last_prune_ms = 0
+
+    # --- input ---------------------------------------------------------------------------
+
+    def connected(self, now_ms: int) -> None:
+        """The link to the broker is (back) up: silence before now is not the devices' fault."""
+        self.watch_since_ms = now_ms
+
+    def handle(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
+        """One MQTT message; anything malformed is counted in ``dropped`` and ignored."""
+        self.counters.messages += 1
+        parsed = self._parse(topic, payload)
+        if parsed is None:
+            self.counters.dropped += 1
+            return
+        device, leaf, body = parsed
+        try:
+            with self.store.tx():
+                getattr(self, f"_on_{leaf}")(device, body, retained, now_ms)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            self.counters.dropped += 1
+            log.warning("dropped %s from %s: %s", leaf, device, e)
+
+    def _parse(self, topic: str, payload: bytes) -> tuple[str, str, dict] | None:
+        head = f"{self.prefix}/dev/"
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head):].split("/")
+        if len(rest) != 2 or rest[1] not in LEAVES or not DEVICE_RE.match(rest[0]):
+            return None
+        if len(payload) > 256 * 1024:
+            return None
+        try:
+            body = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        return (rest[0], rest[1], body) if isinstance(body, dict) else None
+
+    def _device(self, device: str, now_ms: int) -> sqlite3.Row:
+        self.store.x("INSERT OR IGNORE INTO devices(device, first_seen_ms) VALUES(?, ?)",
+                     device, now_ms)
+        return self.store.one("SELECT * FROM devices WHERE device=?", device)
+
+    def _alive(self, device: str, row: sqlite3.Row, body: dict, retained: bool,
+               now_ms: int) -> None:
+        """A live message proves the device is up (a historical or retained one does not)."""
+        if retained or body.get("historical") is True:
+            return
+        self.store.x("UPDATE devices SET last_seen_ms=? WHERE device=?", now_ms, device)
+        if row["online"] == 0:
+            self._transition(device, True, now_ms, "heard", row, now_ms)
+
+    def _on_status(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
+        state, session = body.get("state"), _int(body.get("session"))
+        if state not in ("online", "offline"):
+            raise ValueError(f"status state {state!r}")
+        row = self._device(device, now_ms)
+        if session is not None and row["session"] is not None and session < row["session"]:
+            return  # a late will of an older session (Sparkplug's bdSeq)
+        if session is not None:
+            self.store.x("UPDATE devices SET session=? WHERE device=?", session, device)
+        if state == "online":
+            if row["last_seen_ms"] is None or not retained:
+                self.store.x("UPDATE devices SET last_seen_ms=? WHERE device=?", now_ms, device)
+            if row["online"] != 1:
+                self._transition(device, True, now_ms, "online", row, now_ms)
+            return
+        reason = str(body.get("reason") or "lost")[:32]
+        if row["online"] != 0:
+            self._transition(device, False, now_ms, reason, row, now_ms)
+        elif row["reason"] != reason:
+            self.store.x("UPDATE devices SET reason=? WHERE device=?", reason, device)
+
+    def _on_health(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
+        ts = _int(body.get("ts"))
+        if ts is None:
+            raise ValueError("health without an integer ts")
+        row = self._device(device, now_ms)
+        self.store.x("INSERT INTO health(device, ts, received_ms, body) VALUES(?, ?, ?, ?)",
+                     device, ts, now_ms, _dumps(body))
+        if body.get("historical") is not True and not retained:
+            self._learn_interval(device, row, ts)
+        self._alive(device, row, body, retained, now_ms)
+
+    def _learn_interval(self, device: str, row: sqlite3.Row, ts: int) -> None:
+        prev = row["health_ts"]
+        if prev is not None and MIN_INTERVAL_MS <= ts - prev <= MAX_INTERVAL_MS:
+            self.store.x("UPDATE devices SET interval_ms=? WHERE device=?", ts - prev, device)
+        self.store.x("UPDATE devices SET health_ts=? WHERE device=?", ts, device)
+
+    def _on_state(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
+        row = self._device(device, now_ms)
+        self.store.x("UPDATE devices SET state=? WHERE device=?", _dumps(body), device)
+        self._alive(device, row, body, retained, now_ms)
+
+    def _on_event(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
+        seq, ts, typ = _int(body.get("seq")), _int(body.get("ts")), body.get("type")
+        if seq is None or seq < 1 or ts is None or not isinstance(typ, str):
+            raise ValueError("event without seq, ts or type")
+        row = self._device(device, now_ms)
+        cur = self.store.x(
+            "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ[:32],
+            int(body.get("historical") is True), now_ms, _dumps(body))
+        if cur.rowcount == 0:
+            self.counters.duplicates += 1
+            return
+        self._track_seq(device, row["max_seq"], seq, now_ms)
+        if typ == "alert":
+            self._alert(device, body, now_ms)
+        self._alive(device, row, body, retained, now_ms)
+
+    def _track_seq(self, device: str, max_seq: int | None, seq: int, now_ms: int) -> None:
+        if max_seq is None or seq > max_seq:
+            self.store.x("UPDATE devices SET max_seq=? WHERE device=?", seq, device)
+        if max_seq is not None and seq > max_seq + 1:
+            self.counters.gaps += 1
+            log.warning("%s: events %d..%d missing", device, max_seq + 1, seq - 1)
+            self.store.x("INSERT OR IGNORE INTO gaps(device, first_seq, last_seq, noticed_ms)"
+                         " VALUES(?, ?, ?, ?)", device, max_seq + 1, seq - 1, now_ms)
+        elif max_seq is not None and seq < max_seq:
+            self._fill_gap(device, seq, now_ms)
+
+    def _fill_gap(self, device: str, seq: int, now_ms: int) -> None:
+        for gap in self.store.q("SELECT * FROM gaps WHERE device=? AND filled_ms IS NULL"
+                                " AND first_seq<=? AND last_seq>=?", device, seq, seq):
+            have = self.store.one("SELECT COUNT(*) AS n FROM events WHERE device=? AND seq"
+                                  " BETWEEN ? AND ?", device, gap["first_seq"], gap["last_seq"])
+            if have["n"] == gap["last_seq"] - gap["first_seq"] + 1:
+                self.store.x("UPDATE gaps SET filled_ms=? WHERE device=? AND first_seq=?",
+                             now_ms, device, gap["first_seq"])
+
+    def _alert(self, device: str, body: dict, now_ms: int) -> None:
+        code, state = body.get("code"), body.get("state")
+        if not isinstance(code, str) or state not in ("raised", "cleared"):
+            return
+        if self.settings.alert_codes and code not in self.settings.alert_codes:
+            return
+        key = body.get("key") if isinstance(body.get("key"), str) else None
+        detail = {"historical": body.get("historical") is True}
+        if isinstance(body.get("detail"), dict):
+            detail["detail"] = body["detail"]
+        self._notice(device, "alert" if state == "raised" else "cleared", _int(body["ts"]),
+                     now_ms, code=code[:40], key=key, detail=detail)
+
+    # --- transitions and notices -----------------------------------------------------------
+
+    def _transition(self, device: str, online: bool, ts: int, reason: str,
+                    row: sqlite3.Row, now_ms: int) -> None:
+        """Record the change at ``ts`` (when it happened) and a notice (made at ``now_ms``)."""
+        self.store.x("UPDATE devices SET online=?, since_ms=?, reason=? WHERE device=?",
+                     int(online), ts, None if online else reason, device)
+        if not online:  # learn afresh after it: the gap across an outage is not a heartbeat
+            self.store.x("UPDATE devices SET health_ts=NULL WHERE device=?", device)
+        self.store.x("INSERT INTO transitions(device, ts, online, reason) VALUES(?, ?, ?, ?)",
+                     device, ts, int(online), reason)
+        if online and row["online"] is None:
+            return  # first sighting of a device that is up: nothing to tell anyone
+        self._notice(device, "online" if online else "offline", ts, now_ms,
+                     detail={"reason": reason, "since": row["since_ms"]})
+
+    def _notice(self, device: str, kind: str, ts: int | None, now_ms: int, *,
+                code: str | None = None, key: str | None = None,
+                detail: dict | None = None) -> None:
+        self.counters.notices += 1
+        self.store.x("INSERT INTO notices(device, kind, code, key, ts, received_ms, detail)"
+                     " VALUES(?, ?, ?, ?, ?, ?, ?)", device, kind, code, key,
+                     ts if ts is not None else now_ms, now_ms, _dumps(detail or {}))
+
+    # --- time ----------------------------------------------------------------------------
+
+    def interval_ms(self, row: sqlite3.Row) -> int:
+        return row["interval_ms"] or int(self.settings.heartbeat_default_s * 1000)
+
+    def tick(self, now_ms: int) -> int | None:
+        """Check heartbeats and group due notices; returns the new batch id, if any."""
+        with self.store.tx():
+            self._check_heartbeats(now_ms)
+            batch = self._maybe_batch(now_ms)
+        if now_ms - self.last_prune_ms > 3_600_000:
+            self._prune(now_ms)
+        return batch
+
+    def _check_heartbeats(self, now_ms: int) -> None:
+        for row in self.store.q("SELECT * FROM devices WHERE online=1"):
+            heard = max(row["last_seen_ms"] or 0, self.watch_since_ms)
+            if now_ms - heard > self.settings.missed_beats * self.interval_ms(row):
+                log.info("%s: no heartbeat for %d s", row["device"], (now_ms - heard) // 1000)
+                self._transition(row["device"], False, heard, "heartbeat", row, now_ms)
+
+    def _maybe_batch(self, now_ms: int) -> int | None:
+        pending = self.store.q("SELECT * FROM notices WHERE batch IS NULL ORDER BY id")
+        if not pending:
+            return None
+        window_ms = int(self.settings.group_window_s * 1000)
+        if now_ms - pending[0]["received_ms"] < window_ms:
+            return None
+        from ctl.notify import summarise  # the message is notify's business
+
+        items = summarise([dict(r) for r in pending])
+        body = {"created": now_ms, "window_s": self.settings.group_window_s, "items": items}
+        cur = self.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", now_ms,
+                           _dumps(body))
+        batch = cur.lastrowid
+        self.store.x("UPDATE notices SET batch=? WHERE batch IS NULL AND id<=?", batch,
+                     pending[-1]["id"])
+        for channel in self.settings.channels:
+            self.store.x("INSERT INTO deliveries(batch, channel, next_ms) VALUES(?, ?, ?)",
+                         batch, channel, now_ms)
+        self.counters.batches += 1
+        return batch
+
+    def _prune(self, now_ms: int) -> None:
+        self.last_prune_ms = now_ms
+        horizon = now_ms - self.settings.health_keep_days * 86_400_000
+        with self.store.tx():
+            self.store.x("DELETE FROM health WHERE received_ms < ?", horizon)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else None
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- groups ------------------------------------------------------------------------------
+
+def groups_of(device: str, groups: dict[str, list[str]]) -> list[str]:
+    """The configured groups of ``device``: an entry is a device id or a prefix ending in ``*``."""
+    return sorted(g for g, entries in groups.items()
+                  if any(device == e or (e.endswith("*") and device.startswith(e[:-1]))
+                         for e in entries))
+
+
+# --- the process -------------------------------------------------------------------------
+
+def run(cfg: dict, *, once_s: float | None = None) -> int:
+    """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds)."""
+    from ctl import notify
+
+    store = RelayStore(cfg["relay"]["db_path"])
+    channels = notify.channels_from_config(cfg["alerts"])
+    settings = RelaySettings.from_config(cfg, [c.name for c in channels])
+    relay = Relay(store, settings, cfg["mqtt"]["topic_prefix"])
+    dispatcher = notify.Dispatcher(store, channels, cfg["alerts"]["retry"], cfg["relay"])
+    client = _connect(cfg, relay)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("relay: %d channel(s): %s", len(channels), ", ".join(settings.channels) or "none")
+    end = time.monotonic() + once_s if once_s else None
+    try:
+        while not stop.is_set() and (end is None or time.monotonic() < end):
+            _step(relay, dispatcher)
+            stop.wait(float(cfg["relay"]["tick_s"]))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        store.close()
+    return 0
+
+
+def _step(relay: Relay, dispatcher: Any) -> None:
+    now = _now_ms()
+    try:
+        relay.tick(now)
+        dispatcher.run_due(now)
+    except Exception:  # the relay keeps running; the next tick retries
+        log.exception("relay tick failed")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _connect(cfg: dict, relay: Relay) -> Any:
+    """A persistent MQTT session (the broker queues QoS 1 messages while the relay is away)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from agent.core.mqtt import make_client
+
+    m = cfg["mqtt"]
+    client = make_client(m, cfg["relay"]["client_id"], persistent=True)
+    prefix = m["topic_prefix"]
+
+    def on_connect(c, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the relay: %s", reason_code)
+            return
+        relay.connected(_now_ms())
+        c.subscribe([(f"{prefix}/dev/+/{leaf}", 1) for leaf in LEAVES])
+        log.info("relay connected to %s:%s", m["host"], m["port"])
+
+    def on_message(c, userdata, msg) -> None:
+        try:
+            relay.handle(msg.topic, bytes(msg.payload), bool(msg.retain), _now_ms())
+        except Exception:  # never let a device's message kill the relay
+            log.exception("relay: message on %s", msg.topic)
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.reconnect_delay_set(1, 30)
+    v5 = str(m.get("protocol", "5")) == "5"
+    props = None
+    if v5:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 7 * 86400
+    client.connect_async(m["host"], int(m["port"]), keepalive=int(m["keepalive_s"]),
+                         clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                         properties=props)
+    client.loop_start()
+    return client

@@ -1,0 +1,256 @@
+"""``ttcs-ctl report``: broadcast statistics from the relay's database (SPEC §10, docs/CTL.md).
+
+For a month or a year (boundaries in ``relay.timezone``, default Asia/Ho_Chi_Minh), per device
+and per configured group:
+
+- aired time: the ``played_ms`` of every play record, by the device's own timestamps
+  (``started``/``ended``; a record sent late with ``historical: true`` counts when it aired, not
+  when it arrived). A record straddling a boundary is shared in proportion to its overlap;
+- bulletins: aired items (the first segment of an item that played at all; a preempted item
+  that resumes is one bulletin), and how many of them were emergencies;
+- played vs requested: played time of the items whose length was known, against that length;
+- uptime: time online / time observed, from the online/offline transitions the relay recorded.
+
+Output: CSV (one row per device, then per group, then ``all``) and a PNG chart whose Vietnamese
+labels are set in DejaVu Sans.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from ctl.relay import RelayStore, groups_of
+
+FONT = "DejaVu Sans"
+CSV_FIELDS = ("scope", "name", "devices", "aired_minutes", "aired_hours", "bulletins",
+              "emergencies", "played_minutes", "requested_minutes", "played_pct", "uptime_pct")
+DAY_MS = 86_400_000
+LEGEND = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncols": 2, "frameon": False}
+
+
+@dataclass
+class Period:
+    label: str  # "2025-11" or "2025"
+    title: str  # Vietnamese: "tháng 11/2025", "năm 2025"
+    start_ms: int
+    end_ms: int  # exclusive
+
+
+def parse_period(month: str | None, year: str | None, tz: str) -> Period:
+    """``--month YYYY-MM`` or ``--year YYYY`` in ``tz``; ValueError when malformed."""
+    zone = ZoneInfo(tz)
+    if month:
+        m = re.fullmatch(r"(\d{4})-(\d{2})", month)
+        if not m or not 1 <= int(m[2]) <= 12:
+            raise ValueError(f"--month must be YYYY-MM, not {month!r}")
+        y, mo = int(m[1]), int(m[2])
+        start = datetime(y, mo, 1, tzinfo=zone)
+        end = datetime(y + mo // 12, mo % 12 + 1, 1, tzinfo=zone)
+        return Period(month, f"tháng {mo:02d}/{y}", _ms(start), _ms(end))
+    if year and re.fullmatch(r"\d{4}", year):
+        y = int(year)
+        return Period(year, f"năm {y}", _ms(datetime(y, 1, 1, tzinfo=zone)),
+                      _ms(datetime(y + 1, 1, 1, tzinfo=zone)))
+    raise ValueError(f"--year must be YYYY, not {year!r}")
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+@dataclass
+class Stats:
+    scope: str
+    name: str
+    devices: list[str] = field(default_factory=list)
+    aired_ms: float = 0.0
+    bulletins: int = 0
+    emergencies: int = 0
+    played_ms: float = 0.0  # of items whose requested length is known
+    requested_ms: int = 0
+    online_ms: int = 0
+    observed_ms: int = 0
+
+    def add(self, other: Stats) -> None:
+        self.devices.append(other.name)
+        for name in ("aired_ms", "bulletins", "emergencies", "played_ms", "requested_ms",
+                     "online_ms", "observed_ms"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def uptime_pct(self) -> float | None:
+        return round(100 * self.online_ms / self.observed_ms, 2) if self.observed_ms else None
+
+    @property
+    def played_pct(self) -> float | None:
+        return round(100 * self.played_ms / self.requested_ms, 2) if self.requested_ms else None
+
+    def row(self) -> dict:
+        devices = 1 if self.scope == "device" else len(self.devices)
+        return {"scope": self.scope, "name": self.name, "devices": devices,
+                "aired_minutes": round(self.aired_ms / 60_000),
+                "aired_hours": f"{self.aired_ms / 3_600_000:.2f}", "bulletins": self.bulletins,
+                "emergencies": self.emergencies,
+                "played_minutes": round(self.played_ms / 60_000),
+                "requested_minutes": round(self.requested_ms / 60_000),
+                "played_pct": _fmt(self.played_pct), "uptime_pct": _fmt(self.uptime_pct)}
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+# --- computing ---------------------------------------------------------------------------
+
+def compute(store: RelayStore, period: Period, groups: dict[str, list[str]],
+            now_ms: int) -> list[Stats]:
+    """Per-device rows (sorted), then per-group rows, then the ``all`` row."""
+    devices = sorted({r["device"] for r in store.q("SELECT device FROM devices")} |
+                     {r["device"] for r in store.q("SELECT DISTINCT device FROM events"
+                                                   " WHERE type='play'")})
+    rows = {d: Stats("device", d) for d in devices}
+    for device, rec in _play_records(store, period):
+        _add_play(rows[device], rec, period)
+    for d, st in rows.items():
+        st.online_ms, st.observed_ms = uptime(store, d, period.start_ms,
+                                              min(period.end_ms, now_ms))
+    out = [rows[d] for d in devices]
+    for g in sorted(groups):
+        gs = Stats("group", g)
+        for d in devices:
+            if g in groups_of(d, groups):
+                gs.add(rows[d])
+        out.append(gs)
+    total = Stats("group", "all")
+    for d in devices:
+        total.add(rows[d])
+    return [*out, total]
+
+
+def _play_records(store: RelayStore, period: Period):
+    # ``ts`` is when the record was made (the item's end); a day's margin catches long items
+    for r in store.q("SELECT device, body FROM events WHERE type='play' AND ts >= ? AND ts < ?",
+                     period.start_ms - DAY_MS, period.end_ms + DAY_MS):
+        try:
+            rec = json.loads(r["body"])
+        except ValueError:
+            continue
+        if _valid_play(rec):
+            yield r["device"], rec
+
+
+def _valid_play(rec: dict) -> bool:
+    ints = [rec.get(k) for k in ("started", "ended", "played_ms")]
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in ints) and \
+        rec["ended"] >= rec["started"] and rec["played_ms"] >= 0
+
+
+def _add_play(st: Stats, rec: dict, period: Period) -> None:
+    started, played = rec["started"], rec["played_ms"]
+    aired = _aired(rec, period)
+    st.aired_ms += aired
+    requested = rec.get("requested_ms")
+    known = isinstance(requested, int) and not isinstance(requested, bool) and requested > 0
+    if known:
+        st.played_ms += aired
+    first = rec.get("segment", 0) == 0
+    if first and played > 0 and period.start_ms <= started < period.end_ms:
+        st.bulletins += 1
+        st.emergencies += rec.get("priority") == "emergency"
+        if known:
+            st.requested_ms += requested
+
+
+def _aired(rec: dict, period: Period) -> float:
+    """Played time inside the period: per segment when the record lists its segments
+    (docs/AUDIO.md: one record per item, ``segments`` each with started/ended/played_ms)."""
+    segments = rec.get("segments")
+    if isinstance(segments, list) and segments and all(
+            isinstance(g, dict) and _valid_play(g) for g in segments):
+        return sum(_share(g["started"], g["ended"], g["played_ms"], period) for g in segments)
+    return _share(rec["started"], rec["ended"], rec["played_ms"], period)
+
+
+def _share(started: int, ended: int, played: int, period: Period) -> float:
+    """The part of ``played`` that falls inside the period (proportional to the overlap)."""
+    if period.start_ms <= started and ended <= period.end_ms:
+        return float(played)
+    span = ended - started
+    if span <= 0:
+        return float(played) if period.start_ms <= started < period.end_ms else 0.0
+    overlap = min(ended, period.end_ms) - max(started, period.start_ms)
+    return played * max(0, overlap) / span
+
+
+def uptime(store: RelayStore, device: str, start_ms: int, end_ms: int) -> tuple[int, int]:
+    """(online ms, observed ms) within [start, end): observed begins at the first transition."""
+    rows = store.q("SELECT ts, online FROM transitions WHERE device=? ORDER BY ts, rowid",
+                   device)
+    online = observed = 0
+    for i, r in enumerate(rows):
+        nxt = rows[i + 1]["ts"] if i + 1 < len(rows) else end_ms
+        a, b = max(r["ts"], start_ms), min(nxt, end_ms)
+        if b > a:
+            observed += b - a
+            online += (b - a) if r["online"] else 0
+    return online, observed
+
+
+# --- output ------------------------------------------------------------------------------
+
+def to_csv(stats: list[Stats]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for s in stats:
+        w.writerow(s.row())
+    return buf.getvalue()
+
+
+def chart(stats: list[Stats], period: Period, path: str) -> None:
+    """A PNG: aired hours, bulletins/emergencies, uptime and played %, in Vietnamese."""
+    from matplotlib import font_manager, rc_context
+    from matplotlib.figure import Figure
+
+    font_manager.findfont(font_manager.FontProperties(family=FONT), fallback_to_default=False)
+    names = [s.name if s.scope == "device" else
+             "Toàn bộ" if s.name == "all" else f"Nhóm {s.name}" for s in stats]
+    y = list(range(len(stats)))
+    with rc_context({"font.family": FONT, "font.size": 9}):
+        fig = Figure(figsize=(12, 1.6 + 0.38 * len(stats)), layout="constrained")
+        a1, a2, a3 = fig.subplots(1, 3, sharey=True)
+        a1.barh(y, [s.aired_ms / 3_600_000 for s in stats], color="#2b6cb0")
+        a1.set_xlabel("Giờ phát sóng")
+        a1.set_yticks(y, names)
+        a1.invert_yaxis()
+        a2.barh([i - 0.2 for i in y], [s.bulletins for s in stats], 0.4, label="Bản tin")
+        a2.barh([i + 0.2 for i in y], [s.emergencies for s in stats], 0.4, color="#c53030",
+                label="Tin khẩn cấp")
+        a2.set_xlabel("Số bản tin")
+        a2.legend(**LEGEND)
+        a3.barh([i - 0.2 for i in y], [s.uptime_pct or 0 for s in stats], 0.4,
+                color="#2f855a", label="Thời gian hoạt động")
+        a3.barh([i + 0.2 for i in y], [s.played_pct or 0 for s in stats], 0.4,
+                color="#d69e2e", label="Đã phát / yêu cầu")
+        a3.set_xlabel("Tỷ lệ (%)")
+        a3.set_xlim(0, 105)
+        a3.legend(**LEGEND)
+        fig.suptitle(f"Thống kê truyền thanh cơ sở — {period.title}", fontsize=13)
+        fig.savefig(path, dpi=110)
+
+
+def table_text(stats: list[Stats]) -> str:
+    head = f"{'':6} {'NAME':<28} {'AIRED h':>8} {'BULLETINS':>9} {'EMERG':>6} " \
+           f"{'PLAYED %':>9} {'UPTIME %':>9}"
+    lines = [head]
+    for s in stats:
+        r = s.row()
+        lines.append(f"{s.scope:6} {s.name:<28} {r['aired_hours']:>8} {s.bulletins:>9} "
+                     f"{s.emergencies:>6} {r['played_pct'] or '-':>9} {r['uptime_pct'] or '-':>9}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Audio outputs: the base, the sim and libvlc."""

@@ -1,0 +1,1 @@
+"""3G/4G modems: status over the AT port."""
