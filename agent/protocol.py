@@ -49,6 +49,7 @@ RETAINED_COMMAND = "retained_command"
 TOO_LARGE = "too_large"
 UNSUPPORTED_TYPE = "unsupported_type"
 STALE_REV = "stale_rev"
+INTERNAL_ERROR = "internal_error"  # a handler raised: a bug, answered, never fatal
 
 _COMMAND_KEYS = {"v", "id", "type", "target", "ts", "exp", "args", "sig"}
 _DOCUMENT_KEYS = _COMMAND_KEYS | {"rev"}

@@ -38,10 +38,10 @@ class Rig:
                               extra={"cabinet": CABINET, **(extra or {})})
         self.core.link.connect()
         self.samples: list[dict] = []
+        self.gpio = SimGPIO()
         self.service = health_service.HealthService(
-            self.core, self.core.cfg, sample_system=sampler or self._sample)
+            self.core, self.core.cfg, gpio=self.gpio, sample_system=sampler or self._sample)
         self.service.start()
-        self.gpio: SimGPIO = self.core.gpio
         self.gpio.drive(MAINS, True)  # mains present unless a test cuts it
         self.system = {"cpu_temp_c": 50.0, "disk_free_mb": {"state": 5000, "cache": 5000}}
         self.settle()
@@ -71,7 +71,7 @@ class Rig:
 
     def health(self) -> dict:
         self.core.link.published.clear()
-        self.core.send_health()
+        self.service.send_health()
         wait_until(lambda: self.settle() or self.core.link.json("/health"), 20, what="health")
         return self.core.link.json("/health")[-1]
 
@@ -195,19 +195,18 @@ def test_bad_cabinet_wiring_disables_inputs_but_not_the_agent(tmp_path, caplog):
     # check-config refuses this wiring; the service still defends itself if handed it
     core = make_core(tmp_path, extra={"cabinet": {"door": {"pin": 5}, "mains": {"pin": 6}}})
     core.cfg["cabinet"]["mains"]["pin"] = 5
-    service = health_service.install(core, core.cfg)
+    service = health_service.install(core, core.cfg, gpio=SimGPIO())
     assert service.cabinet is None and "BCM 5 is already used" in caplog.text
     assert service.health_fields() == {}
 
 
-def test_existing_gpio_backend_is_shared_and_not_closed(tmp_path):
+def test_the_gpio_backend_handed_in_is_used_and_not_closed(tmp_path):
     core = make_core(tmp_path, extra={"cabinet": CABINET})
     gpio = SimGPIO()
-    core.audio = type("Audio", (), {"gpio": gpio})()  # the audio service opened it first
     closed: list[bool] = []
     gpio.close = lambda: closed.append(True)  # type: ignore[method-assign]
-    service = health_service.install(core, core.cfg)
-    assert service.gpio is gpio and core.gpio is gpio and gpio.modes == {DOOR: "in", MAINS: "in"}
+    service = health_service.install(core, core.cfg, gpio=gpio)
+    assert service.gpio is gpio and gpio.modes == {DOOR: "in", MAINS: "in"}
     service.stop()
     assert closed == []
 

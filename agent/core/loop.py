@@ -18,35 +18,20 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from agent import __version__, protocol
 from agent.core import sdnotify
 from agent.core.alerts import AlertManager
 from agent.core.clock import Clock, ClockTrust
+from agent.core.inbound import CommandHandler, DocumentHandler, FuncHandler, Inbound, no_args
 from agent.core.mqtt import LinkHandlers, MqttLink
 from agent.core.outbox import Outbox
 from agent.core.store import Store, encode
-from agent.health import system as health
-from agent.protocol import Envelope, Rejected, Topics
+from agent.protocol import Envelope, Topics
 from drivers.fsutil import write_json_volatile
 
 log = logging.getLogger(__name__)
-
-
-class CommandHandler(Protocol):
-    def validate(self, args: dict) -> list[str]:
-        """Problems with ``args`` (each naming the key), empty when they are good."""
-
-    def execute(self, env: Envelope) -> None:
-        """Carry the command out; report its stages through ``core.ack``."""
-
-
-class DocumentHandler(Protocol):
-    def apply(self, target: str, env: Envelope, raw: bytes) -> tuple:
-        """Apply a verified document; return (result, reason) or (result, reason, detail).
-        Result ``unchanged`` is not recorded as an event (the broker re-delivers retained
-        documents at every connect)."""
 
 
 @dataclass(order=True)
@@ -59,21 +44,6 @@ class _Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
-
-
-class FuncHandler:
-    """A command handler from two functions."""
-
-    def __init__(self, execute: Callable[[Envelope], None],
-                 validate: Callable[[dict], list[str]] = lambda args: []) -> None:
-        self._execute = execute
-        self._validate = validate
-
-    def validate(self, args: dict) -> list[str]:
-        return self._validate(args)
-
-    def execute(self, env: Envelope) -> None:
-        self._execute(env)
 
 
 class Core:
@@ -99,8 +69,6 @@ class Core:
         self._timer_seq = itertools.count()
         self._running = False
         self._stopping = False
-        self.commands: dict[str, CommandHandler] = {}
-        self.documents: dict[str, DocumentHandler] = {}
         self.state_parts: dict[str, Callable[[], Any]] = {}
         self.health_parts: list[Callable[[], dict]] = []
         self.stop_hooks: list[Callable[[], None]] = []
@@ -111,11 +79,12 @@ class Core:
         self._workers = ThreadPoolExecutor(max_workers=3, thread_name_prefix="worker")
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._watchdog_last = -1e9
-        self._keys = protocol.load_public_keys(cfg["security"]["trusted_keys"])
         self._state_due: _Timer | None = None
         self._state_last = -1e9
         self.last_state: dict | None = None
-        self.last_health: dict | None = None
+        self.inbound = Inbound(cfg, clock=clock, store=store, trust=trust, topics=self.topics,
+                               ack=self.ack, emit_event=self.emit_event,
+                               state_changed=self.mark_state_dirty)
         inbound = self.topics.inbound(cfg["device"]["groups"])
         self.link = link_factory(
             {**cfg["mqtt"], "inflight": cfg["outbox"]["inflight"]}, self.device,
@@ -128,8 +97,8 @@ class Core:
             doc_topics=[t for t, k in inbound if k != "cmd"],
         )
         self.outbox = Outbox(store, self.link, clock, cfg["outbox"]["inflight"])
-        self.register_command("ping", FuncHandler(lambda env: self.ack(env.id, "done"), _no_args))
-        self.register_command("state", FuncHandler(self._cmd_state, _no_args))
+        self.register_command("ping", FuncHandler(lambda env: self.ack(env.id, "done"), no_args))
+        self.register_command("state", FuncHandler(self._cmd_state, no_args))
         self.add_state("alerts", self.alerts.active)
 
     # --- plumbing ----------------------------------------------------------------------
@@ -170,10 +139,10 @@ class Core:
         self.call_later(interval_s if first_s is None else first_s, tick)
 
     def register_command(self, typ: str, handler: CommandHandler) -> None:
-        self.commands[typ] = handler
+        self.inbound.register_command(typ, handler)
 
     def register_document(self, kind: str, handler: DocumentHandler) -> None:
-        self.documents[kind] = handler
+        self.inbound.register_document(kind, handler)
 
     def add_state(self, name: str, fn: Callable[[], Any]) -> None:
         """Add a part to the ``state`` snapshot."""
@@ -237,7 +206,6 @@ class Core:
         self.link.waker = self._wakeup
         self.link.start()
         sdnotify.ready()  # config read, components and MQTT set up; the broker may be away
-        self.call_every(self.cfg["health"]["interval_s"], self.send_health, first_s=5)
         self.call_every(10, self._check_clock, first_s=0)
         self.mark_state_dirty()
         self._fail_interrupted()
@@ -389,90 +357,16 @@ class Core:
         """An inbound message. Its broker acknowledgement (``mid``) is sent only after what
         it caused is committed, so a crash before that makes the broker deliver it again."""
         try:
-            where = self.topics.classify(topic)
-            if where is None:
-                log.warning("message on unexpected topic %s ignored", topic)
-                return
-            target, kind = where
-            if kind == "cmd":
-                self.handle_command(target, payload, retain)
-            else:
-                self.handle_document(kind, target, payload)
+            self.inbound.message(topic, payload, retain)
         finally:
             if mid is not None and qos > 0:
                 self._inbound_acks.append((mid, qos, generation))
 
-    def _check(self, obj: dict, kind: str, target: str) -> Envelope:
-        env = protocol.parse_envelope(obj, kind)
-        if env.target != target:
-            raise Rejected(protocol.WRONG_TARGET,
-                           f"target {env.target!r} does not match the topic's {target!r}", env.id)
-        protocol.verify(env, self._keys, self.cfg["security"]["require_signed"])
-        return env
-
     def handle_command(self, target: str, payload: bytes, retain: bool) -> None:
-        try:
-            obj = protocol.decode(payload)
-            if retain:
-                raise Rejected(protocol.RETAINED_COMMAND,
-                               "retained commands are never executed", protocol.peek_id(obj))
-            env = self._check(obj, "cmd", target)
-            first = self.store.seen_get(env.id)
-            if first is not None:
-                raise Rejected(protocol.REPLAYED, "this command id was already accepted",
-                               env.id, first_seen=first)
-            protocol.check_time(env, self.clock.now_ms(), self.trust.trusted(),
-                                self.cfg["security"]["max_skew_s"])
-            handler = self._handler_for(env)
-            errors = handler.validate(env.args)
-            if errors:
-                raise Rejected(protocol.BAD_ARGS, "; ".join(errors), env.id, errors=errors)
-        except Rejected as r:
-            log.info("command %s rejected: %s (%s)", r.cmd_id, r.reason, r.message)
-            self.ack(r.cmd_id, "rejected", r.reason, {"message": r.message, **r.detail})
-            return
-        self.store.seen_add(env.id, env.kid, env.ts, self.clock.now_ms())
-        self.store.open_add(env.id, env.type, self.clock.now_ms())
-        # Written before anything airs or is acked (a crashed agent remembers it); flushed to
-        # the card at the end of this batch, before the broker hears it was delivered.
-        self.store.commit()
-        self.ack(env.id, "received", detail={"type": env.type})
-        handler.execute(env)
-
-    def _handler_for(self, env: Envelope) -> CommandHandler:
-        handler = self.commands.get(env.type)
-        if handler is not None:
-            return handler
-        if env.type in protocol.COMMAND_TYPES:
-            msg = f"{env.type!r} is not available on this device (no such hardware configured)"
-        else:
-            msg = f"unknown command type {env.type!r}"
-        raise Rejected(protocol.UNSUPPORTED_TYPE, msg, env.id)
+        self.inbound.command(target, payload, retain)
 
     def handle_document(self, kind: str, target: str, payload: bytes) -> None:
-        topic = f"{target}/desired/{kind}"
-        rev = None
-        try:
-            obj = protocol.decode(payload)
-            rev = obj.get("rev") if isinstance(obj.get("rev"), int) else None
-            env = self._check(obj, kind, target)
-            handler = self.documents.get(kind)
-            if handler is None:
-                raise Rejected(protocol.UNSUPPORTED_TYPE, f"no {kind} support on this device")
-            result, reason, *extra = handler.apply(target, env, payload)
-            detail = extra[0] if extra else None
-        except Rejected as r:
-            result, reason, detail = "rejected", r.reason, {"message": r.message}
-            log.info("%s document on %s rejected: %s (%s)", kind, topic, r.reason, r.message)
-        if result == "unchanged":
-            return
-        body: dict[str, Any] = {"type": kind, "topic": topic, "rev": rev, "result": result}
-        if reason:
-            body["reason"] = reason
-        if detail:
-            body["detail"] = detail
-        self.emit_event(body)
-        self.mark_state_dirty()
+        self.inbound.document(kind, target, payload)
 
     # --- outbound ----------------------------------------------------------------------
 
@@ -505,22 +399,12 @@ class Core:
         return self.outbox.add(self.topics.dev("event"), full, kind=str(body.get("type", "event")),
                                event=True)
 
-    def send_health(self) -> None:
-        """Sample the system on a worker (vcgencmd may be slow), then publish ``health``."""
-        paths = {"state": self.cfg["paths"]["state_dir"], "cache": self.cfg["paths"]["cache_dir"]}
-        self.in_worker(health.collect_system, paths, then=self._publish_health)
-
-    def _publish_health(self, system: dict | BaseException) -> None:
-        if isinstance(system, BaseException):
-            log.warning("system sample failed: %s", system)
-            system = {}
-        self.alerts.observe_system(system)
-        self._alerts_tick()
-        body = health.build_health(system, self.health_extra(), self.clock)
+    def publish_health(self, body: dict) -> dict:
+        """Send a ``health`` sample (built by the health service, the only sampler): straight
+        out while connected, stored while offline."""
         body["agent_uptime_s"] = int(self.clock.monotonic() - self.started_mono)
         body["session"] = self.session
-        self.last_health = self.outbox.send_or_store(self.topics.dev("health"), body,
-                                                     kind="health")
+        return self.outbox.send_or_store(self.topics.dev("health"), body, kind="health")
 
     def health_extra(self) -> dict:
         extra = {"version": __version__, "clock_trusted": self.trust.trusted(),
@@ -601,7 +485,7 @@ class Core:
         live = ("security", "health", "state", "log")
         restart = sorted(k for k in new_cfg if not k.startswith("_") and k not in live
                          and new_cfg[k] != self.cfg.get(k))
-        self._keys = protocol.load_public_keys(new_cfg["security"]["trusted_keys"])
+        self.inbound.reload(new_cfg)
         for k in live:
             self.cfg[k] = new_cfg[k]
         logging.getLogger().setLevel(new_cfg["log"]["level"].upper())
@@ -618,7 +502,3 @@ class Core:
         for p in problems:
             log.error("config reload refused: %s", p)
         self.emit_event({"type": "config", "result": "rejected", "problems": problems[:20]})
-
-
-def _no_args(args: dict) -> list[str]:
-    return [f"args.{k}: unknown argument (this command takes none)" for k in args]

@@ -1,18 +1,19 @@
 """Health and supervision wired into the core (issue #6, SPEC §10).
 
-The core already publishes ``health`` every ``health.interval_s`` and owns the alert manager;
-this component feeds both:
+The only sampler of the system: it publishes ``health`` every ``health.interval_s`` (through
+:meth:`Core.publish_health`) and feeds the core's alert manager:
 
 - cabinet inputs (door, mains, amplifier fault) polled every :data:`CABINET_POLL_S` on the
-  shared GPIO backend (``core.gpio``), debounced by :class:`agent.health.cabinet.CabinetInputs`, fed
-  to ``core.set_alert`` (``door_open``, ``mains_lost``, ``amplifier_fault``) when they change;
+  agent's one GPIO backend (handed in by :mod:`agent.app`, which owns it), debounced by
+  :class:`agent.health.cabinet.CabinetInputs`, fed to ``core.set_alert`` (``door_open``,
+  ``mains_lost``, ``amplifier_fault``) when they change;
 - a system sample every :data:`SYSTEM_SAMPLE_S` on a worker, fed to ``core.observe``
   (``cpu_temp``, ``disk_low``), so a fault is raised within 100 s whatever the health interval;
 - the 4G modem (``modem.port``) queried every ``modem.interval_s`` on a worker, fed to
   ``core.observe("modem_dbm")`` (``modem_signal``) and to the ``modem`` health field;
 - the health parts ``door_open``, ``mains_present``, ``amplifier_fault`` and ``modem``;
-- ``state_dir/health.json``: the last health sample, for ``ttcs-agent status`` and ``doctor``
-  (rewritten at each health interval, not fsynced: it is worthless after a power cut).
+- ``state_dir/health.json``: the last health payload sent, for ``ttcs-agent status`` and
+  ``doctor`` (rewritten at each health interval, not fsynced: it is worthless after a power cut).
 
 Everything runs on the core thread except the blocking sampling, which runs in
 ``core.in_worker`` and hands its result back to the core thread.
@@ -29,7 +30,7 @@ from agent.core.loop import Core
 from agent.health import system as health
 from agent.health.cabinet import ALERTS, CabinetInputs, InputChange
 from drivers.fsutil import write_json_volatile
-from drivers.gpio import GPIOBackend, open_gpio
+from drivers.gpio import GPIOBackend
 from drivers.modem.at import Modem
 
 log = logging.getLogger(__name__)
@@ -41,31 +42,10 @@ LAST_HEALTH_FILE = "health.json"
 SystemSampler = Callable[[dict[str, str]], dict[str, Any]]
 
 
-def install(core: Core, cfg: dict) -> HealthService:
-    """Plug the health service into the core (called by :mod:`agent.components`)."""
-    service = HealthService(core, cfg)
+def install(core: Core, cfg: dict, *, gpio: GPIOBackend | None) -> HealthService:
+    service = HealthService(core, cfg, gpio=gpio)
     service.start()
     return service
-
-
-def shared_gpio(core: Core, cfg: dict) -> tuple[GPIOBackend | None, bool]:
-    """The agent's one GPIO backend: ``core.gpio``, else the audio service's (installed
-    earlier), else a new one; it is left on ``core.gpio`` for the components after us.
-
-    Returns (backend or None when it cannot be opened, whether this call opened it).
-    """
-    gpio = getattr(core, "gpio", None) or getattr(getattr(core, "audio", None), "gpio", None)
-    if gpio is not None:
-        core.gpio = gpio  # type: ignore[attr-defined]
-        return gpio, False
-    try:
-        gpio = open_gpio(cfg["gpio"]["backend"])
-    except Exception as e:  # noqa: BLE001 - no GPIO must not stop the agent
-        log.error("gpio backend %r cannot be opened: %s; cabinet inputs disabled",
-                  cfg["gpio"]["backend"], e)
-        return None, False
-    core.gpio = gpio  # type: ignore[attr-defined]
-    return gpio, True
 
 
 def cabinet_config(cfg: dict) -> dict[str, Any]:
@@ -78,21 +58,19 @@ def cabinet_config(cfg: dict) -> dict[str, Any]:
 
 
 class HealthService:
-    def __init__(self, core: Core, cfg: dict, *,
+    def __init__(self, core: Core, cfg: dict, *, gpio: GPIOBackend | None,
                  sample_system: SystemSampler = health.collect_system) -> None:
         self.core = core
         self.cfg = cfg
         self.sample_system = sample_system
-        self.gpio, self._owns_gpio = shared_gpio(core, cfg)
+        self.gpio = gpio  # the agent's one backend, shared with the amplifier; not ours to close
         self.cabinet = self._make_cabinet()
         self.modem = self._make_modem()
         self.system: dict[str, Any] = {}
         self.modem_status: dict[str, Any] | None = None
         self.modem_error: str | None = None
-        self.last_health_ms: int | None = None
         self._sampling = False
         self._modem_busy = False
-        self._snapshotting = False
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -122,6 +100,7 @@ class HealthService:
         if self.cabinet is not None:
             core.call_every(CABINET_POLL_S, self.poll_cabinet, first_s=0)
         core.call_every(SYSTEM_SAMPLE_S, self.sample, first_s=1)
+        core.call_every(self.cfg["health"]["interval_s"], self.send_health, first_s=5)
         if self.modem is not None:
             core.call_every(self.cfg["modem"]["interval_s"], self.query_modem, first_s=2)
         core.health_parts.append(self.health_fields)
@@ -130,8 +109,6 @@ class HealthService:
     def stop(self) -> None:
         if self.modem is not None:
             self.modem.close()
-        if self._owns_gpio and self.gpio is not None:
-            self.gpio.close()
 
     # --- cabinet ---------------------------------------------------------------------------
 
@@ -204,28 +181,21 @@ class HealthService:
                 out["amplifier_fault"] = fields["amplifier_fault"]
         if self.modem is not None:
             out["modem"] = self.modem_status
-        if not self._snapshotting:  # the core is building a health payload: keep a copy
-            self.last_health_ms = self.core.clock.now_ms()
-            self.core.post(self.write_last_health)
         return out
 
     def last_health(self) -> dict[str, Any]:
         """The health payload as of now, from the last system sample."""
-        self._snapshotting = True
-        try:
-            extra = self.core.health_extra()
-        finally:
-            self._snapshotting = False
-        body = health.build_health(self.system, extra, self.core.clock)
-        body["agent_uptime_s"] = int(self.core.clock.monotonic() - self.core.started_mono)
-        body["session"] = self.core.session
-        return body
+        return health.build_health(self.system, self.core.health_extra(), self.core.clock)
 
-    def write_last_health(self) -> None:
+    def send_health(self) -> None:
+        """Publish ``health`` from the last system sample and keep a copy for ``status``."""
+        body = self.core.publish_health(self.last_health())
+        self.write_last_health(body)
+
+    def write_last_health(self, body: dict[str, Any]) -> None:
         path = os.path.join(self.cfg["paths"]["state_dir"], LAST_HEALTH_FILE)
-        body = self.last_health()
         if self.modem_error is not None:
-            body["modem_error"] = self.modem_error
+            body = {**body, "modem_error": self.modem_error}
         try:
             write_json_volatile(path, body)
         except OSError as e:
