@@ -9,11 +9,17 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 from agent import __version__, config
+from agent.audio import service as audio_service
+from agent.board import service as board_service
 from agent.core.clock import ClockTrust, SystemClock
 from agent.core.loop import Core
 from agent.core.store import Store
+from agent.health import service as health_service
+from agent.schedule import service as schedule_service
+from drivers.gpio import GPIOBackend, open_gpio
 
 log = logging.getLogger("ttcs-agent")
 
@@ -34,15 +40,34 @@ def build(cfg: dict) -> Core:
                   seen_max=cfg["security"]["replay_memory"])
     clock = SystemClock()
     core = Core(cfg, clock=clock, store=store, trust=ClockTrust(cfg["clock"]["trust"]))
-    _install_components(core, cfg)
+    install_services(core, cfg)
     return core
 
 
-def _install_components(core: Core, cfg: dict) -> None:
-    """Plug optional components into the core (audio, board, schedule, health)."""
-    from agent import components
+def install_services(core: Core, cfg: dict) -> Services:
+    """The services, in their one start-up order; each gets its collaborators here.
 
-    components.install(core, cfg)
+    GPIO first (the amplifier relay and the cabinet inputs share it), then the board (the
+    audio service shows an item's board text while it airs), audio, the scheduler (hands
+    slots to audio) and health (the only sampler). The core runs stop hooks in reverse, so
+    health stops first and GPIO is released last.
+    """
+    gpio = open_gpio(cfg["gpio"]["backend"])
+    core.stop_hooks.append(gpio.close)
+    board = board_service.install(core, cfg)
+    audio = audio_service.install(core, cfg, board=board, gpio=gpio)
+    schedule = schedule_service.install(core, cfg, audio=audio)
+    health = health_service.install(core, cfg, gpio=gpio)
+    return Services(gpio=gpio, board=board, audio=audio, schedule=schedule, health=health)
+
+
+@dataclass
+class Services:
+    gpio: GPIOBackend
+    board: board_service.BoardService
+    audio: audio_service.AudioService
+    schedule: schedule_service.ScheduleService
+    health: health_service.HealthService
 
 
 def run(config_path: str | None) -> int:

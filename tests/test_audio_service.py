@@ -880,7 +880,7 @@ def test_scheduler_clock_step_re_arms_a_slot_handed_over_ahead(tmp_path, keys):
     rig = InProc(tmp_path, clock=FakeClock(due - 20_000),
                  trusted_keys={keys.kid: keys.public_b64})
     try:
-        sched = schedule_service.install(rig.core, rig.core.cfg)
+        sched = schedule_service.install(rig.core, rig.core.cfg, audio=rig.svc)
         doc = keys.command("dev/dev-1", "schedule", {"items": [
             {"id": "loa", "say": "Xin chào", "days": ["wed"], "times": ["05:00"],
              "catch_up_s": 600}]}, rev=1)

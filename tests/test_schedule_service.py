@@ -101,13 +101,6 @@ class FakeAudio:
         return [s["id"] for s in self.submitted]
 
 
-class FakeAudioWithoutAt(FakeAudio):
-    def submit_scheduled(self, slot_id, kind, action, *, priority="normal", volume=None,
-                         duration_s=None, repeat=1, exp_ms=None, on_result=None):
-        super().submit_scheduled(slot_id, kind, action, priority=priority, exp_ms=exp_ms,
-                                 on_result=on_result)
-
-
 class Rig:
     """A core on a FakeClock with the schedule service and a FakeAudio."""
 
@@ -118,9 +111,9 @@ class Rig:
         self.core = make_core(tmp_path, trusted_keys={keys.kid: keys.public_b64},
                               clock=self.clock, trust=trust, extra=extra)
         self.audio = audio or FakeAudio()
-        self.core.audio = self.audio
         self.core.link.connect()
-        self.svc: ScheduleService = schedule_service.install(self.core, self.core.cfg)
+        self.svc: ScheduleService = schedule_service.install(self.core, self.core.cfg,
+                                                             audio=self.audio)
         self.core.run_pending()
 
     def send(self, rev: int, items: list[dict], target: str = DEV, **env) -> bytes:
@@ -237,18 +230,6 @@ def test_slot_is_handed_over_ahead_with_at_and_airs_once(rig):
     r.advance_to(hcm(16, 59, 59))
     assert r.audio.ids() == [sid, "dev.dev-1:news:2025-11-26T17:00"]
     assert r.core.snapshot()["schedule"]["next"]["due"] == hcm(17)
-
-
-def test_without_at_support_the_slot_is_submitted_at_its_time(rig):
-    r = rig(hcm(4, 58), audio=FakeAudioWithoutAt())
-    r.send(1, [media_item()])
-    r.advance_to(hcm(4, 59, 59, ))
-    assert r.audio.submitted == []
-    r.advance_to(hcm(5, 0, 1))
-    assert [(s["id"], s["at_ms"]) for s in r.audio.submitted] == [
-        ("dev.dev-1:news:2025-11-26T05:00", None)]
-    r.advance_to(hcm(6))
-    assert len(r.audio.submitted) == 1
 
 
 def test_items_due_together_are_handed_over_in_priority_order(rig):
@@ -369,7 +350,7 @@ def test_forward_jump_of_one_hour_skips_beyond_catch_up_and_airs_within(rig):
 
 
 def test_backward_jump_of_one_hour_airs_nothing_twice_and_skips_nothing(rig):
-    r = rig(hcm(4, 58), audio=FakeAudioWithoutAt())
+    r = rig(hcm(4, 58))
     r.send(1, [media_item(times=["05:00", "05:30"])])
     r.advance_to(hcm(5, 10))
     r.clock.jump(-3_600_000)
@@ -531,8 +512,8 @@ def test_real_audio_service_airs_a_slot_with_its_play_record(tmp_path, keys):
     core = make_core(tmp_path, trusted_keys={keys.kid: keys.public_b64}, clock=clock,
                      extra={"amplifier": {"warm_up_s": 0}})
     core.link.connect()
-    audio_service.install(core, core.cfg)
-    svc = schedule_service.install(core, core.cfg)
+    audio = audio_service.install(core, core.cfg)
+    svc = schedule_service.install(core, core.cfg, audio=audio)
     try:
         doc = keys.command(DEV, "schedule", {"items": [
             {"id": "loa", "say": {"text": "Xin chào bà con", "lang": "vi"}, "days": ALL_DAYS,

@@ -1112,8 +1112,8 @@ def _reason_for(exc: BaseException) -> tuple[str, str]:
     return "media_unavailable", f"{type(exc).__name__}: {exc}"
 
 
-def install(core: Core, cfg: dict) -> AudioService:
-    svc = AudioService(core, cfg)
+def install(core: Core, cfg: dict, *, board: Any = None, gpio: Any = None) -> AudioService:
+    svc = AudioService(core, cfg, gpio=gpio)
     svc.start()
     core.audio = svc  # type: ignore[attr-defined] - the scheduler finds the service here
     return svc

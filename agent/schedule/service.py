@@ -26,7 +26,6 @@ the slot id (:func:`slot_id`: topic, item id, local date and time). Both kinds c
 from __future__ import annotations
 
 import hashlib
-import inspect
 import itertools
 import logging
 from dataclasses import dataclass
@@ -81,11 +80,11 @@ class _Submitted:
 class ScheduleService:
     """Documents in, slots out. Construct, then :meth:`start` (``install`` does both)."""
 
-    def __init__(self, core: Core, cfg: dict, *, audio: Any = None) -> None:
+    def __init__(self, core: Core, cfg: dict, *, audio: Any) -> None:
         sc = cfg["schedule"]
         self.core = core
         self.clock = core.clock
-        self.audio = audio if audio is not None else getattr(core, "audio", None)
+        self.audio = audio  # the audio service: submit_scheduled, prefetch, have, cancel...
         self.prefetch_days = int(sc["prefetch_days"])
         self.alert_lead_s = int(sc["media_alert_lead_s"])
         state_dir = cfg["paths"]["state_dir"]
@@ -100,10 +99,6 @@ class ScheduleService:
         groups = dict.fromkeys([*cfg["device"]["groups"], "all"])
         self.targets = {f"dev/{cfg['device']['id']}"} | {f"grp/{g}" for g in groups}
         self.lead_ms = int((float(cfg["amplifier"]["warm_up_s"]) + PREP_LEAD_S) * 1000)
-        self.at_supported = self.audio is not None and _accepts(self.audio.submit_scheduled,
-                                                                "at_ms")
-        self.extra_supported = self.audio is not None and _accepts(
-            self.audio.submit_scheduled, "extra")
         self.canonical: dict[str, bytes] = {}  # topic -> canonical applied envelope
         self.submitted: dict[str, _Submitted] = {}  # slot id -> handed to the audio service
         self.held = True
@@ -116,11 +111,6 @@ class ScheduleService:
     # --- start-up ---------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.audio is None:
-            log.error("schedule: no audio service on the core (core.audio): nothing will air")
-        elif not self.at_supported:
-            log.warning("schedule: the audio service takes no at_ms; slots are handed over at "
-                        "their time and start after the amplifier warm-up")
         self.restore()
         self.core.register_document("schedule", self)
         self.core.add_state("schedule", self.state)
@@ -271,7 +261,7 @@ class ScheduleService:
     def _next_delay_s(self, now: int) -> float:
         """Until the next slot, the next hand-over ahead, or the watch tick."""
         wake = now + WATCH_S * 1000
-        lead = self.lead_ms if self.at_supported else 0
+        lead = self.lead_ms
         if not self.held:
             for slot in itertools.islice(self.planner.upcoming(now), 50):
                 if slot.due_ms - lead >= wake:
@@ -293,8 +283,6 @@ class ScheduleService:
 
     def _hand_over_ahead(self, now: int) -> None:
         """Slots due within the lead go to the audio service now, to start at their time."""
-        if not self.at_supported:
-            return
         for slot in self.planner.upcoming(now):
             if slot.due_ms > now + self.lead_ms:
                 break
@@ -303,20 +291,14 @@ class ScheduleService:
                 self._submit(slot, sid, at_ms=slot.due_ms)
 
     def _submit(self, slot: Slot, sid: str, at_ms: int | None) -> None:
-        if self.audio is None:
-            log.error("schedule: %s due but there is no audio service", sid)
-            return
         item = slot.item
         self.submitted[sid] = _Submitted(slot, ahead=at_ms is not None)
-        extra: dict[str, Any] = {"at_ms": at_ms} if at_ms is not None else {}
-        if self.extra_supported:
-            extra["extra"] = slot_fields(slot)
         log.info("schedule: %s %s", "handing over" if at_ms else "airing", sid)
         self.audio.submit_scheduled(
             sid, item.kind, item.action, priority=item.priority, volume=item.volume,
             duration_s=item.duration_s, repeat=item.repeat,
             exp_ms=slot.due_ms + self.planner.allowance_ms(item) + _patience_ms(item),
-            on_result=self._on_result, **extra)
+            on_result=self._on_result, at_ms=at_ms, extra=slot_fields(slot))
 
     def _on_result(self, sid: str, stage: str, reason: str | None) -> None:
         """Progress of a submitted slot (audio service, core thread)."""
@@ -423,19 +405,11 @@ def _patience_ms(item: Any) -> int:
     return max(3_600_000, (item.duration_s or 0) * 1000)
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _doc_topic(target: str) -> str:
     return f"{target}/desired/schedule"
 
 
-def install(core: Core, cfg: dict) -> ScheduleService:
-    svc = ScheduleService(core, cfg)
+def install(core: Core, cfg: dict, *, audio: Any) -> ScheduleService:
+    svc = ScheduleService(core, cfg, audio=audio)
     svc.start()
-    core.schedule = svc  # type: ignore[attr-defined]
     return svc
