@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+import drivers
+
 DEFAULT_CONFIG_PATH = "/etc/ttcs-agent/agent.yaml"
 
 ID_RE = r"^[a-z0-9][a-z0-9-]{0,63}$"
@@ -392,6 +394,7 @@ SCHEMA = Section(fields={
         }) for name, debounce in (("door", 200), ("mains", 500), ("amplifier_fault", 200))
     }),
     "modem": Section(fields={
+        "backend": Str(default="at", choices=tuple(drivers.REGISTRY["modem"])),
         "port": Str(default=None, nullable=True),
         "baudrate": Num(default=115200, min=300, max=4_000_000),
         "timeout_s": Num(default=5, min=0.5, max=30, integer=False),

@@ -374,17 +374,24 @@ def check_gpio(cfg: dict) -> list[Finding]:
 
 def check_modem(cfg: dict) -> list[Finding]:
     m = cfg["modem"]
+    if m["backend"] == "sim":
+        return [warn("modem", "modem.backend is sim: the modem is simulated",
+                     "set modem.backend: at (or leave it out) on a cabinet")]
     if not m.get("port"):
         return [ok("modem", "none configured")]
     status = read_agent_status(cfg)
     if status is not None and status["alive"]:
         return [_modem_from_health(cfg, m["port"])]
-    from drivers.modem.at import Modem, ModemError, ModemPortError
+    from drivers import DriverUnavailable
+    from drivers.modem.at import AtModem
+    from drivers.modem.base import ModemError, ModemPortError
 
     try:
-        with Modem(m["port"], baudrate=m["baudrate"],
-                   timeout=min(m["timeout_s"], MODEM_TIMEOUT_S)) as modem:
+        with AtModem(m["port"], baudrate=m["baudrate"],
+                     timeout=min(m["timeout_s"], MODEM_TIMEOUT_S)) as modem:
             result = modem.query()
+    except DriverUnavailable as e:
+        return [fail("modem", str(e), "pip install pyserial (or apt install python3-serial)")]
     except ModemPortError as e:
         return [fail("modem", str(e), "check the modem is plugged in (`ls /dev/ttyUSB*`, "
                      "`dmesg | tail`) and that modem.port is its AT port")]

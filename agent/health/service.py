@@ -28,9 +28,10 @@ from typing import Any
 from agent.core.loop import Core
 from agent.health import system as health
 from agent.health.cabinet import ALERTS, CabinetInputs, InputChange
+from drivers import resolve
 from drivers.fsutil import write_json_volatile
 from drivers.gpio import GPIOBackend, open_gpio
-from drivers.modem.at import Modem
+from drivers.modem.base import Modem
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,12 @@ class HealthService:
 
     def _make_modem(self) -> Modem | None:
         mcfg = self.cfg.get("modem") or {}
-        if not mcfg.get("port"):
+        if not mcfg:
             return None
-        return Modem(mcfg["port"], baudrate=mcfg["baudrate"], timeout=mcfg["timeout_s"])
+        backend = resolve("modem", mcfg["backend"])
+        if backend.needs_port and not mcfg["port"]:
+            return None
+        return backend(mcfg["port"], baudrate=mcfg["baudrate"], timeout=mcfg["timeout_s"])
 
     def start(self) -> None:
         core = self.core
