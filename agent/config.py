@@ -223,6 +223,12 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _backends(kind: str, *no_driver: str) -> tuple[str, ...]:
+    """The names a config key may choose for a driver kind: ``drivers.REGISTRY``'s, in its
+    order, after ``no_driver`` (names that mean "none fitted", not a backend)."""
+    return (*no_driver, *drivers.REGISTRY[kind])
+
+
 PRIORITIES = ("emergency", "priority", "normal")
 
 SCHEMA = Section(fields={
@@ -262,7 +268,7 @@ SCHEMA = Section(fields={
         "cache_dir": Str(default="/var/cache/ttcs-agent"),
     }),
     "audio": Section(fields={
-        "backend": Str(default="vlc", choices=("vlc", "sim")),
+        "backend": Str(default="vlc", choices=_backends("audio")),
         "vlc_args": List(default=[], item=Str()),
         "device": Str(default=None, nullable=True),
         "network_caching_ms": Num(default=3000, min=0, max=60000),
@@ -310,7 +316,7 @@ SCHEMA = Section(fields={
         }),
     }),
     "verification": Section(fields={
-        "backend": Str(default="none", choices=("none", "sim", "sounddevice")),
+        "backend": Str(default="none", choices=_backends("level", "none")),
         "device": Str(default=None, nullable=True),
         "samplerate": Num(default=16000, min=8000, max=192000),
         "channels": Num(default=1, min=1, max=8),
@@ -318,7 +324,7 @@ SCHEMA = Section(fields={
         "silence_dbfs": Num(default=-50, min=-120, max=0, integer=False),
     }),
     "board": Section(fields={
-        "driver": Str(default="none", choices=("none", "max7219", "serial", "image")),
+        "driver": Str(default="none", choices=_backends("board")),
         "width": Num(default=64, min=8, max=4096),
         "height": Num(default=16, min=7, max=1024),
         "image_path": Str(default=None, nullable=True),
@@ -354,7 +360,7 @@ SCHEMA = Section(fields={
         "slot_log_keep_days": Num(default=14, min=1, max=366),
     }),
     "gpio": Section(fields={
-        "backend": Str(default="lgpio", choices=("lgpio", "sim")),
+        "backend": Str(default="lgpio", choices=_backends("gpio")),
     }),
     "clock": Section(fields={
         "trust": Str(default="auto", choices=("auto", "always", "never")),
@@ -394,7 +400,7 @@ SCHEMA = Section(fields={
         }) for name, debounce in (("door", 200), ("mains", 500), ("amplifier_fault", 200))
     }),
     "modem": Section(fields={
-        "backend": Str(default="at", choices=tuple(drivers.REGISTRY["modem"])),
+        "backend": Str(default="at", choices=_backends("modem")),
         "port": Str(default=None, nullable=True),
         "baudrate": Num(default=115200, min=300, max=4_000_000),
         "timeout_s": Num(default=5, min=0.5, max=30, integer=False),

@@ -382,13 +382,12 @@ def check_modem(cfg: dict) -> list[Finding]:
     status = read_agent_status(cfg)
     if status is not None and status["alive"]:
         return [_modem_from_health(cfg, m["port"])]
-    from drivers import DriverUnavailable
-    from drivers.modem.at import AtModem
+    from drivers import DriverUnavailable, resolve
     from drivers.modem.base import ModemError, ModemPortError
 
     try:
-        with AtModem(m["port"], baudrate=m["baudrate"],
-                     timeout=min(m["timeout_s"], MODEM_TIMEOUT_S)) as modem:
+        with resolve("modem", m["backend"])(m["port"], baudrate=m["baudrate"],
+                                            timeout=min(m["timeout_s"], MODEM_TIMEOUT_S)) as modem:
             result = modem.query()
     except DriverUnavailable as e:
         return [fail("modem", str(e), "pip install pyserial (or apt install python3-serial)")]
