@@ -25,6 +25,7 @@ from agent import config
 from agent.core.alerts import AlertConfig
 from agent.core.clock import kernel_clock_synchronised
 from agent.health.cabinet import parse_inputs
+from agent.pidfile import pid_alive
 
 NET_TIMEOUT_S = 3.0
 MODEM_TIMEOUT_S = 3.0
@@ -433,9 +434,7 @@ def read_agent_status(cfg: dict) -> dict | None:
         return None
     if not isinstance(st, dict):
         return None
-    from agent.cli import _pid_alive
-
-    return {**st, "alive": _pid_alive(st.get("pid")) and st.get("running", True) is not False}
+    return {**st, "alive": pid_alive(st.get("pid")) and st.get("running", True) is not False}
 
 
 def read_last_health(cfg: dict) -> dict | None:
