@@ -447,13 +447,6 @@ def _positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
             _positions(item, f"{path}[{i}]", out, errors)
 
 
-@dataclass
-class LoadedConfig:
-    path: str
-    data: dict
-    positions: dict[str, tuple[int, int]]
-
-
 def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> dict:
     """Parse and validate config text; raise :class:`ConfigError` with every problem."""
     try:
@@ -590,12 +583,3 @@ def load_or_report(path: str | None = None, stream=None) -> dict | None:
         for line in e.problems:
             print(line, file=stream or sys.stderr)
         return None
-
-
-def mask_secrets(cfg: dict) -> dict:
-    """A copy safe to log or show."""
-    out = copy.deepcopy(cfg)
-    mqtt = out.get("mqtt") or {}
-    if mqtt.get("password_file"):
-        mqtt["password_file"] = "***"
-    return out

@@ -20,9 +20,8 @@ accepted, tracked and recorded (events carry ``"driver": "none"``), so a group-w
 message or document does not make every speaker-only cabinet reject it at each reconnect.
 
 Other services find it with :func:`get` (``agent.board.service.get(core)``) and call
-:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all`,
-:meth:`BoardService.show_audio_text` and :meth:`BoardService.show_emergency_text` on the core
-thread.
+:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all` and
+:meth:`BoardService.show_audio_text` on the core thread.
 """
 
 from __future__ import annotations
@@ -250,11 +249,6 @@ class BoardService:
         if ids:
             self.update()
         return ids
-
-    def show_emergency_text(self, cmd_id: str, text: str,
-                            duration_s: float = DEFAULT_DURATION_S) -> bool:
-        """:meth:`show_audio_text` as an emergency."""
-        return self.show_audio_text(cmd_id, text, "emergency", duration_s)
 
     def show_audio_text(self, cmd_id: str, text: str, priority: str = "emergency",
                         duration_s: float = DEFAULT_DURATION_S) -> bool:
