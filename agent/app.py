@@ -18,6 +18,7 @@ from agent.core.clock import ClockTrust, SystemClock
 from agent.core.loop import Core
 from agent.core.store import Store
 from agent.health import service as health_service
+from agent.pidfile import remove_pid, write_pid
 from agent.schedule import service as schedule_service
 from drivers.gpio import GPIOBackend, open_gpio
 
@@ -81,7 +82,7 @@ def run(config_path: str | None) -> int:
     log.info("ttcs-agent %s starting as %s (config %s)", __version__, cfg["device"]["id"],
              cfg["_path"])
     core = build(cfg)
-    _write_pid(cfg)
+    write_pid(cfg["paths"]["state_dir"])
 
     def on_term(signum, frame) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
@@ -96,7 +97,7 @@ def run(config_path: str | None) -> int:
     try:
         core.run()
     finally:
-        _remove_pid(cfg)
+        remove_pid(cfg["paths"]["state_dir"])
     log.info("stopped")
     return 0
 
@@ -108,19 +109,3 @@ def _reload(core: Core, path: str) -> None:
         core.reload_failed(e.problems)
         return
     core.reload(new)
-
-
-def _pid_path(cfg: dict) -> str:
-    return os.path.join(cfg["paths"]["state_dir"], "agent.pid")
-
-
-def _write_pid(cfg: dict) -> None:
-    with open(_pid_path(cfg), "w") as f:
-        f.write(f"{os.getpid()}\n")
-
-
-def _remove_pid(cfg: dict) -> None:
-    try:
-        os.unlink(_pid_path(cfg))
-    except FileNotFoundError:
-        pass

@@ -9,6 +9,7 @@ import sys
 import time
 
 from agent import __version__, config
+from agent.pidfile import pid_alive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +85,7 @@ def status(path: str | None, raw: bool) -> int:
     except (OSError, ValueError):
         print(f"no status in {state_dir}: the agent has not run here yet")
         return 3
-    alive = _pid_alive(st.get("pid"))
+    alive = pid_alive(st.get("pid"))
     try:
         with open(os.path.join(state_dir, "health.json"), encoding="utf-8") as f:
             st["health"] = json.load(f)
@@ -95,18 +96,6 @@ def status(path: str | None, raw: bool) -> int:
         return 0 if alive else 3
     print(render_status(st, alive))
     return 0 if alive else 3
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _ago(ms: int | None) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+import drivers
+
 DEFAULT_CONFIG_PATH = "/etc/ttcs-agent/agent.yaml"
 
 ID_RE = r"^[a-z0-9][a-z0-9-]{0,63}$"
@@ -221,6 +223,12 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _backends(kind: str, *no_driver: str) -> tuple[str, ...]:
+    """The names a config key may choose for a driver kind: ``drivers.REGISTRY``'s, in its
+    order, after ``no_driver`` (names that mean "none fitted", not a backend)."""
+    return (*no_driver, *drivers.REGISTRY[kind])
+
+
 PRIORITIES = ("emergency", "priority", "normal")
 
 SCHEMA = Section(fields={
@@ -260,7 +268,7 @@ SCHEMA = Section(fields={
         "cache_dir": Str(default="/var/cache/ttcs-agent"),
     }),
     "audio": Section(fields={
-        "backend": Str(default="vlc", choices=("vlc", "sim")),
+        "backend": Str(default="vlc", choices=_backends("audio")),
         "vlc_args": List(default=[], item=Str()),
         "device": Str(default=None, nullable=True),
         "network_caching_ms": Num(default=3000, min=0, max=60000),
@@ -308,7 +316,7 @@ SCHEMA = Section(fields={
         }),
     }),
     "verification": Section(fields={
-        "backend": Str(default="none", choices=("none", "sim", "sounddevice")),
+        "backend": Str(default="none", choices=_backends("level", "none")),
         "device": Str(default=None, nullable=True),
         "samplerate": Num(default=16000, min=8000, max=192000),
         "channels": Num(default=1, min=1, max=8),
@@ -316,7 +324,7 @@ SCHEMA = Section(fields={
         "silence_dbfs": Num(default=-50, min=-120, max=0, integer=False),
     }),
     "board": Section(fields={
-        "driver": Str(default="none", choices=("none", "max7219", "serial", "image")),
+        "driver": Str(default="none", choices=_backends("board")),
         "width": Num(default=64, min=8, max=4096),
         "height": Num(default=16, min=7, max=1024),
         "image_path": Str(default=None, nullable=True),
@@ -352,7 +360,7 @@ SCHEMA = Section(fields={
         "slot_log_keep_days": Num(default=14, min=1, max=366),
     }),
     "gpio": Section(fields={
-        "backend": Str(default="lgpio", choices=("lgpio", "sim")),
+        "backend": Str(default="lgpio", choices=_backends("gpio")),
     }),
     "clock": Section(fields={
         "trust": Str(default="auto", choices=("auto", "always", "never")),
@@ -392,6 +400,7 @@ SCHEMA = Section(fields={
         }) for name, debounce in (("door", 200), ("mains", 500), ("amplifier_fault", 200))
     }),
     "modem": Section(fields={
+        "backend": Str(default="at", choices=_backends("modem")),
         "port": Str(default=None, nullable=True),
         "baudrate": Num(default=115200, min=300, max=4_000_000),
         "timeout_s": Num(default=5, min=0.5, max=30, integer=False),
@@ -409,54 +418,6 @@ SCHEMA = Section(fields={
         "level": Str(default="info", choices=("debug", "info", "warning", "error")),
     }),
 })
-
-
-CTL_SCHEMA = Section(fields={
-    "mqtt": SCHEMA.fields["mqtt"],
-    "signing": Section(fields={
-        "kid": Str(default=None, nullable=True, pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
-        "key_file": Str(default=None, nullable=True),
-    }),
-    "relay": Section(fields={
-        "db_path": Str(default="~/.local/state/ttcs/relay.db"),
-        "client_id": Str(default="ttcs-relay", pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
-        "heartbeat_default_s": Num(default=60, min=1, max=86400, integer=False),
-        "missed_beats": Num(default=3, min=1, max=100),
-        "group_window_s": Num(default=300, min=0, max=86400, integer=False),
-        "tick_s": Num(default=1.0, min=0.05, max=60, integer=False),
-        "groups": Map(default={}, key_pattern=ID_RE,
-                      value=List(item=Str(pattern=r"^(\*|[a-z0-9][a-z0-9-]{0,63}\*?)$"))),
-        "timezone": TimeZone(default="Asia/Ho_Chi_Minh"),
-        "health_keep_days": Num(default=31, min=1, max=3660),
-    }),
-    "alerts": Section(fields={
-        "webhook_url": Str(default=None, nullable=True, pattern=r"^https?://"),
-        "telegram": Section(default=None, nullable=True, fields={
-            "bot_token_file": Str(),
-            "chat_id": Str(max_len=64),
-            "base_url": Str(default="https://api.telegram.org", pattern=r"^https?://"),
-        }),
-        "email": Section(default=None, nullable=True, fields={
-            "smtp_host": Str(),
-            "smtp_port": Num(default=587, min=1, max=65535),
-            "starttls": Bool(default=True),
-            "ssl": Bool(default=False),
-            "username": Str(default=None, nullable=True),
-            "password_file": Str(default=None, nullable=True),
-            "from": Str(pattern=r"^[^@\s]+@[^@\s]+$"),
-            "to": List(item=Str(pattern=r"^[^@\s]+@[^@\s]+$"), max_items=100),
-        }),
-        "codes": List(default=[], item=Str(pattern=r"^[a-z_]{1,40}$"),
-                      doc="alert codes to notify (empty: all)"),
-        "timeout_s": Num(default=10, min=1, max=120, integer=False),
-        "retry": Section(fields={
-            "attempts": Num(default=8, min=1, max=100),
-            "backoff_s": Num(default=5, min=0, max=3600, integer=False),
-            "backoff_max_s": Num(default=600, min=0, max=86400, integer=False),
-        }),
-    }),
-})
-DEFAULT_CTL_PATH = "~/.config/ttcs/ctl.yaml"
 
 
 # --- loading with positions --------------------------------------------------------------
@@ -484,13 +445,6 @@ def _positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _positions(item, f"{path}[{i}]", out, errors)
-
-
-@dataclass
-class LoadedConfig:
-    path: str
-    data: dict
-    positions: dict[str, tuple[int, int]]
 
 
 def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> dict:
@@ -599,12 +553,14 @@ def _derive(cfg: dict) -> None:
             cfg[section]["dir"] = os.path.join(cfg["paths"]["cache_dir"], sub)
 
 
-def load(path: str | None = None, schema: Section = SCHEMA) -> dict:
-    """Read and validate the config file at ``path``."""
-    if schema is SCHEMA:
-        path = path or os.environ.get("TTCS_AGENT_CONFIG") or DEFAULT_CONFIG_PATH
-    else:
-        path = os.path.expanduser(path or os.environ.get("TTCS_CTL_CONFIG") or DEFAULT_CTL_PATH)
+def load(path: str | None = None) -> dict:
+    """Read and validate the agent's config: ``path``, else ``$TTCS_AGENT_CONFIG``, else
+    :data:`DEFAULT_CONFIG_PATH`."""
+    return load_file(path or os.environ.get("TTCS_AGENT_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_file(path: str, schema: Section = SCHEMA) -> dict:
+    """Read and validate the config file at ``path`` against ``schema``; ``_path`` is added."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -627,12 +583,3 @@ def load_or_report(path: str | None = None, stream=None) -> dict | None:
         for line in e.problems:
             print(line, file=stream or sys.stderr)
         return None
-
-
-def mask_secrets(cfg: dict) -> dict:
-    """A copy safe to log or show."""
-    out = copy.deepcopy(cfg)
-    mqtt = out.get("mqtt") or {}
-    if mqtt.get("password_file"):
-        mqtt["password_file"] = "***"
-    return out

@@ -25,6 +25,7 @@ from agent import config
 from agent.core.alerts import AlertConfig
 from agent.core.clock import kernel_clock_synchronised
 from agent.health.cabinet import parse_inputs
+from agent.pidfile import pid_alive
 
 NET_TIMEOUT_S = 3.0
 MODEM_TIMEOUT_S = 3.0
@@ -374,17 +375,23 @@ def check_gpio(cfg: dict) -> list[Finding]:
 
 def check_modem(cfg: dict) -> list[Finding]:
     m = cfg["modem"]
+    if m["backend"] == "sim":
+        return [warn("modem", "modem.backend is sim: the modem is simulated",
+                     "set modem.backend: at (or leave it out) on a cabinet")]
     if not m.get("port"):
         return [ok("modem", "none configured")]
     status = read_agent_status(cfg)
     if status is not None and status["alive"]:
         return [_modem_from_health(cfg, m["port"])]
-    from drivers.modem.at import Modem, ModemError, ModemPortError
+    from drivers import DriverUnavailable, resolve
+    from drivers.modem.base import ModemError, ModemPortError
 
     try:
-        with Modem(m["port"], baudrate=m["baudrate"],
-                   timeout=min(m["timeout_s"], MODEM_TIMEOUT_S)) as modem:
+        with resolve("modem", m["backend"])(m["port"], baudrate=m["baudrate"],
+                                            timeout=min(m["timeout_s"], MODEM_TIMEOUT_S)) as modem:
             result = modem.query()
+    except DriverUnavailable as e:
+        return [fail("modem", str(e), "pip install pyserial (or apt install python3-serial)")]
     except ModemPortError as e:
         return [fail("modem", str(e), "check the modem is plugged in (`ls /dev/ttyUSB*`, "
                      "`dmesg | tail`) and that modem.port is its AT port")]
@@ -427,9 +434,7 @@ def read_agent_status(cfg: dict) -> dict | None:
         return None
     if not isinstance(st, dict):
         return None
-    from agent.cli import _pid_alive
-
-    return {**st, "alive": _pid_alive(st.get("pid")) and st.get("running", True) is not False}
+    return {**st, "alive": pid_alive(st.get("pid")) and st.get("running", True) is not False}
 
 
 def read_last_health(cfg: dict) -> dict | None:

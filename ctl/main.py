@@ -15,8 +15,11 @@ import time
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import __version__, config, protocol
+from agent import __version__, protocol
+from agent.config import ConfigError
 from agent.core.mqtt import make_client, no_delay
+from ctl import config
+from ctl.config import groups_of
 
 EXIT_DONE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 0, 1, 2, 64
 
@@ -259,8 +262,6 @@ class Fleet:
             d["alerts"].pop(code, None)
 
     def groups_of(self, device: str) -> list[str]:
-        from ctl.relay import groups_of
-
         return groups_of(device, self.groups)
 
     def selected(self, group: str | None = None, alert: str | None = None) -> list[str]:
@@ -513,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "keygen":
         return keygen(args.out, args.kid, args.force)
     try:
-        cfg = config.load(args.config, config.CTL_SCHEMA)
-    except config.ConfigError as e:
+        cfg = config.load(args.config)
+    except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE

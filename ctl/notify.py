@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 import requests
 
 from agent.core.mqtt import read_secret
+from ctl.config import groups_of
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def _loads(text: Any) -> dict:
 def render(batch_id: int, body: dict, instance: str, tz: str,
            groups: dict[str, list[str]]) -> Message:
     """The words staff read (Vietnamese) and the webhook's JSON."""
-    from ctl.relay import groups_of
-
     zone = ZoneInfo(tz)
     items = [{**i, "groups": groups_of(i["device"], groups)} for i in body.get("items", [])]
     lines = [_line(i, zone) for i in items]

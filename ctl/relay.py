@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctl import notify
+
 log = logging.getLogger(__name__)
 
 LEAVES = ("status", "state", "health", "event")
@@ -368,9 +370,7 @@ class Relay:
         window_ms = int(self.settings.group_window_s * 1000)
         if now_ms - pending[0]["received_ms"] < window_ms:
             return None
-        from ctl.notify import summarise  # the message is notify's business
-
-        items = summarise([dict(r) for r in pending])
+        items = notify.summarise([dict(r) for r in pending])
         body = {"created": now_ms, "window_s": self.settings.group_window_s, "items": items}
         cur = self.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", now_ms,
                            _dumps(body))
@@ -398,21 +398,10 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-# --- groups ------------------------------------------------------------------------------
-
-def groups_of(device: str, groups: dict[str, list[str]]) -> list[str]:
-    """The configured groups of ``device``: an entry is a device id or a prefix ending in ``*``."""
-    return sorted(g for g, entries in groups.items()
-                  if any(device == e or (e.endswith("*") and device.startswith(e[:-1]))
-                         for e in entries))
-
-
 # --- the process -------------------------------------------------------------------------
 
 def run(cfg: dict, *, once_s: float | None = None) -> int:
     """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds)."""
-    from ctl import notify
-
     store = RelayStore(cfg["relay"]["db_path"])
     channels = notify.channels_from_config(cfg["alerts"])
     settings = RelaySettings.from_config(cfg, [c.name for c in channels])

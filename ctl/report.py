@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from ctl.relay import RelayStore, groups_of
+from ctl.config import groups_of
+from ctl.relay import RelayStore
 
 FONT = "DejaVu Sans"
 CSV_FIELDS = ("scope", "name", "devices", "aired_minutes", "aired_hours", "bulletins",

@@ -1,6 +1,6 @@
 """Hardware backends, one abstract base per kind, real and sim implementations chosen by name.
 
-The core (``agent/``) never imports a hardware library; it asks :func:`load` for a backend by
+The core (``agent/``) never imports a hardware library; it asks :func:`resolve` for a backend by
 kind and name (from the config) and talks to it through the base class of that kind.
 """
 
@@ -12,15 +12,16 @@ import logging
 log = logging.getLogger(__name__)
 
 # kind -> name -> "module:Class"; modules are imported only when chosen, so a missing
-# hardware library costs nothing unless the config asks for it.
+# hardware library costs nothing unless the config asks for it. The config's choices are these
+# names in this order (agent.config): adding a backend is one line here.
 REGISTRY: dict[str, dict[str, str]] = {
     "audio": {
-        "sim": "drivers.audio.base:SimAudio",
         "vlc": "drivers.audio.vlc:VlcAudio",
+        "sim": "drivers.audio.base:SimAudio",
     },
     "gpio": {
-        "sim": "drivers.gpio:SimGPIO",
         "lgpio": "drivers.gpio:RpiGPIO",
+        "sim": "drivers.gpio:SimGPIO",
     },
     "level": {
         "sim": "drivers.level:SimMeter",
@@ -28,9 +29,13 @@ REGISTRY: dict[str, dict[str, str]] = {
     },
     "board": {
         "none": "drivers.board.base:NoneBoard",
-        "image": "drivers.board.base:ImageBoard",
         "max7219": "drivers.board.max7219:Max7219Board",
         "serial": "drivers.board.alpha:SerialSignBoard",
+        "image": "drivers.board.base:ImageBoard",
+    },
+    "modem": {
+        "at": "drivers.modem.at:AtModem",
+        "sim": "drivers.modem.sim:SimModem",
     },
 }
 

@@ -10,7 +10,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from drivers import DriverUnavailable
+from drivers import DriverUnavailable, resolve
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,11 @@ class RpiGPIO(GPIOBackend):
 
 
 def open_gpio(name: str, options: dict | None = None) -> GPIOBackend:
-    """Open the configured backend; fall back to the sim with a clear log line off a Pi."""
-    if name == "sim":
-        return SimGPIO(options)
+    """Open the backend registered as ``name`` (``drivers.REGISTRY["gpio"]``); fall back to the
+    sim with a clear log line off a Pi."""
     try:
-        return RpiGPIO(options)
+        return resolve("gpio", name)(options)
     except DriverUnavailable as e:
         log.warning("gpio backend %r unavailable (%s); using the sim backend: "
                     "no relay will switch", name, e)
-        return SimGPIO(options)
+    return resolve("gpio", "sim")(options)

@@ -294,8 +294,8 @@ def test_public_api_stop_and_emergency_text(rig: Rig) -> None:
     assert rig.svc.stop_id(b) is True and rig.svc.stop_id("nope") is False
     rig.pump()
     assert rig.stages(b) == ["received", "queued", "stopped"]
-    assert rig.svc.show_emergency_text("play-9", "Lũ quét", 20) is True
-    assert rig.svc.show_emergency_text("play-bad", "", 20) is False
+    assert rig.svc.show_audio_text("play-9", "Lũ quét", "emergency", 20) is True
+    assert rig.svc.show_audio_text("play-bad", "", "emergency", 20) is False
     rig.advance(1)
     assert png(rig.image) in scroll_frames("Lũ quét"), "an emergency scrolls"
     assert rig.stages("play-9") == [], "the audio service acks its own command"

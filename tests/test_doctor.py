@@ -156,6 +156,9 @@ def test_modem_answering_on_a_pty_and_a_missing_port(broker, keys, tmp_path):
     code, text = run(agent_config(tmp_path, broker.port, keys, device="nomodem",
                                   modem={"port": str(tmp_path / "ttyUSB9")}))
     assert code == 1 and lines(text, "modem")[0].startswith("FAIL modem: cannot open")
+    code, text = run(agent_config(tmp_path, broker.port, keys, device="simmodem",
+                                  modem={"backend": "sim"}))
+    assert lines(text, "modem") == ["WARN modem: modem.backend is sim: the modem is simulated"]
 
 
 def test_running_agent_its_alerts_and_its_modem(broker, keys, tmp_path):

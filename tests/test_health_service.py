@@ -1,7 +1,7 @@
 """agent.health.service: cabinet inputs, system sampling and the modem wired into the core.
 
 In-process tests drive a real core (tests/fakes.py) on a FakeClock with SimGPIO pins and a
-scripted fake modem on a pty; the last test runs the agent as a process against mosquitto.
+scripted fake modem on a pty (or the sim modem); the last test runs the agent as a process against mosquitto.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from agent.cli import render_status
 from agent.core.clock import FakeClock
 from agent.health import service as health_service
 from drivers.gpio import SIM_INPUTS_ENV, SimGPIO
+from drivers.modem.sim import SimModem
 from tests.conftest import ROOT, Broker, Watcher, agent_config, wait_online, wait_until
 from tests.fakes import make_core
 from tests.test_modem import HEALTHY, FakeModem
@@ -274,6 +275,26 @@ def test_unplugged_modem_reports_null_and_recovers_nothing_crashes(tmp_path, fak
     r.advance(10.0, step=1.0)
     assert r.health()["modem"]["operator"] == "Viettel" and r.service.modem_error is None
     r.service.stop()
+
+
+def test_sim_modem_chosen_by_name_without_a_port(tmp_path):
+    r = Rig(tmp_path, extra={"modem": {"backend": "sim", "interval_s": 10}})
+    sim = r.service.modem
+    assert isinstance(sim, SimModem)
+    r.advance(2.0)
+    assert r.health()["modem"]["signal_dbm"] == -79
+    sim.set_signal(-109)
+    r.advance(70, step=1.0)
+    [alert] = r.alerts("modem_signal")
+    assert alert["state"] == "raised" and alert["detail"]["value"] == -109
+    sim.vanish()
+    r.advance(10.0, step=1.0)
+    assert r.health()["modem"] is None and "lost" in r.service.modem_error
+    sim.recover()
+    r.advance(10.0, step=1.0)
+    assert r.health()["modem"]["signal_dbm"] == -109 and r.service.modem_error is None
+    r.service.stop()
+    assert sim.closed
 
 
 # --- status rendering -----------------------------------------------------------------------

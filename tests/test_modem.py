@@ -14,16 +14,13 @@ import pytest
 
 from drivers import DriverError
 from drivers.modem.at import (
-    Modem,
-    ModemError,
-    ModemPortError,
-    ModemTimeout,
+    AtModem,
     is_solicited_registration,
     parse_cops,
     parse_csq,
     parse_registration,
-    rssi_to_dbm,
 )
+from drivers.modem.base import ModemError, ModemPortError, ModemTimeout, rssi_to_dbm
 
 # A reply is a list of steps: str = a line sent as "\r\n<line>\r\n", bytes = sent raw,
 # float = a pause in seconds. None = the command is never answered.
@@ -134,7 +131,7 @@ def test_query_through_slow_answer_urcs_and_garbage(fake_factory, echo):
     script["AT+CSQ"] = [0.4, "+CREG: 1", "RING", b"\r\n\xff\xfe@\x00#\r\n", "+CSQ: 17,99",
                         "^RSSI:18", "OK"]
     fake = fake_factory(script, echo=echo)
-    with Modem(fake.path, timeout=2.0) as modem:
+    with AtModem(fake.path, timeout=2.0) as modem:
         assert modem.query() == EXPECTED_HEALTHY
         assert "RING" in modem.urcs and "+CREG: 1" in modem.urcs and "^RSSI:18" in modem.urcs
     assert fake.received[0] == "AT"  # the first exchange synchronises
@@ -145,7 +142,7 @@ def test_command_never_answered_times_out_and_next_command_works(fake_factory):
     script = dict(HEALTHY)
     script["AT+COPS?"] = None
     fake = fake_factory(script)
-    with Modem(fake.path, timeout=0.5) as modem:
+    with AtModem(fake.path, timeout=0.5) as modem:
         start = time.monotonic()
         with pytest.raises(ModemTimeout):
             modem.command("AT+COPS?", expect="+COPS:")
@@ -160,7 +157,7 @@ def test_late_answer_to_a_timed_out_command_is_not_taken_for_the_next_one(fake_f
     script = dict(HEALTHY)
     script["AT+COPS?"] = [0.8, '+COPS: 0,0,"Mobifone",2', "OK"]  # later than the deadline
     fake = fake_factory(script)
-    with Modem(fake.path, timeout=0.5) as modem:
+    with AtModem(fake.path, timeout=0.5) as modem:
         modem.command("AT")
         with pytest.raises(ModemTimeout):
             modem.command("AT+COPS?", expect="+COPS:")
@@ -175,7 +172,7 @@ def test_error_results_raise_modem_error_and_partial_support_is_tolerated(fake_f
     script["AT+COPS?"] = ["+CME ERROR: 30"]  # no network service
     script["AT+CREG?"] = ['+CREG: 0,5,"00C3","0010AAD1",2', "OK"]
     fake = fake_factory(script)
-    with Modem(fake.path, timeout=1.0) as modem:
+    with AtModem(fake.path, timeout=1.0) as modem:
         with pytest.raises(ModemError, match=r"\+CME ERROR: 30"):
             modem.command("AT+COPS?", expect="+COPS:")
         result = modem.query()
@@ -186,7 +183,7 @@ def test_error_results_raise_modem_error_and_partial_support_is_tolerated(fake_f
 
 def test_silent_modem_raises_timeout_from_query(fake_factory):
     fake = fake_factory({key: None for key in HEALTHY})
-    with Modem(fake.path, timeout=0.3) as modem, pytest.raises(ModemTimeout):
+    with AtModem(fake.path, timeout=0.3) as modem, pytest.raises(ModemTimeout):
         modem.query()
 
 
@@ -194,7 +191,7 @@ def test_reconnects_when_the_port_vanishes_and_comes_back(fake_factory, tmp_path
     link = tmp_path / "ttyModem"  # like a udev symlink that follows re-enumeration
     first = fake_factory()
     link.symlink_to(first.path)
-    with Modem(str(link), timeout=1.0) as modem:
+    with AtModem(str(link), timeout=1.0) as modem:
         assert modem.query()["signal_dbm"] == -79
         first.stop()  # unplugged
         with pytest.raises(ModemPortError):
@@ -211,7 +208,7 @@ def test_reconnects_when_the_port_vanishes_and_comes_back(fake_factory, tmp_path
 
 
 def test_missing_port_is_a_modem_error_not_a_crash(tmp_path):
-    modem = Modem(str(tmp_path / "ttyUSB9"))
+    modem = AtModem(str(tmp_path / "ttyUSB9"))
     with pytest.raises(ModemPortError):
         modem.query()
     modem.close()

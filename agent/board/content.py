@@ -372,10 +372,6 @@ class BoardContent:
         self._layers[topic] = _Layer(topic, rev, args, messages)
         return True, "applied"
 
-    def forget_topic(self, topic: str) -> None:
-        """Drop a topic's document (the device left that group)."""
-        self._layers.pop(topic, None)
-
     def add_message(self, cmd_id: str, args: dict) -> None:
         """Queue an ad-hoc ``board`` command (args already validated). Call :meth:`update`."""
         errors = validate_command_args(args)

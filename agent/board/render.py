@@ -213,10 +213,6 @@ class TextRender:
         return frame
 
 
-def render_text(text: str, cfg: RenderConfig, effect: str = "auto") -> TextRender:
-    return TextRender(text, cfg, effect)
-
-
 def to_1bit(image: Image.Image, threshold: int = 128) -> Image.Image:
     """Any image to mode ``"1"`` by a plain threshold (no dithering: LEDs flicker on dots)."""
     if image.mode == "1":

@@ -20,9 +20,8 @@ accepted, tracked and recorded (events carry ``"driver": "none"``), so a group-w
 message or document does not make every speaker-only cabinet reject it at each reconnect.
 
 Other services find it with :func:`get` (``agent.board.service.get(core)``) and call
-:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all`,
-:meth:`BoardService.show_audio_text` and :meth:`BoardService.show_emergency_text` on the core
-thread.
+:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all` and
+:meth:`BoardService.show_audio_text` on the core thread.
 """
 
 from __future__ import annotations
@@ -60,6 +59,7 @@ from agent.board.render import (
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope, Rejected
 from agent.schedule.store import ScheduleStore
+from drivers.board.base import BoardDriver
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class _DocHandler:
 class BoardService:
     """See the module docstring. Every method runs on the core thread."""
 
-    def __init__(self, core: Core, cfg: dict, driver: Any = None) -> None:
+    def __init__(self, core: Core, cfg: dict, driver: BoardDriver | None = None) -> None:
         self.core = core
         self.clock = core.clock
         self.options: dict = cfg["board"]
@@ -158,7 +158,7 @@ class BoardService:
             log.warning("board.brightness_schedule.%s", problem)
         self.brightness: int | None = None
         self.io = DriverThread(core.post)
-        self.driver = driver
+        self.driver: BoardDriver | None = driver
         self.link: bool | None = None  # None: no board fitted (driver none)
         self._busy = False
         self._pending: dict[str, tuple] = {}
@@ -206,7 +206,7 @@ class BoardService:
         if self.driver_name != "none":
             self.link = True
             if not self.driver.ok():
-                self._link_failed(getattr(self.driver, "last_error", None) or "not connected")
+                self._link_failed(self.driver.last_error or "not connected")
 
     def stop(self) -> None:
         """Shutdown: record what was on show, tell the senders of unfinished messages."""
@@ -249,11 +249,6 @@ class BoardService:
         if ids:
             self.update()
         return ids
-
-    def show_emergency_text(self, cmd_id: str, text: str,
-                            duration_s: float = DEFAULT_DURATION_S) -> bool:
-        """:meth:`show_audio_text` as an emergency."""
-        return self.show_audio_text(cmd_id, text, "emergency", duration_s)
 
     def show_audio_text(self, cmd_id: str, text: str, priority: str = "emergency",
                         duration_s: float = DEFAULT_DURATION_S) -> bool:
@@ -459,7 +454,7 @@ class BoardService:
         self._kick()
 
     def _note_sign_text(self) -> None:
-        if getattr(self.driver, "transliterated", False):
+        if self.driver.transliterated:
             self._show_extra["sign_text"] = self.driver.last_sent
         else:
             self._show_extra.pop("sign_text", None)

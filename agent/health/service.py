@@ -29,9 +29,10 @@ from typing import Any
 from agent.core.loop import Core
 from agent.health import system as health
 from agent.health.cabinet import ALERTS, CabinetInputs, InputChange
+from drivers import resolve
 from drivers.fsutil import write_json_volatile
 from drivers.gpio import GPIOBackend
-from drivers.modem.at import Modem
+from drivers.modem.base import Modem
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,12 @@ class HealthService:
 
     def _make_modem(self) -> Modem | None:
         mcfg = self.cfg.get("modem") or {}
-        if not mcfg.get("port"):
+        if not mcfg:
             return None
-        return Modem(mcfg["port"], baudrate=mcfg["baudrate"], timeout=mcfg["timeout_s"])
+        backend = resolve("modem", mcfg["backend"])
+        if backend.needs_port and not mcfg["port"]:
+            return None
+        return backend(mcfg["port"], baudrate=mcfg["baudrate"], timeout=mcfg["timeout_s"])
 
     def start(self) -> None:
         core = self.core
@@ -155,15 +159,19 @@ class HealthService:
         self._modem_busy = True
         self.core.in_worker(self.modem.query, then=self._on_modem)
 
+    def _modem_name(self) -> str:
+        mcfg = self.cfg["modem"]
+        return f"on {mcfg['port']}" if mcfg.get("port") else f"({mcfg.get('backend', 'sim')})"
+
     def _on_modem(self, result: dict[str, Any] | BaseException) -> None:
         self._modem_busy = False
         if isinstance(result, BaseException) or not isinstance(result, dict):
             if self.modem_error is None:
-                log.warning("modem on %s: %s", self.cfg["modem"]["port"], result)
+                log.warning("modem %s: %s", self._modem_name(), result)
             self.modem_status, self.modem_error = None, str(result)
             return
         if self.modem_error is not None:
-            log.info("modem on %s answers again", self.cfg["modem"]["port"])
+            log.info("modem %s answers again", self._modem_name())
         self.modem_status, self.modem_error = result, None
         self.core.observe("modem_dbm", _number(result.get("signal_dbm")))
 

@@ -131,9 +131,6 @@ class SerialSignBoard(LinkedBoard):
         self.label = str(options.get("file_label", "A"))
         self.columns = int(options.get("sign_columns", 0))
         self._conn = None
-        self.last_error: str | None = None
-        self.last_sent: str | None = None  # the text as the sign got it (transliterated)
-        self.transliterated = False  # whether the last text lost characters or marks
         self.packets = 0
         self._connect()  # failure is remembered, not raised: show_text() retries and reports it
 

@@ -34,6 +34,13 @@ class BoardDriver(ABC):  # noqa: B024 - show or show_text is required, by kind
 
     A pixel board implements :meth:`show`; a text board implements :meth:`show_text`. The other
     one raises ``NotImplementedError`` so a core that confuses them fails loudly in tests.
+
+    Every board has, and the core reads directly:
+
+    - ``last_error``: why the link is down (None while it works or the board cannot tell);
+    - ``last_sent``: the text as a text board last got it (None for a pixel board);
+    - ``transliterated``: whether ``last_sent`` lost characters or marks of the text given
+      (a sign without Vietnamese glyphs); always False for a pixel board.
     """
 
     name = "abstract"
@@ -44,6 +51,9 @@ class BoardDriver(ABC):  # noqa: B024 - show or show_text is required, by kind
         self.width = int(options.get("width", 64))
         self.height = int(options.get("height", 16))
         self.brightness = int(options.get("brightness", 255))
+        self.last_error: str | None = None
+        self.last_sent: str | None = None
+        self.transliterated = False
         self._closed = False
 
     def show(self, frame: Image.Image) -> None:

@@ -62,7 +62,6 @@ class Max7219Board(LinkedBoard):
             raise DriverUnavailable("spidev is not installed (pip install spidev; enable SPI)")
         self._transport_factory = transport_factory or self._default_transport
         self._device = None
-        self.last_error: str | None = None
         self._connect()  # failure is remembered, not raised: show() retries and reports it
 
     def _default_transport(self):

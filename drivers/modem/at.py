@@ -8,15 +8,19 @@ Real modems are untidy, and every case below has been seen in the field:
 - echo may be on or off (``ATE1``/``ATE0``); with echo on, anything before the echo of our own
   command is a stale answer to an earlier one and is dropped;
 - unsolicited result codes (``RING``, ``+CREG: 1``, ``^RSSI:17``, ``+CMTI:…``) arrive between
-  the lines of an answer; they are kept in :attr:`Modem.urcs` and otherwise ignored;
+  the lines of an answer; they are kept in :attr:`AtModem.urcs` and otherwise ignored;
 - answers can take seconds (``AT+COPS?`` while searching), lines can be garbled by a noisy USB
   link, and a command can go unanswered: each exchange has a deadline (:class:`ModemTimeout`),
   and the next exchange first re-synchronises with a plain ``AT``;
 - USB modems re-enumerate after a crash or firmware reset: the port vanishes, the next call
   reopens it (:class:`ModemPortError` while it is away).
 
-Blocking, thread-free: call :meth:`Modem.query` from a worker or an executor, never from the
+Blocking, thread-free: call :meth:`AtModem.query` from a worker or an executor, never from the
 thread that drives audio (a dead modem can hold a call for ``timeout`` seconds per command).
+
+pyserial is imported when the port is first opened (:class:`drivers.DriverUnavailable` when it
+is missing), so choosing another backend costs nothing. pyserial's ``SerialException`` is an
+``OSError``: ``except OSError`` below catches both.
 """
 
 from __future__ import annotations
@@ -26,29 +30,26 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import serial
+from drivers import DriverUnavailable
+from drivers.modem.base import (
+    REGISTERED,
+    REGISTRATION_NAMES,
+    Modem,
+    ModemError,
+    ModemNotResponding,
+    ModemPortError,
+    ModemTimeout,
+    access_technology,
+    empty_status,
+    rssi_to_dbm,
+)
 
-from drivers import DriverError
+if TYPE_CHECKING:
+    import serial
 
 log = logging.getLogger(__name__)
-
-
-class ModemError(DriverError):
-    """The modem answered with an error, or could not be asked."""
-
-
-class ModemTimeout(ModemError):
-    """No final result code within the deadline."""
-
-
-class ModemNotResponding(ModemTimeout):
-    """Not even a plain ``AT`` is answered: the modem is hung or booting."""
-
-
-class ModemPortError(ModemError):
-    """The serial port is missing or was lost (unplugged, re-enumerating)."""
 
 
 ERROR_FINALS = ("ERROR", "+CME ERROR", "+CMS ERROR", "NO CARRIER", "BUSY", "NO ANSWER",
@@ -63,22 +64,6 @@ URC_PREFIXES = (
 # ``AT+CREG?`` is "+CREG: <n>,<stat>[,...]", whose second field is an unquoted number; the URC is
 # "+CREG: <stat>[,"<lac>","<ci>"...]": one field, or a quoted second one.
 REGISTRATION_PREFIXES = ("+CREG:", "+CGREG:", "+CEREG:", "+C5GREG:")
-
-REGISTRATION_NAMES: dict[int, str] = {
-    0: "not_registered", 1: "home", 2: "searching", 3: "denied", 4: "unknown", 5: "roaming",
-    6: "home_sms_only", 7: "roaming_sms_only", 8: "emergency_only",
-    9: "home_csfb_not_preferred", 10: "roaming_csfb_not_preferred",
-}
-REGISTERED = ("home", "roaming", "home_sms_only", "roaming_sms_only",
-              "home_csfb_not_preferred", "roaming_csfb_not_preferred")
-
-# 3GPP TS 27.007 <AcT> -> (technology, generation)
-ACCESS_TECHNOLOGIES: dict[int, tuple[str, str]] = {
-    0: ("GSM", "2G"), 1: ("GSM Compact", "2G"), 2: ("UTRAN", "3G"), 3: ("EDGE", "2G"),
-    4: ("HSDPA", "3G"), 5: ("HSUPA", "3G"), 6: ("HSPA", "3G"), 7: ("LTE", "4G"),
-    8: ("EC-GSM-IoT", "2G"), 9: ("NB-IoT", "4G"), 10: ("LTE-5GC", "4G"), 11: ("NR-5GC", "5G"),
-    12: ("NG-RAN", "5G"), 13: ("EN-DC", "5G"),
-}
 
 READ_SLICE_S = 0.05  # serial read timeout: how often the deadline is checked
 RESYNC_TIMEOUT_S = 2.0
@@ -100,13 +85,6 @@ def _int(field: str) -> int | None:
         return None
 
 
-def rssi_to_dbm(rssi: int | None) -> int | None:
-    """27.007 +CSQ <rssi>: 0 = -113 dBm or less, 31 = -51 dBm or more, 99 = unknown."""
-    if rssi is None or not 0 <= rssi <= 31:
-        return None
-    return -113 + 2 * rssi
-
-
 def parse_csq(line: str) -> dict[str, int | None]:
     """'+CSQ: 17,99' -> {"rssi": 17, "ber": None, "signal_dbm": -79}."""
     fields = _fields(line)
@@ -120,11 +98,6 @@ def parse_csq(line: str) -> dict[str, int | None]:
         "ber": None if ber is None or ber == 99 else ber,
         "signal_dbm": rssi_to_dbm(rssi),
     }
-
-
-def access_technology(act: int | None) -> dict[str, Any]:
-    tech, gen = ACCESS_TECHNOLOGIES.get(act, (None, None)) if act is not None else (None, None)
-    return {"act": act, "tech": tech, "gen": gen}
 
 
 def parse_cops(line: str) -> dict[str, Any]:
@@ -156,14 +129,27 @@ def parse_registration(line: str) -> dict[str, Any]:
 
 # --- the port ---------------------------------------------------------------------------------
 
-class Modem:
+def _open_serial(port: str, baudrate: int, timeout: float) -> serial.SerialBase:
+    """Open ``port`` (a device or a pyserial URL) with pyserial, imported here and only here."""
+    try:
+        import serial
+    except ImportError as e:
+        raise DriverUnavailable(f"pyserial is not installed (pip install pyserial): {e}") from e
+    try:
+        return serial.serial_for_url(port, baudrate=baudrate, timeout=READ_SLICE_S,
+                                     write_timeout=timeout)
+    except (OSError, ValueError) as e:
+        raise ModemPortError(f"cannot open modem port {port}: {e}") from e
+
+
+class AtModem(Modem):
     """AT status queries on one serial port or pyserial URL (``/dev/ttyUSB2``, ``loop://``, ...)."""
 
-    def __init__(self, port_or_url: str, baudrate: int = 115200, timeout: float = 5.0, *,
+    name = "at"
+
+    def __init__(self, port: str, baudrate: int = 115200, timeout: float = 5.0, *,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.port = port_or_url
-        self.baudrate = baudrate
-        self.timeout = timeout
+        super().__init__(port, baudrate, timeout)
         self._monotonic = monotonic
         self._ser: serial.SerialBase | None = None
         self._buf = bytearray()
@@ -178,11 +164,7 @@ class Modem:
     def open(self) -> None:
         if self._ser is not None:
             return
-        try:
-            self._ser = serial.serial_for_url(self.port, baudrate=self.baudrate,
-                                              timeout=READ_SLICE_S, write_timeout=self.timeout)
-        except (serial.SerialException, OSError, ValueError) as e:
-            raise ModemPortError(f"cannot open modem port {self.port}: {e}") from e
+        self._ser = _open_serial(self.port, self.baudrate, self.timeout)
         if self._opened_once:
             self.reconnects += 1
             log.info("modem port %s reopened", self.port)
@@ -196,14 +178,8 @@ class Modem:
         if ser is not None:
             try:
                 ser.close()
-            except (serial.SerialException, OSError):
+            except OSError:
                 pass
-
-    def __enter__(self) -> Modem:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # exchanges
 
@@ -226,11 +202,7 @@ class Modem:
         nothing at all (that costs at most ``timeout`` + RESYNC_TIMEOUT_S); the caller then
         reports ``modem: null`` in health.
         """
-        result: dict[str, Any] = {
-            "signal_dbm": None, "rssi": None, "ber": None, "operator": None, "act": None,
-            "tech": None, "gen": None, "registration": None, "registered": False,
-            "creg": None, "cereg": None,
-        }
+        result = empty_status()
         for part in (self._query_signal, self._query_operator, self._query_registration):
             try:
                 result.update(part())
@@ -372,7 +344,7 @@ class Modem:
         """Take in what is already waiting (URCs, stale answers) without waiting for more."""
         try:
             waiting = self._port().in_waiting
-        except (serial.SerialException, OSError) as e:
+        except OSError as e:
             self._lost(e)
         if waiting:
             self._buf += self._read()
@@ -386,14 +358,14 @@ class Modem:
         ser = self._port()
         try:
             return ser.read(max(1, ser.in_waiting))
-        except (serial.SerialException, OSError) as e:
+        except OSError as e:
             self._lost(e)
 
     def _write(self, data: bytes) -> None:
         try:
             self._port().write(data)
             self._port().flush()
-        except (serial.SerialException, OSError) as e:
+        except OSError as e:
             self._lost(e)
 
     def _port(self) -> serial.SerialBase:
