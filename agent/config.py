@@ -221,8 +221,6 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-PRIORITIES = ("emergency", "priority", "normal")
-
 SCHEMA = Section(fields={
     "device": Section(fields={
         "id": Str(pattern=ID_RE, doc="MQTT client id and topic segment"),

@@ -52,12 +52,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.audio.amplifier import Amplifier
-from agent.audio.arbiter import RANK, Arbiter, Item, Variant, order_variants
+from agent.audio.arbiter import Arbiter, Item, Variant, order_variants
 from agent.audio.live import LiveOptions, LiveRelay, as_http, probe_url, stream_url_problem
 from agent.audio.media import MediaCache, MediaError
 from agent.audio.tts import MAX_TEXT, TtsEngine, TtsError, make_engine
 from agent.core.loop import Core, FuncHandler
-from agent.protocol import Envelope
+from agent.protocol import Envelope, Priority
 from drivers import DriverError, resolve
 from drivers.audio.base import AudioOutput, wav_duration_ms
 from drivers.fsutil import atomic_write
@@ -106,7 +106,7 @@ def _unknown(obj: dict, allowed: set[str], path: str, errors: list[str]) -> None
 
 
 def _priority(args: dict, errors: list[str]) -> None:
-    if "priority" in args and args["priority"] not in RANK:
+    if "priority" in args and Priority.parse(args["priority"]) is None:
         errors.append("args.priority: must be emergency, priority or normal")
 
 
@@ -315,7 +315,7 @@ class _Meta:
     volume: int | None = None  # the item's own, else the device volume when it was queued
     arrival: int = 0
     since: float = 0.0  # monotonic: when preparation began
-    rank: int = 0
+    rank: Priority = Priority.NORMAL
     ready: Item | None = None  # prepared, waiting for earlier arrivals (FIFO)
     submitted: bool = False  # handed to the arbiter
     extra: dict = field(default_factory=dict)  # merged into the play record
@@ -484,7 +484,7 @@ class AudioService:
         item = Item(env.id, "tts", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), repeat=a.get("repeat", 1), exp_ms=env.exp)
         meta = self._command_meta(env, "tts")
-        if meta.board_text is None and meta.priority == "emergency":
+        if meta.board_text is None and meta.priority == Priority.EMERGENCY:
             meta.board_text = _board_cut(a["text"])  # an emergency shows what it says
         self._prepare_say(item, a["text"], a.get("lang", "vi"), meta)
 
@@ -690,7 +690,7 @@ class AudioService:
         # preparation finishes, so items submitted together air in submission order
         meta.arrival, meta.since = self.arbiter.reserve_seq(), self.clock.monotonic()
         item.seq = meta.arrival
-        meta.rank = RANK.get(item.priority, 0)
+        meta.rank = Priority.parse(item.priority) or Priority.NORMAL
         self.items[item.id] = meta
         self._update_pins()
         if ready is not None:

@@ -32,8 +32,8 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.core.clock import Clock
+from agent.protocol import Priority
 
-PRIORITY_RANK = {"normal": 0, "priority": 1, "emergency": 2}
 EFFECTS = ("scroll", "static")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_TEXT = 1000
@@ -195,7 +195,7 @@ class _Layer:
 class _AdHoc:
     cmd_id: str
     text: str
-    priority: str
+    priority: Priority
     effect: str
     remaining_s: float
     seq: int
@@ -203,7 +203,7 @@ class _AdHoc:
 
     @property
     def order(self) -> tuple[int, int]:
-        return (-PRIORITY_RANK[self.priority], self.seq)
+        return (self.priority.order, self.seq)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def validate_command_args(args) -> list[str]:
         return ["args: must be an object"]
     errors = _check_unknown(args, _COMMAND_KEYS, "args")
     errors += _check_text(args.get("text"), "args.text")
-    if args.get("priority", "normal") not in PRIORITY_RANK:
+    if Priority.parse(args.get("priority", "normal")) is None:
         errors.append("args.priority: must be emergency|priority|normal")
     duration = args.get("duration_s", DEFAULT_DURATION_S)
     if not _is_number(duration) or not 0 < duration <= MAX_DURATION_S:
@@ -386,7 +386,7 @@ class BoardContent:
             _AdHoc(
                 cmd_id=cmd_id,
                 text=clean_text(args["text"]),
-                priority=args.get("priority", "normal"),
+                priority=Priority(args.get("priority", "normal")),
                 effect=args.get("effect", "scroll"),
                 remaining_s=float(args.get("duration_s", DEFAULT_DURATION_S)),
                 seq=self._seq,

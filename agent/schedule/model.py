@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.core.clock import Clock
+from agent.protocol import Priority
 from agent.schedule.store import AIRED, SKIPPED, SlotLog
 
 __all__ = [
@@ -60,8 +61,6 @@ HORIZON_MS = 400 * DAY_MS
 MIN_PLAUSIBLE_MS = 1_704_067_200_000
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-PRIORITIES = ("emergency", "priority", "normal")
-PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}
 ACTIONS = ("media", "live", "say")
 
 ITEM_KEYS = frozenset({
@@ -143,8 +142,8 @@ def _check_item(item: object, path: str, errors: list[str]) -> None:
         errors.append(f"{path}.id: must be 1–64 of [A-Za-z0-9._:-]")
     _check_action(item, path, errors)
     _check_when(item, path, errors)
-    if "priority" in item and item["priority"] not in PRIORITIES:
-        errors.append(f"{path}.priority: must be one of {', '.join(PRIORITIES)}")
+    if "priority" in item and Priority.parse(item["priority"]) is None:
+        errors.append(f"{path}.priority: must be one of {', '.join(Priority)}")
     _check_int(item, "volume", path, 0, 100, errors)
     _check_int(item, "duration_s", path, 1, MAX_SECONDS, errors)
     _check_int(item, "catch_up_s", path, 0, MAX_SECONDS, errors)
@@ -333,7 +332,7 @@ class ScheduleItem:
     from_date: date | None
     until_date: date | None
     timezone: str
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
     volume: int | None = None
     duration_s: int | None = None
     catch_up_s: int | None = None  # None: the planner's default
@@ -394,7 +393,7 @@ def parse_item(raw: dict, index: int, default_timezone: str) -> ScheduleItem:
         days=days, dates=dates,
         from_date=_parse_date(raw.get("from")), until_date=_parse_date(raw.get("until")),
         timezone=raw.get("timezone", default_timezone),
-        priority=raw.get("priority", "normal"), volume=raw.get("volume"),
+        priority=Priority(raw.get("priority", "normal")), volume=raw.get("volume"),
         duration_s=raw.get("duration_s"), catch_up_s=raw.get("catch_up_s"),
         repeat=raw.get("repeat", 1),
     )
@@ -418,7 +417,7 @@ class Slot:
     item_id: str
     due_ms: int
     item: ScheduleItem = field(repr=False, compare=False)
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
 
     @property
     def source(self) -> str:
@@ -455,7 +454,7 @@ def _item_slots(topic: str, item: ScheduleItem, start_ms: int, end_ms: int) -> I
 
 
 def _order(slot: Slot) -> tuple:
-    return (slot.due_ms, PRIORITY_RANK[slot.priority], slot.topic, slot.item.index)
+    return (slot.due_ms, slot.priority.order, slot.topic, slot.item.index)
 
 
 class ScheduleBook:
@@ -597,7 +596,7 @@ class SchedulePlanner:
         if due or skipped:
             self.log.prune(now)
             self.log.save()  # before the caller airs anything: a crash must not air it twice
-        due.sort(key=lambda s: (PRIORITY_RANK[s.priority], s.due_ms, s.topic, s.item.index))
+        due.sort(key=lambda s: (s.priority.order, s.due_ms, s.topic, s.item.index))
         return DueResult(due, skipped)
 
     def upcoming(self, now_ms: int | None = None) -> Iterator[Slot]:
