@@ -47,7 +47,7 @@ def problems(rule: Field, value: Any, path: str = "args") -> list[str]:
     return [f"{p}: {what}" for p, what in errors]
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -61,7 +61,7 @@ class Int(Field):
     hi: int = 0
 
     def check(self, value, path, errors):
-        if not (_is_int(value) and self.lo <= value <= self.hi):
+        if not (is_int(value) and self.lo <= value <= self.hi):
             errors.append((path, f"must be an integer {self.lo}–{self.hi}"))
         return value
 
@@ -112,7 +112,7 @@ class At(Field):
 
     def check(self, value, path, errors):
         limit = 2**53 if self.now_ms is None else self.now_ms + self.ahead_days * 86_400_000
-        if not (_is_int(value) and 0 <= value <= limit):
+        if not (is_int(value) and 0 <= value <= limit):
             errors.append((path, f"must be epoch milliseconds, at most {self.ahead_days} days "
                                  "ahead"))
         return value
