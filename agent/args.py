@@ -119,10 +119,15 @@ class At(Field):
 
 
 @dataclass
-class Date(Field):
+class Parsed(Field):
+    """A value that ``parse`` makes sense of (returns other than None); ``what`` names it."""
+
+    parse: Callable[[object], object] = lambda value: value
+    what: str = ""
+
     def check(self, value, path, errors):
-        if parse_date(value) is None:
-            errors.append((path, "must be a date YYYY-MM-DD"))
+        if self.parse(value) is None:
+            errors.append((path, f"must be {self.what}"))
         return value
 
 
@@ -315,4 +320,5 @@ BACKUPS = ListOf(item=STREAM_URL, noun="URLs", max=8)
 LIVE = {"url": STREAM_URL, "backups": BACKUPS, "fallback": MEDIA}  # a live source's keys
 
 DAYS = ListOf(item=Choice(choices=DAY_NAMES), noun="days", min=1, max=7, unique=True)
-WINDOW = {"from": Date(), "until": Date(), "days": DAYS}  # when a schedule item or message runs
+DATE = Parsed(parse=parse_date, what="a date YYYY-MM-DD")
+WINDOW = {"from": DATE, "until": DATE, "days": DAYS}  # when a schedule item or message runs

@@ -29,7 +29,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent import args as a
 from agent.args import DAY_NAMES, Obj, parse_date, problems
-from agent.config import Field
 from agent.core.clock import Clock
 from agent.protocol import Priority
 from agent.schedule.store import AIRED, SKIPPED, SlotLog
@@ -65,14 +64,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # --- validation ------------------------------------------------------------------------------
 
-@dataclass
-class _TimeZone(Field):
-    def check(self, value, path, errors):
-        if zone_or_none(value) is None:
-            errors.append((path, "must be a timezone name such as 'Asia/Ho_Chi_Minh'"))
-        return value
-
-
 ITEM = Obj(
     required=("id", "times"),
     fields={
@@ -84,10 +75,11 @@ ITEM = Obj(
             shape="{text, lang?}", required=("text",),
             fields={"text": a.SAY_TEXT, "lang": a.LANG})),
         **a.WINDOW,
-        "dates": a.ListOf(item=a.Date(), noun="dates", min=1, max=MAX_DATES, unique=True),
+        "dates": a.ListOf(item=a.DATE, noun="dates", min=1, max=MAX_DATES, unique=True),
         "times": a.ListOf(item=a.Pattern(regex=_TIME_RE.pattern, what="a time HH:MM"),
                           noun="times", min=1, max=MAX_TIMES, unique=True),
-        "timezone": _TimeZone(),
+        "timezone": a.Parsed(parse=lambda name: zone_or_none(name),  # defined below
+                             what="a timezone name such as 'Asia/Ho_Chi_Minh'"),
         "priority": a.PRIORITY,
         "volume": a.VOLUME,
         "duration_s": a.DURATION,
