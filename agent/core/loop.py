@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent import __version__, protocol
+from agent.args import Obj, problems
 from agent.core import sdnotify
 from agent.core.alerts import AlertManager
 from agent.core.clock import Clock, ClockTrust
@@ -620,5 +621,8 @@ class Core:
         self.emit_event({"type": "config", "result": "rejected", "problems": problems[:20]})
 
 
+_NO_ARGS = Obj()  # ping and state take no arguments
+
+
 def _no_args(args: dict) -> list[str]:
-    return [f"args.{k}: unknown argument (this command takes none)" for k in args]
+    return problems(_NO_ARGS, args)
