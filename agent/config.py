@@ -59,10 +59,10 @@ class Str(Field):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and self.choices:
             value = str(value)  # e.g. `protocol: 5`
         if not isinstance(value, str):
-            errors.append((path, f"must be a string, not {_type_name(value)}"))
+            errors.append((path, f"must be a string, not {type_name(value)}"))
             return value
         if self.choices and value not in self.choices:
-            hint = _did_you_mean(value, self.choices)
+            hint = did_you_mean(value, self.choices)
             errors.append((path, f"must be one of {', '.join(self.choices)}, not {value!r}{hint}"))
         elif self.pattern and not re.match(self.pattern, value):
             errors.append((path, f"{value!r} does not match {self.pattern}"))
@@ -84,7 +84,7 @@ class Num(Field):
         ok = isinstance(value, int) if self.integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok:
             kind = "an integer" if self.integer else "a number"
-            errors.append((path, f"must be {kind}, not {_type_name(value)}"))
+            errors.append((path, f"must be {kind}, not {type_name(value)}"))
             return value
         if self.min is not None and value < self.min:
             errors.append((path, f"must be at least {self.min:g}, not {value}"))
@@ -97,7 +97,7 @@ class Num(Field):
 class Bool(Field):
     def check(self, value, path, errors):
         if not isinstance(value, bool):
-            errors.append((path, f"must be true or false, not {_type_name(value)}"))
+            errors.append((path, f"must be true or false, not {type_name(value)}"))
         return value
 
 
@@ -108,7 +108,7 @@ class List(Field):
 
     def check(self, value, path, errors):
         if not isinstance(value, list):
-            errors.append((path, f"must be a list, not {_type_name(value)}"))
+            errors.append((path, f"must be a list, not {type_name(value)}"))
             return value
         if len(value) > self.max_items:
             errors.append((path, f"must have at most {self.max_items} items"))
@@ -124,7 +124,7 @@ class Map(Field):
 
     def check(self, value, path, errors):
         if not isinstance(value, dict):
-            errors.append((path, f"must be a mapping, not {_type_name(value)}"))
+            errors.append((path, f"must be a mapping, not {type_name(value)}"))
             return value
         out = {}
         for k, v in value.items():
@@ -140,6 +140,7 @@ class Section(Field):
     fields: dict[str, Field] = field(default_factory=dict)
     nullable: bool = False
     sparse: bool = False  # keep only the keys given (no defaults filled in)
+    required: tuple[str, ...] = ()  # keys that must be given, also when sparse
 
     def __post_init__(self) -> None:
         if self.default is REQUIRED:
@@ -151,21 +152,21 @@ class Section(Field):
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            errors.append((path, f"must be a mapping, not {_type_name(value)}"))
+            errors.append((path, f"must be a mapping, not {type_name(value)}"))
             return value
         out = {}
         for key in value:
             if key not in self.fields:
-                hint = _did_you_mean(str(key), self.fields)
+                hint = did_you_mean(str(key), self.fields)
                 errors.append((_join(path, key), f"unknown key{hint}"))
         for name, spec in self.fields.items():
             sub = _join(path, name)
             if name in value:
                 out[name] = spec.check(value[name], sub, errors)
+            elif name in self.required or (spec.default is REQUIRED and not self.sparse):
+                errors.append((sub, "is required"))
             elif self.sparse:
                 continue
-            elif spec.default is REQUIRED:
-                errors.append((sub, "is required"))
             elif isinstance(spec, Section):
                 out[name] = spec.check(copy.deepcopy(spec.default), sub, errors)
             else:
@@ -201,20 +202,20 @@ class TimeZone(Str):
                 try:
                     import zoneinfo
 
-                    hint = _did_you_mean(value, zoneinfo.available_timezones())
+                    hint = did_you_mean(value, zoneinfo.available_timezones())
                 except (ImportError, OSError):  # pragma: no cover - tzdata missing
                     pass
                 errors.append((path, f"unknown time zone {value!r}{hint}"))
         return value
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     names = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
              str: "a string", list: "a list", dict: "a mapping"}
     return names.get(type(value), type(value).__name__)
 
 
-def _did_you_mean(word: str, candidates) -> str:
+def did_you_mean(word: str, candidates) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -228,8 +229,6 @@ def _backends(kind: str, *no_driver: str) -> tuple[str, ...]:
     order, after ``no_driver`` (names that mean "none fitted", not a backend)."""
     return (*no_driver, *drivers.REGISTRY[kind])
 
-
-PRIORITIES = ("emergency", "priority", "normal")
 
 SCHEMA = Section(fields={
     "device": Section(fields={

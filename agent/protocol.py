@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import re
 from collections.abc import Callable
@@ -26,8 +27,6 @@ KID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 COMMAND_TYPES = ("play", "live", "say", "stop", "volume", "board", "test", "state", "ping")
 DOCUMENT_TYPES = ("schedule", "board")
-PRIORITIES = ("emergency", "priority", "normal")
-PRIORITY_RANK = {"emergency": 0, "priority": 1, "normal": 2}
 
 # Ack stages (SPEC §7); the final ones end a command's lifecycle.
 STAGES = ("received", "rejected", "queued", "started", "done", "preempted", "resumed",
@@ -55,6 +54,53 @@ _COMMAND_KEYS = {"v", "id", "type", "target", "ts", "exp", "args", "sig"}
 _DOCUMENT_KEYS = _COMMAND_KEYS | {"rev"}
 
 
+class Priority(enum.StrEnum):
+    """How urgent an audio item or a board message is: the one definition (SPEC §7).
+
+    A member is its wire string (``Priority.EMERGENCY == "emergency"``, same hash, and JSON
+    writes it as that string), so it can stand wherever the string stood. Members compare by
+    urgency, never alphabetically: ``EMERGENCY > PRIORITY > NORMAL``; comparing with anything
+    that is not a priority raises TypeError. To put the most urgent first, sort by
+    :attr:`order`. Both come from the order of the members below, most urgent first.
+    """
+
+    EMERGENCY = "emergency"
+    PRIORITY = "priority"
+    NORMAL = "normal"
+
+    @classmethod
+    def parse(cls, value: object) -> Priority | None:
+        """The priority a wire string names, or None."""
+        return _PRIORITY_BY_WIRE.get(value) if isinstance(value, str) else None
+
+    @property
+    def order(self) -> int:
+        """Place in airing order: 0 for the most urgent. Sort ascending by it."""
+        return _PRIORITY_ORDER[self]
+
+    def _versus(self, other: object) -> int:
+        other_p = Priority.parse(other)
+        if other_p is None:
+            raise TypeError(f"a priority compares only with a priority, not {other!r}")
+        return other_p.order - self.order  # > 0: self is more urgent
+
+    def __gt__(self, other: object) -> bool:
+        return self._versus(other) > 0
+
+    def __ge__(self, other: object) -> bool:
+        return self._versus(other) >= 0
+
+    def __lt__(self, other: object) -> bool:
+        return self._versus(other) < 0
+
+    def __le__(self, other: object) -> bool:
+        return self._versus(other) <= 0
+
+
+_PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
+_PRIORITY_BY_WIRE = {p.value: p for p in Priority}
+
+
 class Rejected(Exception):
     """An inbound message refused with a reason code (and the id, once it is known)."""
 
@@ -80,9 +126,9 @@ class Envelope:
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
-    def priority(self) -> str:
-        p = self.args.get("priority", "normal")
-        return p if p in PRIORITIES else "normal"
+    def priority(self) -> Priority:
+        """The command's priority; normal when missing or not a priority."""
+        return Priority.parse(self.args.get("priority", "normal")) or Priority.NORMAL
 
 
 # --- topics ------------------------------------------------------------------------------
@@ -282,7 +328,7 @@ def verify(env: Envelope, keys: dict[str, Ed25519PublicKey], require_signed: boo
 
 def check_time(env: Envelope, now_ms: int, trusted: bool, max_skew_s: int) -> None:
     """Expiry and clock skew. An untrusted clock never blocks an emergency (SPEC §6)."""
-    emergency = env.priority == "emergency"
+    emergency = env.priority is Priority.EMERGENCY
     if env.exp is not None and now_ms > env.exp and (trusted or not emergency):
         raise Rejected(EXPIRED, "the command is past its exp", env.id, exp=env.exp, now=now_ms)
     if trusted and now_ms - env.ts > max_skew_s * 1000:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from agent.protocol import Priority
 from ctl.config import groups_of
 from ctl.relay import RelayStore
 
@@ -163,7 +164,7 @@ def _add_play(st: Stats, rec: dict, period: Period) -> None:
     first = rec.get("segment", 0) == 0
     if first and played > 0 and period.start_ms <= started < period.end_ms:
         st.bulletins += 1
-        st.emergencies += rec.get("priority") == "emergency"
+        st.emergencies += rec.get("priority") == Priority.EMERGENCY
         if known:
             st.requested_ms += requested
 

@@ -25,16 +25,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.audio.service import (
-    merge_levels,
+from agent.audio.commands import (
     validate_live,
     validate_play,
     validate_say,
     validate_stop,
     validate_test,
     validate_volume,
-    write_tone,
 )
+from agent.audio.service import merge_levels, write_tone
 from agent.core.clock import FakeClock
 from tests.conftest import Watcher, agent_config, free_port, wait_online, wait_until
 
@@ -613,7 +612,7 @@ SHA = "a" * 64
     (validate_play, {"media": [], "priority": "high"}, "args.media"),
     (validate_play, {"media": {"url": "http://h/x", "sha256": SHA}, "repeat": 11}, "repeat"),
     (validate_play, {"media": {"url": "http://h/x", "sha256": SHA}, "at": "soon"}, "args.at"),
-    (validate_play, {}, "args.media: required"),
+    (validate_play, {}, "args.media: is required"),
     (validate_live, {"url": "rtsp://h/x", "duration_s": -1}, "duration_s"),
     (validate_live, {"url": "http://h/x", "backups": ["ftp://h/y"]}, "backups[0]"),
     (validate_say, {"text": "x", "lang": "not a lang"}, "lang"),

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.core.clock import Clock
+from agent.protocol import Priority
 
 log = logging.getLogger(__name__)
 
-RANK = {"normal": 0, "priority": 1, "emergency": 2}
 KINDS = ("file", "stream", "tts")
 TOLERANCE_MS = 5  # a timer firing this early still counts as on time
 
@@ -113,8 +113,8 @@ class _Entry:
     seg_mono: float | None = None
 
     @property
-    def rank(self) -> int:
-        return RANK[self.item.priority]
+    def priority(self) -> Priority:
+        return Priority(self.item.priority)
 
     @property
     def steps(self) -> int:
@@ -315,7 +315,7 @@ class Arbiter:
             cur = self._current
             if cur is not None:
                 top = self._peek()
-                if top is None or top.rank <= cur.rank:
+                if top is None or top.priority <= cur.priority:
                     if not self._airing and self._amp_ready() and not self._air():
                         continue
                     return
@@ -420,7 +420,7 @@ class Arbiter:
 
     @staticmethod
     def _key(entry: _Entry) -> tuple:
-        return (-entry.rank, not entry.front, entry.seq)
+        return (entry.priority.order, not entry.front, entry.seq)
 
     def _peek(self) -> _Entry | None:
         return min(self._queue, key=self._key) if self._queue else None
@@ -497,8 +497,8 @@ class Arbiter:
 
 
 def _validate(item: Item) -> None:
-    if item.priority not in RANK:
-        raise ValueError(f"priority must be one of {sorted(RANK)}, not {item.priority!r}")
+    if Priority.parse(item.priority) is None:
+        raise ValueError(f"priority must be one of {', '.join(Priority)}, not {item.priority!r}")
     if item.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {item.kind!r}")
     if not item.variants:

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 
 from agent.core.clock import Clock
 
-STREAM_SCHEMES = ("http", "https", "rtsp")
 STABLE_S = 60.0  # a source airing this long without a fault has recovered for good
 
 
@@ -179,20 +178,6 @@ class LiveRelay:
         """For the play record: which source aired last and every switch."""
         return {"source": self.current(), "switches": [
             {"at": s.at_ms, "source": s.source, "reason": s.reason} for s in self.switches]}
-
-
-def stream_url_problem(url: object) -> str | None:
-    """Why ``url`` cannot be a live stream (scheme, form), or None."""
-    if not isinstance(url, str) or not url or len(url) > 2048:
-        return "must be a URL of at most 2048 characters"
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        return "must not contain whitespace or control characters"
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in STREAM_SCHEMES:
-        return f"scheme must be one of {', '.join(STREAM_SCHEMES)}"
-    if not parts.hostname:
-        return "must name a host"
-    return None
 
 
 def as_http(url: str) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
+from agent.args import MAX_URL
 from agent.core.clock import Clock, SystemClock
 from drivers.fsutil import fsync_dir
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_REDIRECTS = 3
-MAX_URL_LEN = 2048
 _BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\\]")  # whitespace, control characters, backslash
 CHUNK = 64 * 1024
 # A cached file's mtime is its last use (the LRU order kept across restarts). Refreshing it at
@@ -132,8 +132,8 @@ class MediaCache:
         self._urls_ok.add(url)
 
     def _check_url(self, url: str) -> None:
-        if not isinstance(url, str) or len(url) > MAX_URL_LEN:
-            raise MediaError("media_host", "url must be a string of at most 2048 characters")
+        if not isinstance(url, str) or len(url) > MAX_URL:
+            raise MediaError("media_host", f"url must be a string of at most {MAX_URL} characters")
         if _BAD_URL_CHAR.search(url):
             raise MediaError("media_host", "url contains whitespace, control characters or '\\'")
         parts = urlsplit(url)

@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import re
 import struct
 import unicodedata
 import wave
@@ -51,13 +50,22 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.args import BOARD_MESSAGE
 from agent.audio.amplifier import Amplifier
-from agent.audio.arbiter import RANK, Arbiter, Item, Variant, order_variants
-from agent.audio.live import LiveOptions, LiveRelay, as_http, probe_url, stream_url_problem
+from agent.audio.arbiter import Arbiter, Item, Variant, order_variants
+from agent.audio.commands import (
+    validate_live,
+    validate_play,
+    validate_say,
+    validate_stop,
+    validate_test,
+    validate_volume,
+)
+from agent.audio.live import LiveOptions, LiveRelay, as_http, probe_url
 from agent.audio.media import MediaCache, MediaError
-from agent.audio.tts import MAX_TEXT, TtsEngine, TtsError, make_engine
+from agent.audio.tts import TtsEngine, TtsError, make_engine
 from agent.core.loop import Core, FuncHandler
-from agent.protocol import Envelope
+from agent.protocol import Envelope, Priority
 from drivers import DriverError, resolve
 from drivers.audio.base import AudioOutput, wav_duration_ms
 from drivers.fsutil import atomic_write
@@ -66,171 +74,16 @@ from drivers.gpio import open_gpio
 log = logging.getLogger(__name__)
 
 LIVE_PREFIX = "live:"
-MAX_VARIANTS = 8
-MAX_BACKUPS = 8
-MAX_AT_AHEAD_MS = 7 * 86_400_000
-MAX_DURATION_S = 86_400
 CHECK_INTERVAL_S = 5.0  # output and amplifier health polling
 LIVE_TICK_S = 1.0
 SILENT_MIN_MS = 2000  # a segment shorter than this proves nothing about silence
 PREROLL_S = 0.5
 HOLD_S = 2.0  # a prepared item waits at most this long for earlier arrivals (FIFO)
 FINAL = ("done", "stopped", "failed")
-MAX_BOARD_TEXT = 500  # board_text of play/live/say
 BOARD_TEXT_MAX_S = 86_400  # the board shows it until the audio ends (at most a day)
-BOARD_LIMIT = 1000  # the board's own limit: an emergency say's text is cut to it
-_SHA_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-_LANG_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,2}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+BOARD_LIMIT = BOARD_MESSAGE.max_len  # the board's own limit: an emergency say's text is cut to it
 
 OnResult = Callable[[str, str, str | None], None]
-
-
-# --- argument validation (SPEC §7) -------------------------------------------------------
-
-def _int_in(args: dict, key: str, lo: int, hi: int, errors: list[str]) -> None:
-    v = args.get(key)
-    if key in args and not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
-        errors.append(f"args.{key}: must be an integer {lo}–{hi}")
-
-
-def _num_in(args: dict, key: str, lo: float, hi: float, errors: list[str]) -> None:
-    v = args.get(key)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if key in args and not (ok and lo < v <= hi):
-        errors.append(f"args.{key}: must be a number of seconds in ({lo}, {hi}]")
-
-
-def _unknown(obj: dict, allowed: set[str], path: str, errors: list[str]) -> None:
-    errors += [f"{path}.{k}: unknown argument" for k in obj if k not in allowed]
-
-
-def _priority(args: dict, errors: list[str]) -> None:
-    if "priority" in args and args["priority"] not in RANK:
-        errors.append("args.priority: must be emergency, priority or normal")
-
-
-def _board_text(args: dict, errors: list[str]) -> None:
-    if "board_text" not in args:
-        return
-    text = args["board_text"]
-    if not (isinstance(text, str) and text.strip()
-            and len(unicodedata.normalize("NFC", text)) <= MAX_BOARD_TEXT):
-        errors.append(f"args.board_text: must be a non-empty text of at most {MAX_BOARD_TEXT} "
-                      "characters")
-
-
-def _lang(obj: dict, path: str, errors: list[str]) -> None:
-    if "lang" in obj and not (isinstance(obj["lang"], str) and _LANG_RE.match(obj["lang"])):
-        errors.append(f"{path}.lang: must be a language tag such as 'vi'")
-
-
-def _media_problems(media: Any, path: str) -> list[str]:
-    items = media if isinstance(media, list) else [media]
-    if isinstance(media, list) and not 1 <= len(media) <= MAX_VARIANTS:
-        return [f"{path}: must be a list of 1–{MAX_VARIANTS} media objects"]
-    errors: list[str] = []
-    for i, m in enumerate(items):
-        p = f"{path}[{i}]" if isinstance(media, list) else path
-        if not isinstance(m, dict):
-            errors.append(f"{p}: must be an object {{url, sha256, lang?}}")
-            continue
-        _unknown(m, {"url", "sha256", "lang"}, p, errors)
-        url = m.get("url")
-        if not (isinstance(url, str) and url.lower().startswith(("http://", "https://"))
-                and len(url) <= 2048):
-            errors.append(f"{p}.url: must be an http or https URL")
-        if not (isinstance(m.get("sha256"), str) and _SHA_RE.match(m["sha256"])):
-            errors.append(f"{p}.sha256: must be 64 hexadecimal digits")
-        _lang(m, p, errors)
-    return errors
-
-
-def validate_play(args: dict, now_ms: int | None = None) -> list[str]:
-    errors: list[str] = []
-    _unknown(args, {"media", "priority", "volume", "repeat", "at", "board_text"}, "args",
-             errors)
-    _board_text(args, errors)
-    if "media" not in args:
-        errors.append("args.media: required")
-    else:
-        errors += _media_problems(args["media"], "args.media")
-    _priority(args, errors)
-    _int_in(args, "volume", 0, 100, errors)
-    _int_in(args, "repeat", 1, 10, errors)
-    at = args.get("at")
-    if "at" in args:
-        limit = (now_ms + MAX_AT_AHEAD_MS) if now_ms is not None else 2**53
-        if not (isinstance(at, int) and not isinstance(at, bool) and 0 <= at <= limit):
-            errors.append("args.at: must be epoch milliseconds, at most 7 days ahead")
-    return errors
-
-
-def validate_live(args: dict) -> list[str]:
-    errors: list[str] = []
-    _unknown(args, {"url", "backups", "fallback", "priority", "volume", "duration_s",
-                    "board_text"}, "args", errors)
-    _board_text(args, errors)
-    problem = stream_url_problem(args.get("url"))
-    if problem:
-        errors.append(f"args.url: {problem}")
-    backups = args.get("backups", [])
-    if not (isinstance(backups, list) and len(backups) <= MAX_BACKUPS):
-        errors.append(f"args.backups: must be a list of at most {MAX_BACKUPS} URLs")
-    else:
-        errors += [f"args.backups[{i}]: {p}" for i, u in enumerate(backups)
-                   if (p := stream_url_problem(u))]
-    if "fallback" in args:
-        errors += _media_problems(args["fallback"], "args.fallback")
-    _priority(args, errors)
-    _int_in(args, "volume", 0, 100, errors)
-    _num_in(args, "duration_s", 0, MAX_DURATION_S, errors)
-    return errors
-
-
-def validate_say(args: dict) -> list[str]:
-    errors: list[str] = []
-    _unknown(args, {"text", "lang", "priority", "repeat", "volume", "board_text"}, "args",
-             errors)
-    _board_text(args, errors)
-    text = args.get("text")
-    if not (isinstance(text, str) and text.strip() and len(text) <= MAX_TEXT):
-        errors.append(f"args.text: must be a non-empty text of at most {MAX_TEXT} characters")
-    _lang(args, "args", errors)
-    _priority(args, errors)
-    _int_in(args, "repeat", 1, 10, errors)
-    _int_in(args, "volume", 0, 100, errors)
-    return errors
-
-
-def validate_stop(args: dict) -> list[str]:
-    errors: list[str] = []
-    _unknown(args, {"id", "all"}, "args", errors)
-    if "id" in args and not (isinstance(args["id"], str) and _ID_RE.match(args["id"])):
-        errors.append("args.id: must be a command id")
-    if "all" in args and args["all"] is not True:
-        errors.append("args.all: must be true")
-    if "id" in args and "all" in args:
-        errors.append("args: give either id or all, not both")
-    return errors
-
-
-def validate_volume(args: dict) -> list[str]:
-    errors: list[str] = []
-    _unknown(args, {"level"}, "args", errors)
-    if "level" not in args:
-        errors.append("args.level: required")
-    _int_in(args, "level", 0, 100, errors)
-    return errors
-
-
-def validate_test(args: dict) -> list[str]:
-    errors: list[str] = []
-    _unknown(args, {"priority", "volume", "duration_s"}, "args", errors)
-    _priority(args, errors)
-    _int_in(args, "volume", 0, 100, errors)
-    _num_in(args, "duration_s", 0, 10, errors)
-    return errors
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -315,7 +168,7 @@ class _Meta:
     volume: int | None = None  # the item's own, else the device volume when it was queued
     arrival: int = 0
     since: float = 0.0  # monotonic: when preparation began
-    rank: int = 0
+    rank: Priority = Priority.NORMAL
     ready: Item | None = None  # prepared, waiting for earlier arrivals (FIFO)
     submitted: bool = False  # handed to the arbiter
     extra: dict = field(default_factory=dict)  # merged into the play record
@@ -484,7 +337,7 @@ class AudioService:
         item = Item(env.id, "tts", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), repeat=a.get("repeat", 1), exp_ms=env.exp)
         meta = self._command_meta(env, "tts")
-        if meta.board_text is None and meta.priority == "emergency":
+        if meta.board_text is None and meta.priority == Priority.EMERGENCY:
             meta.board_text = _board_cut(a["text"])  # an emergency shows what it says
         self._prepare_say(item, a["text"], a.get("lang", "vi"), meta)
 
@@ -690,7 +543,7 @@ class AudioService:
         # preparation finishes, so items submitted together air in submission order
         meta.arrival, meta.since = self.arbiter.reserve_seq(), self.clock.monotonic()
         item.seq = meta.arrival
-        meta.rank = RANK.get(item.priority, 0)
+        meta.rank = Priority.parse(item.priority) or Priority.NORMAL
         self.items[item.id] = meta
         self._update_pins()
         if ready is not None:

@@ -22,11 +22,12 @@ import wave
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from agent.args import SAY_TEXT
 from drivers.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT = 5000
+MAX_TEXT = SAY_TEXT.max_len
 
 
 class TtsError(RuntimeError):

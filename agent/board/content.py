@@ -24,36 +24,24 @@ Rules:
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from agent import args as a
+from agent.args import DAY_NAMES, Obj, clean_text, problems
 from agent.core.clock import Clock
+from agent.protocol import Priority
 
-PRIORITY_RANK = {"normal": 0, "priority": 1, "emergency": 2}
 EFFECTS = ("scroll", "static")
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-MAX_TEXT = 1000
 MAX_MESSAGES = 100
 DEFAULT_ROTATE_S = 10
 MAX_ROTATE_S = 3600
 DEFAULT_DURATION_S = 300
-MAX_DURATION_S = 86_400
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-(([01]\d|2[0-3]):([0-5]\d)|24:00)$")
-_MESSAGE_KEYS = {"id", "text", "from", "until", "days", "times"}
-_DOCUMENT_KEYS = {"messages", "rotate_s"}
-_COMMAND_KEYS = {"text", "priority", "duration_s", "effect"}
-
-
-def clean_text(text: str) -> str:
-    """NFC, white space folded: the form shown, recorded and compared."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
+# HH:MM-HH:MM, 24:00 allowed as an end
+_SPAN = r"([01][0-9]|2[0-3]):([0-5][0-9])-(([01][0-9]|2[0-3]):([0-5][0-9])|24:00)"
 
 
 # --- values handed to the caller ---------------------------------------------------------
@@ -195,7 +183,7 @@ class _Layer:
 class _AdHoc:
     cmd_id: str
     text: str
-    priority: str
+    priority: Priority
     effect: str
     remaining_s: float
     seq: int
@@ -203,99 +191,31 @@ class _AdHoc:
 
     @property
     def order(self) -> tuple[int, int]:
-        return (-PRIORITY_RANK[self.priority], self.seq)
+        return (self.priority.order, self.seq)
 
 
 # --- validation ----------------------------------------------------------------------------
 
-
-def _check_text(value, where: str) -> list[str]:
-    if not isinstance(value, str) or not clean_text(value):
-        return [f"{where}: must be a non-empty string"]
-    if len(clean_text(value)) > MAX_TEXT:
-        return [f"{where}: must be at most {MAX_TEXT} characters"]
-    return []
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_unknown(obj: dict, allowed: set[str], where: str) -> list[str]:
-    return [
-        f"{where}.{k}: unknown key (allowed: {', '.join(sorted(allowed))})"
-        for k in obj
-        if k not in allowed
-    ]
-
-
-def _check_date(value, where: str) -> list[str]:
-    try:
-        if isinstance(value, str) and _DATE.match(value):
-            date.fromisoformat(value)
-            return []
-    except ValueError:
-        pass
-    return [f"{where}: must be a date YYYY-MM-DD"]
-
-
-def _check_message(msg, where: str) -> list[str]:
-    if not isinstance(msg, dict):
-        return [f"{where}: must be an object"]
-    errors = _check_unknown(msg, _MESSAGE_KEYS, where)
-    if not isinstance(msg.get("id"), str) or not _ID.match(msg["id"]):
-        errors.append(f"{where}.id: must be 1-64 of A-Z a-z 0-9 . _ : -")
-    errors += _check_text(msg.get("text"), f"{where}.text")
-    for key in ("from", "until"):
-        if key in msg:
-            errors += _check_date(msg[key], f"{where}.{key}")
-    days = msg.get("days", list(DAYS))
-    if not isinstance(days, list) or not days or any(d not in DAYS for d in days):
-        errors.append(f"{where}.days: must be a non-empty list of {'|'.join(DAYS)}")
-    times = msg.get("times", [])
-    if not isinstance(times, list) or any(
-        not isinstance(t, str) or not _SPAN.match(t) for t in times
-    ):
-        errors.append(f'{where}.times: must be a list of "HH:MM-HH:MM"')
-    return errors
+MESSAGE = Obj(required=("id", "text"), rules=(a.from_until,), fields={
+    "id": a.ID, "text": a.BOARD_MESSAGE, **a.WINDOW,
+    "times": a.ListOf(noun="time spans", item=a.Pattern(
+        regex=_SPAN, what="a time span HH:MM-HH:MM"))})
+DOCUMENT = Obj(required=("messages",), fields={
+    "messages": a.ListOf(item=MESSAGE, noun="messages", max=MAX_MESSAGES, unique_by="id"),
+    "rotate_s": a.Int(lo=1, hi=MAX_ROTATE_S)})
+COMMAND = Obj(required=("text",), fields={
+    "text": a.BOARD_MESSAGE, "priority": a.PRIORITY, "duration_s": a.DURATION,
+    "effect": a.Choice(choices=EFFECTS)})
 
 
 def validate_document_args(args) -> list[str]:
     """Errors in the args of a ``desired/board`` document (empty list: valid)."""
-    if not isinstance(args, dict):
-        return ["args: must be an object"]
-    errors = _check_unknown(args, _DOCUMENT_KEYS, "args")
-    messages = args.get("messages")
-    if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
-        errors.append(f"args.messages: must be a list of at most {MAX_MESSAGES} messages")
-        messages = []
-    seen: set = set()
-    for i, msg in enumerate(messages):
-        errors += _check_message(msg, f"args.messages[{i}]")
-        mid = msg.get("id") if isinstance(msg, dict) else None
-        if mid in seen:
-            errors.append(f"args.messages[{i}].id: duplicate id {mid!r}")
-        seen.add(mid)
-    rotate = args.get("rotate_s", DEFAULT_ROTATE_S)
-    if not _is_number(rotate) or not 1 <= rotate <= MAX_ROTATE_S:
-        errors.append(f"args.rotate_s: must be a number of seconds 1-{MAX_ROTATE_S}")
-    return errors
+    return problems(DOCUMENT, args)
 
 
 def validate_command_args(args) -> list[str]:
     """Errors in the args of a ``board`` command (empty list: valid)."""
-    if not isinstance(args, dict):
-        return ["args: must be an object"]
-    errors = _check_unknown(args, _COMMAND_KEYS, "args")
-    errors += _check_text(args.get("text"), "args.text")
-    if args.get("priority", "normal") not in PRIORITY_RANK:
-        errors.append("args.priority: must be emergency|priority|normal")
-    duration = args.get("duration_s", DEFAULT_DURATION_S)
-    if not _is_number(duration) or not 0 < duration <= MAX_DURATION_S:
-        errors.append(f"args.duration_s: must be a number of seconds >0 and <= {MAX_DURATION_S}")
-    if args.get("effect", "scroll") not in EFFECTS:
-        errors.append("args.effect: must be scroll|static")
-    return errors
+    return problems(COMMAND, args)
 
 
 def _minutes(hhmm: str) -> int:
@@ -308,7 +228,7 @@ def _parse_message(msg: dict, topic: str, rotate_s: float) -> StandingMessage:
         (_minutes(span.split("-")[0]), _minutes(span.split("-")[1]))
         for span in msg.get("times", [])
     )
-    days = frozenset(DAYS.index(d) for d in msg["days"]) if "days" in msg else None
+    days = frozenset(DAY_NAMES.index(d) for d in msg["days"]) if "days" in msg else None
     return StandingMessage(
         id=msg["id"],
         text=clean_text(msg["text"]),
@@ -382,7 +302,7 @@ class BoardContent:
             _AdHoc(
                 cmd_id=cmd_id,
                 text=clean_text(args["text"]),
-                priority=args.get("priority", "normal"),
+                priority=Priority(args.get("priority", "normal")),
                 effect=args.get("effect", "scroll"),
                 remaining_s=float(args.get("duration_s", DEFAULT_DURATION_S)),
                 seq=self._seq,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent import protocol
+from agent.args import Obj, problems
 from agent.core.clock import Clock, ClockTrust
 from agent.core.store import Store
 from agent.protocol import Envelope, Rejected, Topics
@@ -48,8 +49,11 @@ class FuncHandler:
         self._execute(env)
 
 
+_NO_ARGS = Obj()  # ping and state take no arguments
+
+
 def no_args(args: dict) -> list[str]:
-    return [f"args.{k}: unknown argument (this command takes none)" for k in args]
+    return problems(_NO_ARGS, args)
 
 
 class Inbound:

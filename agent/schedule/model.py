@@ -18,18 +18,19 @@ sure no slot airs twice across restarts, repeated calls and clock jumps.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from agent import args as a
+from agent.args import DAY_NAMES, Obj, parse_date, problems
 from agent.core.clock import Clock
+from agent.protocol import Priority
 from agent.schedule.store import AIRED, SKIPPED, SlotLog
 
 __all__ = [
@@ -42,11 +43,6 @@ log = logging.getLogger(__name__)
 MAX_ITEMS = 500
 MAX_TIMES = 48
 MAX_DATES = 366
-MAX_VARIANTS = 8
-MAX_BACKUPS = 8
-MAX_TEXT = 2000
-MAX_URL = 2048
-MAX_SECONDS = 86_400  # cap for duration_s and catch_up_s: one day
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
@@ -59,24 +55,7 @@ HORIZON_MS = 400 * DAY_MS
 # without RTC that boots at 1970 must not mark slots as aired or skipped.
 MIN_PLAUSIBLE_MS = 1_704_067_200_000
 
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-PRIORITIES = ("emergency", "priority", "normal")
-PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}
-ACTIONS = ("media", "live", "say")
-
-ITEM_KEYS = frozenset({
-    "id", "media", "live", "say", "days", "dates", "times", "from", "until", "timezone",
-    "priority", "volume", "duration_s", "catch_up_s", "repeat",
-})
-MEDIA_KEYS = frozenset({"url", "sha256", "lang"})
-LIVE_KEYS = frozenset({"url", "backups", "fallback"})
-SAY_KEYS = frozenset({"text", "lang"})
-
-_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-_SHA_RE = re.compile(r"[0-9a-fA-F]{64}")
-_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIME_RE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
-_LANG_RE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,2}")
 _TZ_RE = re.compile(r"[A-Za-z0-9_+-]{1,30}(/[A-Za-z0-9_+-]{1,30}){0,2}")
 _TOPIC_RE = re.compile(r"(dev|grp)/[A-Za-z0-9._-]{1,64}")
 
@@ -85,215 +64,44 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # --- validation ------------------------------------------------------------------------------
 
+ITEM = Obj(
+    required=("id", "times"),
+    fields={
+        "id": a.ID,
+        "media": a.MEDIA,
+        "live": a.Either(short=a.STREAM_URL, full=Obj(
+            shape="{url, backups?, fallback?}", required=("url",), fields=a.LIVE)),
+        "say": a.Either(short=a.SAY_TEXT, full=Obj(
+            shape="{text, lang?}", required=("text",),
+            fields={"text": a.SAY_TEXT, "lang": a.LANG})),
+        **a.WINDOW,
+        "dates": a.ListOf(item=a.DATE, noun="dates", min=1, max=MAX_DATES, unique=True),
+        "times": a.ListOf(item=a.Pattern(regex=_TIME_RE.pattern, what="a time HH:MM"),
+                          noun="times", min=1, max=MAX_TIMES, unique=True),
+        "timezone": a.Parsed(parse=lambda name: zone_or_none(name),  # defined below
+                             what="a timezone name such as 'Asia/Ho_Chi_Minh'"),
+        "priority": a.PRIORITY,
+        "volume": a.VOLUME,
+        "duration_s": a.DURATION,
+        "catch_up_s": a.Int(lo=0, hi=86_400),
+        "repeat": a.REPEAT,
+    },
+    rules=(a.exactly_one("media", "live", "say"), a.exactly_one("days", "dates"),
+           a.required_with("duration_s", "live", "a live item"), a.from_until),
+)
+DOCUMENT = Obj(required=("items",), fields={
+    "items": a.ListOf(item=ITEM, noun="items", max=MAX_ITEMS, unique_by="id")})
+
+
 def validate_schedule_args(args: object) -> list[str]:
-    """All problems of a schedule document's ``args``, each as ``key.path: what is wrong``.
+    """All problems of a schedule document's ``args``, each as ``key.path: what is wrong``:
+    the document's own keys as ``args.key``, and from the item list down as docs/SCHEDULE.md
+    shows them, ``items[3].times[0]``.
 
     Never raises, whatever ``args`` is; an empty list means valid.
     """
-    errors: list[str] = []
-    if not isinstance(args, dict):
-        return ['args: must be an object {"items": [...]}']
-    _unknown_keys(args, {"items"}, "args", errors)
-    items = args.get("items")
-    if not isinstance(items, list):
-        errors.append("items: must be a list")
-        return errors
-    if len(items) > MAX_ITEMS:
-        errors.append(f"items: at most {MAX_ITEMS} items, got {len(items)}")
-        return errors
-    seen: set[str] = set()
-    for i, item in enumerate(items):
-        path = f"items[{i}]"
-        _check_item(item, path, errors)
-        item_id = item.get("id") if isinstance(item, dict) else None
-        if isinstance(item_id, str):
-            if item_id in seen:
-                errors.append(f"{path}.id: duplicate id {item_id!r}")
-            seen.add(item_id)
-    return errors
-
-
-def _unknown_keys(obj: dict, allowed: Iterable[str], path: str, errors: list[str]) -> None:
-    allowed = sorted(allowed)
-    for key in obj:
-        if key in allowed:
-            continue
-        name = key if isinstance(key, str) else repr(key)
-        hint = difflib.get_close_matches(name, allowed, n=1) if isinstance(key, str) else []
-        suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
-        errors.append(f"{path}.{name}: unknown key{suffix}")
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int  # bool is an int subclass; true/false are not numbers here
-
-
-def _check_int(obj: dict, key: str, path: str, lo: int, hi: int, errors: list[str]) -> None:
-    if key in obj and not (_is_int(obj[key]) and lo <= obj[key] <= hi):
-        errors.append(f"{path}.{key}: must be an integer {lo}–{hi}")
-
-
-def _check_item(item: object, path: str, errors: list[str]) -> None:
-    if not isinstance(item, dict):
-        errors.append(f"{path}: must be an object")
-        return
-    _unknown_keys(item, ITEM_KEYS, path, errors)
-    item_id = item.get("id")
-    if not (isinstance(item_id, str) and _ID_RE.fullmatch(item_id)):
-        errors.append(f"{path}.id: must be 1–64 of [A-Za-z0-9._:-]")
-    _check_action(item, path, errors)
-    _check_when(item, path, errors)
-    if "priority" in item and item["priority"] not in PRIORITIES:
-        errors.append(f"{path}.priority: must be one of {', '.join(PRIORITIES)}")
-    _check_int(item, "volume", path, 0, 100, errors)
-    _check_int(item, "duration_s", path, 1, MAX_SECONDS, errors)
-    _check_int(item, "catch_up_s", path, 0, MAX_SECONDS, errors)
-    _check_int(item, "repeat", path, 1, 10, errors)
-    if "live" in item and "duration_s" not in item:
-        errors.append(f"{path}.duration_s: required for a live item")
-
-
-def _check_action(item: dict, path: str, errors: list[str]) -> None:
-    present = [a for a in ACTIONS if a in item]
-    if len(present) != 1:
-        errors.append(f"{path}: must have exactly one of media, live, say")
-    if "media" in item:
-        _check_media(item["media"], f"{path}.media", errors)
-    if "live" in item:
-        _check_live(item["live"], f"{path}.live", errors)
-    if "say" in item:
-        _check_say(item["say"], f"{path}.say", errors)
-
-
-def _check_url(value: object, path: str, schemes: tuple[str, ...], errors: list[str]) -> None:
-    ok = isinstance(value, str) and 0 < len(value) <= MAX_URL
-    if ok:
-        try:
-            parts = urlsplit(value)
-            ok = parts.scheme.lower() in schemes and bool(parts.netloc)
-        except ValueError:
-            ok = False
-    if not ok:
-        errors.append(f"{path}: must be a {'/'.join(schemes)} URL")
-
-
-def _check_lang(obj: dict, path: str, errors: list[str]) -> None:
-    if "lang" in obj and not (isinstance(obj["lang"], str) and _LANG_RE.fullmatch(obj["lang"])):
-        errors.append(f"{path}.lang: must be a language tag such as 'vi' or 'en'")
-
-
-def _check_media(value: object, path: str, errors: list[str]) -> None:
-    if isinstance(value, list):
-        if not 0 < len(value) <= MAX_VARIANTS:
-            errors.append(f"{path}: must be a list of 1–{MAX_VARIANTS} media objects")
-            return
-        for j, variant in enumerate(value):
-            _check_media_one(variant, f"{path}[{j}]", errors)
-    else:
-        _check_media_one(value, path, errors)
-
-
-def _check_media_one(value: object, path: str, errors: list[str]) -> None:
-    if not isinstance(value, dict):
-        errors.append(f"{path}: must be an object {{url, sha256, lang?}} or a list of them")
-        return
-    _unknown_keys(value, MEDIA_KEYS, path, errors)
-    _check_url(value.get("url"), f"{path}.url", ("http", "https"), errors)
-    sha = value.get("sha256")
-    if not (isinstance(sha, str) and _SHA_RE.fullmatch(sha)):
-        errors.append(f"{path}.sha256: must be 64 hex digits")
-    _check_lang(value, path, errors)
-
-
-def _check_live(value: object, path: str, errors: list[str]) -> None:
-    schemes = ("http", "https", "rtsp")
-    if isinstance(value, str):
-        _check_url(value, path, schemes, errors)
-        return
-    if not isinstance(value, dict):
-        errors.append(f"{path}: must be a URL or an object {{url, backups?, fallback?}}")
-        return
-    _unknown_keys(value, LIVE_KEYS, path, errors)
-    _check_url(value.get("url"), f"{path}.url", schemes, errors)
-    backups = value.get("backups", [])
-    if not (isinstance(backups, list) and len(backups) <= MAX_BACKUPS):
-        errors.append(f"{path}.backups: must be a list of at most {MAX_BACKUPS} URLs")
-    else:
-        for j, url in enumerate(backups):
-            _check_url(url, f"{path}.backups[{j}]", schemes, errors)
-    if "fallback" in value:
-        _check_media(value["fallback"], f"{path}.fallback", errors)
-
-
-def _check_say(value: object, path: str, errors: list[str]) -> None:
-    if isinstance(value, dict):
-        _unknown_keys(value, SAY_KEYS, path, errors)
-        _check_lang(value, path, errors)
-        text, text_path = value.get("text"), f"{path}.text"
-    else:
-        text, text_path = value, path
-    if not (isinstance(text, str) and text.strip() and len(text) <= MAX_TEXT):
-        errors.append(f"{text_path}: must be a non-empty text of at most {MAX_TEXT} characters")
-
-
-def _check_when(item: dict, path: str, errors: list[str]) -> None:
-    if ("days" in item) == ("dates" in item):
-        errors.append(f"{path}: must have exactly one of days, dates")
-    if "days" in item:
-        _check_days(item["days"], f"{path}.days", errors)
-    if "dates" in item:
-        _check_list(item["dates"], f"{path}.dates", MAX_DATES, _parse_date,
-                    "a date YYYY-MM-DD", errors)
-    if "times" not in item:
-        errors.append(f"{path}.times: required")
-    else:
-        _check_list(item["times"], f"{path}.times", MAX_TIMES, _parse_time, "a time HH:MM",
-                    errors)
-    for key in ("from", "until"):
-        if key in item and _parse_date(item[key]) is None:
-            errors.append(f"{path}.{key}: must be a date YYYY-MM-DD")
-    start, end = _parse_date(item.get("from")), _parse_date(item.get("until"))
-    if start and end and start > end:
-        errors.append(f"{path}.until: must not be before from")
-    if "timezone" in item and zone_or_none(item["timezone"]) is None:
-        errors.append(f"{path}.timezone: must be a timezone name such as 'Asia/Ho_Chi_Minh'")
-
-
-def _check_days(value: object, path: str, errors: list[str]) -> None:
-    if not (isinstance(value, list) and value):
-        errors.append(f"{path}: must be a non-empty list of {', '.join(DAYS)}")
-        return
-    for j, day in enumerate(value):
-        if day not in DAYS:
-            errors.append(f"{path}[{j}]: must be one of {', '.join(DAYS)}")
-    valid = [d for d in value if d in DAYS]
-    if len(set(valid)) != len(valid):
-        errors.append(f"{path}: has duplicates")
-
-
-def _check_list(value: object, path: str, limit: int, parse, what: str,
-                errors: list[str]) -> None:
-    if not (isinstance(value, list) and 0 < len(value) <= limit):
-        errors.append(f"{path}: must be a list of 1–{limit} entries")
-        return
-    parsed = []
-    for j, entry in enumerate(value):
-        p = parse(entry)
-        if p is None:
-            errors.append(f"{path}[{j}]: must be {what}")
-        else:
-            parsed.append(p)
-    if len(set(parsed)) != len(parsed):
-        errors.append(f"{path}: has duplicates")
-
-
-def _parse_date(value: object) -> date | None:
-    if not (isinstance(value, str) and _DATE_RE.fullmatch(value)):
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        return None
+    return [p.removeprefix("args.") if p.startswith(("args.items:", "args.items[")) else p
+            for p in problems(DOCUMENT, args)]
 
 
 def _parse_time(value: object) -> time | None:
@@ -333,7 +141,7 @@ class ScheduleItem:
     from_date: date | None
     until_date: date | None
     timezone: str
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
     volume: int | None = None
     duration_s: int | None = None
     catch_up_s: int | None = None  # None: the planner's default
@@ -386,15 +194,15 @@ def _normalise_action(raw: dict) -> tuple[str, Any]:
 def parse_item(raw: dict, index: int, default_timezone: str) -> ScheduleItem:
     """Build an item from a dict that passed :func:`validate_schedule_args`."""
     kind, action = _normalise_action(raw)
-    days = frozenset(DAYS.index(d) for d in raw["days"]) if "days" in raw else None
-    dates = tuple(sorted({_parse_date(d) for d in raw["dates"]})) if "dates" in raw else None
+    days = frozenset(DAY_NAMES.index(d) for d in raw["days"]) if "days" in raw else None
+    dates = tuple(sorted({parse_date(d) for d in raw["dates"]})) if "dates" in raw else None
     return ScheduleItem(
         id=raw["id"], index=index, kind=kind, action=action,
         times=tuple(sorted(_parse_time(t) for t in raw["times"])),
         days=days, dates=dates,
-        from_date=_parse_date(raw.get("from")), until_date=_parse_date(raw.get("until")),
+        from_date=parse_date(raw.get("from")), until_date=parse_date(raw.get("until")),
         timezone=raw.get("timezone", default_timezone),
-        priority=raw.get("priority", "normal"), volume=raw.get("volume"),
+        priority=Priority(raw.get("priority", "normal")), volume=raw.get("volume"),
         duration_s=raw.get("duration_s"), catch_up_s=raw.get("catch_up_s"),
         repeat=raw.get("repeat", 1),
     )
@@ -418,7 +226,7 @@ class Slot:
     item_id: str
     due_ms: int
     item: ScheduleItem = field(repr=False, compare=False)
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
 
     @property
     def source(self) -> str:
@@ -455,7 +263,7 @@ def _item_slots(topic: str, item: ScheduleItem, start_ms: int, end_ms: int) -> I
 
 
 def _order(slot: Slot) -> tuple:
-    return (slot.due_ms, PRIORITY_RANK[slot.priority], slot.topic, slot.item.index)
+    return (slot.due_ms, slot.priority.order, slot.topic, slot.item.index)
 
 
 class ScheduleBook:
@@ -476,7 +284,7 @@ class ScheduleBook:
         ``bad_topic``, ``bad_rev``, ``bad_args: ...``."""
         if not (isinstance(topic, str) and _TOPIC_RE.fullmatch(topic)):
             return False, "bad_topic"
-        if not (_is_int(rev) and rev >= 0):
+        if not (a.is_int(rev) and rev >= 0):
             return False, "bad_rev"
         current = self._docs.get(topic)
         if current is not None and rev <= current.rev:
@@ -597,7 +405,7 @@ class SchedulePlanner:
         if due or skipped:
             self.log.prune(now)
             self.log.save()  # before the caller airs anything: a crash must not air it twice
-        due.sort(key=lambda s: (PRIORITY_RANK[s.priority], s.due_ms, s.topic, s.item.index))
+        due.sort(key=lambda s: (s.priority.order, s.due_ms, s.topic, s.item.index))
         return DueResult(due, skipped)
 
     def upcoming(self, now_ms: int | None = None) -> Iterator[Slot]:
