@@ -381,11 +381,14 @@ def test_volume_item_and_device() -> None:
     assert rig.out.plays()[-1][2] == 30
 
 
-def test_schedule_items_send_no_acks_but_records() -> None:
+def test_schedule_items_report_their_stages_to_on_ack_and_keep_their_origin() -> None:
+    """The arbiter reports every item's stages to ``on_ack``; whether they become acks is
+    its owner's business (the audio service sends none for schedule slots)."""
     rig = Rig()
-    rig.arb.submit(file_item("sched-1", acks=False, origin="schedule"))
+    rig.arb.submit(file_item("sched-1", origin="schedule"))
     rig.end()
-    assert rig.acks == [] and rig.records[0]["origin"] == "schedule"
+    assert rig.stages("sched-1") == ["queued", "started", "done"]
+    assert rig.records[0]["origin"] == "schedule"
 
 
 def test_invalid_items_raise_value_error() -> None:

@@ -94,7 +94,6 @@ class Item:
     at_ms: int | None = None  # start exactly then (epoch ms)
     exp_ms: int | None = None  # never start or resume after this (epoch ms)
     origin: str = "command"  # or "schedule"; copied into play records
-    acks: bool = True  # False for schedule items: no command to acknowledge
     seq: int | None = None  # arrival order from Arbiter.reserve_seq(); None: at submit
 
 
@@ -476,8 +475,7 @@ class Arbiter:
 
     def _ack(self, entry: _Entry, stage: str, reason: str | None = None,
              detail: dict | None = None) -> None:
-        if entry.item.acks:
-            self._call_quietly(self._on_ack, entry.item.id, stage, reason, detail)
+        self._call_quietly(self._on_ack, entry.item.id, stage, reason, detail)
 
     def _call_output(self, fn: Callable, *args: Any) -> Any:
         """stop/set_volume on the backend: a failure is logged; the next play() reports it."""
