@@ -59,7 +59,7 @@ from agent.audio.tts import MAX_TEXT, TtsEngine, TtsError, make_engine
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope
 from drivers import DriverError, resolve
-from drivers.audio.base import AudioOutput, wav_duration_ms
+from drivers.audio.base import AudioOutput, UnavailableOutput, wav_duration_ms
 from drivers.fsutil import atomic_write
 from drivers.gpio import open_gpio
 
@@ -235,34 +235,6 @@ def validate_test(args: dict) -> list[str]:
 
 # --- helpers -----------------------------------------------------------------------------
 
-class _DeadOutput(AudioOutput):
-    """Stands in when the configured backend cannot start: every play is an audio fault."""
-
-    name = "unavailable"
-
-    def __init__(self, error: str) -> None:
-        super().__init__({})
-        self.error = error
-
-    def play(self, source: str, *, start_ms: int = 0, volume: int = 100) -> None:
-        raise DriverError(self.error)
-
-    def stop(self) -> int:
-        return 0
-
-    def position_ms(self) -> int:
-        return 0
-
-    def set_volume(self, level: int) -> None:
-        pass
-
-    def is_playing(self) -> bool:
-        return False
-
-    def ok(self) -> bool:
-        return False
-
-
 def write_tone(path: str, hz: float = 1000.0, seconds: float = 1.5, dbfs: float = -12.0,
                rate: int = 22050) -> str:
     """A sine test tone as a 16-bit mono WAV, with 20 ms fades (no clicks)."""
@@ -411,7 +383,7 @@ class AudioService:
             return resolve("audio", audio_cfg["backend"])(dict(audio_cfg), listener)
         except DriverError as e:
             log.error("audio backend %r unavailable: %s", audio_cfg["backend"], e)
-            return _DeadOutput(f"audio backend {audio_cfg['backend']} unavailable: {e}")
+            return UnavailableOutput(f"audio backend {audio_cfg['backend']} unavailable: {e}")
 
     @staticmethod
     def _open_meter(ver_cfg: dict) -> Any:
@@ -970,14 +942,16 @@ class AudioService:
     # --- pre-roll for ``at`` -----------------------------------------------------------
 
     def _next_timed(self) -> tuple[int, str] | None:
-        """The next ``at`` item's instant and first source, if the output can pre-roll."""
-        if not self.timed_sources or not hasattr(self.output, "preroll"):
+        """The next ``at`` item's instant and first source."""
+        if not self.timed_sources:
             return None
         return min(self.timed_sources.values())
 
     def _preroll_due(self) -> float | None:
+        """None while something airs: the change that ends it is followed by _preroll."""
         nxt = self._next_timed()
-        if nxt is None or self._prerolled == nxt[1]:
+        if (nxt is None or self._prerolled == nxt[1] or self.arbiter.busy
+                or self.output.is_playing()):
             return None
         at_mono = self.clock.monotonic() + (nxt[0] - self.clock.now_ms()) / 1000
         return max(self.clock.monotonic(), at_mono - PREROLL_S)
@@ -992,9 +966,9 @@ class AudioService:
         at_ms, source = nxt
         wait_ms = at_ms - self.clock.now_ms()
         if 0 < wait_ms <= PREROLL_S * 1000 + 5 and self._prerolled != source:
+            self._prerolled = source  # once: an output that cannot, or failed, starts at `at`
             try:
                 self.output.preroll(source)
-                self._prerolled = source
             except Exception as e:  # noqa: BLE001 - a failed pre-roll just means no pre-roll
                 log.info("pre-roll of %s failed: %s", source, e)
 
@@ -1026,8 +1000,8 @@ class AudioService:
 
     def _push_audio_alert(self) -> None:
         ok = self._audio_ok()
-        detail = None if ok else {"error": self._fault or getattr(
-            self.output, "last_error", None) or "output device unavailable"}
+        detail = None if ok else {
+            "error": self._fault or self.output.last_error or "output device unavailable"}
         self.core.set_alert("audio_fault", not ok, detail)
 
     def _check_silence(self, record: dict) -> None:
