@@ -49,7 +49,7 @@ import wave
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from agent.audio.amplifier import Amplifier
 from agent.audio.arbiter import RANK, Arbiter, Item, Variant, order_variants
@@ -331,14 +331,27 @@ class _RoutedOutput:
 
 # --- the service -------------------------------------------------------------------------
 
+class Board(Protocol):
+    """What the audio service needs of the board service (:mod:`agent.board.service`)."""
+
+    def show_audio_text(self, cmd_id: str, text: str, priority: str,
+                        duration_s: float) -> bool: ...
+    def stop_id(self, cmd_id: str) -> bool: ...
+    def stop_all(self) -> list[str]: ...
+
+
 class AudioService:
-    def __init__(self, core: Core, cfg: dict, *, output: AudioOutput | None = None,
-                 meter: Any = None, gpio: Any = None, tts: TtsEngine | None = None,
-                 cache: MediaCache | None = None, live_options: LiveOptions | None = None,
-                 workers: int = 4, pool: Any = None) -> None:
+    """``board``: the board service (None: no board, board texts are not shown)."""
+
+    def __init__(self, core: Core, cfg: dict, *, board: Board | None = None, gpio: Any = None,
+                 output: AudioOutput | None = None, meter: Any = None,
+                 tts: TtsEngine | None = None, cache: MediaCache | None = None,
+                 live_options: LiveOptions | None = None, workers: int = 4,
+                 pool: Any = None) -> None:
         self.core = core
         self.cfg = cfg
         self.clock = core.clock
+        self.board = board
         self.live_options = live_options or LiveOptions(
             silence_dbfs=float(cfg["verification"]["silence_dbfs"]),
             **{k: float(v) for k, v in cfg["audio"]["live"].items()})
@@ -466,7 +479,7 @@ class AudioService:
                      board_text=unicodedata.normalize("NFC", text) if text else None)
 
     def _cmd_stop(self, env: Envelope) -> None:
-        board = self._board()
+        board = self.board
         if env.args.get("all"):
             stopped = self._cancel_preparing(None, env.id) + self.arbiter.stop_all(by=env.id)
             if board is not None:  # ad-hoc board messages too (standing content stays)
@@ -775,20 +788,10 @@ class AudioService:
                 self._forget(item_id)
         self.core.mark_state_dirty()
 
-    def _board(self) -> Any:
-        """The board service, looked up when needed (it is installed after this one)."""
-        from agent.board import service as board_service
-
-        try:
-            return board_service.get(self.core)
-        except Exception:  # no board must never stop the audio
-            log.exception("board service lookup failed")
-            return None
-
     def _board_follow(self, meta: _Meta, stage: str, final: bool) -> bool:
         """Keep the item's board text up while it airs: shown at ``started``/``resumed``,
         withdrawn when it is preempted or ends. Returns whether it is on the board."""
-        board = self._board()
+        board = self.board
         if board is None:
             return False
         try:
@@ -1086,8 +1089,11 @@ def _reason_for(exc: BaseException) -> tuple[str, str]:
     return "media_unavailable", f"{type(exc).__name__}: {exc}"
 
 
-def install(core: Core, cfg: dict) -> AudioService:
-    svc = AudioService(core, cfg)
+def install(core: Core, cfg: dict, *, board: Board | None = None,
+            gpio: Any = None) -> AudioService:
+    """Make and start the audio service. ``board``: the board service, installed before this
+    one (None: no board). ``gpio``: the agent's GPIO backend (None: opened from ``cfg``)."""
+    svc = AudioService(core, cfg, board=board, gpio=gpio)
     svc.start()
     core.audio = svc  # type: ignore[attr-defined] - the scheduler finds the service here
     return svc
