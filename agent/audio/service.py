@@ -1089,11 +1089,41 @@ def _reason_for(exc: BaseException) -> tuple[str, str]:
     return "media_unavailable", f"{type(exc).__name__}: {exc}"
 
 
+class _LaterBoard:
+    """TRANSITIONAL, until the assembly hands the board service to :func:`install`:
+    agent/components.py installs audio before board and passes none, so this stands in for
+    the board service installed on the core later, looked up at each call (no board service:
+    texts are not shown, nothing to stop). Remove it with the ``core.audio`` line below."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    def _board(self) -> Board | None:
+        from agent.board import service as board_service
+
+        return board_service.get(self._core)
+
+    def show_audio_text(self, cmd_id: str, text: str, priority: str,
+                        duration_s: float) -> bool:
+        board = self._board()
+        return board is not None and board.show_audio_text(cmd_id, text, priority, duration_s)
+
+    def stop_id(self, cmd_id: str) -> bool:
+        board = self._board()
+        return board is not None and board.stop_id(cmd_id)
+
+    def stop_all(self) -> list[str]:
+        board = self._board()
+        return board.stop_all() if board is not None else []
+
+
 def install(core: Core, cfg: dict, *, board: Board | None = None,
             gpio: Any = None) -> AudioService:
     """Make and start the audio service. ``board``: the board service, installed before this
-    one (None: no board). ``gpio``: the agent's GPIO backend (None: opened from ``cfg``)."""
-    svc = AudioService(core, cfg, board=board, gpio=gpio)
+    one (None, for now: the one installed on the core later, see :class:`_LaterBoard`).
+    ``gpio``: the agent's GPIO backend (None: opened from ``cfg``)."""
+    svc = AudioService(core, cfg, board=board if board is not None else _LaterBoard(core),
+                       gpio=gpio)
     svc.start()
     core.audio = svc  # type: ignore[attr-defined] - the scheduler finds the service here
     return svc
