@@ -25,16 +25,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.audio.records import merge_levels
 from agent.audio.service import (
-    merge_levels,
     validate_live,
     validate_play,
     validate_say,
     validate_stop,
     validate_test,
     validate_volume,
-    write_tone,
 )
+from agent.audio.tone import write_tone
 from agent.core.clock import FakeClock
 from tests.conftest import Watcher, agent_config, free_port, wait_online, wait_until
 

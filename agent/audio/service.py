@@ -38,29 +38,31 @@ API for the scheduler (core thread only)::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-import struct
 import unicodedata
-import wave
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from agent.audio import boardtext, parts
 from agent.audio.amplifier import Amplifier
 from agent.audio.arbiter import RANK, Arbiter, Item, Variant, order_variants
+from agent.audio.boardtext import Board, board_cut
+from agent.audio.faults import Faults
 from agent.audio.live import LiveOptions, LiveRelay, as_http, probe_url, stream_url_problem
 from agent.audio.media import MediaCache, MediaError
-from agent.audio.tts import MAX_TEXT, TtsEngine, TtsError, make_engine
+from agent.audio.records import PlayRecords
+from agent.audio.tone import tone_variant
+from agent.audio.tts import MAX_TEXT, TtsEngine, TtsError
+from agent.audio.volume import SavedVolume
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope
-from drivers import DriverError, resolve
-from drivers.audio.base import AudioOutput, UnavailableOutput, wav_duration_ms
-from drivers.fsutil import atomic_write
+from drivers import DriverError
+from drivers.audio.base import AudioOutput, wav_duration_ms
 from drivers.gpio import open_gpio
 
 log = logging.getLogger(__name__)
@@ -235,42 +237,6 @@ def validate_test(args: dict) -> list[str]:
 
 # --- helpers -----------------------------------------------------------------------------
 
-def write_tone(path: str, hz: float = 1000.0, seconds: float = 1.5, dbfs: float = -12.0,
-               rate: int = 22050) -> str:
-    """A sine test tone as a 16-bit mono WAV, with 20 ms fades (no clicks)."""
-    if os.path.exists(path):
-        return path
-    n, fade = int(rate * seconds), int(rate * 0.02)
-    amp = 32767 * 10 ** (dbfs / 20)
-    frames = bytearray()
-    for i in range(n):
-        env = min(1.0, i / fade, (n - 1 - i) / fade)
-        frames += struct.pack("<h", int(amp * env * math.sin(2 * math.pi * hz * i / rate)))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with wave.open(tmp, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(bytes(frames))
-    os.replace(tmp, path)
-    return path
-
-
-def merge_levels(parts: list[dict], silence_dbfs: float) -> dict | None:
-    """One verification summary from the segments' (power-average weighted by seconds)."""
-    good = [p for p in parts if isinstance(p, dict) and "rms_dbfs" in p]
-    if not good:
-        errors = [p for p in parts if isinstance(p, dict) and p.get("error")]
-        return errors[-1] if errors else None
-    weights = [max(p.get("seconds") or 0.0, 0.1) for p in good]
-    power = sum(w * 10 ** (p["rms_dbfs"] / 10)
-                for w, p in zip(weights, good, strict=True)) / sum(weights)
-    rms = round(10 * math.log10(power), 1) if power > 0 else -120.0
-    return {"rms_dbfs": rms, "peak_dbfs": max(p["peak_dbfs"] for p in good),
-            "seconds": round(sum(p.get("seconds") or 0 for p in good), 1),
-            "silent": rms < silence_dbfs}
-
-
 @dataclass
 class _Meta:
     """What the service knows about an item besides the arbiter."""
@@ -331,17 +297,12 @@ class _RoutedOutput:
 
 # --- the service -------------------------------------------------------------------------
 
-class Board(Protocol):
-    """What the audio service needs of the board service (:mod:`agent.board.service`)."""
-
-    def show_audio_text(self, cmd_id: str, text: str, priority: str,
-                        duration_s: float) -> bool: ...
-    def stop_id(self, cmd_id: str) -> bool: ...
-    def stop_all(self) -> list[str]: ...
-
-
 class AudioService:
-    """``board``: the board service (None: no board, board texts are not shown)."""
+    """The audio component. Its parts come through the constructor; those left out are made
+    from ``cfg`` (:mod:`agent.audio.parts`): ``board`` (None: no board, board texts are not
+    shown), ``gpio`` (the amplifier's relay and fault pin), ``output`` (an output passed in
+    reports its events to whoever made it), ``meter``, ``tts``, ``cache``, ``live_options``;
+    ``pool`` runs preparation and probes (tests pass one they drive)."""
 
     def __init__(self, core: Core, cfg: dict, *, board: Board | None = None, gpio: Any = None,
                  output: AudioOutput | None = None, meter: Any = None,
@@ -352,69 +313,33 @@ class AudioService:
         self.cfg = cfg
         self.clock = core.clock
         self.board = board
-        self.live_options = live_options or LiveOptions(
-            silence_dbfs=float(cfg["verification"]["silence_dbfs"]),
-            **{k: float(v) for k, v in cfg["audio"]["live"].items()})
-        self.output = output or self._open_output(cfg["audio"])
-        self.meter = meter if meter is not None else self._open_meter(cfg["verification"])
+        self.live_options = live_options or parts.live_options(cfg)
+        self.output = output or parts.open_output(cfg["audio"], lambda kind, detail: core.post(
+            self._on_output, kind, detail))  # from the backend's thread
+        self.meter = meter if meter is not None else parts.open_meter(cfg["verification"])
         self.gpio = gpio if gpio is not None else open_gpio(cfg["gpio"]["backend"])
         self.amp = Amplifier.from_config(self.gpio, self.clock, cfg["amplifier"])
-        self.cache = cache or self._open_cache(cfg)
-        self.tts, self.tts_error = tts, None
-        if tts is None:
-            try:
-                self.tts = make_engine(cfg["tts"], cfg["tts"]["dir"])
-            except (TtsError, OSError) as e:
-                self.tts_error = str(e)
-                log.error("text-to-speech unavailable: %s", e)
+        self.cache = cache or parts.open_cache(cfg)
+        self.tts, self.tts_error = (tts, None) if tts is not None else parts.open_tts(cfg)
         # preparation and probes (tests pass an executor they drive themselves)
         self._pool = pool or ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="audio-prep")
-        self._state_path = os.path.join(cfg["paths"]["state_dir"], "audio.json")
+        self.saved_volume = SavedVolume(cfg["paths"]["state_dir"])
         self.arbiter = Arbiter(
             _RoutedOutput(self), self.clock, on_ack=self._on_ack, on_play=self._on_play,
             languages=cfg["device"]["languages"], amp=self.amp, meter=self.meter,
-            volume=self._saved_volume(int(cfg["audio"]["volume"])),
+            volume=self.saved_volume.load(int(cfg["audio"]["volume"])),
             resume_rewind_ms=int(cfg["audio"]["resume_rewind_ms"]))
+        self.records = PlayRecords(core, self.meter, silent_min_ms=SILENT_MIN_MS)
+        self.faults = Faults(core, self.output, self.amp)
         self.items: dict[str, _Meta] = {}
         self._durations: dict[str, int | None] = {}  # sha256 -> WAV length (see _duration)
         self.relays: dict[str, LiveRelay] = {}
         self.live_run: _LiveRun | None = None
         self._pinned_sched: set[str] = set()
         self._timer: Any = None
-        self._fault: str | None = None  # last output failure, cleared by a good start
-        self._output_ok = True
         self._prerolled: str | None = None
         self.timed_sources: dict[str, tuple[int, str]] = {}  # at items: id -> (at, source)
-        self.last_level: float | None = None
-
-    # --- construction -------------------------------------------------------------------
-
-    def _open_output(self, audio_cfg: dict) -> AudioOutput:
-        listener = lambda kind, detail: self.core.post(self._on_output, kind, detail)  # noqa: E731
-        try:
-            return resolve("audio", audio_cfg["backend"])(dict(audio_cfg), listener)
-        except DriverError as e:
-            log.error("audio backend %r unavailable: %s", audio_cfg["backend"], e)
-            return UnavailableOutput(f"audio backend {audio_cfg['backend']} unavailable: {e}")
-
-    @staticmethod
-    def _open_meter(ver_cfg: dict) -> Any:
-        if ver_cfg["backend"] == "none":
-            return None
-        try:
-            return resolve("level", ver_cfg["backend"])(dict(ver_cfg))
-        except DriverError as e:
-            log.error("output verification unavailable: %s", e)
-            return None
-
-    @staticmethod
-    def _open_cache(cfg: dict) -> MediaCache:
-        m = cfg["media"]
-        return MediaCache(m["dir"], allowed_hosts=cfg["security"]["media_hosts"],
-                          quota_mb=m["quota_mb"], max_bytes=int(m["max_bytes"]),
-                          timeout_s=m["timeout_s"], retries=int(m["retries"]),
-                          backoff_s=m["backoff_s"], workers=int(m["workers"]))
 
     def start(self) -> None:
         """Register with the core: commands, state, health, timers, stop hook."""
@@ -431,7 +356,8 @@ class AudioService:
         core.add_state("queue", self._queue_state)
         core.add_state("volume", lambda: self.arbiter.volume)
         core.health_parts.append(self.health)
-        core.call_every(CHECK_INTERVAL_S, self._check, first_s=0)
+        core.call_every(CHECK_INTERVAL_S, lambda: self.faults.check(self.arbiter.busy),
+                        first_s=0)
         core.call_every(LIVE_TICK_S, self._live_tick)
         core.stop_hooks.append(self.close)
         self._pool.submit(self.cache.verify_all)  # hash what is cached once, off the core
@@ -470,7 +396,7 @@ class AudioService:
                     volume=a.get("volume"), repeat=a.get("repeat", 1), exp_ms=env.exp)
         meta = self._command_meta(env, "tts")
         if meta.board_text is None and meta.priority == "emergency":
-            meta.board_text = _board_cut(a["text"])  # an emergency shows what it says
+            meta.board_text = board_cut(a["text"], BOARD_LIMIT)  # it shows what it says
         self._prepare_say(item, a["text"], a.get("lang", "vi"), meta)
 
     def _command_meta(self, env: Envelope, kind: str) -> _Meta:
@@ -499,7 +425,7 @@ class AudioService:
 
     def _cmd_volume(self, env: Envelope) -> None:
         self.arbiter.set_volume(env.args["level"])
-        self._save_volume()
+        self.saved_volume.save(self.arbiter.volume)
         self._after()
         self.core.ack(env.id, "done", detail={"volume": self.arbiter.volume})
 
@@ -511,11 +437,7 @@ class AudioService:
         item = Item(env.id, "file", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), exp_ms=env.exp)
 
-        def make() -> list[Variant]:
-            write_tone(path, seconds=seconds)
-            return [Variant(path, None, {"tone_hz": 1000, "seconds": seconds},
-                            wav_duration_ms(path))]
-        self._prepare(item, meta, make)
+        self._prepare(item, meta, lambda: [tone_variant(path, seconds)])
 
     # --- the scheduler's API ------------------------------------------------------------
 
@@ -741,10 +663,7 @@ class AudioService:
         if meta.origin == "command":
             self.core.ack(meta.id, "failed", reason, {"message": message})
         else:
-            self.core.emit_event(_with_extra(
-                {"type": "play", "id": meta.id, "origin": meta.origin, "kind": meta.kind,
-                 "result": "failed", "reason": reason, "detail": {"message": message},
-                 "played_ms": 0}, meta.extra))
+            self.records.not_aired(meta, reason, message)
             self._notify(meta, "failed", reason)
         self._after()
 
@@ -766,20 +685,22 @@ class AudioService:
                 detail: dict | None = None) -> None:
         meta = self.items.get(item_id)
         if stage == "started":
-            self._set_fault(None)
+            self.faults.output_failed(None)
             self.timed_sources.pop(item_id, None)
             self._prerolled = None
         if reason == "audio_fault":
-            self._set_fault((detail or {}).get("error", "output error"))
+            self.faults.output_failed((detail or {}).get("error", "output error"))
         if meta is not None and meta.test and stage in FINAL:
-            detail = {**(detail or {}), **self._test_report(meta)}
+            detail = {**(detail or {}), **self.records.test_report(
+                meta, output=self.output.name, audio_ok=self.faults.audio_ok,
+                amplifier=self.amp.status())}
         final = stage in FINAL or stage == "expired"
         if meta is not None and meta.board_text is not None:
-            shown = self._board_follow(meta, stage, final)
+            shown = boardtext.follow(self.board, meta, stage, final, BOARD_TEXT_MAX_S)
             if stage == "started":
                 detail = {**(detail or {}), "board": shown}
         if meta is not None and final and meta.segments:
-            self._emit_record(meta, stage if stage in FINAL else "preempted")
+            self.records.aired(meta, stage if stage in FINAL else "preempted")
         if meta is None or meta.origin == "command":
             self.core.ack(item_id, stage, reason, detail)
         if meta is not None:
@@ -788,68 +709,9 @@ class AudioService:
                 self._forget(item_id)
         self.core.mark_state_dirty()
 
-    def _board_follow(self, meta: _Meta, stage: str, final: bool) -> bool:
-        """Keep the item's board text up while it airs: shown at ``started``/``resumed``,
-        withdrawn when it is preempted or ends. Returns whether it is on the board."""
-        board = self.board
-        if board is None:
-            return False
-        try:
-            if stage in ("started", "resumed"):
-                meta.on_board = board.show_audio_text(meta.id, meta.board_text, meta.priority,
-                                                      BOARD_TEXT_MAX_S)
-            elif (final or stage == "preempted") and meta.on_board:
-                meta.on_board = False
-                board.stop_id(meta.id)
-        except Exception:  # a board bug must not stop the audio
-            log.exception("board text of %s failed", meta.id)
-        return meta.on_board
-
     def _on_play(self, record: dict) -> None:
-        """A segment closed: kept until the item's final stage (one event per item)."""
-        meta = self.items.get(record["id"])
-        if meta is None:
-            self.core.emit_event({"type": "play", **record})
-            return
-        meta.segments.append(record)
-        self._check_silence(record)
-
-    def _emit_record(self, meta: _Meta, result: str) -> None:
-        segs = meta.segments
-        last = segs[-1]
-        body = {"type": "play", "id": meta.id, "origin": meta.origin, "kind": last["kind"],
-                "media": last["media"], "priority": last["priority"],
-                "started": segs[0]["started"], "ended": last["ended"], "result": result,
-                "played_ms": sum(s["played_ms"] for s in segs),
-                "requested_ms": last["requested_ms"], "repeat": last["repeat"],
-                "volume": meta.volume,
-                "preemptions": sum(1 for s in segs if s["result"] == "preempted"),
-                "segments": [{k: s.get(k) for k in ("started", "ended", "played_ms", "result")}
-                             for s in segs]}
-        if self.meter is not None:
-            body["verification"] = merge_levels([s.get("verification") for s in segs],
-                                                self.meter.silence_dbfs)
-        if "detail" in last:
-            body["detail"] = last["detail"]
-        if meta.relay is not None:
-            body["live"] = meta.relay.report()
-        meta.segments = []
-        self.core.emit_event(_with_extra(body, meta.extra))
-
-    def _test_report(self, meta: _Meta) -> dict:
-        """What ``test`` reports in its final ack: output, amplifier, verification, verdict."""
-        segs = meta.segments
-        played = sum(s["played_ms"] for s in segs)
-        ver = None
-        if self.meter is not None:
-            ver = merge_levels([s.get("verification") for s in segs], self.meter.silence_dbfs)
-        if ver is None or "rms_dbfs" not in ver:
-            verdict = "unverified"
-        else:
-            verdict = "fail" if ver["silent"] else "pass"
-        return {"output": self.output.name, "audio_ok": self._audio_ok(), "played_ms": played,
-                "requested_ms": segs[-1]["requested_ms"] if segs else None,
-                "amplifier": self.amp.status(), "verification": ver, "verdict": verdict}
+        """A segment closed (one play record per item, at its final stage)."""
+        self.records.segment(self.items.get(record["id"]), record)
 
     def _notify(self, meta: _Meta, stage: str, reason: str | None) -> None:
         if meta.on_result is not None:
@@ -975,52 +837,12 @@ class AudioService:
             except Exception as e:  # noqa: BLE001 - a failed pre-roll just means no pre-roll
                 log.info("pre-roll of %s failed: %s", source, e)
 
-    # --- health, alerts -----------------------------------------------------------------
-
-    def _check(self) -> None:
-        """Poll the output and amplifier; a device that came back clears ``audio_fault``."""
-        try:
-            self._output_ok = bool(self.output.ok())
-        except Exception as e:  # noqa: BLE001
-            self._output_ok = False
-            log.warning("audio output check failed: %s", e)
-        if self._output_ok and self._fault and not self.arbiter.busy:
-            self._fault = None  # recovered; the next play proves it
-        self._push_audio_alert()
-        if self.amp.fault_pin is not None or self.amp.relay_error:
-            fault = bool(self.amp.fault()) or bool(self.amp.relay_error)
-            self.core.set_alert("amplifier_fault", fault,
-                                {"error": self.amp.relay_error} if fault else None)
-
-    def _set_fault(self, error: str | None) -> None:
-        self._fault = error
-        if error is not None:
-            self._output_ok = bool(self.output.ok())
-        self._push_audio_alert()
-
-    def _audio_ok(self) -> bool:
-        return self._output_ok and self._fault is None
-
-    def _push_audio_alert(self) -> None:
-        ok = self._audio_ok()
-        detail = None if ok else {
-            "error": self._fault or self.output.last_error or "output device unavailable"}
-        self.core.set_alert("audio_fault", not ok, detail)
-
-    def _check_silence(self, record: dict) -> None:
-        ver = record.get("verification")
-        if not isinstance(ver, dict) or "rms_dbfs" not in ver:
-            return
-        self.last_level = ver["rms_dbfs"]
-        if record["played_ms"] >= SILENT_MIN_MS:
-            self.core.set_alert("silent_output", bool(ver["silent"]),
-                                {"rms_dbfs": ver["rms_dbfs"], "id": record["id"]}
-                                if ver["silent"] else None)
+    # --- health, state ------------------------------------------------------------------
 
     def health(self) -> dict:
         cur = self.arbiter.snapshot()["current"]
-        out = {"audio_ok": self._audio_ok(), "playing": cur["id"] if cur else None,
-               "volume": self.arbiter.volume, "last_level_dbfs": self.last_level,
+        out = {"audio_ok": self.faults.audio_ok, "playing": cur["id"] if cur else None,
+               "volume": self.arbiter.volume, "last_level_dbfs": self.records.last_level,
                "amplifier_on": self.amp.state != "off"}
         if self.amp.fault_pin is not None:  # otherwise the cabinet component reports it
             out["amplifier_fault"] = bool(self.amp.fault())
@@ -1031,22 +853,6 @@ class AudioService:
         preparing = [{"id": m.id, "preparing": True} for m in self.items.values()
                      if not m.submitted and not m.cancelled]
         return snap["queue"] + [{"id": t["id"], "at": t["at"]} for t in snap["timed"]] + preparing
-
-    # --- volume persistence ---------------------------------------------------------------
-
-    def _saved_volume(self, default: int) -> int:
-        try:
-            with open(self._state_path, encoding="utf-8") as f:
-                level = json.load(f).get("volume")
-            return level if isinstance(level, int) and 0 <= level <= 100 else default
-        except (OSError, ValueError, AttributeError):
-            return default
-
-    def _save_volume(self) -> None:
-        try:
-            atomic_write(self._state_path, json.dumps({"volume": self.arbiter.volume}).encode())
-        except OSError as e:
-            log.warning("cannot save the volume: %s", e)
 
     def close(self) -> None:
         """Shutdown: stop what airs (recorded as stopped), then release in reverse order."""
@@ -1060,17 +866,6 @@ class AudioService:
                         part.close()
                 except Exception:
                     log.exception("closing %r failed", part)
-
-
-def _board_cut(text: str) -> str:
-    """A say text for the board: NFC, cut to the board's limit with an ellipsis."""
-    text = unicodedata.normalize("NFC", text).strip()
-    return text if len(text) <= BOARD_LIMIT else text[:BOARD_LIMIT - 1].rstrip() + "…"
-
-
-def _with_extra(body: dict, extra: dict) -> dict:
-    """``body`` plus the caller's ``extra`` fields that do not clash with its own."""
-    return {**body, **{k: v for k, v in extra.items() if k not in body}}
 
 
 def _outcome(fut: Future) -> Any:
