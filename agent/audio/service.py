@@ -53,7 +53,8 @@ from agent.audio.amplifier import Amplifier
 from agent.audio.arbiter import RANK, Arbiter, Item, Variant, order_variants
 from agent.audio.boardtext import Board, board_cut
 from agent.audio.faults import Faults
-from agent.audio.live import LiveOptions, LiveRelay, as_http, probe_url, stream_url_problem
+from agent.audio.live import LiveOptions, LiveRelay, as_http, stream_url_problem
+from agent.audio.liveout import LiveOutput
 from agent.audio.media import MediaCache, MediaError
 from agent.audio.records import PlayRecords
 from agent.audio.tone import tone_variant
@@ -61,7 +62,6 @@ from agent.audio.tts import MAX_TEXT, TtsEngine, TtsError
 from agent.audio.volume import SavedVolume
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope
-from drivers import DriverError
 from drivers.audio.base import AudioOutput, wav_duration_ms
 from drivers.gpio import open_gpio
 
@@ -262,39 +262,6 @@ class _Meta:
     on_board: bool = False
 
 
-@dataclass
-class _LiveRun:
-    key: str  # the virtual source the arbiter knows: live:<id>
-    relay: LiveRelay
-    volume: int
-
-
-class _RoutedOutput:
-    """The output as the arbiter sees it: ``live:<id>`` sources go through their relay."""
-
-    def __init__(self, svc: AudioService) -> None:
-        self._svc = svc
-
-    def play(self, source: str, *, start_ms: int = 0, volume: int = 100) -> None:
-        svc = self._svc
-        svc.live_run = None
-        if source.startswith(LIVE_PREFIX):
-            relay = svc.relays[source]
-            svc.output.play(relay.rejoin(), volume=volume)
-            svc.live_run = _LiveRun(source, relay, volume)
-        else:
-            svc.output.play(source, start_ms=start_ms, volume=volume)
-
-    def stop(self) -> int:
-        self._svc.live_run = None
-        return self._svc.output.stop()
-
-    def set_volume(self, level: int) -> None:
-        if self._svc.live_run is not None:
-            self._svc.live_run.volume = level
-        self._svc.output.set_volume(level)
-
-
 # --- the service -------------------------------------------------------------------------
 
 class AudioService:
@@ -315,7 +282,7 @@ class AudioService:
         self.board = board
         self.live_options = live_options or parts.live_options(cfg)
         self.output = output or parts.open_output(cfg["audio"], lambda kind, detail: core.post(
-            self._on_output, kind, detail))  # from the backend's thread
+            self.air.on_output_event, kind, detail))  # from the backend's thread
         self.meter = meter if meter is not None else parts.open_meter(cfg["verification"])
         self.gpio = gpio if gpio is not None else open_gpio(cfg["gpio"]["backend"])
         self.amp = Amplifier.from_config(self.gpio, self.clock, cfg["amplifier"])
@@ -325,8 +292,11 @@ class AudioService:
         self._pool = pool or ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="audio-prep")
         self.saved_volume = SavedVolume(cfg["paths"]["state_dir"])
+        # what the arbiter plays through: live items fail over between their sources
+        self.air = LiveOutput(self.output, self.live_options, meter=self.meter,
+                              pool=self._pool, post=core.post, listener=self._on_air_event)
         self.arbiter = Arbiter(
-            _RoutedOutput(self), self.clock, on_ack=self._on_ack, on_play=self._on_play,
+            self.air, self.clock, on_ack=self._on_ack, on_play=self._on_play,
             languages=cfg["device"]["languages"], amp=self.amp, meter=self.meter,
             volume=self.saved_volume.load(int(cfg["audio"]["volume"])),
             resume_rewind_ms=int(cfg["audio"]["resume_rewind_ms"]))
@@ -334,8 +304,6 @@ class AudioService:
         self.faults = Faults(core, self.output, self.amp)
         self.items: dict[str, _Meta] = {}
         self._durations: dict[str, int | None] = {}  # sha256 -> WAV length (see _duration)
-        self.relays: dict[str, LiveRelay] = {}
-        self.live_run: _LiveRun | None = None
         self._pinned_sched: set[str] = set()
         self._timer: Any = None
         self._prerolled: str | None = None
@@ -358,7 +326,7 @@ class AudioService:
         core.health_parts.append(self.health)
         core.call_every(CHECK_INTERVAL_S, lambda: self.faults.check(self.arbiter.busy),
                         first_s=0)
-        core.call_every(LIVE_TICK_S, self._live_tick)
+        core.call_every(LIVE_TICK_S, self.air.tick)
         core.stop_hooks.append(self.close)
         self._pool.submit(self.cache.verify_all)  # hash what is cached once, off the core
 
@@ -646,7 +614,7 @@ class AudioService:
         assert item is not None
         meta.volume = item.volume if item.volume is not None else self.arbiter.volume
         if meta.relay is not None:
-            self.relays[LIVE_PREFIX + item.id] = meta.relay
+            self.air.add(LIVE_PREFIX + item.id, meta.relay)
         elif item.at_ms is not None:
             first = order_variants(item.variants, self.arbiter.languages)[0]
             self.timed_sources[item.id] = (item.at_ms, first.source)
@@ -722,7 +690,7 @@ class AudioService:
 
     def _forget(self, item_id: str) -> None:
         self.items.pop(item_id, None)
-        self.relays.pop(LIVE_PREFIX + item_id, None)
+        self.air.discard(LIVE_PREFIX + item_id)
         self.timed_sources.pop(item_id, None)
         self._update_pins()
 
@@ -732,59 +700,13 @@ class AudioService:
 
     # --- output events, timers ----------------------------------------------------------
 
-    def _on_output(self, kind: str, detail: dict) -> None:
-        """A driver event (posted from libvlc's thread)."""
-        run = self.live_run
-        if run is not None and detail.get("source") == run.relay.current():
-            if kind == "ended":
-                self._switch_live(run, run.relay.ended())
-            elif kind == "error":
-                self._switch_live(run, run.relay.failed("error"))
-            return
-        if kind == "started":
-            return
-        self.arbiter.on_output_event(kind, detail)
-        self._after()
-
-    def _switch_live(self, run: _LiveRun, nxt: str | None) -> None:
-        """Air the relay's next source, or fail the item once the chain is exhausted."""
-        error, reason = "every source of the live chain failed", "media_unavailable"
-        if nxt is not None:
-            log.info("live %s: now airing %s", run.key, nxt)
-            try:
-                self.output.play(nxt, volume=run.volume)
-                self.core.mark_state_dirty()
-                return
-            except DriverError as e:
-                error, reason = str(e), "audio_fault"
-        self.live_run = None
-        self.arbiter.on_output_event("error", {"source": run.key, "error": error,
-                                               "reason": reason})
-        self._after()
-
-    def _live_tick(self) -> None:
-        run = self.live_run
-        if run is None:
-            return
-        level = self.meter.level_dbfs() if self.meter is not None else None
-        if run.relay.observe(self.output.position_ms(), level):
-            log.warning("live %s: dead air on %s", run.key, run.relay.current())
-            self._switch_live(run, run.relay.failed("dead_air"))
-        elif run.relay.probe_due():
-            url = run.relay.probe_started()
-            timeout = self.live_options.probe_timeout_s
-            fut = self._pool.submit(probe_url, url, timeout)
-            fut.add_done_callback(lambda f: self.core.post(
-                self._probed, run, not f.exception() and f.result()))
-
-    def _probed(self, run: _LiveRun, ok: bool) -> None:
-        if self.live_run is not run:
-            run.relay.probing = False
-            return
-        nxt = run.relay.probe_result(bool(ok))
-        if nxt is not None:
-            log.info("live %s: primary is back", run.key)
-            self._switch_live(run, nxt)
+    def _on_air_event(self, kind: str, detail: dict) -> None:
+        """An event of the output the arbiter drives (on the core thread)."""
+        if kind == "switched":  # a live item changed source
+            self.core.mark_state_dirty()
+        elif kind != "started":
+            self.arbiter.on_output_event(kind, detail)
+            self._after()
 
     def _after(self) -> None:
         """After anything that touched the arbiter: re-arm the one timer, publish state."""
