@@ -7,8 +7,10 @@ import logging
 import unicodedata
 from typing import TYPE_CHECKING, Protocol
 
+from agent.core.loop import Core
+
 if TYPE_CHECKING:
-    from agent.audio.service import _Meta as Meta
+    from agent.audio.prepare import Meta
 
 log = logging.getLogger(__name__)
 
@@ -44,3 +46,32 @@ def follow(board: Board | None, meta: Meta, stage: str, final: bool, max_s: floa
     except Exception:  # a board bug must not stop the audio
         log.exception("board text of %s failed", meta.id)
     return meta.on_board
+
+
+class LaterBoard:
+    """TRANSITIONAL, until the assembly hands the board service to audio's ``install()``:
+    agent/components.py installs audio before board and passes none, so this stands in for
+    the board service installed on the core later, looked up at each call (no board service:
+    texts are not shown, nothing to stop). Remove it with the ``core.audio`` line in
+    :func:`agent.audio.service.install`."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    def _board(self) -> Board | None:
+        from agent.board import service as board_service
+
+        return board_service.get(self._core)
+
+    def show_audio_text(self, cmd_id: str, text: str, priority: str,
+                        duration_s: float) -> bool:
+        board = self._board()
+        return board is not None and board.show_audio_text(cmd_id, text, priority, duration_s)
+
+    def stop_id(self, cmd_id: str) -> bool:
+        board = self._board()
+        return board is not None and board.stop_id(cmd_id)
+
+    def stop_all(self) -> list[str]:
+        board = self._board()
+        return board.stop_all() if board is not None else []

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from agent.core.loop import Core
 
 if TYPE_CHECKING:
-    from agent.audio.service import _Meta as Meta
+    from agent.audio.prepare import Meta
 
 
 def merge_levels(parts: list[dict], silence_dbfs: float) -> dict | None:

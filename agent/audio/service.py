@@ -1,12 +1,10 @@
 """Audio on air: the ``play``, ``live``, ``say``, ``stop``, ``volume`` and ``test`` commands.
 
-:func:`install` wires the building blocks into the core: the output driver
-(``drivers.resolve("audio", ...)``, whose listener only ``core.post``\\ s), the
-:class:`~agent.audio.arbiter.Arbiter`, the :class:`~agent.audio.amplifier.Amplifier`, the
-:class:`~agent.audio.media.MediaCache`, the TTS engine, the level meter and the live relays
-(:mod:`agent.audio.live`). Everything here runs on the core thread except the preparation of an item
-(cache look-up or download, TTS rendering, probes), which runs in this service's small pool and
-posts its result back.
+:class:`AudioService` wires its parts (the modules of :mod:`agent.audio`) and registers with
+the core (:func:`install`). Everything runs on the core thread except the preparation of an
+item (cache look-up or download, TTS rendering) and live probes, which run in this service's
+small pool and post their result back. The arbiter and the preparation report every change to
+one follow-up (``on_change``), which re-arms the service's one timer.
 
 Flow of a command: validate (``bad_args`` for any unknown key or bad value) → ``received``
 (core) → prepare in a worker (media by sha256 from the allowed hosts, or speech) → the arbiter
@@ -44,25 +42,26 @@ import os
 import re
 import unicodedata
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from agent.audio import boardtext, parts
 from agent.audio.amplifier import Amplifier
-from agent.audio.arbiter import RANK, Arbiter, Item, Variant, order_variants
-from agent.audio.boardtext import Board, board_cut
+from agent.audio.arbiter import RANK, Arbiter, Item, order_variants
+from agent.audio.boardtext import Board, LaterBoard, board_cut
 from agent.audio.faults import Faults
-from agent.audio.live import LiveOptions, LiveRelay, as_http, stream_url_problem
+from agent.audio.live import LiveOptions, stream_url_problem
 from agent.audio.liveout import LiveOutput
-from agent.audio.media import MediaCache, MediaError
+from agent.audio.media import MediaCache
+from agent.audio.prepare import Meta, Preparation
+from agent.audio.preroll import Preroll
 from agent.audio.records import PlayRecords
 from agent.audio.tone import tone_variant
-from agent.audio.tts import MAX_TEXT, TtsEngine, TtsError
+from agent.audio.tts import MAX_TEXT, TtsEngine
 from agent.audio.volume import SavedVolume
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope
-from drivers.audio.base import AudioOutput, wav_duration_ms
+from drivers.audio.base import AudioOutput
 from drivers.gpio import open_gpio
 
 log = logging.getLogger(__name__)
@@ -235,33 +234,6 @@ def validate_test(args: dict) -> list[str]:
     return errors
 
 
-# --- helpers -----------------------------------------------------------------------------
-
-@dataclass
-class _Meta:
-    """What the service knows about an item besides the arbiter."""
-
-    id: str
-    origin: str  # command | schedule
-    kind: str  # file | stream | tts
-    on_result: OnResult | None = None
-    test: bool = False
-    cancelled: bool = False  # stopped while preparing
-    segments: list[dict] = field(default_factory=list)
-    relay: LiveRelay | None = None
-    shas: tuple[str, ...] = ()
-    volume: int | None = None  # the item's own, else the device volume when it was queued
-    arrival: int = 0
-    since: float = 0.0  # monotonic: when preparation began
-    rank: int = 0
-    ready: Item | None = None  # prepared, waiting for earlier arrivals (FIFO)
-    submitted: bool = False  # handed to the arbiter
-    extra: dict = field(default_factory=dict)  # merged into the play record
-    board_text: str | None = None  # shown on the board while the item airs (NFC)
-    priority: str = "normal"
-    on_board: bool = False
-
-
 # --- the service -------------------------------------------------------------------------
 
 class AudioService:
@@ -287,8 +259,7 @@ class AudioService:
         self.gpio = gpio if gpio is not None else open_gpio(cfg["gpio"]["backend"])
         self.amp = Amplifier.from_config(self.gpio, self.clock, cfg["amplifier"])
         self.cache = cache or parts.open_cache(cfg)
-        self.tts, self.tts_error = (tts, None) if tts is not None else parts.open_tts(cfg)
-        # preparation and probes (tests pass an executor they drive themselves)
+        self.tts, tts_error = (tts, None) if tts is not None else parts.open_tts(cfg)
         self._pool = pool or ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="audio-prep")
         self.saved_volume = SavedVolume(cfg["paths"]["state_dir"])
@@ -297,17 +268,21 @@ class AudioService:
                               pool=self._pool, post=core.post, listener=self._on_air_event)
         self.arbiter = Arbiter(
             self.air, self.clock, on_ack=self._on_ack, on_play=self._on_play,
-            languages=cfg["device"]["languages"], amp=self.amp, meter=self.meter,
-            volume=self.saved_volume.load(int(cfg["audio"]["volume"])),
+            on_change=self._follow_up, languages=cfg["device"]["languages"], amp=self.amp,
+            meter=self.meter, volume=self.saved_volume.load(int(cfg["audio"]["volume"])),
             resume_rewind_ms=int(cfg["audio"]["resume_rewind_ms"]))
+        self.prep = Preparation(
+            core, self.cache, tts=self.tts, tts_error=tts_error, pool=self._pool,
+            live_options=self.live_options, reserve_seq=self.arbiter.reserve_seq,
+            hold_s=HOLD_S, live_prefix=LIVE_PREFIX, on_ready=self._submit,
+            on_failed=self._not_aired, on_stopped=self._stopped_preparing,
+            on_change=self._follow_up)
         self.records = PlayRecords(core, self.meter, silent_min_ms=SILENT_MIN_MS)
+        self.preroll = Preroll(self.output, self.clock, lead_s=PREROLL_S)
         self.faults = Faults(core, self.output, self.amp)
-        self.items: dict[str, _Meta] = {}
-        self._durations: dict[str, int | None] = {}  # sha256 -> WAV length (see _duration)
-        self._pinned_sched: set[str] = set()
         self._timer: Any = None
-        self._prerolled: str | None = None
-        self.timed_sources: dict[str, tuple[int, str]] = {}  # at items: id -> (at, source)
+        self._following = False  # inside _follow_up
+        self._closed = False
 
     def start(self) -> None:
         """Register with the core: commands, state, health, timers, stop hook."""
@@ -348,7 +323,7 @@ class AudioService:
         item = Item(env.id, "file", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), repeat=a.get("repeat", 1), at_ms=a.get("at"),
                     exp_ms=env.exp)
-        self._prepare_media(item, media, self._command_meta(env, "file"))
+        self.prep.start(item, media, self._command_meta(env, "file"))
 
     def _cmd_live(self, env: Envelope) -> None:
         a = env.args
@@ -356,7 +331,7 @@ class AudioService:
                   "fallback": a.get("fallback")}
         item = Item(env.id, "stream", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), duration_s=a.get("duration_s"), exp_ms=env.exp)
-        self._prepare_live(item, action, self._command_meta(env, "stream"))
+        self.prep.start(item, action, self._command_meta(env, "stream"))
 
     def _cmd_say(self, env: Envelope) -> None:
         a = env.args
@@ -365,22 +340,22 @@ class AudioService:
         meta = self._command_meta(env, "tts")
         if meta.board_text is None and meta.priority == "emergency":
             meta.board_text = board_cut(a["text"], BOARD_LIMIT)  # it shows what it says
-        self._prepare_say(item, a["text"], a.get("lang", "vi"), meta)
+        self.prep.start(item, {"text": a["text"], "lang": a.get("lang", "vi")}, meta)
 
-    def _command_meta(self, env: Envelope, kind: str) -> _Meta:
+    def _command_meta(self, env: Envelope, kind: str) -> Meta:
         text = env.args.get("board_text")
-        return _Meta(env.id, "command", kind, priority=env.args.get("priority", "normal"),
-                     board_text=unicodedata.normalize("NFC", text) if text else None)
+        return Meta(env.id, "command", kind, priority=env.args.get("priority", "normal"),
+                    board_text=unicodedata.normalize("NFC", text) if text else None)
 
     def _cmd_stop(self, env: Envelope) -> None:
         board = self.board
         if env.args.get("all"):
-            stopped = self._cancel_preparing(None, env.id) + self.arbiter.stop_all(by=env.id)
+            stopped = self.prep.cancel(None, env.id) + self.arbiter.stop_all(by=env.id)
             if board is not None:  # ad-hoc board messages too (standing content stays)
                 stopped += [i for i in board.stop_all() if i not in stopped]
         elif "id" in env.args:
             target = env.args["id"]
-            stopped = self._cancel_preparing(target, env.id)
+            stopped = self.prep.cancel(target, env.id)
             if not stopped and self.arbiter.stop_id(target, by=env.id):
                 stopped = [target]
             if not stopped and board is not None and board.stop_id(target):
@@ -388,24 +363,21 @@ class AudioService:
         else:
             cur = self.arbiter.stop_current(by=env.id)
             stopped = [cur] if cur else []
-        self._after()
         self.core.ack(env.id, "done", detail={"stopped": stopped})
 
     def _cmd_volume(self, env: Envelope) -> None:
         self.arbiter.set_volume(env.args["level"])
         self.saved_volume.save(self.arbiter.volume)
-        self._after()
         self.core.ack(env.id, "done", detail={"volume": self.arbiter.volume})
 
     def _cmd_test(self, env: Envelope) -> None:
         a = env.args
         seconds = float(a.get("duration_s", 1.5))
         path = os.path.join(self.cfg["paths"]["cache_dir"], f"test-tone-1000hz-{seconds:g}s.wav")
-        meta = _Meta(env.id, "command", "file", test=True)
+        meta = Meta(env.id, "command", "file", test=True)
         item = Item(env.id, "file", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), exp_ms=env.exp)
-
-        self._prepare(item, meta, lambda: [tone_variant(path, seconds)])
+        self.prep.prepare(item, meta, lambda: [tone_variant(path, seconds)])
 
     # --- the scheduler's API ------------------------------------------------------------
 
@@ -421,19 +393,14 @@ class AudioService:
                 log.warning("scheduled item %s: extra record fields ignored (not a dict)",
                             slot_id)
                 extra = None
-            meta = _Meta(slot_id, "schedule", akind, on_result=on_result,
-                         extra=dict(extra or {}))
+            meta = Meta(slot_id, "schedule", akind, on_result=on_result,
+                        extra=dict(extra or {}))
             item = Item(slot_id, akind, [], priority=priority, volume=volume, repeat=repeat,
                         duration_s=duration_s, exp_ms=exp_ms, at_ms=at_ms,
                         origin="schedule")
-            if kind == "media":
-                self._prepare_media(item, list(action), meta)
-            elif kind == "live":
-                live = action if isinstance(action, dict) else {"url": action}
-                self._prepare_live(item, live, meta)
-            else:
-                say = action if isinstance(action, dict) else {"text": action}
-                self._prepare_say(item, say["text"], say.get("lang", "vi"), meta)
+            if kind != "media" and not isinstance(action, dict):  # a bare URL or text
+                action = {"url": action} if kind == "live" else {"text": action}
+            self.prep.start(item, action, meta)
         except Exception as e:
             log.exception("scheduled item %s refused", slot_id)
             if on_result is not None:
@@ -442,29 +409,17 @@ class AudioService:
     def prefetch(self, url: str, sha256: str,
                  then: Callable[[str, Any], None] | None = None) -> Future | None:
         """Download into the cache ahead of time; ``then(sha, path_or_exception)`` on the core."""
-        try:
-            self.cache.check_url(url)
-        except MediaError as e:
-            if then is not None:
-                then(sha256.lower(), e)
-            return None
-        fut = self.cache.submit(url, sha256)
-        if then is not None:
-            fut.add_done_callback(lambda f: self.core.post(
-                then, sha256.lower(), f.exception() or f.result()))
-        return fut
+        return self.prep.prefetch(url, sha256, then)
 
     def have(self, sha256: str) -> bool:
         return self.cache.has(sha256)
 
     def set_pinned(self, shas: Any) -> None:
-        self._pinned_sched = {s.lower() for s in shas}
-        self._update_pins()
+        self.prep.set_pinned(shas)
 
     def cancel(self, slot_id: str) -> bool:
-        stopped = self._cancel_preparing(slot_id, "schedule") or self.arbiter.stop_id(
+        stopped = self.prep.cancel(slot_id, "schedule") or self.arbiter.stop_id(
             slot_id, by="schedule")
-        self._after()
         return bool(stopped)
 
     def on_clock_jump(self) -> None:
@@ -473,143 +428,15 @@ class AudioService:
         the step made due. Never raises."""
         try:
             log.info("audio: wall clock stepped; re-arming at waits")
-            self._prerolled = None  # pre-rolled for an instant that moved: do it again
+            self.preroll.again()  # pre-rolled for an instant that moved: do it again
             self.arbiter.on_clock_jump()
         except Exception:
             log.exception("audio: re-arming after a clock step failed")
-        finally:
-            self._after()
 
-    # --- preparation (workers) ----------------------------------------------------------
+    # --- from preparation to the arbiter ------------------------------------------------
 
-    def _prepare_media(self, item: Item, media: list[dict], meta: _Meta) -> None:
-        try:
-            for m in media:
-                self.cache.check_url(m["url"])
-        except MediaError as e:
-            self._prep_failed(meta, e.reason, e.message)
-            return
-        meta.shas = tuple(m["sha256"].lower() for m in media)
-        self._prepare(item, meta, lambda: [self._fetch_variant(m) for m in media],
-                      ready=self._cached_variants(media))
-
-    def _cached_variants(self, media: list[dict]) -> list[Variant] | None:
-        """Variants at once when every file is cached and verified (no worker hop)."""
-        out = []
-        for m in media:
-            path = self.cache.ready_path(m["sha256"])
-            if path is None:
-                return None
-            out.append(Variant(path, m.get("lang"), dict(m), self._duration(m["sha256"], path)))
-        return out
-
-    def _duration(self, sha: str, path: str) -> int | None:
-        """A cached file's length, read once: the file is named by its checksum, so the same
-        sha256 always has the same length."""
-        sha = sha.lower()
-        if sha not in self._durations:
-            if len(self._durations) >= 1000:
-                self._durations.clear()
-            self._durations[sha] = wav_duration_ms(path)
-        return self._durations[sha]
-
-    def _fetch_variant(self, m: dict) -> Variant:
-        """Worker thread: a verified local copy (never a file that failed its checksum)."""
-        sha = m["sha256"].lower()
-        path = self.cache.path_for(sha) or self.cache.submit(m["url"], sha).result()
-        return Variant(path, m.get("lang"), dict(m), wav_duration_ms(path))
-
-    def _prepare_say(self, item: Item, text: str, lang: str, meta: _Meta) -> None:
-        if self.tts is None:
-            self._prep_failed(meta, "tts_failed", self.tts_error or "no tts engine")
-            return
-
-        def render() -> list[Variant]:
-            path = self.tts.render(text, lang)
-            return [Variant(path, lang, {"text": text, "lang": lang}, wav_duration_ms(path))]
-        self._prepare(item, meta, render)
-
-    def _prepare_live(self, item: Item, action: dict, meta: _Meta) -> None:
-        urls = [action["url"], *(action.get("backups") or [])]
-        try:
-            for url in urls:
-                self.cache.check_url(as_http(url))
-            fallback = action.get("fallback")
-            if fallback is not None:
-                fallback = fallback[0] if isinstance(fallback, list) else fallback
-                self.cache.check_url(fallback["url"])
-        except MediaError as e:
-            self._prep_failed(meta, e.reason, e.message)
-            return
-        key = LIVE_PREFIX + item.id
-        media = {"url": urls[0], "backups": urls[1:]}
-        if fallback is not None:
-            media["fallback"] = fallback
-            meta.shas = (fallback["sha256"].lower(),)
-
-        def make() -> list[Variant]:
-            path = self._fetch_variant(fallback).source if fallback is not None else None
-            meta.relay = LiveRelay(urls[0], urls[1:], path, self.clock, self.live_options)
-            return [Variant(key, None, media)]
-        self._prepare(item, meta, make)
-
-    def _prepare(self, item: Item, meta: _Meta, make: Callable[[], list[Variant]],
-                 ready: list[Variant] | None = None) -> None:
-        """Run ``make`` in a worker (or take ``ready`` variants as they are); hand the item to
-        the arbiter on the core thread."""
-        old = self.items.get(item.id)
-        if old is not None and not old.cancelled:
-            self._prep_failed(meta, "duplicate_id", f"{item.id} is already queued or airing")
-            return
-        # the arrival number is the arbiter's queue order: taken now, not when the
-        # preparation finishes, so items submitted together air in submission order
-        meta.arrival, meta.since = self.arbiter.reserve_seq(), self.clock.monotonic()
-        item.seq = meta.arrival
-        meta.rank = RANK.get(item.priority, 0)
-        self.items[item.id] = meta
-        self._update_pins()
-        if ready is not None:
-            self._prepared(item, meta, ready)
-            return
-        fut = self._pool.submit(make)
-        fut.add_done_callback(lambda f: self.core.post(self._prepared, item, meta, _outcome(f)))
-        self._after()
-
-    def _prepared(self, item: Item, meta: _Meta, result: list[Variant] | BaseException) -> None:
-        if meta.cancelled or self.items.get(item.id) is not meta:
-            return
-        if isinstance(result, BaseException):
-            reason, message = _reason_for(result)
-            self._prep_failed(meta, reason, message)
-            return
-        item.variants = result
-        meta.ready = item
-        self._after()
-
-    def _held(self, meta: _Meta) -> bool:
-        """Whether an earlier arrival of the same or a higher priority is still being
-        prepared (for at most HOLD_S): then ``meta`` waits, so that commands sent together
-        air in the order they were sent, whatever order their look-ups finish in."""
-        now = self.clock.monotonic()
-        return any(o.arrival < meta.arrival and o.ready is None and not o.cancelled
-                   and o.rank >= meta.rank and now - o.since < HOLD_S
-                   for o in self.items.values())
-
-    def _hold_deadline(self) -> float | None:
-        waiting = [m for m in self.items.values() if m.ready is not None]
-        if not waiting:
-            return None
-        pending = [o.since + HOLD_S for o in self.items.values()
-                   if o.ready is None and not o.cancelled]
-        return min(pending) if pending else self.clock.monotonic()
-
-    def _release(self) -> None:
-        """Hand prepared items to the arbiter in arrival order."""
-        for meta in sorted(self.items.values(), key=lambda m: m.arrival):
-            if meta.ready is not None and not self._held(meta):
-                self._submit(meta)
-
-    def _submit(self, meta: _Meta) -> None:
+    def _submit(self, meta: Meta) -> None:
+        """A prepared item's turn (the preparation's ``on_ready``): to the arbiter."""
         item, meta.ready = meta.ready, None
         assert item is not None
         meta.volume = item.volume if item.volume is not None else self.arbiter.volume
@@ -617,45 +444,37 @@ class AudioService:
             self.air.add(LIVE_PREFIX + item.id, meta.relay)
         elif item.at_ms is not None:
             first = order_variants(item.variants, self.arbiter.languages)[0]
-            self.timed_sources[item.id] = (item.at_ms, first.source)
+            self.preroll.add(item.id, item.at_ms, first.source)
         meta.submitted = True
         try:
             self.arbiter.submit(item)
         except ValueError as e:
-            self._prep_failed(meta, "bad_args", str(e))
+            self._not_aired(meta, "bad_args", str(e))
 
-    def _prep_failed(self, meta: _Meta, reason: str, message: str) -> None:
+    def _not_aired(self, meta: Meta, reason: str, message: str) -> None:
         log.warning("%s %s not aired: %s (%s)", meta.origin, meta.id, reason, message)
-        if self.items.get(meta.id) is meta:
+        if self.prep.items.get(meta.id) is meta:
             self._forget(meta.id)
-        if meta.origin == "command":
-            self.core.ack(meta.id, "failed", reason, {"message": message})
-        else:
+        if meta.origin != "command":
             self.records.not_aired(meta, reason, message)
-            self._notify(meta, "failed", reason)
-        self._after()
+        self._report(meta.id, meta, "failed", reason, {"message": message})
 
-    def _cancel_preparing(self, item_id: str | None, by: str) -> list[str]:
-        """Stop items still downloading or rendering (not yet in the arbiter)."""
-        hits = [m for m in self.items.values() if not m.cancelled and not m.submitted
-                and (item_id is None or m.id == item_id)]
-        for meta in hits:
-            meta.cancelled = True
-            self._forget(meta.id)
-            if meta.origin == "command":
-                self.core.ack(meta.id, "stopped", detail={"by": by})
-            self._notify(meta, "stopped", None)
-        return [m.id for m in hits]
+    def _stopped_preparing(self, meta: Meta, by: str) -> None:
+        self._report(meta.id, meta, "stopped", None, {"by": by})
 
-    # --- arbiter callbacks --------------------------------------------------------------
+    def _forget(self, item_id: str) -> None:
+        self.prep.forget(item_id)
+        self.air.discard(LIVE_PREFIX + item_id)
+        self.preroll.discard(item_id)
+
+    # --- arbiter and output callbacks ---------------------------------------------------
 
     def _on_ack(self, item_id: str, stage: str, reason: str | None = None,
                 detail: dict | None = None) -> None:
-        meta = self.items.get(item_id)
+        meta = self.prep.items.get(item_id)
         if stage == "started":
             self.faults.output_failed(None)
-            self.timed_sources.pop(item_id, None)
-            self._prerolled = None
+            self.preroll.started(item_id)
         if reason == "audio_fault":
             self.faults.output_failed((detail or {}).get("error", "output error"))
         if meta is not None and meta.test and stage in FINAL:
@@ -669,36 +488,25 @@ class AudioService:
                 detail = {**(detail or {}), "board": shown}
         if meta is not None and final and meta.segments:
             self.records.aired(meta, stage if stage in FINAL else "preempted")
-        if meta is None or meta.origin == "command":
-            self.core.ack(item_id, stage, reason, detail)
-        if meta is not None:
-            self._notify(meta, stage, reason)
-            if final:
-                self._forget(item_id)
+        self._report(item_id, meta, stage, reason, detail)
+        if meta is not None and final:
+            self._forget(item_id)
         self.core.mark_state_dirty()
 
     def _on_play(self, record: dict) -> None:
         """A segment closed (one play record per item, at its final stage)."""
-        self.records.segment(self.items.get(record["id"]), record)
+        self.records.segment(self.prep.items.get(record["id"]), record)
 
-    def _notify(self, meta: _Meta, stage: str, reason: str | None) -> None:
-        if meta.on_result is not None:
+    def _report(self, item_id: str, meta: Meta | None, stage: str, reason: str | None,
+                detail: dict | None) -> None:
+        """A stage of an item: its command's ack, or the scheduler's ``on_result``."""
+        if meta is None or meta.origin == "command":
+            self.core.ack(item_id, stage, reason, detail)
+        elif meta.on_result is not None:
             try:
                 meta.on_result(meta.id, stage, reason)
             except Exception:
                 log.exception("on_result for %s failed", meta.id)
-
-    def _forget(self, item_id: str) -> None:
-        self.items.pop(item_id, None)
-        self.air.discard(LIVE_PREFIX + item_id)
-        self.timed_sources.pop(item_id, None)
-        self._update_pins()
-
-    def _update_pins(self) -> None:
-        busy = {s for m in self.items.values() for s in m.shas}
-        self.cache.set_pinned(self._pinned_sched | busy)
-
-    # --- output events, timers ----------------------------------------------------------
 
     def _on_air_event(self, kind: str, detail: dict) -> None:
         """An event of the output the arbiter drives (on the core thread)."""
@@ -706,58 +514,34 @@ class AudioService:
             self.core.mark_state_dirty()
         elif kind != "started":
             self.arbiter.on_output_event(kind, detail)
-            self._after()
 
-    def _after(self) -> None:
-        """After anything that touched the arbiter: re-arm the one timer, publish state."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._release()
-        self._preroll()
-        times = [t for t in (self.arbiter.next_deadline(), self._preroll_due(),
-                             self._hold_deadline()) if t is not None]
-        if times:
-            self._timer = self.core.call_later(min(times) - self.clock.monotonic(), self._tick)
-        self.core.mark_state_dirty()
+    # --- after every change: the one timer ----------------------------------------------
+
+    def _follow_up(self) -> None:
+        """The arbiter's and the preparation's ``on_change`` (never called by hand): hand
+        over what the hold lets go, pre-roll, re-arm the one timer, publish the state."""
+        if self._following or self._closed:
+            return  # a change this follow-up makes itself: the rest of it comes after
+        self._following = True
+        try:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.prep.release()
+            self.preroll.run(self.arbiter.busy)
+            times = [t for t in (self.arbiter.next_deadline(),
+                                 self.preroll.due(self.arbiter.busy),
+                                 self.prep.hold_deadline()) if t is not None]
+            if times:
+                self._timer = self.core.call_later(min(times) - self.clock.monotonic(),
+                                                   self._tick)
+            self.core.mark_state_dirty()
+        finally:
+            self._following = False
 
     def _tick(self) -> None:
         self._timer = None
         self.arbiter.tick()
-        self._after()
-
-    # --- pre-roll for ``at`` -----------------------------------------------------------
-
-    def _next_timed(self) -> tuple[int, str] | None:
-        """The next ``at`` item's instant and first source."""
-        if not self.timed_sources:
-            return None
-        return min(self.timed_sources.values())
-
-    def _preroll_due(self) -> float | None:
-        """None while something airs: the change that ends it is followed by _preroll."""
-        nxt = self._next_timed()
-        if (nxt is None or self._prerolled == nxt[1] or self.arbiter.busy
-                or self.output.is_playing()):
-            return None
-        at_mono = self.clock.monotonic() + (nxt[0] - self.clock.now_ms()) / 1000
-        return max(self.clock.monotonic(), at_mono - PREROLL_S)
-
-    def _preroll(self) -> None:
-        """Shortly before an ``at`` item, open its source paused so that it starts on time.
-
-        Only when nothing airs: one player, and what airs must not be cut for a pre-roll."""
-        nxt = self._next_timed()
-        if nxt is None or self.arbiter.busy or self.output.is_playing():
-            return
-        at_ms, source = nxt
-        wait_ms = at_ms - self.clock.now_ms()
-        if 0 < wait_ms <= PREROLL_S * 1000 + 5 and self._prerolled != source:
-            self._prerolled = source  # once: an output that cannot, or failed, starts at `at`
-            try:
-                self.output.preroll(source)
-            except Exception as e:  # noqa: BLE001 - a failed pre-roll just means no pre-roll
-                log.info("pre-roll of %s failed: %s", source, e)
 
     # --- health, state ------------------------------------------------------------------
 
@@ -772,12 +556,12 @@ class AudioService:
 
     def _queue_state(self) -> list[dict]:
         snap = self.arbiter.snapshot()
-        preparing = [{"id": m.id, "preparing": True} for m in self.items.values()
-                     if not m.submitted and not m.cancelled]
+        preparing = [{"id": m.id, "preparing": True} for m in self.prep.preparing()]
         return snap["queue"] + [{"id": t["id"], "at": t["at"]} for t in snap["timed"]] + preparing
 
     def close(self) -> None:
         """Shutdown: stop what airs (recorded as stopped), then release in reverse order."""
+        self._closed = True  # no more follow-ups: nothing held is handed over now
         try:
             self.arbiter.stop_all(by="shutdown")
         finally:
@@ -790,56 +574,13 @@ class AudioService:
                     log.exception("closing %r failed", part)
 
 
-def _outcome(fut: Future) -> Any:
-    """A finished future's result, or the exception it ended with (cancelled included)."""
-    try:
-        return fut.exception() or fut.result()
-    except CancelledError as e:
-        return e
-
-
-def _reason_for(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, MediaError):
-        return exc.reason, exc.message
-    if isinstance(exc, TtsError):
-        return "tts_failed", str(exc)
-    return "media_unavailable", f"{type(exc).__name__}: {exc}"
-
-
-class _LaterBoard:
-    """TRANSITIONAL, until the assembly hands the board service to :func:`install`:
-    agent/components.py installs audio before board and passes none, so this stands in for
-    the board service installed on the core later, looked up at each call (no board service:
-    texts are not shown, nothing to stop). Remove it with the ``core.audio`` line below."""
-
-    def __init__(self, core: Core) -> None:
-        self._core = core
-
-    def _board(self) -> Board | None:
-        from agent.board import service as board_service
-
-        return board_service.get(self._core)
-
-    def show_audio_text(self, cmd_id: str, text: str, priority: str,
-                        duration_s: float) -> bool:
-        board = self._board()
-        return board is not None and board.show_audio_text(cmd_id, text, priority, duration_s)
-
-    def stop_id(self, cmd_id: str) -> bool:
-        board = self._board()
-        return board is not None and board.stop_id(cmd_id)
-
-    def stop_all(self) -> list[str]:
-        board = self._board()
-        return board.stop_all() if board is not None else []
-
-
 def install(core: Core, cfg: dict, *, board: Board | None = None,
             gpio: Any = None) -> AudioService:
     """Make and start the audio service. ``board``: the board service, installed before this
-    one (None, for now: the one installed on the core later, see :class:`_LaterBoard`).
+    one (None, for now: the one installed on the core later, see
+    :class:`~agent.audio.boardtext.LaterBoard`).
     ``gpio``: the agent's GPIO backend (None: opened from ``cfg``)."""
-    svc = AudioService(core, cfg, board=board if board is not None else _LaterBoard(core),
+    svc = AudioService(core, cfg, board=board if board is not None else LaterBoard(core),
                        gpio=gpio)
     svc.start()
     core.audio = svc  # type: ignore[attr-defined] - the scheduler finds the service here
