@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from agent.audio.amplifier import Amplifier
@@ -58,7 +60,8 @@ class FakeOutput(AudioOutput):
 
 class Rig:
     def __init__(self, *, warm_up_s: float = 0.0, idle_hold_s: float = 0.0,
-                 languages: list[str] | None = None, with_amp: bool = True) -> None:
+                 languages: list[str] | None = None, with_amp: bool = True,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.clock = FakeClock()
         self.out = FakeOutput(self.clock)
         self.gpio = SimGPIO()
@@ -66,9 +69,14 @@ class Rig:
                              idle_hold_s=idle_hold_s) if with_amp else None
         self.acks: list[tuple] = []
         self.records: list[dict] = []
+        self.changes = 0
         self.arb = Arbiter(self.out, self.clock, languages=languages or ["vi"], amp=self.amp,
                            on_ack=lambda i, s, r=None, d=None: self.acks.append((i, s, r)),
-                           on_play=self.records.append, resume_rewind_ms=500)
+                           on_play=self.records.append, resume_rewind_ms=500,
+                           on_change=on_change or self.changed)
+
+    def changed(self) -> None:
+        self.changes += 1
 
     def advance(self, seconds: float) -> None:
         """Move time, firing every deadline on the way as the core's timer would."""
@@ -381,11 +389,14 @@ def test_volume_item_and_device() -> None:
     assert rig.out.plays()[-1][2] == 30
 
 
-def test_schedule_items_send_no_acks_but_records() -> None:
+def test_schedule_items_report_their_stages_to_on_ack_and_keep_their_origin() -> None:
+    """The arbiter reports every item's stages to ``on_ack``; whether they become acks is
+    its owner's business (the audio service sends none for schedule slots)."""
     rig = Rig()
-    rig.arb.submit(file_item("sched-1", acks=False, origin="schedule"))
+    rig.arb.submit(file_item("sched-1", origin="schedule"))
     rig.end()
-    assert rig.acks == [] and rig.records[0]["origin"] == "schedule"
+    assert rig.stages("sched-1") == ["queued", "started", "done"]
+    assert rig.records[0]["origin"] == "schedule"
 
 
 def test_invalid_items_raise_value_error() -> None:
@@ -394,3 +405,39 @@ def test_invalid_items_raise_value_error() -> None:
         rig.arb.submit(file_item("x", "urgent"))
     with pytest.raises(ValueError):
         rig.arb.submit(file_item("x", repeat=11))
+
+
+def test_on_change_follows_each_call_that_may_change_what_airs_once() -> None:
+    rig = Rig()
+    rig.arb.submit(file_item("a"))
+    rig.arb.submit(file_item("b"))
+    assert rig.changes == 2
+    assert rig.arb.stop_id("a", by="x") is True  # stops the current item: one call, one change
+    assert rig.changes == 3
+    rig.arb.stop_all(by="x")
+    rig.arb.set_volume(40)
+    rig.arb.tick()
+    rig.arb.on_clock_jump()  # ticks inside: still one
+    rig.arb.on_output_event("ended", {"source": "/m/none.wav"})
+    assert rig.changes == 8
+    rig.arb.snapshot()
+    rig.arb.next_deadline()
+    rig.arb.reserve_seq()
+    assert rig.changes == 8, "questions change nothing"
+    with pytest.raises(ValueError):
+        rig.arb.submit(file_item("x", repeat=11))
+    assert rig.changes == 9  # told even when the call raised
+
+
+def test_on_change_may_submit_and_its_errors_stay_with_the_listener() -> None:
+    later = [file_item("b")]
+
+    def follow_up() -> None:
+        rig.changes += 1
+        if later:
+            rig.arb.submit(later.pop())  # a change made by the listener itself
+        raise RuntimeError("listener bug")
+
+    rig = Rig(on_change=follow_up)
+    rig.arb.submit(file_item("a"))  # does not raise
+    assert rig.stages("b") == ["queued"] and rig.changes == 2

@@ -33,7 +33,8 @@ from agent.audio.commands import (
     validate_test,
     validate_volume,
 )
-from agent.audio.service import merge_levels, write_tone
+from agent.audio.records import merge_levels
+from agent.audio.tone import write_tone
 from agent.core.clock import FakeClock
 from tests.conftest import Watcher, agent_config, free_port, wait_online, wait_until
 
@@ -740,13 +741,18 @@ class InProc:
                               trusted_keys=trusted_keys)
         self.core.link.connect()
         self.pool = ManualPool()
-        self.svc = AudioService(self.core, self.core.cfg, tts=FakeTts(), pool=self.pool)
+        self.board = self.make_board()
+        self.svc = AudioService(self.core, self.core.cfg, board=self.board, tts=FakeTts(),
+                                pool=self.pool)
         self.svc.output.options["sim_duration_s"] = 3600  # ends when the test says
         self.svc.start()
-        self.core.audio = self.svc
         self.pool.run_all()  # the cache check at start
         self.core.run_pending()
         self.results: list[tuple[str, str, str | None]] = []
+
+    def make_board(self):
+        """The board service the audio service gets (installed before it), or None."""
+        return None
 
     def on_result(self, sid: str, stage: str, reason: str | None) -> None:
         self.results.append((sid, stage, reason))
@@ -902,15 +908,17 @@ class BoardRig(InProc):
     """InProc plus the board service (image driver) and signed commands."""
 
     def __init__(self, tmp_path: Path, keys) -> None:
-        from agent.board import service as board_service
-
         super().__init__(tmp_path, trusted_keys={keys.kid: keys.public_b64},
                          security={"media_hosts": ["127.0.0.1"]},
                          board={"driver": "image",
                                 "image_path": str(tmp_path / "out" / "board.png")})
         self.keys = keys
-        self.board = board_service.install(self.core, self.core.cfg)
         self.pump()
+
+    def make_board(self):
+        from agent.board import service as board_service
+
+        return board_service.install(self.core, self.core.cfg)  # board first, then audio
 
     def pump(self) -> None:
         for _ in range(3):

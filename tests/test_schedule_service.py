@@ -565,7 +565,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def media(tmp_path):
-    from agent.audio.service import write_tone
+    from agent.audio.tone import write_tone
 
     folder = tmp_path / "www"
     folder.mkdir()

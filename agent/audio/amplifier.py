@@ -102,10 +102,6 @@ class Amplifier:
         self.tick()
         return self.state in (ON, HOLDING)
 
-    def ready_at(self) -> float | None:
-        """Monotonic instant the warm-up ends, or None when not warming."""
-        return self._until if self.state == WARMING else None
-
     # --- timer hook ------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:

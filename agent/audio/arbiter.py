@@ -4,7 +4,9 @@ The core owns one :class:`Arbiter` and calls it from its event-loop thread only:
 new items, ``stop_*``/``set_volume`` for commands, ``on_output_event`` for events the audio
 backend reported (the backend's listener only enqueues them), and ``tick`` whenever the
 monotonic instant returned by ``next_deadline`` has passed (and after anything else, calling
-``tick`` early is harmless). The arbiter never sleeps and starts no thread.
+``tick`` early is harmless). The arbiter never sleeps and starts no thread. After each of those
+calls that may have changed what airs or waits, it calls ``on_change()`` (once per call), where
+the owner re-arms its timer and publishes its state.
 
 Rules:
 - emergency > priority > normal; a higher item preempts the airing one at once;
@@ -23,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -39,6 +42,21 @@ TOLERANCE_MS = 5  # a timer firing this early still counts as on time
 
 AckFn = Callable[..., None]  # on_ack(cmd_id, stage, reason=None, detail=None)
 PlayFn = Callable[[dict], None]
+
+
+def _changes(method: Callable) -> Callable:
+    """A public call that may change what airs or waits: ``on_change`` follows it, once, when
+    the outermost such call returns (or raises)."""
+    @functools.wraps(method)
+    def run(self: Arbiter, *args: Any, **kwargs: Any) -> Any:
+        self._depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._on_change is not None:
+                self._call_quietly(self._on_change)
+    return run
 
 
 class Output(Protocol):
@@ -94,7 +112,6 @@ class Item:
     at_ms: int | None = None  # start exactly then (epoch ms)
     exp_ms: int | None = None  # never start or resume after this (epoch ms)
     origin: str = "command"  # or "schedule"; copied into play records
-    acks: bool = True  # False for schedule items: no command to acknowledge
     seq: int | None = None  # arrival order from Arbiter.reserve_seq(); None: at submit
 
 
@@ -141,11 +158,14 @@ class Arbiter:
     def __init__(self, output: Output, clock: Clock, *, on_ack: AckFn, on_play: PlayFn,
                  languages: list[str] | None = None, amp: Amp | None = None,
                  meter: Meter | None = None, volume: int = 80,
-                 resume_rewind_ms: int = 1000) -> None:
+                 resume_rewind_ms: int = 1000,
+                 on_change: Callable[[], None] | None = None) -> None:
         self._out = output
         self._clock = clock
         self._on_ack = on_ack
         self._on_play = on_play
+        self._on_change = on_change
+        self._depth = 0  # nesting of _changes calls
         self.languages = list(languages or ["vi"])
         self._amp = amp
         self._meter = meter
@@ -164,6 +184,7 @@ class Arbiter:
         the order they arrived in, not the order their preparation finished in."""
         return next(self._seq)
 
+    @_changes
     def submit(self, item: Item) -> None:
         """Accept an item: ``queued`` ack, then it airs when its turn (or ``at``) comes.
 
@@ -184,6 +205,7 @@ class Arbiter:
             self._queue.append(entry)
         self._schedule()
 
+    @_changes
     def stop_current(self, by: str | None = None) -> str | None:
         """Stop what is airing (or about to, during warm-up); return its id."""
         cur = self._current
@@ -193,6 +215,7 @@ class Arbiter:
         self._schedule()
         return cur.item.id
 
+    @_changes
     def stop_id(self, item_id: str, by: str | None = None) -> bool:
         """Stop or remove the item ``item_id`` wherever it is; False when unknown."""
         if self._current is not None and self._current.item.id == item_id:
@@ -207,6 +230,7 @@ class Arbiter:
                     return True
         return False
 
+    @_changes
     def stop_all(self, by: str | None = None) -> list[str]:
         """Stop the airing item and clear everything waiting; return the ids stopped."""
         ids = []
@@ -221,6 +245,7 @@ class Arbiter:
         self._schedule()
         return ids
 
+    @_changes
     def set_volume(self, level: int) -> None:
         """Device volume 0–100: for items without their own, and at once for what airs."""
         self.volume = max(0, min(100, int(level)))
@@ -229,6 +254,7 @@ class Arbiter:
 
     # --- events and time ------------------------------------------------------------------
 
+    @_changes
     def on_output_event(self, kind: str, detail: dict | None = None) -> None:
         """An event from the audio backend (delivered on the core's thread)."""
         detail = detail or {}
@@ -266,6 +292,7 @@ class Arbiter:
         times = [t for t in times if t is not None]
         return min(times) if times else None
 
+    @_changes
     def tick(self) -> None:
         """Act on whatever is due: warm-ups, ``at`` starts, stream limits, expiries, amp hold."""
         if self._amp is not None:
@@ -278,6 +305,7 @@ class Arbiter:
             self._finish("done")
         self._schedule()
 
+    @_changes
     def on_clock_jump(self) -> None:
         """The wall clock was stepped. ``at`` and ``exp`` are wall-clock instants, and
         :meth:`next_deadline` maps them to the monotonic clock from the wall clock *now*: act
@@ -476,15 +504,14 @@ class Arbiter:
 
     def _ack(self, entry: _Entry, stage: str, reason: str | None = None,
              detail: dict | None = None) -> None:
-        if entry.item.acks:
-            self._call_quietly(self._on_ack, entry.item.id, stage, reason, detail)
+        self._call_quietly(self._on_ack, entry.item.id, stage, reason, detail)
 
     def _call_output(self, fn: Callable, *args: Any) -> Any:
         """stop/set_volume on the backend: a failure is logged; the next play() reports it."""
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001
-            log.warning("audio output %s failed: %s", getattr(fn, "__name__", fn), e)
+            log.warning("audio output %s failed: %s", fn.__name__, e)
             return None
 
     @staticmethod

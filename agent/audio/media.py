@@ -223,10 +223,6 @@ class MediaCache:
         with self._lock:
             self._pinned = frozenset(s.lower() for s in shas)
 
-    def evict_to_quota(self) -> list[str]:
-        """Evict least recently used, unpinned media until under quota; return the evicted."""
-        return self._evict(keep=None)
-
     def verify_all(self) -> list[str]:
         """Hash every not-yet-verified file (run once in the background after start);
         return the shas deleted as corrupt."""
@@ -301,7 +297,7 @@ class MediaCache:
         with self._lock:
             self._entries.pop(sha, None)
 
-    def _evict(self, keep: str | None) -> list[str]:
+    def _evict(self, keep: str) -> list[str]:
         with self._lock:
             used = sum(e.size for e in self._entries.values())
             victims = sorted((e.last_used, s) for s, e in self._entries.items()

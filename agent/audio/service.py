@@ -1,12 +1,10 @@
 """Audio on air: the ``play``, ``live``, ``say``, ``stop``, ``volume`` and ``test`` commands.
 
-:func:`install` wires the building blocks into the core: the output driver
-(``drivers.resolve("audio", ...)``, whose listener only ``core.post``\\ s), the
-:class:`~agent.audio.arbiter.Arbiter`, the :class:`~agent.audio.amplifier.Amplifier`, the
-:class:`~agent.audio.media.MediaCache`, the TTS engine, the level meter and the live relays
-(:mod:`agent.audio.live`). Everything here runs on the core thread except the preparation of an item
-(cache look-up or download, TTS rendering, probes), which runs in this service's small pool and
-posts its result back.
+:class:`AudioService` wires its parts (the modules of :mod:`agent.audio`) and registers with
+the core (:func:`install`). Everything runs on the core thread except the preparation of an
+item (cache look-up or download, TTS rendering) and live probes, which run in this service's
+small pool and post their result back. The arbiter and the preparation report every change to
+one follow-up (``on_change``), which re-arms the service's one timer.
 
 Flow of a command: validate (``bad_args`` for any unknown key or bad value) → ``received``
 (core) → prepare in a worker (media by sha256 from the allowed hosts, or speech) → the arbiter
@@ -18,7 +16,7 @@ docs/AUDIO.md.
 
 API for the scheduler (core thread only)::
 
-    svc = core.audio                       # set by install()
+    svc = audio                            # the service agent.app hands to the scheduler
     svc.submit_scheduled(slot_id, kind, action, priority="normal", volume=None,
                          duration_s=None, repeat=1, exp_ms=None, on_result=None,
                          at_ms=None, extra=None)
@@ -38,21 +36,18 @@ API for the scheduler (core thread only)::
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import struct
 import unicodedata
-import wave
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from agent.args import BOARD_MESSAGE
+from agent.audio import boardtext, parts
 from agent.audio.amplifier import Amplifier
-from agent.audio.arbiter import Arbiter, Item, Variant, order_variants
+from agent.audio.arbiter import Arbiter, Item, order_variants
+from agent.audio.boardtext import Board, board_cut
 from agent.audio.commands import (
     validate_live,
     validate_play,
@@ -61,14 +56,19 @@ from agent.audio.commands import (
     validate_test,
     validate_volume,
 )
-from agent.audio.live import LiveOptions, LiveRelay, as_http, probe_url
-from agent.audio.media import MediaCache, MediaError
-from agent.audio.tts import TtsEngine, TtsError, make_engine
+from agent.audio.faults import Faults
+from agent.audio.live import LiveOptions
+from agent.audio.liveout import LiveOutput
+from agent.audio.media import MediaCache
+from agent.audio.prepare import Meta, Preparation
+from agent.audio.preroll import Preroll
+from agent.audio.records import PlayRecords
+from agent.audio.tone import tone_variant
+from agent.audio.tts import TtsEngine
+from agent.audio.volume import SavedVolume
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope, Priority
-from drivers import DriverError, resolve
-from drivers.audio.base import AudioOutput, wav_duration_ms
-from drivers.fsutil import atomic_write
+from drivers.audio.base import AudioOutput
 from drivers.gpio import open_gpio
 
 log = logging.getLogger(__name__)
@@ -86,203 +86,54 @@ BOARD_LIMIT = BOARD_MESSAGE.max_len  # the board's own limit: an emergency say's
 OnResult = Callable[[str, str, str | None], None]
 
 
-# --- helpers -----------------------------------------------------------------------------
-
-class _DeadOutput(AudioOutput):
-    """Stands in when the configured backend cannot start: every play is an audio fault."""
-
-    name = "unavailable"
-
-    def __init__(self, error: str) -> None:
-        super().__init__({})
-        self.error = error
-
-    def play(self, source: str, *, start_ms: int = 0, volume: int = 100) -> None:
-        raise DriverError(self.error)
-
-    def stop(self) -> int:
-        return 0
-
-    def position_ms(self) -> int:
-        return 0
-
-    def set_volume(self, level: int) -> None:
-        pass
-
-    def is_playing(self) -> bool:
-        return False
-
-    def ok(self) -> bool:
-        return False
-
-
-def write_tone(path: str, hz: float = 1000.0, seconds: float = 1.5, dbfs: float = -12.0,
-               rate: int = 22050) -> str:
-    """A sine test tone as a 16-bit mono WAV, with 20 ms fades (no clicks)."""
-    if os.path.exists(path):
-        return path
-    n, fade = int(rate * seconds), int(rate * 0.02)
-    amp = 32767 * 10 ** (dbfs / 20)
-    frames = bytearray()
-    for i in range(n):
-        env = min(1.0, i / fade, (n - 1 - i) / fade)
-        frames += struct.pack("<h", int(amp * env * math.sin(2 * math.pi * hz * i / rate)))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with wave.open(tmp, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(bytes(frames))
-    os.replace(tmp, path)
-    return path
-
-
-def merge_levels(parts: list[dict], silence_dbfs: float) -> dict | None:
-    """One verification summary from the segments' (power-average weighted by seconds)."""
-    good = [p for p in parts if isinstance(p, dict) and "rms_dbfs" in p]
-    if not good:
-        errors = [p for p in parts if isinstance(p, dict) and p.get("error")]
-        return errors[-1] if errors else None
-    weights = [max(p.get("seconds") or 0.0, 0.1) for p in good]
-    power = sum(w * 10 ** (p["rms_dbfs"] / 10)
-                for w, p in zip(weights, good, strict=True)) / sum(weights)
-    rms = round(10 * math.log10(power), 1) if power > 0 else -120.0
-    return {"rms_dbfs": rms, "peak_dbfs": max(p["peak_dbfs"] for p in good),
-            "seconds": round(sum(p.get("seconds") or 0 for p in good), 1),
-            "silent": rms < silence_dbfs}
-
-
-@dataclass
-class _Meta:
-    """What the service knows about an item besides the arbiter."""
-
-    id: str
-    origin: str  # command | schedule
-    kind: str  # file | stream | tts
-    on_result: OnResult | None = None
-    test: bool = False
-    cancelled: bool = False  # stopped while preparing
-    segments: list[dict] = field(default_factory=list)
-    relay: LiveRelay | None = None
-    shas: tuple[str, ...] = ()
-    volume: int | None = None  # the item's own, else the device volume when it was queued
-    arrival: int = 0
-    since: float = 0.0  # monotonic: when preparation began
-    rank: Priority = Priority.NORMAL
-    ready: Item | None = None  # prepared, waiting for earlier arrivals (FIFO)
-    submitted: bool = False  # handed to the arbiter
-    extra: dict = field(default_factory=dict)  # merged into the play record
-    board_text: str | None = None  # shown on the board while the item airs (NFC)
-    priority: str = "normal"
-    on_board: bool = False
-
-
-@dataclass
-class _LiveRun:
-    key: str  # the virtual source the arbiter knows: live:<id>
-    relay: LiveRelay
-    volume: int
-
-
-class _RoutedOutput:
-    """The output as the arbiter sees it: ``live:<id>`` sources go through their relay."""
-
-    def __init__(self, svc: AudioService) -> None:
-        self._svc = svc
-
-    def play(self, source: str, *, start_ms: int = 0, volume: int = 100) -> None:
-        svc = self._svc
-        svc.live_run = None
-        if source.startswith(LIVE_PREFIX):
-            relay = svc.relays[source]
-            svc.output.play(relay.rejoin(), volume=volume)
-            svc.live_run = _LiveRun(source, relay, volume)
-        else:
-            svc.output.play(source, start_ms=start_ms, volume=volume)
-
-    def stop(self) -> int:
-        self._svc.live_run = None
-        return self._svc.output.stop()
-
-    def set_volume(self, level: int) -> None:
-        if self._svc.live_run is not None:
-            self._svc.live_run.volume = level
-        self._svc.output.set_volume(level)
-
-
-# --- the service -------------------------------------------------------------------------
-
 class AudioService:
-    def __init__(self, core: Core, cfg: dict, *, output: AudioOutput | None = None,
-                 meter: Any = None, gpio: Any = None, tts: TtsEngine | None = None,
-                 cache: MediaCache | None = None, live_options: LiveOptions | None = None,
-                 workers: int = 4, pool: Any = None) -> None:
+    """The audio component. Its parts come through the constructor; those left out are made
+    from ``cfg`` (:mod:`agent.audio.parts`): ``board`` (None: no board, board texts are not
+    shown), ``gpio`` (the amplifier's relay and fault pin), ``output`` (an output passed in
+    reports its events to whoever made it), ``meter``, ``tts``, ``cache``, ``live_options``;
+    ``pool`` runs preparation and probes (tests pass one they drive)."""
+
+    def __init__(self, core: Core, cfg: dict, *, board: Board | None = None, gpio: Any = None,
+                 output: AudioOutput | None = None, meter: Any = None,
+                 tts: TtsEngine | None = None, cache: MediaCache | None = None,
+                 live_options: LiveOptions | None = None, workers: int = 4,
+                 pool: Any = None) -> None:
         self.core = core
         self.cfg = cfg
         self.clock = core.clock
-        self.live_options = live_options or LiveOptions(
-            silence_dbfs=float(cfg["verification"]["silence_dbfs"]),
-            **{k: float(v) for k, v in cfg["audio"]["live"].items()})
-        self.output = output or self._open_output(cfg["audio"])
-        self.meter = meter if meter is not None else self._open_meter(cfg["verification"])
+        self.board = board
+        self.live_options = live_options or parts.live_options(cfg)
+        self.output = output or parts.open_output(cfg["audio"], lambda kind, detail: core.post(
+            self.air.on_output_event, kind, detail))  # from the backend's thread
+        self.meter = meter if meter is not None else parts.open_meter(cfg["verification"])
+        self._own_gpio = gpio is None  # closed here only when opened here
         self.gpio = gpio if gpio is not None else open_gpio(cfg["gpio"]["backend"])
         self.amp = Amplifier.from_config(self.gpio, self.clock, cfg["amplifier"])
-        self.cache = cache or self._open_cache(cfg)
-        self.tts, self.tts_error = tts, None
-        if tts is None:
-            try:
-                self.tts = make_engine(cfg["tts"], cfg["tts"]["dir"])
-            except (TtsError, OSError) as e:
-                self.tts_error = str(e)
-                log.error("text-to-speech unavailable: %s", e)
-        # preparation and probes (tests pass an executor they drive themselves)
+        self.cache = cache or parts.open_cache(cfg)
+        self.tts, tts_error = (tts, None) if tts is not None else parts.open_tts(cfg)
         self._pool = pool or ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="audio-prep")
-        self._state_path = os.path.join(cfg["paths"]["state_dir"], "audio.json")
+        self.saved_volume = SavedVolume(cfg["paths"]["state_dir"])
+        # what the arbiter plays through: live items fail over between their sources
+        self.air = LiveOutput(self.output, self.live_options, meter=self.meter,
+                              pool=self._pool, post=core.post, listener=self._on_air_event)
         self.arbiter = Arbiter(
-            _RoutedOutput(self), self.clock, on_ack=self._on_ack, on_play=self._on_play,
-            languages=cfg["device"]["languages"], amp=self.amp, meter=self.meter,
-            volume=self._saved_volume(int(cfg["audio"]["volume"])),
+            self.air, self.clock, on_ack=self._on_ack, on_play=self._on_play,
+            on_change=self._follow_up, languages=cfg["device"]["languages"], amp=self.amp,
+            meter=self.meter, volume=self.saved_volume.load(int(cfg["audio"]["volume"])),
             resume_rewind_ms=int(cfg["audio"]["resume_rewind_ms"]))
-        self.items: dict[str, _Meta] = {}
-        self._durations: dict[str, int | None] = {}  # sha256 -> WAV length (see _duration)
-        self.relays: dict[str, LiveRelay] = {}
-        self.live_run: _LiveRun | None = None
-        self._pinned_sched: set[str] = set()
+        self.prep = Preparation(
+            core, self.cache, tts=self.tts, tts_error=tts_error, pool=self._pool,
+            live_options=self.live_options, reserve_seq=self.arbiter.reserve_seq,
+            hold_s=HOLD_S, live_prefix=LIVE_PREFIX, on_ready=self._submit,
+            on_failed=self._not_aired, on_stopped=self._stopped_preparing,
+            on_change=self._follow_up)
+        self.records = PlayRecords(core, self.meter, silent_min_ms=SILENT_MIN_MS)
+        self.preroll = Preroll(self.output, self.clock, lead_s=PREROLL_S)
+        self.faults = Faults(core, self.output, self.amp)
         self._timer: Any = None
-        self._fault: str | None = None  # last output failure, cleared by a good start
-        self._output_ok = True
-        self._prerolled: str | None = None
-        self.timed_sources: dict[str, tuple[int, str]] = {}  # at items: id -> (at, source)
-        self.last_level: float | None = None
-
-    # --- construction -------------------------------------------------------------------
-
-    def _open_output(self, audio_cfg: dict) -> AudioOutput:
-        listener = lambda kind, detail: self.core.post(self._on_output, kind, detail)  # noqa: E731
-        try:
-            return resolve("audio", audio_cfg["backend"])(dict(audio_cfg), listener)
-        except DriverError as e:
-            log.error("audio backend %r unavailable: %s", audio_cfg["backend"], e)
-            return _DeadOutput(f"audio backend {audio_cfg['backend']} unavailable: {e}")
-
-    @staticmethod
-    def _open_meter(ver_cfg: dict) -> Any:
-        if ver_cfg["backend"] == "none":
-            return None
-        try:
-            return resolve("level", ver_cfg["backend"])(dict(ver_cfg))
-        except DriverError as e:
-            log.error("output verification unavailable: %s", e)
-            return None
-
-    @staticmethod
-    def _open_cache(cfg: dict) -> MediaCache:
-        m = cfg["media"]
-        return MediaCache(m["dir"], allowed_hosts=cfg["security"]["media_hosts"],
-                          quota_mb=m["quota_mb"], max_bytes=int(m["max_bytes"]),
-                          timeout_s=m["timeout_s"], retries=int(m["retries"]),
-                          backoff_s=m["backoff_s"], workers=int(m["workers"]))
+        self._following = False  # inside _follow_up
+        self._closed = False
 
     def start(self) -> None:
         """Register with the core: commands, state, health, timers, stop hook."""
@@ -299,8 +150,9 @@ class AudioService:
         core.add_state("queue", self._queue_state)
         core.add_state("volume", lambda: self.arbiter.volume)
         core.health_parts.append(self.health)
-        core.call_every(CHECK_INTERVAL_S, self._check, first_s=0)
-        core.call_every(LIVE_TICK_S, self._live_tick)
+        core.call_every(CHECK_INTERVAL_S, lambda: self.faults.check(self.arbiter.busy),
+                        first_s=0)
+        core.call_every(LIVE_TICK_S, self.air.tick)
         core.stop_hooks.append(self.close)
         self._pool.submit(self.cache.verify_all)  # hash what is cached once, off the core
 
@@ -322,7 +174,7 @@ class AudioService:
         item = Item(env.id, "file", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), repeat=a.get("repeat", 1), at_ms=a.get("at"),
                     exp_ms=env.exp)
-        self._prepare_media(item, media, self._command_meta(env, "file"))
+        self.prep.start(item, media, self._command_meta(env, "file"))
 
     def _cmd_live(self, env: Envelope) -> None:
         a = env.args
@@ -330,7 +182,7 @@ class AudioService:
                   "fallback": a.get("fallback")}
         item = Item(env.id, "stream", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), duration_s=a.get("duration_s"), exp_ms=env.exp)
-        self._prepare_live(item, action, self._command_meta(env, "stream"))
+        self.prep.start(item, action, self._command_meta(env, "stream"))
 
     def _cmd_say(self, env: Envelope) -> None:
         a = env.args
@@ -338,23 +190,23 @@ class AudioService:
                     volume=a.get("volume"), repeat=a.get("repeat", 1), exp_ms=env.exp)
         meta = self._command_meta(env, "tts")
         if meta.board_text is None and meta.priority == Priority.EMERGENCY:
-            meta.board_text = _board_cut(a["text"])  # an emergency shows what it says
-        self._prepare_say(item, a["text"], a.get("lang", "vi"), meta)
+            meta.board_text = board_cut(a["text"], BOARD_LIMIT)  # it shows what it says
+        self.prep.start(item, {"text": a["text"], "lang": a.get("lang", "vi")}, meta)
 
-    def _command_meta(self, env: Envelope, kind: str) -> _Meta:
+    def _command_meta(self, env: Envelope, kind: str) -> Meta:
         text = env.args.get("board_text")
-        return _Meta(env.id, "command", kind, priority=env.args.get("priority", "normal"),
-                     board_text=unicodedata.normalize("NFC", text) if text else None)
+        return Meta(env.id, "command", kind, priority=env.args.get("priority", "normal"),
+                    board_text=unicodedata.normalize("NFC", text) if text else None)
 
     def _cmd_stop(self, env: Envelope) -> None:
-        board = self._board()
+        board = self.board
         if env.args.get("all"):
-            stopped = self._cancel_preparing(None, env.id) + self.arbiter.stop_all(by=env.id)
+            stopped = self.prep.cancel(None, env.id) + self.arbiter.stop_all(by=env.id)
             if board is not None:  # ad-hoc board messages too (standing content stays)
                 stopped += [i for i in board.stop_all() if i not in stopped]
         elif "id" in env.args:
             target = env.args["id"]
-            stopped = self._cancel_preparing(target, env.id)
+            stopped = self.prep.cancel(target, env.id)
             if not stopped and self.arbiter.stop_id(target, by=env.id):
                 stopped = [target]
             if not stopped and board is not None and board.stop_id(target):
@@ -362,28 +214,21 @@ class AudioService:
         else:
             cur = self.arbiter.stop_current(by=env.id)
             stopped = [cur] if cur else []
-        self._after()
         self.core.ack(env.id, "done", detail={"stopped": stopped})
 
     def _cmd_volume(self, env: Envelope) -> None:
         self.arbiter.set_volume(env.args["level"])
-        self._save_volume()
-        self._after()
+        self.saved_volume.save(self.arbiter.volume)
         self.core.ack(env.id, "done", detail={"volume": self.arbiter.volume})
 
     def _cmd_test(self, env: Envelope) -> None:
         a = env.args
         seconds = float(a.get("duration_s", 1.5))
         path = os.path.join(self.cfg["paths"]["cache_dir"], f"test-tone-1000hz-{seconds:g}s.wav")
-        meta = _Meta(env.id, "command", "file", test=True)
+        meta = Meta(env.id, "command", "file", test=True)
         item = Item(env.id, "file", [], priority=a.get("priority", "normal"),
                     volume=a.get("volume"), exp_ms=env.exp)
-
-        def make() -> list[Variant]:
-            write_tone(path, seconds=seconds)
-            return [Variant(path, None, {"tone_hz": 1000, "seconds": seconds},
-                            wav_duration_ms(path))]
-        self._prepare(item, meta, make)
+        self.prep.prepare(item, meta, lambda: [tone_variant(path, seconds)])
 
     # --- the scheduler's API ------------------------------------------------------------
 
@@ -399,19 +244,14 @@ class AudioService:
                 log.warning("scheduled item %s: extra record fields ignored (not a dict)",
                             slot_id)
                 extra = None
-            meta = _Meta(slot_id, "schedule", akind, on_result=on_result,
-                         extra=dict(extra or {}))
+            meta = Meta(slot_id, "schedule", akind, on_result=on_result,
+                        extra=dict(extra or {}))
             item = Item(slot_id, akind, [], priority=priority, volume=volume, repeat=repeat,
                         duration_s=duration_s, exp_ms=exp_ms, at_ms=at_ms,
                         origin="schedule")
-            if kind == "media":
-                self._prepare_media(item, list(action), meta)
-            elif kind == "live":
-                live = action if isinstance(action, dict) else {"url": action}
-                self._prepare_live(item, live, meta)
-            else:
-                say = action if isinstance(action, dict) else {"text": action}
-                self._prepare_say(item, say["text"], say.get("lang", "vi"), meta)
+            if kind != "media" and not isinstance(action, dict):  # a bare URL or text
+                action = {"url": action} if kind == "live" else {"text": action}
+            self.prep.start(item, action, meta)
         except Exception as e:
             log.exception("scheduled item %s refused", slot_id)
             if on_result is not None:
@@ -420,29 +260,17 @@ class AudioService:
     def prefetch(self, url: str, sha256: str,
                  then: Callable[[str, Any], None] | None = None) -> Future | None:
         """Download into the cache ahead of time; ``then(sha, path_or_exception)`` on the core."""
-        try:
-            self.cache.check_url(url)
-        except MediaError as e:
-            if then is not None:
-                then(sha256.lower(), e)
-            return None
-        fut = self.cache.submit(url, sha256)
-        if then is not None:
-            fut.add_done_callback(lambda f: self.core.post(
-                then, sha256.lower(), f.exception() or f.result()))
-        return fut
+        return self.prep.prefetch(url, sha256, then)
 
     def have(self, sha256: str) -> bool:
         return self.cache.has(sha256)
 
     def set_pinned(self, shas: Any) -> None:
-        self._pinned_sched = {s.lower() for s in shas}
-        self._update_pins()
+        self.prep.set_pinned(shas)
 
     def cancel(self, slot_id: str) -> bool:
-        stopped = self._cancel_preparing(slot_id, "schedule") or self.arbiter.stop_id(
+        stopped = self.prep.cancel(slot_id, "schedule") or self.arbiter.stop_id(
             slot_id, by="schedule")
-        self._after()
         return bool(stopped)
 
     def on_clock_jump(self) -> None:
@@ -451,452 +279,127 @@ class AudioService:
         the step made due. Never raises."""
         try:
             log.info("audio: wall clock stepped; re-arming at waits")
-            self._prerolled = None  # pre-rolled for an instant that moved: do it again
+            self.preroll.again()  # pre-rolled for an instant that moved: do it again
             self.arbiter.on_clock_jump()
         except Exception:
             log.exception("audio: re-arming after a clock step failed")
-        finally:
-            self._after()
 
-    # --- preparation (workers) ----------------------------------------------------------
+    # --- from preparation to the arbiter ------------------------------------------------
 
-    def _prepare_media(self, item: Item, media: list[dict], meta: _Meta) -> None:
-        try:
-            for m in media:
-                self.cache.check_url(m["url"])
-        except MediaError as e:
-            self._prep_failed(meta, e.reason, e.message)
-            return
-        meta.shas = tuple(m["sha256"].lower() for m in media)
-        self._prepare(item, meta, lambda: [self._fetch_variant(m) for m in media],
-                      ready=self._cached_variants(media))
-
-    def _cached_variants(self, media: list[dict]) -> list[Variant] | None:
-        """Variants at once when every file is cached and verified (no worker hop)."""
-        out = []
-        for m in media:
-            path = self.cache.ready_path(m["sha256"])
-            if path is None:
-                return None
-            out.append(Variant(path, m.get("lang"), dict(m), self._duration(m["sha256"], path)))
-        return out
-
-    def _duration(self, sha: str, path: str) -> int | None:
-        """A cached file's length, read once: the file is named by its checksum, so the same
-        sha256 always has the same length."""
-        sha = sha.lower()
-        if sha not in self._durations:
-            if len(self._durations) >= 1000:
-                self._durations.clear()
-            self._durations[sha] = wav_duration_ms(path)
-        return self._durations[sha]
-
-    def _fetch_variant(self, m: dict) -> Variant:
-        """Worker thread: a verified local copy (never a file that failed its checksum)."""
-        sha = m["sha256"].lower()
-        path = self.cache.path_for(sha) or self.cache.submit(m["url"], sha).result()
-        return Variant(path, m.get("lang"), dict(m), wav_duration_ms(path))
-
-    def _prepare_say(self, item: Item, text: str, lang: str, meta: _Meta) -> None:
-        if self.tts is None:
-            self._prep_failed(meta, "tts_failed", self.tts_error or "no tts engine")
-            return
-
-        def render() -> list[Variant]:
-            path = self.tts.render(text, lang)
-            return [Variant(path, lang, {"text": text, "lang": lang}, wav_duration_ms(path))]
-        self._prepare(item, meta, render)
-
-    def _prepare_live(self, item: Item, action: dict, meta: _Meta) -> None:
-        urls = [action["url"], *(action.get("backups") or [])]
-        try:
-            for url in urls:
-                self.cache.check_url(as_http(url))
-            fallback = action.get("fallback")
-            if fallback is not None:
-                fallback = fallback[0] if isinstance(fallback, list) else fallback
-                self.cache.check_url(fallback["url"])
-        except MediaError as e:
-            self._prep_failed(meta, e.reason, e.message)
-            return
-        key = LIVE_PREFIX + item.id
-        media = {"url": urls[0], "backups": urls[1:]}
-        if fallback is not None:
-            media["fallback"] = fallback
-            meta.shas = (fallback["sha256"].lower(),)
-
-        def make() -> list[Variant]:
-            path = self._fetch_variant(fallback).source if fallback is not None else None
-            meta.relay = LiveRelay(urls[0], urls[1:], path, self.clock, self.live_options)
-            return [Variant(key, None, media)]
-        self._prepare(item, meta, make)
-
-    def _prepare(self, item: Item, meta: _Meta, make: Callable[[], list[Variant]],
-                 ready: list[Variant] | None = None) -> None:
-        """Run ``make`` in a worker (or take ``ready`` variants as they are); hand the item to
-        the arbiter on the core thread."""
-        old = self.items.get(item.id)
-        if old is not None and not old.cancelled:
-            self._prep_failed(meta, "duplicate_id", f"{item.id} is already queued or airing")
-            return
-        # the arrival number is the arbiter's queue order: taken now, not when the
-        # preparation finishes, so items submitted together air in submission order
-        meta.arrival, meta.since = self.arbiter.reserve_seq(), self.clock.monotonic()
-        item.seq = meta.arrival
-        meta.rank = Priority.parse(item.priority) or Priority.NORMAL
-        self.items[item.id] = meta
-        self._update_pins()
-        if ready is not None:
-            self._prepared(item, meta, ready)
-            return
-        fut = self._pool.submit(make)
-        fut.add_done_callback(lambda f: self.core.post(self._prepared, item, meta, _outcome(f)))
-        self._after()
-
-    def _prepared(self, item: Item, meta: _Meta, result: list[Variant] | BaseException) -> None:
-        if meta.cancelled or self.items.get(item.id) is not meta:
-            return
-        if isinstance(result, BaseException):
-            reason, message = _reason_for(result)
-            self._prep_failed(meta, reason, message)
-            return
-        item.variants = result
-        meta.ready = item
-        self._after()
-
-    def _held(self, meta: _Meta) -> bool:
-        """Whether an earlier arrival of the same or a higher priority is still being
-        prepared (for at most HOLD_S): then ``meta`` waits, so that commands sent together
-        air in the order they were sent, whatever order their look-ups finish in."""
-        now = self.clock.monotonic()
-        return any(o.arrival < meta.arrival and o.ready is None and not o.cancelled
-                   and o.rank >= meta.rank and now - o.since < HOLD_S
-                   for o in self.items.values())
-
-    def _hold_deadline(self) -> float | None:
-        waiting = [m for m in self.items.values() if m.ready is not None]
-        if not waiting:
-            return None
-        pending = [o.since + HOLD_S for o in self.items.values()
-                   if o.ready is None and not o.cancelled]
-        return min(pending) if pending else self.clock.monotonic()
-
-    def _release(self) -> None:
-        """Hand prepared items to the arbiter in arrival order."""
-        for meta in sorted(self.items.values(), key=lambda m: m.arrival):
-            if meta.ready is not None and not self._held(meta):
-                self._submit(meta)
-
-    def _submit(self, meta: _Meta) -> None:
+    def _submit(self, meta: Meta) -> None:
+        """A prepared item's turn (the preparation's ``on_ready``): to the arbiter."""
         item, meta.ready = meta.ready, None
         assert item is not None
         meta.volume = item.volume if item.volume is not None else self.arbiter.volume
         if meta.relay is not None:
-            self.relays[LIVE_PREFIX + item.id] = meta.relay
+            self.air.add(LIVE_PREFIX + item.id, meta.relay)
         elif item.at_ms is not None:
             first = order_variants(item.variants, self.arbiter.languages)[0]
-            self.timed_sources[item.id] = (item.at_ms, first.source)
+            self.preroll.add(item.id, item.at_ms, first.source)
         meta.submitted = True
         try:
             self.arbiter.submit(item)
         except ValueError as e:
-            self._prep_failed(meta, "bad_args", str(e))
+            self._not_aired(meta, "bad_args", str(e))
 
-    def _prep_failed(self, meta: _Meta, reason: str, message: str) -> None:
+    def _not_aired(self, meta: Meta, reason: str, message: str) -> None:
         log.warning("%s %s not aired: %s (%s)", meta.origin, meta.id, reason, message)
-        if self.items.get(meta.id) is meta:
+        if self.prep.items.get(meta.id) is meta:
             self._forget(meta.id)
-        if meta.origin == "command":
-            self.core.ack(meta.id, "failed", reason, {"message": message})
-        else:
-            self.core.emit_event(_with_extra(
-                {"type": "play", "id": meta.id, "origin": meta.origin, "kind": meta.kind,
-                 "result": "failed", "reason": reason, "detail": {"message": message},
-                 "played_ms": 0}, meta.extra))
-            self._notify(meta, "failed", reason)
-        self._after()
+        if meta.origin != "command":
+            self.records.not_aired(meta, reason, message)
+        self._report(meta.id, meta, "failed", reason, {"message": message})
 
-    def _cancel_preparing(self, item_id: str | None, by: str) -> list[str]:
-        """Stop items still downloading or rendering (not yet in the arbiter)."""
-        hits = [m for m in self.items.values() if not m.cancelled and not m.submitted
-                and (item_id is None or m.id == item_id)]
-        for meta in hits:
-            meta.cancelled = True
-            self._forget(meta.id)
-            if meta.origin == "command":
-                self.core.ack(meta.id, "stopped", detail={"by": by})
-            self._notify(meta, "stopped", None)
-        return [m.id for m in hits]
+    def _stopped_preparing(self, meta: Meta, by: str) -> None:
+        self._report(meta.id, meta, "stopped", None, {"by": by})
 
-    # --- arbiter callbacks --------------------------------------------------------------
+    def _forget(self, item_id: str) -> None:
+        self.prep.forget(item_id)
+        self.air.discard(LIVE_PREFIX + item_id)
+        self.preroll.discard(item_id)
+
+    # --- arbiter and output callbacks ---------------------------------------------------
 
     def _on_ack(self, item_id: str, stage: str, reason: str | None = None,
                 detail: dict | None = None) -> None:
-        meta = self.items.get(item_id)
+        meta = self.prep.items.get(item_id)
         if stage == "started":
-            self._set_fault(None)
-            self.timed_sources.pop(item_id, None)
-            self._prerolled = None
+            self.faults.output_failed(None)
+            self.preroll.started(item_id)
         if reason == "audio_fault":
-            self._set_fault((detail or {}).get("error", "output error"))
+            self.faults.output_failed((detail or {}).get("error", "output error"))
         if meta is not None and meta.test and stage in FINAL:
-            detail = {**(detail or {}), **self._test_report(meta)}
+            detail = {**(detail or {}), **self.records.test_report(
+                meta, output=self.output.name, audio_ok=self.faults.audio_ok,
+                amplifier=self.amp.status())}
         final = stage in FINAL or stage == "expired"
         if meta is not None and meta.board_text is not None:
-            shown = self._board_follow(meta, stage, final)
+            shown = boardtext.follow(self.board, meta, stage, final, BOARD_TEXT_MAX_S)
             if stage == "started":
                 detail = {**(detail or {}), "board": shown}
         if meta is not None and final and meta.segments:
-            self._emit_record(meta, stage if stage in FINAL else "preempted")
-        if meta is None or meta.origin == "command":
-            self.core.ack(item_id, stage, reason, detail)
-        if meta is not None:
-            self._notify(meta, stage, reason)
-            if final:
-                self._forget(item_id)
+            self.records.aired(meta, stage if stage in FINAL else "preempted")
+        self._report(item_id, meta, stage, reason, detail)
+        if meta is not None and final:
+            self._forget(item_id)
         self.core.mark_state_dirty()
 
-    def _board(self) -> Any:
-        """The board service, looked up when needed (it is installed after this one)."""
-        from agent.board import service as board_service
-
-        try:
-            return board_service.get(self.core)
-        except Exception:  # no board must never stop the audio
-            log.exception("board service lookup failed")
-            return None
-
-    def _board_follow(self, meta: _Meta, stage: str, final: bool) -> bool:
-        """Keep the item's board text up while it airs: shown at ``started``/``resumed``,
-        withdrawn when it is preempted or ends. Returns whether it is on the board."""
-        board = self._board()
-        if board is None:
-            return False
-        try:
-            if stage in ("started", "resumed"):
-                meta.on_board = board.show_audio_text(meta.id, meta.board_text, meta.priority,
-                                                      BOARD_TEXT_MAX_S)
-            elif (final or stage == "preempted") and meta.on_board:
-                meta.on_board = False
-                board.stop_id(meta.id)
-        except Exception:  # a board bug must not stop the audio
-            log.exception("board text of %s failed", meta.id)
-        return meta.on_board
-
     def _on_play(self, record: dict) -> None:
-        """A segment closed: kept until the item's final stage (one event per item)."""
-        meta = self.items.get(record["id"])
-        if meta is None:
-            self.core.emit_event({"type": "play", **record})
-            return
-        meta.segments.append(record)
-        self._check_silence(record)
+        """A segment closed (one play record per item, at its final stage)."""
+        self.records.segment(self.prep.items.get(record["id"]), record)
 
-    def _emit_record(self, meta: _Meta, result: str) -> None:
-        segs = meta.segments
-        last = segs[-1]
-        body = {"type": "play", "id": meta.id, "origin": meta.origin, "kind": last["kind"],
-                "media": last["media"], "priority": last["priority"],
-                "started": segs[0]["started"], "ended": last["ended"], "result": result,
-                "played_ms": sum(s["played_ms"] for s in segs),
-                "requested_ms": last["requested_ms"], "repeat": last["repeat"],
-                "volume": meta.volume,
-                "preemptions": sum(1 for s in segs if s["result"] == "preempted"),
-                "segments": [{k: s.get(k) for k in ("started", "ended", "played_ms", "result")}
-                             for s in segs]}
-        if self.meter is not None:
-            body["verification"] = merge_levels([s.get("verification") for s in segs],
-                                                self.meter.silence_dbfs)
-        if "detail" in last:
-            body["detail"] = last["detail"]
-        if meta.relay is not None:
-            body["live"] = meta.relay.report()
-        meta.segments = []
-        self.core.emit_event(_with_extra(body, meta.extra))
-
-    def _test_report(self, meta: _Meta) -> dict:
-        """What ``test`` reports in its final ack: output, amplifier, verification, verdict."""
-        segs = meta.segments
-        played = sum(s["played_ms"] for s in segs)
-        ver = None
-        if self.meter is not None:
-            ver = merge_levels([s.get("verification") for s in segs], self.meter.silence_dbfs)
-        if ver is None or "rms_dbfs" not in ver:
-            verdict = "unverified"
-        else:
-            verdict = "fail" if ver["silent"] else "pass"
-        return {"output": self.output.name, "audio_ok": self._audio_ok(), "played_ms": played,
-                "requested_ms": segs[-1]["requested_ms"] if segs else None,
-                "amplifier": self.amp.status(), "verification": ver, "verdict": verdict}
-
-    def _notify(self, meta: _Meta, stage: str, reason: str | None) -> None:
-        if meta.on_result is not None:
+    def _report(self, item_id: str, meta: Meta | None, stage: str, reason: str | None,
+                detail: dict | None) -> None:
+        """A stage of an item: its command's ack, or the scheduler's ``on_result``."""
+        if meta is None or meta.origin == "command":
+            self.core.ack(item_id, stage, reason, detail)
+        elif meta.on_result is not None:
             try:
                 meta.on_result(meta.id, stage, reason)
             except Exception:
                 log.exception("on_result for %s failed", meta.id)
 
-    def _forget(self, item_id: str) -> None:
-        self.items.pop(item_id, None)
-        self.relays.pop(LIVE_PREFIX + item_id, None)
-        self.timed_sources.pop(item_id, None)
-        self._update_pins()
+    def _on_air_event(self, kind: str, detail: dict) -> None:
+        """An event of the output the arbiter drives (on the core thread)."""
+        if kind == "switched":  # a live item changed source
+            self.core.mark_state_dirty()
+        elif kind != "started":
+            self.arbiter.on_output_event(kind, detail)
 
-    def _update_pins(self) -> None:
-        busy = {s for m in self.items.values() for s in m.shas}
-        self.cache.set_pinned(self._pinned_sched | busy)
+    # --- after every change: the one timer ----------------------------------------------
 
-    # --- output events, timers ----------------------------------------------------------
-
-    def _on_output(self, kind: str, detail: dict) -> None:
-        """A driver event (posted from libvlc's thread)."""
-        run = self.live_run
-        if run is not None and detail.get("source") == run.relay.current():
-            if kind == "ended":
-                self._switch_live(run, run.relay.ended())
-            elif kind == "error":
-                self._switch_live(run, run.relay.failed("error"))
-            return
-        if kind == "started":
-            return
-        self.arbiter.on_output_event(kind, detail)
-        self._after()
-
-    def _switch_live(self, run: _LiveRun, nxt: str | None) -> None:
-        """Air the relay's next source, or fail the item once the chain is exhausted."""
-        error, reason = "every source of the live chain failed", "media_unavailable"
-        if nxt is not None:
-            log.info("live %s: now airing %s", run.key, nxt)
-            try:
-                self.output.play(nxt, volume=run.volume)
-                self.core.mark_state_dirty()
-                return
-            except DriverError as e:
-                error, reason = str(e), "audio_fault"
-        self.live_run = None
-        self.arbiter.on_output_event("error", {"source": run.key, "error": error,
-                                               "reason": reason})
-        self._after()
-
-    def _live_tick(self) -> None:
-        run = self.live_run
-        if run is None:
-            return
-        level = self.meter.level_dbfs() if self.meter is not None else None
-        if run.relay.observe(self.output.position_ms(), level):
-            log.warning("live %s: dead air on %s", run.key, run.relay.current())
-            self._switch_live(run, run.relay.failed("dead_air"))
-        elif run.relay.probe_due():
-            url = run.relay.probe_started()
-            timeout = self.live_options.probe_timeout_s
-            fut = self._pool.submit(probe_url, url, timeout)
-            fut.add_done_callback(lambda f: self.core.post(
-                self._probed, run, not f.exception() and f.result()))
-
-    def _probed(self, run: _LiveRun, ok: bool) -> None:
-        if self.live_run is not run:
-            run.relay.probing = False
-            return
-        nxt = run.relay.probe_result(bool(ok))
-        if nxt is not None:
-            log.info("live %s: primary is back", run.key)
-            self._switch_live(run, nxt)
-
-    def _after(self) -> None:
-        """After anything that touched the arbiter: re-arm the one timer, publish state."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._release()
-        self._preroll()
-        times = [t for t in (self.arbiter.next_deadline(), self._preroll_due(),
-                             self._hold_deadline()) if t is not None]
-        if times:
-            self._timer = self.core.call_later(min(times) - self.clock.monotonic(), self._tick)
-        self.core.mark_state_dirty()
+    def _follow_up(self) -> None:
+        """The arbiter's and the preparation's ``on_change`` (never called by hand): hand
+        over what the hold lets go, pre-roll, re-arm the one timer, publish the state."""
+        if self._following or self._closed:
+            return  # a change this follow-up makes itself: the rest of it comes after
+        self._following = True
+        try:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.prep.release()
+            self.preroll.run(self.arbiter.busy)
+            times = [t for t in (self.arbiter.next_deadline(),
+                                 self.preroll.due(self.arbiter.busy),
+                                 self.prep.hold_deadline()) if t is not None]
+            if times:
+                self._timer = self.core.call_later(min(times) - self.clock.monotonic(),
+                                                   self._tick)
+            self.core.mark_state_dirty()
+        finally:
+            self._following = False
 
     def _tick(self) -> None:
         self._timer = None
         self.arbiter.tick()
-        self._after()
 
-    # --- pre-roll for ``at`` -----------------------------------------------------------
-
-    def _next_timed(self) -> tuple[int, str] | None:
-        """The next ``at`` item's instant and first source, if the output can pre-roll."""
-        if not self.timed_sources or not hasattr(self.output, "preroll"):
-            return None
-        return min(self.timed_sources.values())
-
-    def _preroll_due(self) -> float | None:
-        nxt = self._next_timed()
-        if nxt is None or self._prerolled == nxt[1]:
-            return None
-        at_mono = self.clock.monotonic() + (nxt[0] - self.clock.now_ms()) / 1000
-        return max(self.clock.monotonic(), at_mono - PREROLL_S)
-
-    def _preroll(self) -> None:
-        """Shortly before an ``at`` item, open its source paused so that it starts on time.
-
-        Only when nothing airs: one player, and what airs must not be cut for a pre-roll."""
-        nxt = self._next_timed()
-        if nxt is None or self.arbiter.busy or self.output.is_playing():
-            return
-        at_ms, source = nxt
-        wait_ms = at_ms - self.clock.now_ms()
-        if 0 < wait_ms <= PREROLL_S * 1000 + 5 and self._prerolled != source:
-            try:
-                self.output.preroll(source)
-                self._prerolled = source
-            except Exception as e:  # noqa: BLE001 - a failed pre-roll just means no pre-roll
-                log.info("pre-roll of %s failed: %s", source, e)
-
-    # --- health, alerts -----------------------------------------------------------------
-
-    def _check(self) -> None:
-        """Poll the output and amplifier; a device that came back clears ``audio_fault``."""
-        try:
-            self._output_ok = bool(self.output.ok())
-        except Exception as e:  # noqa: BLE001
-            self._output_ok = False
-            log.warning("audio output check failed: %s", e)
-        if self._output_ok and self._fault and not self.arbiter.busy:
-            self._fault = None  # recovered; the next play proves it
-        self._push_audio_alert()
-        if self.amp.fault_pin is not None or self.amp.relay_error:
-            fault = bool(self.amp.fault()) or bool(self.amp.relay_error)
-            self.core.set_alert("amplifier_fault", fault,
-                                {"error": self.amp.relay_error} if fault else None)
-
-    def _set_fault(self, error: str | None) -> None:
-        self._fault = error
-        if error is not None:
-            self._output_ok = bool(self.output.ok())
-        self._push_audio_alert()
-
-    def _audio_ok(self) -> bool:
-        return self._output_ok and self._fault is None
-
-    def _push_audio_alert(self) -> None:
-        ok = self._audio_ok()
-        detail = None if ok else {"error": self._fault or getattr(
-            self.output, "last_error", None) or "output device unavailable"}
-        self.core.set_alert("audio_fault", not ok, detail)
-
-    def _check_silence(self, record: dict) -> None:
-        ver = record.get("verification")
-        if not isinstance(ver, dict) or "rms_dbfs" not in ver:
-            return
-        self.last_level = ver["rms_dbfs"]
-        if record["played_ms"] >= SILENT_MIN_MS:
-            self.core.set_alert("silent_output", bool(ver["silent"]),
-                                {"rms_dbfs": ver["rms_dbfs"], "id": record["id"]}
-                                if ver["silent"] else None)
+    # --- health, state ------------------------------------------------------------------
 
     def health(self) -> dict:
         cur = self.arbiter.snapshot()["current"]
-        out = {"audio_ok": self._audio_ok(), "playing": cur["id"] if cur else None,
-               "volume": self.arbiter.volume, "last_level_dbfs": self.last_level,
+        out = {"audio_ok": self.faults.audio_ok, "playing": cur["id"] if cur else None,
+               "volume": self.arbiter.volume, "last_level_dbfs": self.records.last_level,
                "amplifier_on": self.amp.state != "off"}
         if self.amp.fault_pin is not None:  # otherwise the cabinet component reports it
             out["amplifier_fault"] = bool(self.amp.fault())
@@ -904,33 +407,18 @@ class AudioService:
 
     def _queue_state(self) -> list[dict]:
         snap = self.arbiter.snapshot()
-        preparing = [{"id": m.id, "preparing": True} for m in self.items.values()
-                     if not m.submitted and not m.cancelled]
+        preparing = [{"id": m.id, "preparing": True} for m in self.prep.preparing()]
         return snap["queue"] + [{"id": t["id"], "at": t["at"]} for t in snap["timed"]] + preparing
-
-    # --- volume persistence ---------------------------------------------------------------
-
-    def _saved_volume(self, default: int) -> int:
-        try:
-            with open(self._state_path, encoding="utf-8") as f:
-                level = json.load(f).get("volume")
-            return level if isinstance(level, int) and 0 <= level <= 100 else default
-        except (OSError, ValueError, AttributeError):
-            return default
-
-    def _save_volume(self) -> None:
-        try:
-            atomic_write(self._state_path, json.dumps({"volume": self.arbiter.volume}).encode())
-        except OSError as e:
-            log.warning("cannot save the volume: %s", e)
 
     def close(self) -> None:
         """Shutdown: stop what airs (recorded as stopped), then release in reverse order."""
+        self._closed = True  # no more follow-ups: nothing held is handed over now
         try:
             self.arbiter.stop_all(by="shutdown")
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            for part in (self.output, self.meter, self.amp, self.cache, self.gpio):
+            own_gpio = self.gpio if self._own_gpio else None
+            for part in (self.output, self.meter, self.amp, self.cache, own_gpio):
                 try:
                     if part is not None:
                         part.close()
@@ -938,35 +426,11 @@ class AudioService:
                     log.exception("closing %r failed", part)
 
 
-def _board_cut(text: str) -> str:
-    """A say text for the board: NFC, cut to the board's limit with an ellipsis."""
-    text = unicodedata.normalize("NFC", text).strip()
-    return text if len(text) <= BOARD_LIMIT else text[:BOARD_LIMIT - 1].rstrip() + "…"
-
-
-def _with_extra(body: dict, extra: dict) -> dict:
-    """``body`` plus the caller's ``extra`` fields that do not clash with its own."""
-    return {**body, **{k: v for k, v in extra.items() if k not in body}}
-
-
-def _outcome(fut: Future) -> Any:
-    """A finished future's result, or the exception it ended with (cancelled included)."""
-    try:
-        return fut.exception() or fut.result()
-    except CancelledError as e:
-        return e
-
-
-def _reason_for(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, MediaError):
-        return exc.reason, exc.message
-    if isinstance(exc, TtsError):
-        return "tts_failed", str(exc)
-    return "media_unavailable", f"{type(exc).__name__}: {exc}"
-
-
-def install(core: Core, cfg: dict, *, board: Any = None, gpio: Any = None) -> AudioService:
-    svc = AudioService(core, cfg, gpio=gpio)
+def install(core: Core, cfg: dict, *, board: Board | None = None,
+            gpio: Any = None) -> AudioService:
+    """Make and start the audio service. ``board``: the board service, installed before this
+    one (None: no board, item texts are not shown). ``gpio``: the agent's GPIO backend
+    (None: opened from ``cfg`` and closed with the service)."""
+    svc = AudioService(core, cfg, board=board, gpio=gpio)
     svc.start()
-    core.audio = svc  # type: ignore[attr-defined] - the scheduler finds the service here
     return svc

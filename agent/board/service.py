@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import queue
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
@@ -71,20 +70,11 @@ MIN_RETRY_S = 1.0
 STOP_JOIN_S = 3.0
 ALERT = "board_link"
 
-_services: weakref.WeakKeyDictionary[Core, BoardService] = weakref.WeakKeyDictionary()
-
-
 def install(core: Core, cfg: dict) -> BoardService:
     """Open the configured board, restore the stored documents and register everything."""
     service = BoardService(core, cfg)
     service.start()
-    _services[core] = service
     return service
-
-
-def get(core: Core) -> BoardService | None:
-    """The board service installed on ``core`` (None before :func:`install`)."""
-    return _services.get(core)
 
 
 class BoardDocStore(ScheduleStore):

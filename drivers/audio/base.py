@@ -14,11 +14,17 @@ import wave
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+from drivers import DriverError
+
 Listener = Callable[[str, dict], None]
 
 
 class AudioOutput(ABC):
+    """What every backend must provide (the abstract methods) and may provide (the rest,
+    with defaults that fit a backend without the feature)."""
+
     name = "abstract"
+    last_error: str | None = None  # the last device or libvlc failure, for the audio_fault alert
 
     def __init__(self, options: dict | None = None, listener: Listener | None = None) -> None:
         self.options = options or {}
@@ -46,11 +52,44 @@ class AudioOutput(ABC):
         """Whether the output device is usable (for health and ``audio_fault``)."""
         return True
 
+    def preroll(self, source: str, start_ms: int = 0) -> bool:
+        """Open ``source`` paused, so that a following ``play(source)`` starts it within
+        milliseconds (an ``at`` start). False when this backend cannot: nothing was opened."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional for backends holding nothing
         """Release the device. Idempotent."""
 
     def _emit(self, kind: str, **detail) -> None:
         self.listener(kind, detail)
+
+
+class UnavailableOutput(AudioOutput):
+    """Stands in when the configured backend cannot start: every play is an output error."""
+
+    name = "unavailable"
+
+    def __init__(self, error: str) -> None:
+        super().__init__({})
+        self.error = error
+
+    def play(self, source: str, *, start_ms: int = 0, volume: int = 100) -> None:
+        raise DriverError(self.error)
+
+    def stop(self) -> int:
+        return 0
+
+    def position_ms(self) -> int:
+        return 0
+
+    def set_volume(self, level: int) -> None:
+        pass
+
+    def is_playing(self) -> bool:
+        return False
+
+    def ok(self) -> bool:
+        return False
 
 
 def wav_duration_ms(path: str) -> int | None:
@@ -84,8 +123,6 @@ class SimAudio(AudioOutput):
         self.healthy = True
 
     def play(self, source: str, *, start_ms: int = 0, volume: int = 100) -> None:
-        from drivers import DriverError
-
         with self._lock:
             self._cancel_timer()
             if self._fail_next or not self.healthy:

@@ -76,7 +76,7 @@ class VlcAudio(AudioOutput):
         self._t_play = 0.0
         self._volume = 100
         self._prerolled: tuple[str, int] | None = None
-        self.last_error: str | None = None
+        self.last_error = None
         try:
             self._open()
         except DriverError as e:
@@ -105,7 +105,7 @@ class VlcAudio(AudioOutput):
                 raise DriverError(f"libvlc refused to play {source}")
             self._healthy = True
 
-    def preroll(self, source: str, start_ms: int = 0) -> None:
+    def preroll(self, source: str, start_ms: int = 0) -> bool:
         """Open ``source`` paused (decoder and output ready), so that a following
         ``play(source)`` only unpauses: a synchronised ``at`` start within milliseconds."""
         with self._lock:
@@ -120,6 +120,7 @@ class VlcAudio(AudioOutput):
             if self._player.play() != 0:
                 raise DriverError(f"libvlc refused to pre-roll {source}")
             self._prerolled = (source, start_ms)
+            return True
 
     def _resume_preroll(self, source: str, start_ms: int, volume: int) -> bool:
         """Caller holds _lock. Unpause a matching pre-rolled source; False if there is none."""

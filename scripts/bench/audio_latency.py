@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import vlc  # noqa: E402
 
-from agent.audio.service import write_tone  # noqa: E402
+from agent.audio.tone import write_tone  # noqa: E402
 from tests.conftest import (  # noqa: E402
     AgentProcess,
     Broker,

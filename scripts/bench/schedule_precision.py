@@ -49,7 +49,7 @@ from common import (
 )
 
 from agent import protocol
-from agent.audio.service import write_tone
+from agent.audio.tone import write_tone
 from tests.conftest import Watcher
 
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
