@@ -145,7 +145,7 @@ class AudioService:
             "test": (self._cmd_test, validate_test),
         }
         for typ, (execute, validate) in handlers.items():
-            core.register_command(typ, FuncHandler(self._guard(execute), validate))
+            core.register_command(typ, FuncHandler(execute, validate))  # the core guards it
         core.add_state("playing", lambda: self.arbiter.snapshot()["current"])
         core.add_state("queue", self._queue_state)
         core.add_state("volume", lambda: self.arbiter.volume)
@@ -155,16 +155,6 @@ class AudioService:
         core.call_every(LIVE_TICK_S, self.air.tick)
         core.stop_hooks.append(self.close)
         self._pool.submit(self.cache.verify_all)  # hash what is cached once, off the core
-
-    def _guard(self, fn: Callable[[Envelope], None]) -> Callable[[Envelope], None]:
-        """A bug in one command fails that command, never the agent or what airs."""
-        def run(env: Envelope) -> None:
-            try:
-                fn(env)
-            except Exception as e:
-                log.exception("%s %s failed", env.type, env.id)
-                self.core.ack(env.id, "failed", "internal_error", {"message": str(e)[:300]})
-        return run
 
     # --- commands -----------------------------------------------------------------------
 
