@@ -181,7 +181,24 @@ def test_allowed_urls(tmp_path, url) -> None:
     make_cache(tmp_path, allowed_hosts=ALLOWED).check_url(url)
 
 
-@pytest.mark.parametrize("url", [
+LOCAL = [  # this device and its link, in the spellings a resolver accepts
+    "http://127.0.0.1/x.mp3",
+    "http://127.1/x.mp3",
+    "http://2130706433/x.mp3",
+    "http://0x7f.0.0.1/x.mp3",
+    "http://[::1]/x.mp3",
+    "http://[::ffff:127.0.0.1]/x.mp3",
+    "http://169.254.169.254/latest/meta-data",
+    "http://[fe80::1]/x.mp3",
+    "http://0.0.0.0/x.mp3",
+    "http://224.0.0.1/x.mp3",
+    "http://localhost:8080/x.mp3",
+    "http://LocalHost./x.mp3",
+    "http://a.localhost/x.mp3",
+]
+
+
+@pytest.mark.parametrize("hosts,url", [(ALLOWED, u) for u in [
     "ftp://media.example.vn/a.mp3",
     "file:///etc/passwd",
     "media.example.vn/a.mp3",
@@ -193,23 +210,43 @@ def test_allowed_urls(tmp_path, url) -> None:
     "http://evil.vn\\@media.example.vn/a.mp3",
     "http://media.example.vn /a.mp3",
     "http://media.example.vn:99999/a.mp3",
-    "http://127.0.0.1/a.mp3",
-    "http://[::1]/a.mp3",
-    "http://2130706433/a.mp3",
-    "http://127.1/a.mp3",
+    "http://10.0.0.1/a.mp3",
     "http:///a.mp3",
-])
-def test_refused_urls(tmp_path, url) -> None:
+    *LOCAL,
+]] + [([], u) for u in LOCAL])  # an empty list: any host but this device and its link
+def test_refused_urls(tmp_path, hosts, url) -> None:
     with pytest.raises(MediaError) as e:
-        make_cache(tmp_path, allowed_hosts=ALLOWED).check_url(url)
+        make_cache(tmp_path, allowed_hosts=hosts).check_url(url)
     assert e.value.reason == "media_host"
 
 
-def test_empty_list_allows_any_name_but_not_ip_literals(tmp_path) -> None:
-    cache = make_cache(tmp_path, allowed_hosts=[])
-    cache.check_url("https://cdn.anywhere.vn/x.mp3")
+@pytest.mark.parametrize("url", [
+    "https://cdn.anywhere.vn/x.mp3",
+    "http://10.0.0.1/x.mp3",  # a district server on the VPN
+    "http://203.113.131.1:8080/x.mp3",
+    "http://[2001:db8::1]/x.mp3",
+])
+def test_empty_list_allows_any_host_by_name_or_address(tmp_path, url) -> None:
+    make_cache(tmp_path, allowed_hosts=[]).check_url(url)
+
+
+def test_listed_loopback_and_ipv6_entries_are_allowed(tmp_path) -> None:
+    cache = make_cache(tmp_path, allowed_hosts=["127.0.0.1", "[::1]", "LocalHost"])
+    for url in ("http://127.0.0.1:8080/x", "http://[::1]:8080/x", "http://localhost/x"):
+        cache.check_url(url)
+
+
+def test_set_hosts_replaces_the_allow_list_at_run_time(tmp_path) -> None:
+    cache = make_cache(tmp_path, allowed_hosts=["media.example.vn"])
+    cache.check_url("http://media.example.vn/a.mp3")  # remembered as passed
+    cache.set_hosts(["cdn.example.vn"])
+    cache.check_url("http://cdn.example.vn/a.mp3")
     with pytest.raises(MediaError):
-        cache.check_url("http://10.0.0.1/x.mp3")
+        cache.check_url("http://media.example.vn/a.mp3")
+    cache.set_hosts([])
+    cache.check_url("http://media.example.vn/a.mp3")
+    with pytest.raises(MediaError):
+        cache.check_url("http://127.0.0.1/a.mp3")
 
 
 def test_listed_ip_must_match_exactly(tmp_path) -> None:

@@ -14,11 +14,9 @@ share one download.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
-from agent.args import MAX_URL
+from agent.audio.hosts import HostRules, MediaError
 from agent.core.clock import Clock, SystemClock
 from drivers.fsutil import fsync_dir
 
@@ -39,20 +37,10 @@ log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_REDIRECTS = 3
-_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\\]")  # whitespace, control characters, backslash
 CHUNK = 64 * 1024
 # A cached file's mtime is its last use (the LRU order kept across restarts). Refreshing it at
 # most hourly keeps two syscalls off the path of a cached bulletin that is aired again.
 TOUCH_EVERY_S = 3600
-
-
-class MediaError(Exception):
-    """``reason`` is an ack reason code: media_host, media_checksum or media_unavailable."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 class _Retry(Exception):
@@ -67,20 +55,6 @@ class _Entry:
     verified: bool  # hashed since the cache opened
 
 
-def _is_ip_literal(host: str) -> bool:
-    """Also catches the forms a resolver accepts: ``127.1``, ``2130706433``, ``0x7f.0.0.1``."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    try:
-        socket.inet_aton(host)
-        return True
-    except OSError:
-        return False
-
-
 class MediaCache:
     def __init__(self, cache_dir: str | os.PathLike, *, allowed_hosts: list[str],
                  quota_mb: float = 1024, max_bytes: int = 200 * 1024 * 1024,
@@ -91,8 +65,7 @@ class MediaCache:
         self.dir = Path(cache_dir)
         self._dir_str = str(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.allowed = {h.lower().rstrip(".") for h in allowed_hosts}
-        self._urls_ok: set[str] = set()  # passed check_url (the allow-list never changes)
+        self.hosts = HostRules(allowed_hosts)
         self.quota_bytes = int(quota_mb * 1024 * 1024)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
@@ -124,36 +97,12 @@ class MediaCache:
 
     def check_url(self, url: str) -> None:
         """Raise :class:`MediaError` (``media_host``) unless ``url`` may be downloaded."""
-        if isinstance(url, str) and url in self._urls_ok:  # the same URLs come again and again
-            return
-        self._check_url(url)
-        if len(self._urls_ok) >= 1000:
-            self._urls_ok.clear()
-        self._urls_ok.add(url)
+        self.hosts.check_url(url)
 
-    def _check_url(self, url: str) -> None:
-        if not isinstance(url, str) or len(url) > MAX_URL:
-            raise MediaError("media_host", f"url must be a string of at most {MAX_URL} characters")
-        if _BAD_URL_CHAR.search(url):
-            raise MediaError("media_host", "url contains whitespace, control characters or '\\'")
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
-            raise MediaError("media_host", f"scheme {parts.scheme!r} not allowed (http/https)")
-        if "@" in parts.netloc:
-            raise MediaError("media_host", "credentials in the url (user@host) are not allowed")
-        try:
-            host = (parts.hostname or "").rstrip(".")
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as e:
-            raise MediaError("media_host", f"bad host or port: {e}") from None
-        if not host:
-            raise MediaError("media_host", "url has no host")
-        if host in self.allowed:
-            return
-        if _is_ip_literal(host):
-            raise MediaError("media_host", f"IP address {host} is not in security.media_hosts")
-        if self.allowed:
-            raise MediaError("media_host", f"host {host} is not in security.media_hosts")
+    def set_hosts(self, hosts: list[str]) -> None:
+        """Replace the allow-list (``security.media_hosts`` reloaded); downloads under way
+        check their next redirect and connection against the new one."""
+        self.hosts = HostRules(hosts)
 
     def path_for(self, sha256: str) -> str | None:
         """The cached file for ``sha256``, verified, or None (a bad file is deleted)."""
