@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +18,8 @@ from agent.audio.media import MediaCache, MediaError
 
 BODY = os.urandom(50_000)
 SHA = hashlib.sha256(BODY).hexdigest()
+STOP = threading.Event()  # set at the end: slow handlers give up
+TRICKLE_S = 2.0  # the slow handlers send one byte this often
 
 
 def blob(n: int, seed: int) -> bytes:
@@ -56,8 +60,37 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(BODY)
             self.close_connection = True
+        elif path == "/trickle":  # a whole response, one byte every TRICKLE_S
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self._trickle(BODY)
+        elif path == "/trickle-headers":  # even the headers come a byte at a time
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self._trickle(b"X-Padding: " + b"a" * 1000)
+        elif path == "/stall-once" and n == 1:  # some bytes, then silence with the link open
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY[:1000])
+            self.wfile.flush()
+            STOP.wait(8)
+            self.close_connection = True
+        elif path == "/stall-once":
+            self._send(BODY)
         else:
             self.send_error(404)
+
+    def _trickle(self, data: bytes) -> None:
+        self.close_connection = True
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                if STOP.wait(TRICKLE_S):
+                    return
+        except OSError:  # the client hung up
+            pass
 
     def _send(self, data: bytes) -> None:
         self.send_response(200)
@@ -72,6 +105,7 @@ def server():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    STOP.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -84,7 +118,16 @@ def reset_hits():
 def make_cache(tmp_path: Path, **kw) -> MediaCache:
     kw.setdefault("allowed_hosts", ["127.0.0.1"])
     kw.setdefault("retries", 2)
-    return MediaCache(tmp_path / "media", sleep=lambda s: None, timeout_s=10, **kw)
+    kw.setdefault("timeout_s", 10)
+    return MediaCache(tmp_path / "media", sleep=lambda s: None, **kw)
+
+
+def timed_failure(cache: MediaCache, url: str) -> tuple[MediaError, float]:
+    """The error fetching ``url`` ends with, and how long it took (s)."""
+    start = time.monotonic()
+    with pytest.raises(MediaError) as e:
+        cache.fetch(url, SHA)
+    return e.value, time.monotonic() - start
 
 
 def leftovers(cache: MediaCache) -> list[str]:
@@ -294,6 +337,82 @@ def test_submit_shares_one_download(tmp_path, server) -> None:
     assert {f.result(timeout=10) for f in futures} == {str(cache.dir / SHA)}
     assert Handler.hits["/good"] == 1
     cache.close()
+
+
+# --- a server that trickles or stalls: time bounds (correctness, not speed) ---------------
+
+MARGIN_S = 1.5  # the watchdog's tick, thread wake-ups on a busy machine
+
+
+def test_trickled_body_fails_at_the_deadline(tmp_path, server) -> None:
+    cache = make_cache(tmp_path, timeout_s=4, min_bytes_per_s=0)  # the deadline alone
+    err, elapsed = timed_failure(cache, f"{server}/trickle")
+    assert err.reason == "media_unavailable" and "deadline" in err.message
+    assert elapsed < 4 + MARGIN_S
+    assert Handler.hits["/trickle"] == 1 and leftovers(cache) == []
+
+
+def test_trickled_headers_fail_at_the_deadline(tmp_path, server) -> None:
+    """No byte of the body ever arrives: only a watchdog on the socket bounds this."""
+    cache = make_cache(tmp_path, timeout_s=3, min_bytes_per_s=0)
+    err, elapsed = timed_failure(cache, f"{server}/trickle-headers")
+    assert err.reason == "media_unavailable" and "deadline" in err.message
+    assert elapsed < 3 + MARGIN_S
+
+
+def test_trickle_below_the_minimum_rate_fails_after_the_grace(tmp_path, server) -> None:
+    cache = make_cache(tmp_path, timeout_s=60, min_bytes_per_s=100, slow_grace_s=2)
+    err, elapsed = timed_failure(cache, f"{server}/trickle")
+    assert err.reason == "media_unavailable" and "too slow" in err.message
+    assert elapsed < 2 + MARGIN_S
+    assert Handler.hits["/trickle"] == 1  # too slow is final: not retried
+
+
+def test_a_silent_link_is_dropped_after_the_read_timeout_and_retried(tmp_path, server) -> None:
+    cache = make_cache(tmp_path, read_timeout_s=1)
+    start = time.monotonic()
+    assert Path(cache.fetch(f"{server}/stall-once", SHA)).read_bytes() == BODY
+    assert time.monotonic() - start < 1 + MARGIN_S + 1  # not the 8 s of silence
+    assert Handler.hits["/stall-once"] == 2
+
+
+def test_close_stops_a_download_under_way(tmp_path, server) -> None:
+    cache = make_cache(tmp_path, timeout_s=60, min_bytes_per_s=0)
+    fut = cache.submit(f"{server}/trickle", SHA)
+    wait_until_hit("/trickle")
+    start = time.monotonic()
+    cache.close()
+    with pytest.raises(MediaError) as e:
+        fut.result(timeout=5)
+    assert "stopping" in e.value.message and time.monotonic() - start < MARGIN_S
+
+
+def wait_until_hit(path: str, n: int = 1) -> None:
+    end = time.monotonic() + 5
+    while Handler.hits[path] < n:
+        assert time.monotonic() < end, f"{path} never requested"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def resolve_to_loopback(monkeypatch):
+    """``media.test`` resolves to 127.0.0.1 (as a hostile DNS answer would)."""
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kw):
+        return real("127.0.0.1" if host == "media.test" else host, *args, **kw)
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+
+
+def test_a_name_resolving_to_loopback_is_refused_unless_listed(tmp_path, server,
+                                                                resolve_to_loopback) -> None:
+    url = f"http://media.test:{urlsplit(server).port}/good"
+    with pytest.raises(MediaError) as e:
+        make_cache(tmp_path, allowed_hosts=[]).fetch(url, SHA)
+    assert e.value.reason == "media_host" and "127.0.0.1" in e.value.message
+    assert Handler.hits["/good"] == 0  # refused on the socket, before any request
+    listed = make_cache(tmp_path, allowed_hosts=["media.test"])
+    assert Path(listed.fetch(url, SHA)).read_bytes() == BODY
 
 
 def test_redact_hides_credentials_and_query_tokens():

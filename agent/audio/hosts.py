@@ -110,3 +110,15 @@ class HostRules:
                 or host.endswith(".localhost"):
             raise MediaError("media_host", f"host {host} is this device or its link: only "
                              "allowed when listed in security.media_hosts")
+
+
+def redact(url: str) -> str:
+    """A URL safe for logs and acks: no user:password, no query string (tokens live there)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
+    except ValueError:
+        return "<bad url>"

@@ -1,9 +1,10 @@
 """The media cache: downloads from allowed hosts only, verified by sha256, kept under a quota.
 
 Files are stored as ``<cache_dir>/<sha256>`` (lower-case hex), so a name is its own checksum.
-A download streams into ``.<sha256>.<random>.part`` in the same folder and is renamed into place
-only after its hash matched and it was fsynced: a power cut leaves either nothing or a complete,
-verified file. Leftover ``.part`` files are deleted when the cache opens.
+A download (:mod:`agent.audio.download`: deadline, minimum rate, retries) streams into
+``.<sha256>.<random>.part`` in the same folder and is renamed into place only after its hash
+matched and it was fsynced: a power cut leaves either nothing or a complete, verified file.
+Leftover ``.part`` files are deleted when the cache opens. Hosts: :mod:`agent.audio.hosts`.
 
 Threads: :meth:`MediaCache.fetch` blocks and is thread-safe. :meth:`MediaCache.submit` runs it in
 the cache's own small pool (``workers`` threads) and returns a ``Future``; the core adds a done
@@ -23,10 +24,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urljoin, urlsplit
+from typing import TYPE_CHECKING, Any
 
-from agent.audio.hosts import HostRules, MediaError
+from agent.audio.download import Downloader, Limits
+from agent.audio.hosts import HostRules, MediaError, redact  # noqa: F401 - redact: for callers
 from agent.core.clock import Clock, SystemClock
 from drivers.fsutil import fsync_dir
 
@@ -36,15 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_REDIRECTS = 3
-CHUNK = 64 * 1024
 # A cached file's mtime is its last use (the LRU order kept across restarts). Refreshing it at
 # most hourly keeps two syscalls off the path of a cached bulletin that is aired again.
 TOUCH_EVERY_S = 3600
-
-
-class _Retry(Exception):
-    """A transient failure: worth another attempt."""
 
 
 @dataclass
@@ -56,24 +51,21 @@ class _Entry:
 
 
 class MediaCache:
+    """The verified cache. ``limits``: the fields of :class:`~agent.audio.download.Limits`
+    (``timeout_s``, ``read_timeout_s``, ``min_bytes_per_s``, ``slow_grace_s``, ``retries``,
+    ``backoff_s``, ``max_bytes``)."""
+
     def __init__(self, cache_dir: str | os.PathLike, *, allowed_hosts: list[str],
-                 quota_mb: float = 1024, max_bytes: int = 200 * 1024 * 1024,
-                 timeout_s: float = 300, retries: int = 3, clock: Clock | None = None,
-                 backoff_s: float = 2.0, workers: int = 2,
+                 quota_mb: float = 1024, workers: int = 2, clock: Clock | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None, **limits: Any) -> None:
         self.dir = Path(cache_dir)
         self._dir_str = str(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = HostRules(allowed_hosts)
         self.quota_bytes = int(quota_mb * 1024 * 1024)
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self._clock = clock or SystemClock()
-        self._sleep = sleep
-        self._session_obj: requests.Session | None = session
+        self._downloader = Downloader(Limits(**limits), hosts=lambda: self.hosts,
+                                      clock=clock or SystemClock(), sleep=sleep, session=session)
         self._lock = threading.Lock()
         # per sha: _sha_locks guard the index entry and hashing (short); _dl_locks serialise
         # downloads (long), so path_for never waits for a download in flight.
@@ -84,14 +76,6 @@ class MediaCache:
         self._pinned: frozenset[str] = frozenset()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="media")
         self._scan()
-
-    @property
-    def _session(self) -> requests.Session:
-        """Created at the first download: most days nothing is downloaded, and requests
-        costs ~15 MB of memory on a 512 MB board."""
-        if self._session_obj is None:
-            self._session_obj = _requests().Session()
-        return self._session_obj
 
     # --- public API -----------------------------------------------------------------------
 
@@ -152,7 +136,7 @@ class MediaCache:
             if path is not None:
                 return path
             self.check_url(url)
-            self._download_with_retries(url, sha)
+            self._download(url, sha)
             self._evict(keep=sha)
             return str(self.dir / sha)
 
@@ -188,10 +172,9 @@ class MediaCache:
                     "pinned_bytes": pinned}
 
     def close(self) -> None:
-        """Stop accepting downloads; running ones finish. Idempotent."""
+        """Stop accepting downloads; those under way fail at once. Idempotent."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._session_obj is not None:
-            self._session_obj.close()
+        self._downloader.close()
 
     # --- index ----------------------------------------------------------------------------
 
@@ -267,88 +250,16 @@ class MediaCache:
 
     # --- download -------------------------------------------------------------------------
 
-    def _download_with_retries(self, url: str, sha: str) -> int:
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._sleep(min(self.backoff_s * 2 ** (attempt - 1), 60))
-            try:
-                return self._download(url, sha)
-            except _Retry as e:
-                last = str(e)
-                log.info("download of %s failed (attempt %d): %s", redact(url), attempt + 1, e)
-        raise MediaError("media_unavailable", f"{redact(url)}: {last}")
-
     def _download(self, url: str, sha: str) -> int:
-        deadline = self._clock.monotonic() + self.timeout_s
-        resp = self._open(url, deadline)
         tmp = self.dir / f".{sha}.{os.urandom(4).hex()}.part"
         try:
-            size = self._stream_to(resp, tmp, sha, deadline)
+            size = self._downloader.download(url, sha, tmp)
             with self._lock_for(sha, self._sha_locks):
                 os.replace(tmp, self.dir / sha)
                 fsync_dir(self.dir)
                 self._touch(sha, self.dir / sha)
         finally:
-            resp.close()
             _unlink(tmp)
-        return size
-
-    def _open(self, url: str, deadline: float) -> requests.Response:
-        """GET with redirects followed by hand, each hop checked against the allow-list."""
-        for _ in range(MAX_REDIRECTS + 1):
-            timeout = (min(10.0, self.timeout_s), min(30.0, self.timeout_s))
-            try:
-                resp = self._session.get(url, stream=True, timeout=timeout, allow_redirects=False)
-            except _requests().RequestException as e:
-                raise _Retry(f"{type(e).__name__}: {e}") from None
-            if resp.is_redirect:
-                resp.close()
-                url = urljoin(url, resp.headers.get("Location", ""))
-                self.check_url(url)
-                continue
-            self._check_status(resp)
-            return resp
-        raise MediaError("media_unavailable", f"more than {MAX_REDIRECTS} redirects")
-
-    def _check_status(self, resp: requests.Response) -> None:
-        code = resp.status_code
-        if code == 200:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > self.max_bytes:
-                resp.close()
-                raise MediaError("media_unavailable",
-                                 f"media is {length} bytes, more than the limit {self.max_bytes}")
-            return
-        resp.close()
-        if code >= 500 or code in (408, 429):
-            raise _Retry(f"HTTP {code}")
-        raise MediaError("media_unavailable", f"HTTP {code} from {redact(resp.url)}")
-
-    def _stream_to(self, resp: requests.Response, tmp: Path, sha: str, deadline: float) -> int:
-        digest, size = hashlib.sha256(), 0
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in resp.iter_content(CHUNK):
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise MediaError("media_unavailable",
-                                         f"media exceeds the limit of {self.max_bytes} bytes")
-                    if self._clock.monotonic() > deadline:
-                        raise _Retry(f"download took longer than {self.timeout_s} s")
-                    digest.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except _requests().RequestException as e:  # a cut connection, a read timeout
-            raise _Retry(f"{type(e).__name__}: {e}") from None
-        except OSError as e:
-            raise MediaError("media_unavailable", f"cannot write the cache: {e}") from None
-        expected = resp.headers.get("Content-Length")
-        if expected and expected.isdigit() and int(expected) != size:
-            raise _Retry(f"connection closed after {size} of {expected} bytes")
-        if digest.hexdigest() != sha:
-            raise MediaError("media_checksum", f"sha256 is {digest.hexdigest()}, expected {sha}")
         return size
 
 
@@ -372,21 +283,3 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _requests():
-    import requests
-
-    return requests
-
-
-def redact(url: str) -> str:
-    """A URL safe for logs and acks: no user:password, no query string (tokens live there)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
-    except ValueError:
-        return "<bad url>"
