@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -24,6 +25,22 @@ TRICKLE_S = 2.0  # the slow handlers send one byte this often
 
 def blob(n: int, seed: int) -> bytes:
     return bytes((i * 31 + seed) % 256 for i in range(n))
+
+
+@dataclass
+class Served:
+    """A file served with Range support (unless ``honor_range`` is off); ``cuts``: for the
+    next requests, how many bytes of the response go out before the connection drops."""
+
+    data: bytes
+    etag: str | None = None
+    honor_range: bool = True
+    cuts: list[int] = field(default_factory=list)
+    seen: list[tuple[str | None, str | None]] = field(default_factory=list)  # Range, If-Range
+    sent: int = 0  # body bytes sent, all requests
+
+
+SERVED: dict[str, Served] = {}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -60,6 +77,8 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(BODY)
             self.close_connection = True
+        elif path in SERVED:
+            self._ranged(SERVED[path])
         elif path == "/trickle":  # a whole response, one byte every TRICKLE_S
             self.send_response(200)
             self.send_header("Content-Length", str(len(BODY)))
@@ -80,6 +99,29 @@ class Handler(BaseHTTPRequestHandler):
             self._send(BODY)
         else:
             self.send_error(404)
+
+    def _ranged(self, f: Served) -> None:
+        rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+        f.seen.append((rng, if_range))
+        start = 0
+        if rng and f.honor_range and if_range in (None, f.etag):
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+        body = f.data[start:]
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(f.data) - 1}/{len(f.data)}")
+        if f.etag:
+            self.send_header("ETag", f.etag)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = f.cuts.pop(0) if f.cuts else None
+        body = body if cut is None else body[:cut]
+        self.wfile.write(body)
+        f.sent += len(body)
+        if cut is not None:  # the link drops
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
 
     def _trickle(self, data: bytes) -> None:
         self.close_connection = True
@@ -113,6 +155,7 @@ def server():
 @pytest.fixture(autouse=True)
 def reset_hits():
     Handler.hits.clear()
+    SERVED.clear()
 
 
 def make_cache(tmp_path: Path, **kw) -> MediaCache:
@@ -159,12 +202,14 @@ def test_download_cut_midway_is_retried_without_partial_file(tmp_path, server) -
     assert leftovers(cache) == [SHA]
 
 
-def test_download_always_cut_gives_unavailable_and_no_file(tmp_path, server) -> None:
+def test_download_always_cut_gives_unavailable_and_only_a_partial_file(tmp_path,
+                                                                         server) -> None:
     cache = make_cache(tmp_path, retries=2)
     with pytest.raises(MediaError) as e:
         cache.fetch(f"{server}/cut-always", SHA)
-    assert e.value.reason == "media_unavailable" and Handler.hits["/cut-always"] == 3
-    assert leftovers(cache) == [] and cache.path_for(SHA) is None
+    # the first cut brought bytes (free); the server ignores Range: 3 more without progress
+    assert e.value.reason == "media_unavailable" and Handler.hits["/cut-always"] == 4
+    assert leftovers(cache) == [f".{SHA}.part"] and cache.path_for(SHA) is None
 
 
 def test_server_errors_are_retried_with_backoff(tmp_path, server) -> None:
@@ -314,14 +359,18 @@ def test_quota_evicts_least_recently_used_but_never_pinned(tmp_path, server) -> 
     assert cache.usage()["bytes"] == 3000
 
 
-def test_start_removes_partial_files_and_corrupt_media(tmp_path) -> None:
+def test_start_removes_stale_partial_files_and_corrupt_media(tmp_path) -> None:
     media = tmp_path / "media"
     media.mkdir()
-    (media / f".{SHA}.1234.part").write_bytes(BODY[:100])
+    (media / f".{SHA}.1234.part").write_bytes(BODY[:100])  # an older version's temp name
+    other = hashlib.sha256(b"other").hexdigest()
+    (media / f".{other}.part").write_bytes(b"ot")  # not resumed for two days
+    os.utime(media / f".{other}.part", (time.time() - 2 * 86400,) * 2)
+    (media / f".{'1' * 64}.part").write_bytes(b"12")  # recent: kept to be resumed
     (media / SHA).write_bytes(BODY[:-1] + b"x")  # bit rot on the SD card
     cache = make_cache(tmp_path)
-    assert leftovers(cache) == [SHA]
-    assert cache.path_for(SHA) is None and leftovers(cache) == []
+    assert leftovers(cache) == [f".{'1' * 64}.part", SHA]
+    assert cache.path_for(SHA) is None and leftovers(cache) == [f".{'1' * 64}.part"]
 
 
 def test_verified_file_changed_later_is_rechecked(tmp_path, server) -> None:
@@ -339,6 +388,64 @@ def test_submit_shares_one_download(tmp_path, server) -> None:
     cache.close()
 
 
+# --- resuming (HTTP Range) -----------------------------------------------------------------
+
+BIG = blob(300_000, 7)
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+
+
+def serve(path: str, data: bytes, **kw) -> tuple[str, Served]:
+    SERVED[path] = Served(data, **kw)
+    return path, SERVED[path]
+
+
+def test_a_download_cut_three_times_resumes_to_the_right_file(tmp_path, server) -> None:
+    path, f = serve("/big", BIG, cuts=[70_000, 80_000, 90_000])
+    cache = make_cache(tmp_path, retries=2)  # fewer than the cuts: each brought bytes
+    got = Path(cache.fetch(f"{server}{path}", BIG_SHA))
+    assert got.read_bytes() == BIG and got.name == BIG_SHA
+    assert f.seen == [(None, None), ("bytes=70000-", None), ("bytes=150000-", None),
+                      ("bytes=240000-", None)]
+    assert f.sent == len(BIG)  # no byte sent twice
+    assert leftovers(cache) == [BIG_SHA]
+
+
+def test_a_server_ignoring_range_restarts_cleanly(tmp_path, server) -> None:
+    path, f = serve("/plain", BODY, honor_range=False, cuts=[20_000])
+    cache = make_cache(tmp_path)
+    assert Path(cache.fetch(f"{server}{path}", SHA)).read_bytes() == BODY
+    assert f.seen == [(None, None), ("bytes=20000-", None)]  # asked, answered 200: from 0
+    assert f.sent == 20_000 + len(BODY)
+
+
+def test_a_partial_download_resumes_after_a_restart(tmp_path, server) -> None:
+    path, f = serve("/big", BIG, cuts=[100_000, 0])  # then a cut that brings nothing
+    with pytest.raises(MediaError) as e:
+        make_cache(tmp_path, retries=0).fetch(f"{server}{path}", BIG_SHA)
+    assert e.value.reason == "media_unavailable"
+    again = make_cache(tmp_path)  # the agent restarted
+    assert Path(again.fetch(f"{server}{path}", BIG_SHA)).read_bytes() == BIG
+    assert f.seen[-1] == ("bytes=100000-", None) and f.sent == len(BIG)
+
+
+@pytest.mark.parametrize("etag", ['"v1"', None])
+def test_a_partial_of_an_older_version_is_not_kept(tmp_path, server, etag) -> None:
+    """The URL's file changed between attempts: with an ETag, If-Range makes the server send
+    the new file whole; without, the whole file's sha256 fails once and it starts afresh."""
+    new = blob(50_000, 99)
+    path, f = serve("/news", BODY, etag=etag, cuts=[20_000, 0])
+    cache = make_cache(tmp_path, retries=0)
+    with pytest.raises(MediaError):
+        cache.fetch(f"{server}{path}", hashlib.sha256(new).hexdigest())
+    f.data, f.etag = new, etag and '"v2"'
+    assert Path(cache.fetch(f"{server}{path}", hashlib.sha256(new).hexdigest())).read_bytes() \
+        == new
+    if etag:
+        assert f.seen[2:] == [("bytes=20000-", '"v1"')]
+    else:
+        assert f.seen[2:] == [("bytes=20000-", None), (None, None)]
+
+
 # --- a server that trickles or stalls: time bounds (correctness, not speed) ---------------
 
 MARGIN_S = 1.5  # the watchdog's tick, thread wake-ups on a busy machine
@@ -349,7 +456,8 @@ def test_trickled_body_fails_at_the_deadline(tmp_path, server) -> None:
     err, elapsed = timed_failure(cache, f"{server}/trickle")
     assert err.reason == "media_unavailable" and "deadline" in err.message
     assert elapsed < 4 + MARGIN_S
-    assert Handler.hits["/trickle"] == 1 and leftovers(cache) == []
+    assert Handler.hits["/trickle"] == 1
+    assert leftovers(cache) == [f".{SHA}.part"]  # what came is kept for a later fetch
 
 
 def test_trickled_headers_fail_at_the_deadline(tmp_path, server) -> None:

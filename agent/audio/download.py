@@ -12,6 +12,14 @@
   connection; like a cut or an HTTP 5xx it is retried, with backoff, up to ``retries`` times.
 - **Where it connects**: each connection's peer address is checked against the host rules
   (:meth:`agent.audio.hosts.HostRules.check_peer`), as are redirects, followed by hand.
+- **Resume**: what arrived stays in the destination file (the cache's ``.<sha256>.part``);
+  the next attempt asks for the rest (``Range: bytes=N-``, with ``If-Range`` when the first
+  response gave a strong ETag or a Last-Modified). A 206 from the right offset appends; a 200
+  (Range ignored, or the file changed) starts the file afresh; a wrong offset or a 416 drops
+  it. The sha256 is always of the whole file; a mismatch after a resume drops the file and
+  starts once afresh. An attempt that made the file longer is not counted against
+  ``retries``. The file is kept when the download runs out of retries or time (a later fetch
+  resumes it), and removed on any other failure.
 
 The watchdog and the peer check see the sockets through a thread-local "current attempt"
 that the session's connections (urllib3 subclasses, :func:`watched_session`) report to.
@@ -24,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -48,6 +57,7 @@ MAX_REDIRECTS = 3
 CONNECT_TIMEOUT_S = 10.0
 WATCH_TICK_S = 0.25
 MAX_BACKOFF_S = 60.0
+CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?P<start>\d+)-\d+/(?P<total>\d+|\*)\s*$", re.I)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,19 @@ class Limits:
 
 class _Retry(Exception):
     """A transient failure: worth another attempt."""
+
+
+class _Stopped(MediaError):
+    """Out of time (deadline, too slow, shutdown): final, but what arrived is kept."""
+
+
+class _Mismatch(MediaError):
+    """The whole file does not hash to its sha256; ``resumed``: it was put together from
+    more than one response."""
+
+    def __init__(self, message: str, resumed: bool) -> None:
+        super().__init__("media_checksum", message)
+        self.resumed = resumed
 
 
 class Attempt:
@@ -239,6 +262,7 @@ class Downloader:
         self._session_obj = session
         self._session_lock = threading.Lock()
         self.watchdog = Watchdog()
+        self._validators: dict[str, str] = {}  # partial file -> its If-Range value
 
     @property
     def _session(self) -> requests.Session:
@@ -254,39 +278,50 @@ class Downloader:
             self._session_obj.close()
 
     def download(self, url: str, sha: str, dest: Path) -> int:
-        """Write the file at ``url`` to ``dest``, fsynced, after checking it hashes to
-        ``sha``; return its size. Raise :class:`MediaError` (``dest`` is then removed)."""
+        """Write the file at ``url`` to ``dest`` (resuming what ``dest`` holds), fsynced,
+        after checking it hashes to ``sha``; return its size. Raise :class:`MediaError`."""
         lim = self.limits
         deadline = self._clock.monotonic() + lim.timeout_s
-        failures, last = 0, ""
+        failures, last, afresh = 0, "", False
         while True:
+            before = _size(dest)
             try:
                 return self._attempt(url, sha, dest, deadline)
             except _Retry as e:
                 last = str(e)
-            except MediaError:
-                _unlink(dest)
+            except _Stopped:
+                raise  # what arrived is kept for a later fetch
+            except MediaError as e:
+                self._drop(dest)
+                if isinstance(e, _Mismatch) and e.resumed and not afresh:
+                    afresh = True  # the part kept may be of an older version of the file
+                    log.info("%s: %s after resuming; starting afresh", redact(url), e)
+                    continue
                 raise
-            failures += 1
-            log.info("download of %s failed (attempt %d): %s", redact(url), failures, last)
+            failures = 0 if _size(dest) > before else failures + 1
+            log.info("download of %s failed (%s): %s", redact(url),
+                     f"{failures} in a row" if failures else "resumable", last)
             if failures > lim.retries:
-                _unlink(dest)
                 raise MediaError("media_unavailable", f"{redact(url)}: {last}")
-            wait = min(lim.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S)
+            wait = min(lim.backoff_s * 2 ** max(failures - 1, 0), MAX_BACKOFF_S)
             if self._clock.monotonic() + wait >= deadline:
-                _unlink(dest)
                 raise MediaError("media_unavailable", f"{redact(url)}: deadline: not complete "
                                  f"within {lim.timeout_s:g} s (last attempt: {last})")
             self._sleep(wait)
+
+    def _drop(self, dest: Path) -> None:
+        _unlink(dest)
+        self._validators.pop(str(dest), None)
 
     def _attempt(self, url: str, sha: str, dest: Path, deadline: float) -> int:
         attempt = Attempt(self.limits, self._clock, deadline, self._hosts)
         _current.attempt = attempt
         self.watchdog.add(attempt)
         try:
-            resp = self._open(url, attempt)
+            have = _size(dest)
+            resp = self._open(url, attempt, self._range_headers(dest, have))
             try:
-                return self._receive(resp, sha, dest, attempt)
+                return self._receive(resp, sha, dest, attempt, self._start_at(resp, dest, have))
             finally:
                 resp.close()
         except (OSError, _urllib3_error()) as e:  # requests' errors are OSErrors
@@ -296,17 +331,50 @@ class Downloader:
             self.watchdog.discard(attempt)
             _current.attempt = None
 
+    def _range_headers(self, dest: Path, have: int) -> dict[str, str]:
+        headers = {"Accept-Encoding": "identity"}  # Range counts the bytes we hash
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            validator = self._validators.get(str(dest))
+            if validator is not None:
+                headers["If-Range"] = validator
+        return headers
+
+    def _start_at(self, resp: requests.Response, dest: Path, have: int) -> int:
+        """Where the body goes in ``dest``: at ``have`` when the server resumes there, at 0
+        when it sends the whole file. A resume from elsewhere drops the partial file."""
+        code = resp.status_code
+        if code == 206:
+            m = CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if have and m and int(m["start"]) == have:
+                self._check_size(m["total"], resp)
+                return have
+            self._drop(dest)
+            raise _Retry(f"asked for bytes from {have}, got {resp.headers.get('Content-Range')}"
+                         ": starting afresh")
+        if code == 416 and have:
+            self._drop(dest)
+            raise _Retry(f"bytes from {have} not satisfiable: starting afresh")
+        self._check_status(resp)
+        etag = resp.headers.get("ETag")
+        validator = etag if etag and not etag.startswith("W/") else \
+            resp.headers.get("Last-Modified")
+        if validator:
+            self._validators[str(dest)] = validator
+        else:
+            self._validators.pop(str(dest), None)
+        return 0
+
     def _raise_stopped(self, url: str, attempt: Attempt) -> None:
         """The attempt's end, when the watchdog or a connection check caused it."""
         if attempt.refused is not None:
             raise attempt.refused
         if attempt.why is not None:
-            raise MediaError("media_unavailable", f"{redact(url)}: {attempt.why}")
+            raise _Stopped("media_unavailable", f"{redact(url)}: {attempt.why}")
 
-    def _open(self, url: str, attempt: Attempt) -> requests.Response:
+    def _open(self, url: str, attempt: Attempt, headers: dict[str, str]) -> requests.Response:
         """GET with redirects followed by hand, each hop checked against the host rules."""
         lim = self.limits
-        headers = {"Accept-Encoding": "identity"}
         for _ in range(MAX_REDIRECTS + 1):
             timeout = (min(CONNECT_TIMEOUT_S, lim.read_timeout_s), lim.read_timeout_s)
             resp = self._session.get(url, stream=True, timeout=timeout, allow_redirects=False,
@@ -316,7 +384,6 @@ class Downloader:
                 url = urljoin(url, resp.headers.get("Location", ""))
                 self._hosts().check_url(url)
                 continue
-            self._check_status(resp)
             return resp
         raise MediaError("media_unavailable", f"more than {MAX_REDIRECTS} redirects")
 
@@ -336,37 +403,64 @@ class Downloader:
             raise MediaError("media_unavailable", f"media is {length} bytes, more than the "
                              f"limit {self.limits.max_bytes}")
 
-    def _receive(self, resp: requests.Response, sha: str, dest: Path, attempt: Attempt) -> int:
-        digest, size = hashlib.sha256(), 0
+    def _receive(self, resp: requests.Response, sha: str, dest: Path, attempt: Attempt,
+                 offset: int) -> int:
+        """Append the body to ``dest`` from ``offset`` on; check the whole file's sha256."""
         raw = resp.raw
         encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+        if encoded and offset:
+            self._drop(dest)
+            raise _Retry("a compressed response cannot resume: starting afresh")
         read = partial(getattr(raw, "read1", None) or raw.read, decode_content=encoded)
         with _disk():
-            f = open(dest, "wb")  # noqa: SIM115 - closed below, its errors mapped by _disk
-        with f:
-            while chunk := read(CHUNK):
-                size += len(chunk)
-                if size > self.limits.max_bytes:
-                    raise MediaError("media_unavailable",
-                                     f"media exceeds the limit of {self.limits.max_bytes} bytes")
-                attempt.received += len(chunk)
-                why = attempt.verdict()  # the watchdog's check, at once
-                if why is not None:
-                    attempt.stop(why)
-                    break
-                digest.update(chunk)
+            digest = hash_file(dest) if offset else hashlib.sha256()
+            f = open(dest, "ab" if offset else "wb")  # noqa: SIM115 - closed below
+        size = offset
+        try:
+            with f:
+                while chunk := read(CHUNK):
+                    size += len(chunk)
+                    if size > self.limits.max_bytes:
+                        raise MediaError("media_unavailable", "media exceeds the limit of "
+                                         f"{self.limits.max_bytes} bytes")
+                    attempt.received += len(chunk)
+                    why = attempt.verdict()  # the watchdog's check, at once
+                    if why is not None:
+                        attempt.stop(why)
+                        break
+                    digest.update(chunk)
+                    with _disk():
+                        f.write(chunk)
                 with _disk():
-                    f.write(chunk)
-            self._raise_stopped(resp.url, attempt)
-            with _disk():
-                f.flush()
-                os.fsync(f.fileno())
-        expected = resp.headers.get("Content-Length")
-        if not encoded and expected and expected.isdigit() and int(expected) != size:
-            raise _Retry(f"connection closed after {size} of {expected} bytes")
+                    f.flush()
+                    os.fsync(f.fileno())
+        except BaseException:
+            if encoded:  # decoded bytes: no offset to resume from
+                self._drop(dest)
+            raise
+        self._raise_stopped(resp.url, attempt)
+        length = resp.headers.get("Content-Length")
+        if not encoded and length and length.isdigit() and offset + int(length) != size:
+            raise _Retry(f"connection closed after {size} of {offset + int(length)} bytes")
         if digest.hexdigest() != sha:
-            raise MediaError("media_checksum", f"sha256 is {digest.hexdigest()}, expected {sha}")
+            raise _Mismatch(f"sha256 is {digest.hexdigest()}, expected {sha}", offset > 0)
         return size
+
+
+def hash_file(path: Path) -> Any:
+    """A sha256 object fed with the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @contextmanager

@@ -1,10 +1,12 @@
 """The media cache: downloads from allowed hosts only, verified by sha256, kept under a quota.
 
 Files are stored as ``<cache_dir>/<sha256>`` (lower-case hex), so a name is its own checksum.
-A download (:mod:`agent.audio.download`: deadline, minimum rate, retries) streams into
-``.<sha256>.<random>.part`` in the same folder and is renamed into place only after its hash
-matched and it was fsynced: a power cut leaves either nothing or a complete, verified file.
-Leftover ``.part`` files are deleted when the cache opens. Hosts: :mod:`agent.audio.hosts`.
+A download (:mod:`agent.audio.download`: deadline, minimum rate, retries, resume) streams into
+``.<sha256>.part`` in the same folder and is renamed into place only after the whole file's
+hash matched and it was fsynced: a power cut leaves a partial file or a complete, verified one,
+never a wrong file under a sha256 name. A partial file is resumed by the next download of its
+sha256 (also after a restart) and deleted after ``PART_KEEP_S`` unused; it is never aired and
+not counted in the quota. Hosts: :mod:`agent.audio.hosts`.
 
 Threads: :meth:`MediaCache.fetch` blocks and is thread-safe. :meth:`MediaCache.submit` runs it in
 the cache's own small pool (``workers`` threads) and returns a ``Future``; the core adds a done
@@ -14,7 +16,6 @@ share one download.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.audio.download import Downloader, Limits
+from agent.audio.download import Downloader, Limits, hash_file
 from agent.audio.hosts import HostRules, MediaError, redact  # noqa: F401 - redact: for callers
 from agent.core.clock import Clock, SystemClock
 from drivers.fsutil import fsync_dir
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+PART_RE = re.compile(r"^\.[0-9a-f]{64}\.part$")  # a download's partial file: .<sha256>.part
+PART_KEEP_S = 86_400  # a partial file not resumed within this is deleted
 # A cached file's mtime is its last use (the LRU order kept across restarts). Refreshing it at
 # most hourly keeps two syscalls off the path of a cached bulletin that is aired again.
 TOUCH_EVERY_S = 3600
@@ -179,13 +182,22 @@ class MediaCache:
     # --- index ----------------------------------------------------------------------------
 
     def _scan(self) -> None:
-        """Index existing media and delete partial downloads left by a crash or power cut."""
+        """Index existing media; partial downloads stay to be resumed unless stale."""
+        self._prune_parts()
         for p in self.dir.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".part"):
-                _unlink(p)
-            elif SHA_RE.match(p.name) and p.is_file():
+            if SHA_RE.match(p.name) and p.is_file():
                 st = p.stat()
                 self._entries[p.name] = _Entry(st.st_size, st.st_mtime_ns, st.st_mtime, False)
+
+    def _prune_parts(self) -> None:
+        """Delete partial files older than ``PART_KEEP_S`` or not of this version's form."""
+        now = time.time()
+        for p in self.dir.glob(".*.part"):
+            try:
+                if not PART_RE.match(p.name) or now - p.stat().st_mtime > PART_KEEP_S:
+                    _unlink(p)
+            except FileNotFoundError:
+                pass
 
     def _lock_for(self, sha: str, locks: dict[str, threading.Lock]) -> threading.Lock:
         lock = locks.get(sha)
@@ -207,7 +219,7 @@ class MediaCache:
             self._forget(sha)
             return None
         same = st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
-        if not (entry.verified and same) and _hash_file(path) != sha:
+        if not (entry.verified and same) and hash_file(path).hexdigest() != sha:
             log.warning("cached media %s is corrupt; deleted", sha)
             _unlink(path)
             self._forget(sha)
@@ -251,15 +263,14 @@ class MediaCache:
     # --- download -------------------------------------------------------------------------
 
     def _download(self, url: str, sha: str) -> int:
-        tmp = self.dir / f".{sha}.{os.urandom(4).hex()}.part"
-        try:
-            size = self._downloader.download(url, sha, tmp)
-            with self._lock_for(sha, self._sha_locks):
-                os.replace(tmp, self.dir / sha)
-                fsync_dir(self.dir)
-                self._touch(sha, self.dir / sha)
-        finally:
-            _unlink(tmp)
+        """Caller holds the sha's download lock (the partial file is its alone)."""
+        self._prune_parts()
+        part = self.dir / f".{sha}.part"
+        size = self._downloader.download(url, sha, part)
+        with self._lock_for(sha, self._sha_locks):
+            os.replace(part, self.dir / sha)
+            fsync_dir(self.dir)
+            self._touch(sha, self.dir / sha)
         return size
 
 
@@ -268,14 +279,6 @@ def _check_sha(sha256: str) -> str:
     if not SHA_RE.match(sha):
         raise MediaError("media_checksum", "sha256 must be 64 hexadecimal digits")
     return sha
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unlink(path: Path) -> None:
