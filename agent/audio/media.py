@@ -9,9 +9,11 @@ sha256 (also after a restart) and deleted after ``PART_KEEP_S`` unused; it is ne
 not counted in the quota. Hosts: :mod:`agent.audio.hosts`.
 
 Threads: :meth:`MediaCache.fetch` blocks and is thread-safe. :meth:`MediaCache.submit` runs it in
-the cache's own small pool (``workers`` threads) and returns a ``Future``; the core adds a done
-callback that only enqueues the result for its event loop. Concurrent requests for one sha256
-share one download.
+the cache's own small pool and returns a ``Future``; the core adds a done callback that only
+enqueues the result for its event loop. The pool has lanes (:mod:`agent.audio.lanes`: ``workers``
+shared threads, one kept for emergency downloads and one for priority ones): an urgent download
+never waits behind normal ones. Concurrent requests for one sha256 share one download; a more
+urgent request for one still waiting for a worker is queued again in its own lane.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.audio.download import Downloader, Limits, hash_file
 from agent.audio.hosts import HostRules, MediaError, redact  # noqa: F401 - redact: for callers
+from agent.audio.lanes import Lanes
 from agent.core.clock import Clock, SystemClock
+from agent.protocol import Priority
 from drivers.fsutil import fsync_dir
 
 if TYPE_CHECKING:
@@ -74,10 +78,10 @@ class MediaCache:
         # downloads (long), so path_for never waits for a download in flight.
         self._sha_locks: dict[str, threading.Lock] = {}
         self._dl_locks: dict[str, threading.Lock] = {}
-        self._inflight: dict[str, Future] = {}
+        self._inflight: dict[str, tuple[Future, Priority]] = {}
         self._entries: dict[str, _Entry] = {}
         self._pinned: frozenset[str] = frozenset()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="media")
+        self._pool = Lanes(workers, name="media")
         self._scan()
 
     # --- public API -----------------------------------------------------------------------
@@ -143,16 +147,24 @@ class MediaCache:
             self._evict(keep=sha)
             return str(self.dir / sha)
 
-    def submit(self, url: str, sha256: str) -> Future:
-        """:meth:`fetch` in the cache's pool; one shared Future per sha256 in flight."""
+    def submit(self, url: str, sha256: str, lane: Priority = Priority.NORMAL) -> Future:
+        """:meth:`fetch` in the cache's pool, in ``lane`` (the item's priority); one shared
+        Future per sha256 in flight, unless this request is more urgent and that one still
+        waits for a worker."""
         sha = sha256.lower()
         with self._lock:
-            fut = self._inflight.get(sha)
-            if fut is None:
-                fut = self._pool.submit(self.fetch, url, sha)
-                self._inflight[sha] = fut
-                fut.add_done_callback(lambda _f, s=sha: self._inflight.pop(s, None))
-            return fut
+            fut, its_lane = self._inflight.get(sha, (None, lane))
+            if fut is not None and (lane <= its_lane or fut.running() or fut.done()):
+                return fut
+            fut = self._pool.submit(self.fetch, url, sha, lane=lane)
+            self._inflight[sha] = (fut, lane)
+        fut.add_done_callback(lambda f: self._done(sha, f))  # at once if done: not under the lock
+        return fut
+
+    def _done(self, sha: str, fut: Future) -> None:
+        with self._lock:
+            if self._inflight.get(sha, (None,))[0] is fut:
+                del self._inflight[sha]
 
     def set_pinned(self, shas: Iterable[str]) -> None:
         """Media a schedule or the queue still needs: never evicted. Replaces the old set."""
