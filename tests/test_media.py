@@ -53,6 +53,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # http.server names it so
         path = urlsplit(self.path).path
         n = Handler.hits[path] = Handler.hits[path] + 1
+        if self.path.startswith("http://"):  # as a proxy: the same files
+            Handler.hits[self.path] += 1
         if path == "/good" or path.startswith("/f/"):
             self._send(Handler.files.get(path, BODY))
         elif path == "/redirect":
@@ -521,6 +523,16 @@ def test_a_name_resolving_to_loopback_is_refused_unless_listed(tmp_path, server,
     assert Handler.hits["/good"] == 0  # refused on the socket, before any request
     listed = make_cache(tmp_path, allowed_hosts=["media.test"])
     assert Path(listed.fetch(url, SHA)).read_bytes() == BODY
+
+
+def test_through_a_proxy_the_proxy_is_the_peer(tmp_path, server, monkeypatch) -> None:
+    """The handler answers absolute-form requests as an HTTP proxy would."""
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server)
+    cache = make_cache(tmp_path, allowed_hosts=[])
+    assert Path(cache.fetch("http://media.example.vn/good", SHA)).read_bytes() == BODY
+    assert Handler.hits["http://media.example.vn/good"] == 1
 
 
 def test_redact_hides_credentials_and_query_tokens():
