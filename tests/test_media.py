@@ -536,7 +536,7 @@ def test_through_a_proxy_the_proxy_is_the_peer(tmp_path, server, monkeypatch) ->
 
 
 def test_redact_hides_credentials_and_query_tokens():
-    from agent.audio.media import redact
+    from agent.audio.hosts import redact
 
     assert redact("https://u:secret@media.example.vn:8443/a/b.mp3?token=abc") == \
         "https://media.example.vn:8443/a/b.mp3?…"

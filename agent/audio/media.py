@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.audio.download import Downloader, Limits, hash_file
-from agent.audio.hosts import HostRules, MediaError, redact  # noqa: F401 - redact: for callers
+from agent.audio.hosts import HostRules, MediaError
 from agent.audio.lanes import Lanes
 from agent.core.clock import Clock, SystemClock
 from agent.protocol import Priority
