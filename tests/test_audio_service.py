@@ -21,6 +21,7 @@ import wave
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -698,7 +699,7 @@ class ManualPool:
     def __init__(self) -> None:
         self.jobs: list[tuple[Callable, tuple, Future]] = []
 
-    def submit(self, fn: Callable, *args) -> Future:
+    def submit(self, fn: Callable, *args, lane: Any = None) -> Future:
         fut: Future = Future()
         self.jobs.append((fn, args, fut))
         return fut

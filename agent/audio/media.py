@@ -1,35 +1,39 @@
 """The media cache: downloads from allowed hosts only, verified by sha256, kept under a quota.
 
 Files are stored as ``<cache_dir>/<sha256>`` (lower-case hex), so a name is its own checksum.
-A download streams into ``.<sha256>.<random>.part`` in the same folder and is renamed into place
-only after its hash matched and it was fsynced: a power cut leaves either nothing or a complete,
-verified file. Leftover ``.part`` files are deleted when the cache opens.
+A download (:mod:`agent.audio.download`: deadline, minimum rate, retries, resume) streams into
+``.<sha256>.part`` in the same folder and is renamed into place only after the whole file's
+hash matched and it was fsynced: a power cut leaves a partial file or a complete, verified one,
+never a wrong file under a sha256 name. A partial file is resumed by the next download of its
+sha256 (also after a restart) and deleted after ``PART_KEEP_S`` unused; it is never aired and
+not counted in the quota. Hosts: :mod:`agent.audio.hosts`.
 
 Threads: :meth:`MediaCache.fetch` blocks and is thread-safe. :meth:`MediaCache.submit` runs it in
-the cache's own small pool (``workers`` threads) and returns a ``Future``; the core adds a done
-callback that only enqueues the result for its event loop. Concurrent requests for one sha256
-share one download.
+the cache's own small pool and returns a ``Future``; the core adds a done callback that only
+enqueues the result for its event loop. The pool has lanes (:mod:`agent.audio.lanes`: ``workers``
+shared threads, one kept for emergency downloads and one for priority ones): an urgent download
+never waits behind normal ones. Concurrent requests for one sha256 share one download; a more
+urgent request for one still waiting for a worker is queued again in its own lane.
 """
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urljoin, urlsplit
+from typing import TYPE_CHECKING, Any
 
-from agent.args import MAX_URL
+from agent.audio.download import Downloader, Limits, hash_file
+from agent.audio.hosts import HostRules, MediaError
+from agent.audio.lanes import Lanes
 from agent.core.clock import Clock, SystemClock
+from agent.protocol import Priority
 from drivers.fsutil import fsync_dir
 
 if TYPE_CHECKING:
@@ -38,25 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_REDIRECTS = 3
-_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\\]")  # whitespace, control characters, backslash
-CHUNK = 64 * 1024
+PART_RE = re.compile(r"^\.[0-9a-f]{64}\.part$")  # a download's partial file: .<sha256>.part
+PART_KEEP_S = 86_400  # a partial file not resumed within this is deleted
 # A cached file's mtime is its last use (the LRU order kept across restarts). Refreshing it at
 # most hourly keeps two syscalls off the path of a cached bulletin that is aired again.
 TOUCH_EVERY_S = 3600
-
-
-class MediaError(Exception):
-    """``reason`` is an ack reason code: media_host, media_checksum or media_unavailable."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-class _Retry(Exception):
-    """A transient failure: worth another attempt."""
 
 
 @dataclass
@@ -67,93 +57,43 @@ class _Entry:
     verified: bool  # hashed since the cache opened
 
 
-def _is_ip_literal(host: str) -> bool:
-    """Also catches the forms a resolver accepts: ``127.1``, ``2130706433``, ``0x7f.0.0.1``."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    try:
-        socket.inet_aton(host)
-        return True
-    except OSError:
-        return False
-
-
 class MediaCache:
+    """The verified cache. ``limits``: the fields of :class:`~agent.audio.download.Limits`
+    (``timeout_s``, ``read_timeout_s``, ``min_bytes_per_s``, ``slow_grace_s``, ``retries``,
+    ``backoff_s``, ``max_bytes``)."""
+
     def __init__(self, cache_dir: str | os.PathLike, *, allowed_hosts: list[str],
-                 quota_mb: float = 1024, max_bytes: int = 200 * 1024 * 1024,
-                 timeout_s: float = 300, retries: int = 3, clock: Clock | None = None,
-                 backoff_s: float = 2.0, workers: int = 2,
+                 quota_mb: float = 1024, workers: int = 2, clock: Clock | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None, **limits: Any) -> None:
         self.dir = Path(cache_dir)
         self._dir_str = str(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.allowed = {h.lower().rstrip(".") for h in allowed_hosts}
-        self._urls_ok: set[str] = set()  # passed check_url (the allow-list never changes)
+        self.hosts = HostRules(allowed_hosts)
         self.quota_bytes = int(quota_mb * 1024 * 1024)
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self._clock = clock or SystemClock()
-        self._sleep = sleep
-        self._session_obj: requests.Session | None = session
+        self._downloader = Downloader(Limits(**limits), hosts=lambda: self.hosts,
+                                      clock=clock or SystemClock(), sleep=sleep, session=session)
         self._lock = threading.Lock()
         # per sha: _sha_locks guard the index entry and hashing (short); _dl_locks serialise
         # downloads (long), so path_for never waits for a download in flight.
         self._sha_locks: dict[str, threading.Lock] = {}
         self._dl_locks: dict[str, threading.Lock] = {}
-        self._inflight: dict[str, Future] = {}
+        self._inflight: dict[str, tuple[Future, Priority]] = {}
         self._entries: dict[str, _Entry] = {}
         self._pinned: frozenset[str] = frozenset()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="media")
+        self._pool = Lanes(workers, name="media")
         self._scan()
-
-    @property
-    def _session(self) -> requests.Session:
-        """Created at the first download: most days nothing is downloaded, and requests
-        costs ~15 MB of memory on a 512 MB board."""
-        if self._session_obj is None:
-            self._session_obj = _requests().Session()
-        return self._session_obj
 
     # --- public API -----------------------------------------------------------------------
 
     def check_url(self, url: str) -> None:
         """Raise :class:`MediaError` (``media_host``) unless ``url`` may be downloaded."""
-        if isinstance(url, str) and url in self._urls_ok:  # the same URLs come again and again
-            return
-        self._check_url(url)
-        if len(self._urls_ok) >= 1000:
-            self._urls_ok.clear()
-        self._urls_ok.add(url)
+        self.hosts.check_url(url)
 
-    def _check_url(self, url: str) -> None:
-        if not isinstance(url, str) or len(url) > MAX_URL:
-            raise MediaError("media_host", f"url must be a string of at most {MAX_URL} characters")
-        if _BAD_URL_CHAR.search(url):
-            raise MediaError("media_host", "url contains whitespace, control characters or '\\'")
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
-            raise MediaError("media_host", f"scheme {parts.scheme!r} not allowed (http/https)")
-        if "@" in parts.netloc:
-            raise MediaError("media_host", "credentials in the url (user@host) are not allowed")
-        try:
-            host = (parts.hostname or "").rstrip(".")
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as e:
-            raise MediaError("media_host", f"bad host or port: {e}") from None
-        if not host:
-            raise MediaError("media_host", "url has no host")
-        if host in self.allowed:
-            return
-        if _is_ip_literal(host):
-            raise MediaError("media_host", f"IP address {host} is not in security.media_hosts")
-        if self.allowed:
-            raise MediaError("media_host", f"host {host} is not in security.media_hosts")
+    def set_hosts(self, hosts: list[str]) -> None:
+        """Replace the allow-list (``security.media_hosts`` reloaded); downloads under way
+        check their next redirect and connection against the new one."""
+        self.hosts = HostRules(hosts)
 
     def path_for(self, sha256: str) -> str | None:
         """The cached file for ``sha256``, verified, or None (a bad file is deleted)."""
@@ -203,20 +143,28 @@ class MediaCache:
             if path is not None:
                 return path
             self.check_url(url)
-            self._download_with_retries(url, sha)
+            self._download(url, sha)
             self._evict(keep=sha)
             return str(self.dir / sha)
 
-    def submit(self, url: str, sha256: str) -> Future:
-        """:meth:`fetch` in the cache's pool; one shared Future per sha256 in flight."""
+    def submit(self, url: str, sha256: str, lane: Priority = Priority.NORMAL) -> Future:
+        """:meth:`fetch` in the cache's pool, in ``lane`` (the item's priority); one shared
+        Future per sha256 in flight, unless this request is more urgent and that one still
+        waits for a worker."""
         sha = sha256.lower()
         with self._lock:
-            fut = self._inflight.get(sha)
-            if fut is None:
-                fut = self._pool.submit(self.fetch, url, sha)
-                self._inflight[sha] = fut
-                fut.add_done_callback(lambda _f, s=sha: self._inflight.pop(s, None))
-            return fut
+            fut, its_lane = self._inflight.get(sha, (None, lane))
+            if fut is not None and (lane <= its_lane or fut.running() or fut.done()):
+                return fut
+            fut = self._pool.submit(self.fetch, url, sha, lane=lane)
+            self._inflight[sha] = (fut, lane)
+        fut.add_done_callback(lambda f: self._done(sha, f))  # at once if done: not under the lock
+        return fut
+
+    def _done(self, sha: str, fut: Future) -> None:
+        with self._lock:
+            if self._inflight.get(sha, (None,))[0] is fut:
+                del self._inflight[sha]
 
     def set_pinned(self, shas: Iterable[str]) -> None:
         """Media a schedule or the queue still needs: never evicted. Replaces the old set."""
@@ -239,21 +187,29 @@ class MediaCache:
                     "pinned_bytes": pinned}
 
     def close(self) -> None:
-        """Stop accepting downloads; running ones finish. Idempotent."""
+        """Stop accepting downloads; those under way fail at once. Idempotent."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._session_obj is not None:
-            self._session_obj.close()
+        self._downloader.close()
 
     # --- index ----------------------------------------------------------------------------
 
     def _scan(self) -> None:
-        """Index existing media and delete partial downloads left by a crash or power cut."""
+        """Index existing media; partial downloads stay to be resumed unless stale."""
+        self._prune_parts()
         for p in self.dir.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".part"):
-                _unlink(p)
-            elif SHA_RE.match(p.name) and p.is_file():
+            if SHA_RE.match(p.name) and p.is_file():
                 st = p.stat()
                 self._entries[p.name] = _Entry(st.st_size, st.st_mtime_ns, st.st_mtime, False)
+
+    def _prune_parts(self) -> None:
+        """Delete partial files older than ``PART_KEEP_S`` or not of this version's form."""
+        now = time.time()
+        for p in self.dir.glob(".*.part"):
+            try:
+                if not PART_RE.match(p.name) or now - p.stat().st_mtime > PART_KEEP_S:
+                    _unlink(p)
+            except FileNotFoundError:
+                pass
 
     def _lock_for(self, sha: str, locks: dict[str, threading.Lock]) -> threading.Lock:
         lock = locks.get(sha)
@@ -275,7 +231,7 @@ class MediaCache:
             self._forget(sha)
             return None
         same = st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
-        if not (entry.verified and same) and _hash_file(path) != sha:
+        if not (entry.verified and same) and hash_file(path).hexdigest() != sha:
             log.warning("cached media %s is corrupt; deleted", sha)
             _unlink(path)
             self._forget(sha)
@@ -318,88 +274,15 @@ class MediaCache:
 
     # --- download -------------------------------------------------------------------------
 
-    def _download_with_retries(self, url: str, sha: str) -> int:
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._sleep(min(self.backoff_s * 2 ** (attempt - 1), 60))
-            try:
-                return self._download(url, sha)
-            except _Retry as e:
-                last = str(e)
-                log.info("download of %s failed (attempt %d): %s", redact(url), attempt + 1, e)
-        raise MediaError("media_unavailable", f"{redact(url)}: {last}")
-
     def _download(self, url: str, sha: str) -> int:
-        deadline = self._clock.monotonic() + self.timeout_s
-        resp = self._open(url, deadline)
-        tmp = self.dir / f".{sha}.{os.urandom(4).hex()}.part"
-        try:
-            size = self._stream_to(resp, tmp, sha, deadline)
-            with self._lock_for(sha, self._sha_locks):
-                os.replace(tmp, self.dir / sha)
-                fsync_dir(self.dir)
-                self._touch(sha, self.dir / sha)
-        finally:
-            resp.close()
-            _unlink(tmp)
-        return size
-
-    def _open(self, url: str, deadline: float) -> requests.Response:
-        """GET with redirects followed by hand, each hop checked against the allow-list."""
-        for _ in range(MAX_REDIRECTS + 1):
-            timeout = (min(10.0, self.timeout_s), min(30.0, self.timeout_s))
-            try:
-                resp = self._session.get(url, stream=True, timeout=timeout, allow_redirects=False)
-            except _requests().RequestException as e:
-                raise _Retry(f"{type(e).__name__}: {e}") from None
-            if resp.is_redirect:
-                resp.close()
-                url = urljoin(url, resp.headers.get("Location", ""))
-                self.check_url(url)
-                continue
-            self._check_status(resp)
-            return resp
-        raise MediaError("media_unavailable", f"more than {MAX_REDIRECTS} redirects")
-
-    def _check_status(self, resp: requests.Response) -> None:
-        code = resp.status_code
-        if code == 200:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > self.max_bytes:
-                resp.close()
-                raise MediaError("media_unavailable",
-                                 f"media is {length} bytes, more than the limit {self.max_bytes}")
-            return
-        resp.close()
-        if code >= 500 or code in (408, 429):
-            raise _Retry(f"HTTP {code}")
-        raise MediaError("media_unavailable", f"HTTP {code} from {redact(resp.url)}")
-
-    def _stream_to(self, resp: requests.Response, tmp: Path, sha: str, deadline: float) -> int:
-        digest, size = hashlib.sha256(), 0
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in resp.iter_content(CHUNK):
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise MediaError("media_unavailable",
-                                         f"media exceeds the limit of {self.max_bytes} bytes")
-                    if self._clock.monotonic() > deadline:
-                        raise _Retry(f"download took longer than {self.timeout_s} s")
-                    digest.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except _requests().RequestException as e:  # a cut connection, a read timeout
-            raise _Retry(f"{type(e).__name__}: {e}") from None
-        except OSError as e:
-            raise MediaError("media_unavailable", f"cannot write the cache: {e}") from None
-        expected = resp.headers.get("Content-Length")
-        if expected and expected.isdigit() and int(expected) != size:
-            raise _Retry(f"connection closed after {size} of {expected} bytes")
-        if digest.hexdigest() != sha:
-            raise MediaError("media_checksum", f"sha256 is {digest.hexdigest()}, expected {sha}")
+        """Caller holds the sha's download lock (the partial file is its alone)."""
+        self._prune_parts()
+        part = self.dir / f".{sha}.part"
+        size = self._downloader.download(url, sha, part)
+        with self._lock_for(sha, self._sha_locks):
+            os.replace(part, self.dir / sha)
+            fsync_dir(self.dir)
+            self._touch(sha, self.dir / sha)
         return size
 
 
@@ -410,34 +293,8 @@ def _check_sha(sha256: str) -> str:
     return sha
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _requests():
-    import requests
-
-    return requests
-
-
-def redact(url: str) -> str:
-    """A URL safe for logs and acks: no user:password, no query string (tokens live there)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
-    except ValueError:
-        return "<bad url>"

@@ -39,9 +39,11 @@ def open_meter(ver_cfg: dict) -> Any:
 def open_cache(cfg: dict) -> MediaCache:
     m = cfg["media"]
     return MediaCache(m["dir"], allowed_hosts=cfg["security"]["media_hosts"],
-                      quota_mb=m["quota_mb"], max_bytes=int(m["max_bytes"]),
-                      timeout_s=m["timeout_s"], retries=int(m["retries"]),
-                      backoff_s=m["backoff_s"], workers=int(m["workers"]))
+                      quota_mb=m["quota_mb"], workers=int(m["workers"]),
+                      max_bytes=int(m["max_bytes"]), timeout_s=m["timeout_s"],
+                      read_timeout_s=m["read_timeout_s"], min_bytes_per_s=m["min_bytes_per_s"],
+                      slow_grace_s=m["slow_grace_s"], retries=int(m["retries"]),
+                      backoff_s=m["backoff_s"])
 
 
 def open_tts(cfg: dict) -> tuple[TtsEngine | None, str | None]:

@@ -3,7 +3,9 @@
 An item (command or schedule slot) is prepared in the audio service's small pool, off the core
 thread: its media looked up in the cache or downloaded and verified, its speech rendered, a live
 item's fallback file fetched and its relay made. Media already cached and verified needs no
-worker. The result is posted back to the core thread.
+worker. The result is posted back to the core thread. Both the service's pool and the cache's
+run jobs in the item's priority lane (:mod:`agent.audio.lanes`): an emergency is never
+prepared behind normal items.
 
 The order items air in within a priority is taken when they arrive (``reserve_seq``), not when
 their preparation finishes. A prepared item also waits (up to ``hold_s``) while an earlier
@@ -109,7 +111,7 @@ class Preparation:
             self.fail(meta, e.reason, e.message)
             return
         meta.shas = tuple(m["sha256"].lower() for m in media)
-        self.prepare(item, meta, lambda: [self._fetch_variant(m) for m in media],
+        self.prepare(item, meta, lambda: [self._fetch_variant(m, meta.rank) for m in media],
                      ready=self._cached_variants(media))
 
     def say(self, item: Item, text: str, lang: str, meta: Meta) -> None:
@@ -142,7 +144,7 @@ class Preparation:
             meta.shas = (fallback["sha256"].lower(),)
 
         def make() -> list[Variant]:
-            path = self._fetch_variant(fallback).source if fallback is not None else None
+            path = self._fetch_variant(fallback, meta.rank).source if fallback else None
             meta.relay = LiveRelay(urls[0], urls[1:], path, self.clock, self.live_options)
             return [Variant(key, None, media)]
         self.prepare(item, meta, make)
@@ -165,7 +167,7 @@ class Preparation:
         if ready is not None:
             self._prepared(item, meta, ready)
             return
-        fut = self._pool.submit(make)
+        fut = self._pool.submit(make, lane=meta.rank)
         fut.add_done_callback(lambda f: self.core.post(self._prepared, item, meta, _outcome(f)))
         self._on_change()
 
@@ -207,10 +209,11 @@ class Preparation:
             self._durations[sha] = wav_duration_ms(path)
         return self._durations[sha]
 
-    def _fetch_variant(self, m: dict) -> Variant:
-        """Worker thread: a verified local copy (never a file that failed its checksum)."""
+    def _fetch_variant(self, m: dict, lane: Priority) -> Variant:
+        """Worker thread: a verified local copy (never a file that failed its checksum),
+        downloaded in the item's lane."""
         sha = m["sha256"].lower()
-        path = self.cache.path_for(sha) or self.cache.submit(m["url"], sha).result()
+        path = self.cache.path_for(sha) or self.cache.submit(m["url"], sha, lane).result()
         return Variant(path, m.get("lang"), dict(m), wav_duration_ms(path))
 
     def _prepared(self, item: Item, meta: Meta, result: list[Variant] | BaseException) -> None:

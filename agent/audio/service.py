@@ -40,7 +40,7 @@ import logging
 import os
 import unicodedata
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from agent.args import BOARD_MESSAGE
@@ -57,6 +57,7 @@ from agent.audio.commands import (
     validate_volume,
 )
 from agent.audio.faults import Faults
+from agent.audio.lanes import Lanes
 from agent.audio.live import LiveOptions
 from agent.audio.liveout import LiveOutput
 from agent.audio.media import MediaCache
@@ -91,7 +92,8 @@ class AudioService:
     from ``cfg`` (:mod:`agent.audio.parts`): ``board`` (None: no board, board texts are not
     shown), ``gpio`` (the amplifier's relay and fault pin), ``output`` (an output passed in
     reports its events to whoever made it), ``meter``, ``tts``, ``cache``, ``live_options``;
-    ``pool`` runs preparation and probes (tests pass one they drive)."""
+    ``pool`` runs preparation and probes, ``submit(fn, *args, lane=priority)`` as
+    :class:`~agent.audio.lanes.Lanes` (tests pass one they drive)."""
 
     def __init__(self, core: Core, cfg: dict, *, board: Board | None = None, gpio: Any = None,
                  output: AudioOutput | None = None, meter: Any = None,
@@ -111,8 +113,7 @@ class AudioService:
         self.amp = Amplifier.from_config(self.gpio, self.clock, cfg["amplifier"])
         self.cache = cache or parts.open_cache(cfg)
         self.tts, tts_error = (tts, None) if tts is not None else parts.open_tts(cfg)
-        self._pool = pool or ThreadPoolExecutor(max_workers=workers,
-                                                thread_name_prefix="audio-prep")
+        self._pool = pool or Lanes(workers, name="audio-prep")  # by priority (lanes.py)
         self.saved_volume = SavedVolume(cfg["paths"]["state_dir"])
         # what the arbiter plays through: live items fail over between their sources
         self.air = LiveOutput(self.output, self.live_options, meter=self.meter,
