@@ -490,7 +490,7 @@ def test_relay_process_missed_heartbeats(broker, keys, tmp_path, agent_factory, 
 def test_watch_fleet_filters_by_group_and_alert():
     from rich.console import Console
 
-    from ctl.main import Fleet
+    from ctl.watch import Fleet
 
     fleet = Fleet({"krongpa": ["krongpa-*"]})
     fleet.update(f"ttcs/dev/{DEV}/status", b'{"state":"online"}', now=100)

@@ -1,0 +1,110 @@
+"""``ttcs-ctl send``: sign a command, publish it, print the acks as they arrive."""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import sys
+import time
+
+from agent import protocol
+from ctl.keys import signing_key
+from ctl.session import EXIT_DONE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, Session
+
+
+def make_envelope(target: str, typ: str, args: dict, *, ttl_s: int | None, cmd_id: str | None,
+                  now_ms: int | None = None) -> dict:
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    env = {"v": 1, "id": cmd_id or f"c-{secrets.token_hex(6)}", "type": typ, "target": target,
+           "ts": now_ms, "args": args}
+    if ttl_s:
+        env["exp"] = now_ms + ttl_s * 1000
+    return env
+
+
+def send(cfg: dict, target: str, typ: str, args: dict, *, timeout: float, ttl_s: int | None,
+         cmd_id: str | None, unsigned: bool, as_json: bool, devices: int | None) -> int:
+    if not protocol.TARGET_RE.match(target):
+        print(f"target must be dev/ID or grp/G, not {target!r}", file=sys.stderr)
+        return EXIT_USAGE
+    env = make_envelope(target, typ, args, ttl_s=ttl_s, cmd_id=cmd_id)
+    if not unsigned:
+        key = signing_key(cfg, " (or pass --unsigned)")
+        if key is None:
+            return EXIT_USAGE
+        env = protocol.sign(env, key, cfg["signing"]["kid"])
+    prefix = cfg["mqtt"]["topic_prefix"]
+    ack_topic = f"{prefix}/{target}/ack" if target.startswith("dev/") else f"{prefix}/dev/+/ack"
+    session = Session(cfg, [ack_topic])
+    session.open()
+    try:
+        session.publish(f"{prefix}/{target}/cmd", protocol.canonical(env))
+        return _follow_acks(session, env["id"], target, timeout, as_json, devices)
+    finally:
+        session.close()
+
+
+def _follow_acks(session: Session, cmd_id: str, target: str, timeout: float, as_json: bool,
+                 devices: int | None, settle_s: float = 3.0) -> int:
+    """Print acks for ``cmd_id`` until each device reached a final stage (or the timeout).
+
+    For a group without ``devices``, stop once every device heard from has finished and
+    nothing new came for ``settle_s``."""
+    finals: dict[str, str] = {}
+    received: set[str] = set()
+    deadline = time.monotonic() + timeout
+    last_activity = time.monotonic()
+    single = target.startswith("dev/")
+    while time.monotonic() < deadline:
+        try:
+            topic, payload, _ = session.messages.get(timeout=0.2)
+        except queue.Empty:
+            settled = time.monotonic() - last_activity > settle_s
+            if not single and devices is None and finals and finals.keys() >= received and settled:
+                break
+            continue
+        ack = _parse_ack(payload)
+        if ack is None or ack.get("id") != cmd_id:
+            continue
+        device = topic.split("/")[-2]
+        last_activity = time.monotonic()
+        stage = ack.get("stage")
+        if stage == "rejected" and ack.get("reason") == protocol.REPLAYED and device in received:
+            continue  # a duplicate delivery of a command this device already took
+        print(json.dumps({"device": device, **ack}, ensure_ascii=False) if as_json else
+              _ack_line(device, ack), flush=True)
+        if stage == "received":
+            received.add(device)
+        if stage in protocol.FINAL_STAGES:
+            finals.setdefault(device, stage)
+            received.add(device)
+        if (single and finals) or (devices is not None and len(finals) >= devices):
+            break
+    if not finals:
+        print(f"no final ack within {timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if devices is not None and len(finals) < devices:
+        print(f"{len(finals)} of {devices} devices finished within {timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_DONE if all(s == "done" for s in finals.values()) else EXIT_FAILED
+
+
+def _parse_ack(payload: bytes) -> dict | None:
+    try:
+        ack = json.loads(payload)
+    except ValueError:
+        return None
+    return ack if isinstance(ack, dict) else None
+
+
+def _ack_line(device: str, ack: dict) -> str:
+    ts = time.strftime("%H:%M:%S", time.localtime(ack.get("ts", 0) / 1000))
+    line = f"{ts} {device:<24} {ack.get('stage', '?'):<10}"
+    if ack.get("reason"):
+        line += f" {ack['reason']}"
+    detail = ack.get("detail") or {}
+    if detail.get("message"):
+        line += f": {detail['message']}"
+    return line
+
