@@ -63,20 +63,29 @@ class Channel(Protocol):
 # --- grouping ----------------------------------------------------------------------------
 
 def summarise(notices: list[dict]) -> list[dict]:
-    """Fold a window's notices (in order) into one item per device connectivity and per alert."""
+    """Fold a window's notices (in order) into one item per device connectivity and per alert.
+    A notice that cannot be folded is logged and left out: it never holds back the others."""
     items: dict[tuple, dict] = {}
     for n in notices:
-        detail = _loads(n.get("detail"))
-        if n["kind"] in ("offline", "online"):
-            _fold_link(items.setdefault((n["device"], "link"), {"device": n["device"],
-                                                                 "outages": 0}), n, detail)
-        else:
-            key = (n["device"], "alert", n["code"], n["key"])
-            _fold_alert(items.setdefault(key, {"device": n["device"], "kind": "alert",
-                                               "code": n["code"], "key": n["key"], "raised": 0,
-                                               "cleared": 0, "since": n["ts"],
-                                               "historical": False}), n, detail)
+        try:
+            _fold(items, n)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            log.error("notice %s left out of the notification: %s: %s", n.get("id"),
+                      type(e).__name__, e)
     return list(items.values())
+
+
+def _fold(items: dict[tuple, dict], n: dict) -> None:
+    detail = _loads(n.get("detail"))
+    if n["kind"] in ("offline", "online"):
+        _fold_link(items.setdefault((n["device"], "link"), {"device": n["device"],
+                                                             "outages": 0}), n, detail)
+    else:
+        key = (n["device"], "alert", n["code"], n["key"])
+        _fold_alert(items.setdefault(key, {"device": n["device"], "kind": "alert",
+                                           "code": n["code"], "key": n["key"], "raised": 0,
+                                           "cleared": 0, "since": n["ts"], "historical": False,
+                                           "device_time_invalid": False}), n, detail)
 
 
 def _fold_link(item: dict, n: dict, detail: dict) -> None:
@@ -94,6 +103,8 @@ def _fold_alert(item: dict, n: dict, detail: dict) -> None:
     item["state"] = "raised" if n["kind"] == "alert" else "cleared"
     item["last"] = n["ts"]
     item["historical"] = item["historical"] or bool(detail.get("historical"))
+    if detail.get("device_time_invalid"):
+        item["device_time_invalid"] = True
     if detail.get("detail"):
         item["detail"] = detail["detail"]
 
@@ -148,6 +159,8 @@ def _line(i: dict, zone: ZoneInfo) -> str:
         return f"🟢 ĐÃ KẾT NỐI LẠI {where} lúc {_hm(i['at'], zone)}{down}{flaps}"
     code = i["code"] + (f"/{i['key']}" if i.get("key") else "")
     old = " (ghi nhận khi mất kết nối)" if i.get("historical") else ""
+    if i.get("device_time_invalid"):
+        old += " (giờ thiết bị gửi không hợp lệ: theo giờ relay nhận)"
     if i["state"] == "raised":
         again = f"; báo {i['raised']} lần" if i["raised"] > 1 else ""
         return f"⚠️ CẢNH BÁO {code} tại {where} từ {_hm(i['since'], zone)}{again}{old}"
@@ -156,9 +169,12 @@ def _line(i: dict, zone: ZoneInfo) -> str:
 
 
 def _hm(ms: int | None, zone: ZoneInfo) -> str:
-    if not isinstance(ms, int):
+    if not isinstance(ms, int) or isinstance(ms, bool):
         return "?"
-    return datetime.fromtimestamp(ms / 1000, zone).strftime("%H:%M %d/%m")
+    try:
+        return datetime.fromtimestamp(ms / 1000, zone).strftime("%H:%M %d/%m")
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds
+        return "?"
 
 
 # --- channels ----------------------------------------------------------------------------
@@ -294,7 +310,9 @@ class Dispatcher:
         self.instance = store.instance_id()
 
     def run_due(self, now_ms: int) -> int:
-        """Try every due delivery once; returns how many were sent."""
+        """Try every due delivery once; returns how many were sent. Each is tried on its
+        own: one that cannot even be rendered is logged and given up, never blocking the
+        queue."""
         with self.store.lock:
             due = [dict(r) for r in self.store.q(
                 "SELECT d.batch, d.channel, d.attempts, b.body FROM deliveries d JOIN batches b"
@@ -310,7 +328,13 @@ class Dispatcher:
         if channel is None:
             self._record(row, now_ms, NotifyError("channel no longer configured", True))
             return 0
-        msg = render(row["batch"], json.loads(row["body"]), self.instance, self.tz, self.groups)
+        try:
+            msg = render(row["batch"], json.loads(row["body"]), self.instance, self.tz,
+                         self.groups)
+        except Exception as e:  # a bad batch must not stop the ones after it
+            log.exception("notification %d cannot be rendered", row["batch"])
+            self._record(row, now_ms, NotifyError(f"render: {type(e).__name__}", True))
+            return 0
         try:
             channel.send(msg)
         except NotifyError as e:

@@ -31,7 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.protocol import MAX_PAYLOAD
 from ctl import notify
+from ctl.sanitize import as_int, device_time
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,15 @@ CREATE TABLE IF NOT EXISTS devices (
     state TEXT, first_seen_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, type TEXT NOT NULL,
-    historical INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL,
+    historical INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL, flags TEXT,
     PRIMARY KEY (device, seq));
 CREATE INDEX IF NOT EXISTS events_by_type ON events(type, ts);
 CREATE TABLE IF NOT EXISTS gaps (
     device TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     noticed_ms INTEGER NOT NULL, filled_ms INTEGER, PRIMARY KEY (device, first_seq));
 CREATE TABLE IF NOT EXISTS health (
-    device TEXT NOT NULL, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL);
+    device TEXT NOT NULL, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL,
+    flags TEXT);
 CREATE INDEX IF NOT EXISTS health_by_device ON health(device, ts);
 CREATE TABLE IF NOT EXISTS transitions (
     device TEXT NOT NULL, ts INTEGER NOT NULL, online INTEGER NOT NULL, reason TEXT);
@@ -72,6 +75,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
     PRIMARY KEY (batch, channel));
 """
+# columns added since the first release: added to an older database when it is opened
+COLUMNS = {"events": {"flags": "TEXT"}, "health": {"flags": "TEXT"}}
+TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
 
 
 # --- storage -----------------------------------------------------------------------------
@@ -88,7 +94,15 @@ class RelayStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_columns()
         self.lock = threading.RLock()
+
+    def _add_columns(self) -> None:
+        for table, columns in COLUMNS.items():
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self.db.close()
@@ -144,6 +158,8 @@ class RelaySettings:
     alert_codes: list[str] = field(default_factory=list)  # empty: all
     channels: list[str] = field(default_factory=list)
     health_keep_days: int = 31
+    ts_past_days: float = 400.0  # device times older than this (or further ahead than
+    ts_future_s: float = 3600.0  # ts_future_s) are replaced by the relay's receive time
 
     @classmethod
     def from_config(cls, cfg: dict, channels: list[str]) -> RelaySettings:
@@ -151,7 +167,8 @@ class RelaySettings:
         return cls(heartbeat_default_s=float(r["heartbeat_default_s"]),
                    missed_beats=int(r["missed_beats"]), group_window_s=float(r["group_window_s"]),
                    alert_codes=list(cfg["alerts"]["codes"]), channels=channels,
-                   health_keep_days=int(r["health_keep_days"]))
+                   health_keep_days=int(r["health_keep_days"]),
+                   ts_past_days=float(r["ts_past_days"]), ts_future_s=float(r["ts_future_s"]))
 
 
 @dataclass
@@ -162,6 +179,7 @@ class Counters:
     gaps: int = 0
     notices: int = 0
     batches: int = 0
+    device_time: int = 0  # device times out of window, replaced by the receive time
 
 
 class Relay:
@@ -203,7 +221,7 @@ class Relay:
         rest = topic[len(head):].split("/")
         if len(rest) != 2 or rest[1] not in LEAVES or not DEVICE_RE.match(rest[0]):
             return None
-        if len(payload) > 256 * 1024:
+        if len(payload) > MAX_PAYLOAD:
             return None
         try:
             body = json.loads(payload.decode("utf-8"))
@@ -226,7 +244,7 @@ class Relay:
             self._transition(device, True, now_ms, "heard", row, now_ms)
 
     def _on_status(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
-        state, session = body.get("state"), _int(body.get("session"))
+        state, session = body.get("state"), as_int(body.get("session"))
         if state not in ("online", "offline"):
             raise ValueError(f"status state {state!r}")
         row = self._device(device, now_ms)
@@ -246,13 +264,26 @@ class Relay:
         elif row["reason"] != reason:
             self.store.x("UPDATE devices SET reason=? WHERE device=?", reason, device)
 
+    def _ts(self, device: str, body: dict, now_ms: int) -> tuple[int, str | None]:
+        """The message's ``ts`` if it is within the window around the relay's clock; else
+        the receive time, flagged (the body keeps what the device sent)."""
+        raw = as_int(body.get("ts"))
+        if raw is None:
+            raise ValueError("no integer ts")
+        ts = device_time(raw, now_ms, int(self.settings.ts_past_days * 86_400_000),
+                         int(self.settings.ts_future_s * 1000))
+        if ts is not None:
+            return ts, None
+        self.counters.device_time += 1
+        log.warning("%s: ts %d is outside the window around the relay's clock; the receive"
+                    " time is used", device, raw)
+        return now_ms, TS_FLAG
+
     def _on_health(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
-        ts = _int(body.get("ts"))
-        if ts is None:
-            raise ValueError("health without an integer ts")
+        ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
-        self.store.x("INSERT INTO health(device, ts, received_ms, body) VALUES(?, ?, ?, ?)",
-                     device, ts, now_ms, _dumps(body))
+        self.store.x("INSERT INTO health(device, ts, received_ms, body, flags)"
+                     " VALUES(?, ?, ?, ?, ?)", device, ts, now_ms, _dumps(body), flags)
         if body.get("historical") is not True and not retained:
             self._learn_interval(device, row, ts)
         self._alive(device, row, body, retained, now_ms)
@@ -269,20 +300,21 @@ class Relay:
         self._alive(device, row, body, retained, now_ms)
 
     def _on_event(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
-        seq, ts, typ = _int(body.get("seq")), _int(body.get("ts")), body.get("type")
-        if seq is None or seq < 1 or ts is None or not isinstance(typ, str):
-            raise ValueError("event without seq, ts or type")
+        seq, typ = as_int(body.get("seq")), body.get("type")
+        if seq is None or seq < 1 or not isinstance(typ, str):
+            raise ValueError("event without seq or type")
+        ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
         cur = self.store.x(
-            "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body)"
-            " VALUES(?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ[:32],
-            int(body.get("historical") is True), now_ms, _dumps(body))
+            "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body,"
+            " flags) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ[:32],
+            int(body.get("historical") is True), now_ms, _dumps(body), flags)
         if cur.rowcount == 0:
             self.counters.duplicates += 1
             return
         self._track_seq(device, row["max_seq"], seq, now_ms)
         if typ == "alert":
-            self._alert(device, body, now_ms)
+            self._alert(device, body, ts, flags, now_ms)
         self._alive(device, row, body, retained, now_ms)
 
     def _track_seq(self, device: str, max_seq: int | None, seq: int, now_ms: int) -> None:
@@ -305,7 +337,8 @@ class Relay:
                 self.store.x("UPDATE gaps SET filled_ms=? WHERE device=? AND first_seq=?",
                              now_ms, device, gap["first_seq"])
 
-    def _alert(self, device: str, body: dict, now_ms: int) -> None:
+    def _alert(self, device: str, body: dict, ts: int, flags: str | None,
+               now_ms: int) -> None:
         code, state = body.get("code"), body.get("state")
         if not isinstance(code, str) or state not in ("raised", "cleared"):
             return
@@ -313,10 +346,12 @@ class Relay:
             return
         key = body.get("key") if isinstance(body.get("key"), str) else None
         detail = {"historical": body.get("historical") is True}
+        if flags == TS_FLAG:
+            detail["device_time_invalid"] = True
         if isinstance(body.get("detail"), dict):
             detail["detail"] = body["detail"]
-        self._notice(device, "alert" if state == "raised" else "cleared", _int(body["ts"]),
-                     now_ms, code=code[:40], key=key, detail=detail)
+        self._notice(device, "alert" if state == "raised" else "cleared", ts, now_ms,
+                     code=code[:40], key=key, detail=detail)
 
     # --- transitions and notices -----------------------------------------------------------
 
@@ -348,9 +383,11 @@ class Relay:
         return row["interval_ms"] or int(self.settings.heartbeat_default_s * 1000)
 
     def tick(self, now_ms: int) -> int | None:
-        """Check heartbeats and group due notices; returns the new batch id, if any."""
+        """Check heartbeats and group due notices; returns the new batch id, if any. Each
+        step has its own transaction: a fault in one never holds back the other."""
         with self.store.tx():
             self._check_heartbeats(now_ms)
+        with self.store.tx():
             batch = self._maybe_batch(now_ms)
         if now_ms - self.last_prune_ms > 3_600_000:
             self._prune(now_ms)
@@ -388,10 +425,6 @@ class Relay:
         horizon = now_ms - self.settings.health_keep_days * 86_400_000
         with self.store.tx():
             self.store.x("DELETE FROM health WHERE received_ms < ?", horizon)
-
-
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else None
 
 
 def _dumps(obj: Any) -> str:

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from email import message_from_bytes
 from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -25,57 +22,13 @@ from ctl.notify import (
 )
 from ctl.relay import Relay, RelaySettings, RelayStore
 from tests.conftest import free_port
+from tests.relay_support import http_fixture  # noqa: F401 - a fixture
 
 T0 = 1_764_000_000_000
 TOKEN = "123456:SECRET-token-do-not-log"
 BATCH = {"created": T0, "window_s": 60, "items": [
     {"device": "krongpa-phutuc-c03", "kind": "offline", "since": T0, "reason": "lost",
      "outages": 2, "first_down": T0}]}
-
-
-class HttpStandIn:
-    """Answers POSTs with the next scripted status (then 200), recording path and JSON."""
-
-    def __init__(self, statuses: list[int] | None = None, body: dict | None = None) -> None:
-        self.requests: list[tuple[str, dict, dict]] = []
-        self.statuses = list(statuses or [])
-        reply = json.dumps(body or {"ok": True, "result": {"message_id": 1}}).encode()
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stand_in.requests.append((self.path, data, dict(self.headers)))
-                status = stand_in.statuses.pop(0) if stand_in.statuses else 200
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(reply if status == 200 else b'{"ok": false}')
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def http():
-    servers: list[HttpStandIn] = []
-
-    def make(**kw) -> HttpStandIn:
-        s = HttpStandIn(**kw)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
 
 
 class Inbox:

@@ -7,13 +7,10 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +18,12 @@ from ctl.config import groups_of
 from ctl.notify import Dispatcher, Message, NotifyError, render
 from ctl.relay import Relay, RelaySettings, RelayStore
 from tests.conftest import ROOT, Watcher, agent_config, wait_online, wait_until
+from tests.relay_support import (  # noqa: F401 - fixtures
+    http_fixture,
+    relay_config,
+    relay_proc_fixture,
+    webhook_fixture,
+)
 
 T0 = 1_764_000_000_000  # 2025-11-24 16:00 UTC
 S = 1000
@@ -250,6 +253,59 @@ def test_garbage_never_crashes_the_relay(tmp_path_factory, leaf, device, payload
     store.close()
 
 
+def test_device_times_out_of_window_are_replaced_and_flagged(h):
+    year_33658 = 10**15
+    h.feed(T0, "event", seq=1, ts=year_33658, type="alert", state="raised", code="door_open")
+    h.feed(T0 + S, "health", ts=-5)
+    h.feed(T0 + 2 * S, "event", seq=2, ts=T0 - 300 * 86_400 * S, type="play",
+           historical=True)  # 300 days in the outbox: still in the window
+    h.feed(T0 + 3 * S, "event", seq=3, ts=T0 + 2 * 3600 * S, type="config")  # 2 h ahead
+    rows = {r["seq"]: dict(r) for r in h.store.q("SELECT seq, ts, flags, body FROM events")}
+    assert (rows[1]["ts"], rows[1]["flags"]) == (T0, "device_time")
+    assert json.loads(rows[1]["body"])["ts"] == year_33658  # the body as received
+    assert (rows[2]["ts"], rows[2]["flags"]) == (T0 - 300 * 86_400 * S, None)
+    assert (rows[3]["ts"], rows[3]["flags"]) == (T0 + 3 * S, "device_time")
+    health = h.store.one("SELECT ts, flags FROM health")
+    assert (health["ts"], health["flags"]) == (T0 + S, "device_time")
+    assert h.relay.counters.device_time == 3
+    h.relay.tick(T0 + 100 * S)
+    [item] = [i for i in h.items() if i.get("code")]
+    assert item["since"] == T0 and item["device_time_invalid"] is True
+    text = render(1, h.batches()[0], "i", "Asia/Ho_Chi_Minh", {}).text
+    assert "giờ thiết bị gửi không hợp lệ" in text and "23:00 24/11" in text
+
+
+def test_an_older_database_gets_the_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE events (device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER"
+                     " NOT NULL, type TEXT NOT NULL, historical INTEGER NOT NULL, received_ms"
+                     " INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (device, seq));"
+                     "INSERT INTO events VALUES ('d', 1, 5, 'play', 0, 5, '{}');")
+    db.close()
+    store = RelayStore(str(path))
+    assert dict(store.one("SELECT * FROM events"))["flags"] is None
+    store.close()
+
+
+def test_a_batch_that_cannot_be_rendered_does_not_block_the_queue(h):
+    rec = Recorder()
+    h.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", T0,
+              json.dumps({"items": [{"kind": "offline", "since": "x"}]}))  # no device
+    h.store.x("INSERT INTO deliveries(batch, channel, next_ms) VALUES(1, 'test', ?)", T0)
+    h.online(T0)
+    h.offline(T0 + S)
+    assert h.relay.tick(T0 + 100 * S) == 2
+    d = Dispatcher(h.store, [rec], RETRY, {})
+    assert d.run_due(T0 + 100 * S) == 1
+    assert [m.key.split("-")[-1] for m in rec.sent] == ["2"]
+    bad = h.store.one("SELECT * FROM deliveries WHERE batch=1")
+    assert bad["failed"] == 1 and bad["error"] == "render: KeyError"
+    assert d.run_due(T0 + 10**7) == 0
+
+
 # --- restart and delivery ----------------------------------------------------------------
 
 class Recorder:
@@ -335,94 +391,6 @@ def test_groups_rule():
 
 
 # --- as a process ------------------------------------------------------------------------
-
-class Webhook:
-    """A local webhook receiver on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        self.keys: list[str] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.received.append(json.loads(body))
-                hook.keys.append(self.headers.get("Idempotency-Key"))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def items(self) -> list[dict]:
-        return [i for r in self.received for i in r["items"]]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def webhook():
-    w = Webhook()
-    yield w
-    w.close()
-
-
-class RelayProcess:
-    def __init__(self, cfg_path: Path, log_path: Path) -> None:
-        self.cfg_path, self.log_path = cfg_path, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> RelayProcess:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ctl", "--config",
-                                      str(self.cfg_path), "relay"], cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture
-def relay_proc(tmp_path):
-    started: list[RelayProcess] = []
-
-    def make(cfg_path: Path) -> RelayProcess:
-        r = RelayProcess(cfg_path, tmp_path / "relay.log").start()
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.stop()
-
-
-def relay_config(tmp_path: Path, port: int, url: str, **relay) -> Path:
-    cfg = {"mqtt": {"host": "127.0.0.1", "port": port},
-           "relay": {"db_path": str(tmp_path / "relay.db"), "group_window_s": 2,
-                     "tick_s": 0.2, "groups": {"krongpa": ["krongpa-*"]}, **relay},
-           "alerts": {"webhook_url": url, "retry": {"backoff_s": 0.5}}}
-    path = tmp_path / "ctl.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 def test_relay_process_will_restart_and_recovery(broker, keys, tmp_path, agent_factory,
                                                  webhook, relay_proc):

@@ -1,0 +1,115 @@
+"""A stolen cabinet may publish anything on its own ``event``, ``health`` and ``status``
+topics (the broker's ACL allows it): the relay, as its own process against a real mosquitto
+and real agents, must keep telling staff the truth about every other device."""
+
+from __future__ import annotations
+
+from tests.conftest import Watcher, agent_config, wait_online, wait_until
+from tests.relay_support import (  # noqa: F401 - fixtures
+    http_fixture,
+    relay_config,
+    relay_proc_fixture,
+    webhook_fixture,
+)
+
+VICTIM = "krongpa-phutuc-c03"
+EVIL = "krongpa-evil-c09"
+YEAR_33658_MS = 10**15  # 1e12 s after 1970: datetime.fromtimestamp raises "year out of range"
+
+
+class Evil:
+    """The stolen cabinet: publishes on its own topics, with increasing ``seq``."""
+
+    def __init__(self, watcher: Watcher, device: str = EVIL) -> None:
+        self.w, self.device, self.seq = watcher, device, 0
+
+    def alert(self, **body) -> None:
+        self.seq += 1
+        self.w.publish(f"ttcs/dev/{self.device}/event",
+                       {"v": 1, "seq": self.seq, "type": "alert", "state": "raised", **body})
+
+
+def _victim_and_relay(broker, keys, tmp_path, agent_factory, relay_proc, cfg_path):
+    w = Watcher(broker.port, ["ttcs/#"])
+    agent = agent_factory(agent_config(tmp_path, broker.port, keys, device=VICTIM))
+    wait_online(w, VICTIM)
+    relay = relay_proc(cfg_path)
+    wait_until(lambda: "relay connected" in relay.log(), 15, what="relay connected")
+    return w, agent, relay
+
+
+def test_a_timestamp_in_year_33658_does_not_silence_the_fleet(broker, keys, tmp_path,
+                                                              agent_factory, webhook,
+                                                              relay_proc):
+    w, agent, relay = _victim_and_relay(broker, keys, tmp_path, agent_factory, relay_proc,
+                                        relay_config(tmp_path, broker.port, webhook.url))
+    try:
+        Evil(w).alert(ts=YEAR_33658_MS, code="door_open")
+        agent.kill()  # the victim's will: a real offline
+        wait_until(lambda: any(i["device"] == VICTIM for i in webhook.items()), 20,
+                   what="the victim's offline notice")
+        [offline] = [i for i in webhook.items() if i["device"] == VICTIM]
+        assert offline["kind"] == "offline" and offline["reason"] == "lost"
+        # the hostile alert is told too, dated by the relay's clock and flagged as such
+        [evil] = [i for i in webhook.items() if i["device"] == EVIL]
+        assert evil["code"] == "door_open" and evil["device_time_invalid"] is True
+        assert abs(evil["since"] - offline["since"]) < 60_000
+        assert relay.proc.poll() is None
+    finally:
+        w.close()
+
+
+def test_line_breaks_cannot_forge_another_devices_line(broker, tmp_path, webhook,
+                                                       relay_proc):
+    w = Watcher(broker.port, ["ttcs/#"])
+    try:
+        relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url))
+        wait_until(lambda: "relay connected" in relay.log(), 15, what="relay connected")
+        forged = f"✅ HẾT CẢNH BÁO mains_lost tại {VICTIM} [krongpa] lúc 23:00 24/11"
+        evil = Evil(w)
+        evil.alert(ts=_now_ms(), code=f"door_open\r\n{forged}")
+        evil.alert(ts=_now_ms(), code="door_open", key=f"x\n{forged}\u2028{forged}")
+        wait_until(lambda: len(webhook.items()) >= 2, 20, what="the evil device's alerts")
+        text = "\n".join(webhook.texts())
+        lines = [ln for ln in text.splitlines() if ln and not ln.startswith("[TTCS]")]
+        assert len(lines) == 2, text
+        assert all(ln.startswith(f"{EVIL} ") for ln in lines), text
+        assert not any(ln.startswith(("✅", VICTIM)) for ln in lines), text
+        # shown as data: quoted, never as words of ours
+        assert '"door_open ✅ HẾT CẢNH BÁO' in lines[0]
+    finally:
+        w.close()
+
+
+def test_long_alert_keys_do_not_push_another_device_out_of_telegram(
+        broker, keys, tmp_path, agent_factory, http, relay_proc):
+    telegram = http()
+    token = tmp_path / "bot.token"
+    token.write_text("123:TOKEN")
+    token.chmod(0o600)
+    cfg = relay_config(tmp_path, broker.port, None, alerts={"telegram": {
+        "bot_token_file": str(token), "chat_id": "-100", "base_url": telegram.base}})
+    w, agent, relay = _victim_and_relay(broker, keys, tmp_path, agent_factory, relay_proc, cfg)
+    try:
+        evil = Evil(w)
+        evil.alert(ts=_now_ms(), code="disk_low", key="k" * 5000)
+        for n in range(40):  # many lines: more than one Telegram message's worth
+            evil.alert(ts=_now_ms(), code="disk_low", key=f"{n:02d}-" + "x" * 200)
+        agent.kill()
+        wait_until(lambda: any(VICTIM in t for t in telegram.texts()), 20,
+                   what="the victim's line on Telegram")
+        texts = telegram.texts()
+        assert len(texts) >= 2
+        assert all(len(t.encode("utf-16-le")) // 2 <= 4096 for t in texts)
+        [line] = [ln for t in texts for ln in t.splitlines() if ln.startswith(VICTIM)]
+        assert "MẤT KẾT NỐI" in line
+        assert sum(ln.startswith(EVIL) for t in texts for ln in t.splitlines()) == 41
+        assert relay.proc.poll() is None
+    finally:
+        w.close()
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
