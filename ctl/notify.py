@@ -28,8 +28,10 @@ from zoneinfo import ZoneInfo
 
 import requests
 
+from agent.core.alerts import KNOWN_CODES
 from agent.core.mqtt import read_secret
 from ctl.config import groups_of
+from ctl.sanitize import CODE_MAX, KEY_MAX, device_id, quote, shown
 
 log = logging.getLogger(__name__)
 
@@ -148,23 +150,33 @@ def _headline(items: list[dict]) -> str:
 
 
 def _line(i: dict, zone: ZoneInfo) -> str:
-    where = f"{i['device']}" + (f" [{', '.join(i['groups'])}]" if i["groups"] else "")
+    """One line per item, starting with the device it is about. What the device sent (its
+    id, an alert code or key, a reason) is cleaned to one line; what is not one of ours is
+    quoted, so a device can neither break a line nor write words that read as the relay's."""
+    where = (device_id(i["device"]) or quote(i["device"], 64)) + \
+        (f" [{', '.join(i['groups'])}]" if i["groups"] else "")
+    return f"{where}: {_what(i, zone)}"
+
+
+def _what(i: dict, zone: ZoneInfo) -> str:
     if i["kind"] == "offline":
         flaps = f"; {i['outages']} lần mất trong đợt này" if i["outages"] > 1 else ""
-        reason = REASONS.get(i.get("reason") or "", i.get("reason") or "?")
-        return f"🔴 MẤT KẾT NỐI {where} từ {_hm(i['since'], zone)} ({reason}){flaps}"
+        reason = REASONS.get(i.get("reason") or "") or f"lý do {quote(i.get('reason'), 32)}"
+        return f"🔴 MẤT KẾT NỐI từ {_hm(i['since'], zone)} ({reason}){flaps}"
     if i["kind"] == "recovered":
         down = f", mất từ {_hm(i['first_down'], zone)}" if i.get("first_down") else ""
         flaps = f"; {i['outages']} lần mất trong đợt này" if i["outages"] > 1 else ""
-        return f"🟢 ĐÃ KẾT NỐI LẠI {where} lúc {_hm(i['at'], zone)}{down}{flaps}"
-    code = i["code"] + (f"/{i['key']}" if i.get("key") else "")
+        return f"🟢 ĐÃ KẾT NỐI LẠI lúc {_hm(i['at'], zone)}{down}{flaps}"
+    code = i["code"] if i["code"] in KNOWN_CODES else f"mã lạ {quote(i['code'], CODE_MAX)}"
+    if i.get("key"):
+        code += f"/{shown(i['key'], KEY_MAX)}"
     old = " (ghi nhận khi mất kết nối)" if i.get("historical") else ""
     if i.get("device_time_invalid"):
         old += " (giờ thiết bị gửi không hợp lệ: theo giờ relay nhận)"
     if i["state"] == "raised":
         again = f"; báo {i['raised']} lần" if i["raised"] > 1 else ""
-        return f"⚠️ CẢNH BÁO {code} tại {where} từ {_hm(i['since'], zone)}{again}{old}"
-    return (f"✅ HẾT CẢNH BÁO {code} tại {where} lúc {_hm(i['last'], zone)}"
+        return f"⚠️ CẢNH BÁO {code} từ {_hm(i['since'], zone)}{again}{old}"
+    return (f"✅ HẾT CẢNH BÁO {code} lúc {_hm(i['last'], zone)}"
             f" (báo {i['raised']} lần trong đợt này){old}")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import sqlite3
@@ -33,14 +32,24 @@ from typing import Any
 
 from agent.protocol import MAX_PAYLOAD
 from ctl import notify
-from ctl.sanitize import as_int, device_time
+from ctl.sanitize import (
+    CODE_MAX,
+    KEY_MAX,
+    REASON_MAX,
+    TYPE_RE,
+    as_int,
+    bounded,
+    clean,
+    device_id,
+    device_time,
+    quote,
+)
 
 log = logging.getLogger(__name__)
 
 LEAVES = ("status", "state", "health", "event")
 MAX_INTERVAL_MS = 86_400_000
 MIN_INTERVAL_MS = 1_000
-DEVICE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,7 +228,7 @@ class Relay:
         if not topic.startswith(head):
             return None
         rest = topic[len(head):].split("/")
-        if len(rest) != 2 or rest[1] not in LEAVES or not DEVICE_RE.match(rest[0]):
+        if len(rest) != 2 or rest[1] not in LEAVES or not device_id(rest[0]):
             return None
         if len(payload) > MAX_PAYLOAD:
             return None
@@ -246,7 +255,7 @@ class Relay:
     def _on_status(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         state, session = body.get("state"), as_int(body.get("session"))
         if state not in ("online", "offline"):
-            raise ValueError(f"status state {state!r}")
+            raise ValueError(f"status state {quote(state, 40)}")
         row = self._device(device, now_ms)
         if session is not None and row["session"] is not None and session < row["session"]:
             return  # a late will of an older session (Sparkplug's bdSeq)
@@ -258,7 +267,7 @@ class Relay:
             if row["online"] != 1:
                 self._transition(device, True, now_ms, "online", row, now_ms)
             return
-        reason = str(body.get("reason") or "lost")[:32]
+        reason = clean(body.get("reason") or "lost", REASON_MAX) or "lost"
         if row["online"] != 0:
             self._transition(device, False, now_ms, reason, row, now_ms)
         elif row["reason"] != reason:
@@ -301,13 +310,13 @@ class Relay:
 
     def _on_event(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         seq, typ = as_int(body.get("seq")), body.get("type")
-        if seq is None or seq < 1 or not isinstance(typ, str):
-            raise ValueError("event without seq or type")
+        if seq is None or seq < 1 or not isinstance(typ, str) or not TYPE_RE.fullmatch(typ):
+            raise ValueError(f"event without seq or with a bad type ({quote(typ, 40)})")
         ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
         cur = self.store.x(
             "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body,"
-            " flags) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ[:32],
+            " flags) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ,
             int(body.get("historical") is True), now_ms, _dumps(body), flags)
         if cur.rowcount == 0:
             self.counters.duplicates += 1
@@ -339,19 +348,23 @@ class Relay:
 
     def _alert(self, device: str, body: dict, ts: int, flags: str | None,
                now_ms: int) -> None:
+        """An alert notice. ``code`` and ``key`` are stored cleaned and capped (one line of
+        text each: ``ctl.sanitize``); ``detail`` only while small."""
         code, state = body.get("code"), body.get("state")
         if not isinstance(code, str) or state not in ("raised", "cleared"):
             return
-        if self.settings.alert_codes and code not in self.settings.alert_codes:
+        code = clean(code, CODE_MAX)
+        if not code or (self.settings.alert_codes and code not in self.settings.alert_codes):
             return
-        key = body.get("key") if isinstance(body.get("key"), str) else None
+        key = clean(body["key"], KEY_MAX) or None if isinstance(body.get("key"), str) else None
         detail = {"historical": body.get("historical") is True}
         if flags == TS_FLAG:
             detail["device_time_invalid"] = True
         if isinstance(body.get("detail"), dict):
-            detail["detail"] = body["detail"]
+            kept = bounded(body["detail"])
+            detail["detail"] = kept if kept is not None else {"dropped": "over 2 KiB"}
         self._notice(device, "alert" if state == "raised" else "cleared", ts, now_ms,
-                     code=code[:40], key=key, detail=detail)
+                     code=code, key=key, detail=detail)
 
     # --- transitions and notices -----------------------------------------------------------
 

@@ -31,10 +31,11 @@ TEXT_MAX = 120  # any other device text shown in a table or a line
 DETAIL_MAX_BYTES = 2048  # an alert's detail, as JSON
 ELLIPSIS = "…"
 
-CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # event types
 WORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")  # shown bare when it matches
 _SPACE = {"\t", "\n", "\v", "\f", "\r", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2028",
           "\u2029"}
+_SPACES = re.compile(r"  +")
 _DROP = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 
@@ -49,7 +50,7 @@ def clean(value: Any, max_len: int = TEXT_MAX) -> str:
             out.append(" ")
         elif unicodedata.category(ch) not in _DROP:
             out.append(ch)
-    text = unicodedata.normalize("NFC", "".join(out))
+    text = unicodedata.normalize("NFC", _SPACES.sub(" ", "".join(out)))
     return text if len(text) <= max_len else text[: max_len - 1] + ELLIPSIS
 
 
@@ -60,14 +61,14 @@ def quote(value: Any, max_len: int = TEXT_MAX) -> str:
 
 def shown(value: Any, max_len: int = TEXT_MAX, safe: re.Pattern = WORD_RE) -> str:
     """``value`` bare when it is a plain word (``safe``), else quoted."""
-    if isinstance(value, str) and len(value) <= max_len and safe.match(value):
+    if isinstance(value, str) and len(value) <= max_len and safe.fullmatch(value):
         return value
     return quote(value, max_len)
 
 
 def device_id(name: Any) -> str | None:
     """A device id as the protocol allows it (``[a-z0-9][a-z0-9-]{0,63}``), else None."""
-    return name if isinstance(name, str) and DEVICE_RE.match(name) else None
+    return name if isinstance(name, str) and DEVICE_RE.fullmatch(name) else None
 
 
 def as_int(value: Any) -> int | None:

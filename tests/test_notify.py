@@ -56,7 +56,7 @@ def message():
 def test_render_is_vietnamese_and_structured():
     m = message()
     assert m.key == "abcd-7" and m.subject == "[TTCS] 1 cụm mất kết nối"
-    assert "MẤT KẾT NỐI krongpa-phutuc-c03 [krongpa] từ 23:00 24/11" in m.text
+    assert "krongpa-phutuc-c03 [krongpa]: 🔴 MẤT KẾT NỐI từ 23:00 24/11" in m.text
     assert "mất kết nối đột ngột" in m.text and "2 lần mất" in m.text
     assert m.payload["items"][0]["groups"] == ["krongpa"] and m.payload["id"] == "abcd-7"
 
@@ -127,7 +127,7 @@ def test_email_over_smtp(smtp):
     assert sender == "relay@huyen.gov.vn" and rcpts == ["a@x.vn", "b@x.vn"]
     mail = message_from_bytes(content, policy=default_policy)
     assert mail["Subject"] == "[TTCS] 1 cụm mất kết nối"
-    assert "MẤT KẾT NỐI krongpa-phutuc-c03" in mail.get_content()
+    assert "krongpa-phutuc-c03 [krongpa]: 🔴 MẤT KẾT NỐI" in mail.get_content()
 
 
 def test_email_unreachable_is_retryable():

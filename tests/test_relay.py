@@ -183,7 +183,7 @@ def test_flapping_device_is_one_line_per_window(h):
         {"device": DEV, "outages": 0, "kind": "recovered", "at": T0 + 100 * S,
          "first_down": T0 + 55 * S}]
     msg = render(2, h.batches()[-1], "inst", "Asia/Ho_Chi_Minh", {"krongpa": ["krongpa-*"]})
-    assert "ĐÃ KẾT NỐI LẠI krongpa-phutuc-c03 [krongpa] lúc 23:01 24/11" in msg.text
+    assert "krongpa-phutuc-c03 [krongpa]: 🟢 ĐÃ KẾT NỐI LẠI lúc 23:01 24/11" in msg.text
     assert "mất từ 23:00 24/11" in msg.text
 
 
@@ -212,8 +212,8 @@ def test_alerts_grouped_filtered_and_deduplicated(tmp_path):
     assert items["door_open"]["raised"] == 4 and items["door_open"]["state"] == "cleared"
     assert items["disk_low"]["key"] == "cache" and items["disk_low"]["historical"] is True
     text = render(1, h.batches()[0], "i", "Asia/Ho_Chi_Minh", {}).text
-    assert "HẾT CẢNH BÁO door_open" in text and "báo 4 lần" in text
-    assert "CẢNH BÁO disk_low/cache" in text and "ghi nhận khi mất kết nối" in text
+    assert f"{DEV}: ✅ HẾT CẢNH BÁO door_open lúc" in text and "báo 4 lần" in text
+    assert f"{DEV}: ⚠️ CẢNH BÁO disk_low/cache từ" in text and "ghi nhận khi mất kết nối" in text
     h.store.close()
 
 
