@@ -20,7 +20,7 @@ import logging
 import smtplib
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Any, Protocol
@@ -31,7 +31,7 @@ import requests
 from agent.core.alerts import KNOWN_CODES
 from agent.core.mqtt import read_secret
 from ctl.config import groups_of
-from ctl.sanitize import CODE_MAX, KEY_MAX, device_id, quote, shown
+from ctl.sanitize import CODE_MAX, KEY_MAX, device_id, quote, shown, utf16_len
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ REASONS = {"lost": "mất kết nối đột ngột", "shutdown": "tắt có ch�
 class NotifyError(Exception):
     """A send failed; ``permanent`` ones are not retried. The text never holds a secret."""
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
+    def __init__(self, message: str, permanent: bool = False, parts_sent: int = 0) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.parts_sent = parts_sent  # of a message sent in parts: how many went out
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Message:
     subject: str
     text: str
     payload: dict  # what the webhook receives
+    lines: list[str] = field(default_factory=list)  # the text's item lines
+    parts_sent: int = 0  # of a message sent in parts, those that went out before (retries)
 
 
 class Channel(Protocol):
@@ -132,7 +135,45 @@ def render(batch_id: int, body: dict, instance: str, tz: str,
     payload = {"v": 1, "id": f"{instance}-{batch_id}", "batch": batch_id,
                "created": body.get("created"), "window_s": body.get("window_s"),
                "items": items, "text": text}
-    return Message(key=payload["id"], subject=subject, text=text, payload=payload)
+    return Message(key=payload["id"], subject=subject, text=text, payload=payload,
+                   lines=lines)
+
+
+def split(subject: str, lines: list[str], limit: int = TELEGRAM_MAX) -> list[str]:
+    """The text in parts of at most ``limit`` UTF-16 units (Telegram's measure), cut at line
+    boundaries; each part after a split is headed ``subject (k/n)``. Only a line longer than
+    a whole part is cut inside (it cannot happen with the relay's caps on device text)."""
+    whole = subject + ("\n\n" + "\n".join(lines) if lines else "")
+    if utf16_len(whole) <= limit:
+        return [whole]
+    if not lines:
+        return _cut(subject, limit)
+    budget = limit - utf16_len(subject) - len(" (9999/9999)\n\n")
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for line in lines:
+        for piece in _cut(line, budget):
+            add = utf16_len(piece) + (1 if chunks[-1] else 0)
+            if chunks[-1] and size + add > budget:
+                chunks.append([])
+                add = utf16_len(piece)
+                size = 0
+            chunks[-1].append(piece)
+            size += add
+    return [f"{subject} ({k}/{len(chunks)})\n\n" + "\n".join(c)
+            for k, c in enumerate(chunks, 1)]
+
+
+def _cut(line: str, budget: int) -> list[str]:
+    pieces, cur, size = [], [], 0
+    for ch in line:
+        n = utf16_len(ch)
+        if size + n > budget:
+            pieces.append("".join(cur))
+            cur, size = [], 0
+        cur.append(ch)
+        size += n
+    return [*pieces, "".join(cur)]
 
 
 def _headline(items: list[dict]) -> str:
@@ -224,9 +265,19 @@ class TelegramChannel:
         return f"TelegramChannel({self.base_url!r}, chat_id={self.chat_id!r})"
 
     def send(self, msg: Message) -> None:
+        """A long text goes as several messages (:func:`split`); a retry starts at the first
+        part that did not go out (``msg.parts_sent``)."""
+        parts = split(msg.subject, msg.lines) if msg.lines else split(msg.text, [])
+        for k in range(msg.parts_sent, len(parts)):
+            try:
+                self._send_one(parts[k])
+            except NotifyError as e:
+                e.parts_sent = k
+                raise
+
+    def _send_one(self, text: str) -> None:
         url = f"{self.base_url}/bot{self._token}/sendMessage"
-        body = {"chat_id": self.chat_id, "text": msg.text[:TELEGRAM_MAX],
-                "disable_web_page_preview": True}
+        body = {"chat_id": self.chat_id, "text": text, "disable_web_page_preview": True}
         try:
             resp = requests.post(url, json=body, timeout=self.timeout)
         except requests.RequestException as e:
@@ -327,7 +378,8 @@ class Dispatcher:
         queue."""
         with self.store.lock:
             due = [dict(r) for r in self.store.q(
-                "SELECT d.batch, d.channel, d.attempts, b.body FROM deliveries d JOIN batches b"
+                "SELECT d.batch, d.channel, d.attempts, d.parts_sent, b.body FROM deliveries d"
+                " JOIN batches b"
                 " ON b.id = d.batch WHERE d.sent_ms IS NULL AND d.failed = 0 AND d.next_ms <= ?"
                 " ORDER BY d.batch, d.channel", now_ms)]
         sent = 0
@@ -347,6 +399,7 @@ class Dispatcher:
             log.exception("notification %d cannot be rendered", row["batch"])
             self._record(row, now_ms, NotifyError(f"render: {type(e).__name__}", True))
             return 0
+        msg.parts_sent = row["parts_sent"]
         try:
             channel.send(msg)
         except NotifyError as e:
@@ -370,8 +423,9 @@ class Dispatcher:
             give_up = error.permanent or attempts >= int(self.retry["attempts"])
             next_ms = now_ms + backoff_ms(attempts, float(self.retry["backoff_s"]),
                                           float(self.retry["backoff_max_s"]))
-            self.store.x("UPDATE deliveries SET attempts=?, next_ms=?, failed=?, error=?"
-                         " WHERE batch=? AND channel=?", attempts, next_ms, int(give_up),
-                         str(error), row["batch"], row["channel"])
+            self.store.x("UPDATE deliveries SET attempts=?, next_ms=?, failed=?, error=?,"
+                         " parts_sent=MAX(parts_sent, ?) WHERE batch=? AND channel=?", attempts,
+                         next_ms, int(give_up), str(error), error.parts_sent, row["batch"],
+                         row["channel"])
         log.warning("notification %d by %s failed (attempt %d%s): %s", row["batch"],
                     row["channel"], attempts, ", giving up" if give_up else "", error)

@@ -82,10 +82,11 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS deliveries (
     batch INTEGER NOT NULL, channel TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
-    PRIMARY KEY (batch, channel));
+    parts_sent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch, channel));
 """
 # columns added since the first release: added to an older database when it is opened
-COLUMNS = {"events": {"flags": "TEXT"}, "health": {"flags": "TEXT"}}
+COLUMNS = {"events": {"flags": "TEXT"}, "health": {"flags": "TEXT"},
+           "deliveries": {"parts_sent": "INTEGER NOT NULL DEFAULT 0"}}
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
 
 

@@ -11,6 +11,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from ctl.notify import (
+    TELEGRAM_MAX,
     Dispatcher,
     EmailChannel,
     NotifyError,
@@ -19,8 +20,10 @@ from ctl.notify import (
     backoff_ms,
     channels_from_config,
     render,
+    split,
 )
 from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.sanitize import utf16_len
 from tests.conftest import free_port
 from tests.relay_support import http_fixture  # noqa: F401 - a fixture
 
@@ -202,3 +205,50 @@ def test_all_three_channels_one_batch_each_with_backoff(tmp_path, http, smtp):
 def test_backoff_doubles_and_caps():
     assert [backoff_ms(n, 5, 60) for n in range(1, 7)] == [5000, 10000, 20000, 40000, 60000,
                                                             60000]
+
+
+# --- Telegram: long texts in several messages ---------------------------------------------
+
+def test_split_keeps_short_texts_whole():
+    assert split("[TTCS] x", ["a", "b"]) == ["[TTCS] x\n\na\nb"]
+    assert split("[TTCS] x", []) == ["[TTCS] x"]
+
+
+def test_split_at_line_boundaries_under_telegrams_limit():
+    lines = [f"krongpa-c{n:03d} [krongpa]: 🔴 MẤT KẾT NỐI từ 23:00 24/11 " + "ệ" * (n % 90)
+             for n in range(300)]
+    parts = split("[TTCS] 300 cụm mất kết nối", lines)
+    assert len(parts) > 2
+    assert all(utf16_len(p) <= TELEGRAM_MAX for p in parts)
+    assert [p.split("\n", 1)[0] for p in parts] == [
+        f"[TTCS] 300 cụm mất kết nối ({k}/{len(parts)})" for k in range(1, len(parts) + 1)]
+    assert [ln for p in parts for ln in p.split("\n")[2:]] == lines  # whole lines, in order
+
+
+def test_split_cuts_only_a_line_longer_than_a_message():
+    parts = split("[TTCS] x", ["🔴" * 5000, "short"])
+    assert all(utf16_len(p) <= TELEGRAM_MAX for p in parts)
+    assert "".join(p.split("\n\n", 1)[1].replace("\nshort", "") for p in parts) == "🔴" * 5000
+    assert parts[-1].endswith("\nshort")
+
+
+def test_telegram_retry_resumes_at_the_part_that_failed(http):
+    tg = http(statuses=[200, 500])
+    store = RelayStore(":memory:")
+    relay = Relay(store, RelaySettings(group_window_s=0, channels=["telegram"]))
+    for n in range(60):
+        relay.handle(f"ttcs/dev/krongpa-c{n:03d}/status",
+                     b'{"state":"offline","session":1,"ts":1,"reason":"' + b"x" * 30 + b'"}',
+                     False, T0)
+    relay.tick(T0)
+    d = Dispatcher(store, [TelegramChannel(tg.base, TOKEN, "1", 5)],
+                   {"attempts": 5, "backoff_s": 1, "backoff_max_s": 1}, {})
+    assert d.run_due(T0) == 0  # part 1 went out, part 2 got 500
+    row = store.one("SELECT * FROM deliveries")
+    assert (row["parts_sent"], row["attempts"], row["sent_ms"]) == (1, 1, None)
+    assert d.run_due(T0 + 1000) == 1
+    texts = [data["text"] for _, data, _ in tg.requests]
+    assert len(texts) == 3 and texts[1] == texts[2] and texts[0] != texts[1]
+    assert texts[0].startswith("[TTCS] 60 cụm mất kết nối (1/2)")
+    assert sum(t.count("MẤT KẾT NỐI") for t in (texts[0], texts[2])) == 60
+    store.close()
