@@ -1,8 +1,10 @@
 """Staff notifications for the relay: grouping, wording, channels, retries (docs/CTL.md).
 
-The relay records *notices* (offline, online, alert raised, alert cleared). Once per
-``relay.group_window_s`` the pending ones become one *batch* (:func:`summarise` folds a flapping
-device into one line), and the batch gets one *delivery* row per configured channel. The
+The relay records *notices* (offline, online, alert raised, alert cleared), in groups
+(:func:`group_key`: a device's link, or one of its alerts). When a group is due
+(``relay.group_wait_s`` after its first notice, at most every ``relay.group_interval_s``) the
+pending ones become one *batch* (:func:`summarise` folds a flapping device into one line), and
+the batch gets one *delivery* row per configured channel. The
 :class:`Dispatcher` sends due deliveries and records the outcome in the same database, so a
 relay restart neither loses a batch nor sends one twice; a failed send is retried with
 exponential backoff (``alerts.retry``).
@@ -67,6 +69,14 @@ class Channel(Protocol):
 
 # --- grouping ----------------------------------------------------------------------------
 
+def group_key(n: dict) -> tuple:
+    """The group of a notice: one per device's link, one per device's alert (code, key); one
+    group is one line of the text."""
+    if n["kind"] in ("offline", "online"):
+        return (n["device"], "link")
+    return (n["device"], "alert", n["code"], n["key"])
+
+
 def summarise(notices: list[dict]) -> list[dict]:
     """Fold a window's notices (in order) into one item per device connectivity and per alert.
     A notice that cannot be folded is logged and left out: it never holds back the others."""
@@ -82,11 +92,10 @@ def summarise(notices: list[dict]) -> list[dict]:
 
 def _fold(items: dict[tuple, dict], n: dict) -> None:
     detail = _loads(n.get("detail"))
+    key = group_key(n)
     if n["kind"] in ("offline", "online"):
-        _fold_link(items.setdefault((n["device"], "link"), {"device": n["device"],
-                                                             "outages": 0}), n, detail)
+        _fold_link(items.setdefault(key, {"device": n["device"], "outages": 0}), n, detail)
     else:
-        key = (n["device"], "alert", n["code"], n["key"])
         _fold_alert(items.setdefault(key, {"device": n["device"], "kind": "alert",
                                            "code": n["code"], "key": n["key"], "raised": 0,
                                            "cleared": 0, "since": n["ts"], "historical": False,
@@ -134,6 +143,8 @@ def render(batch_id: int, body: dict, instance: str, tz: str,
     text = subject + "\n\n" + "\n".join(lines)
     payload = {"v": 1, "id": f"{instance}-{batch_id}", "batch": batch_id,
                "created": body.get("created"), "window_s": body.get("window_s"),
+               "group_wait_s": body.get("group_wait_s"),
+               "group_interval_s": body.get("group_interval_s"),
                "items": items, "text": text}
     return Message(key=payload["id"], subject=subject, text=text, payload=payload,
                    lines=lines)

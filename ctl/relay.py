@@ -9,8 +9,9 @@ what it learns in SQLite:
   interval, learned from the gap between consecutive live samples;
 - online/offline transitions (for uptime): offline on the device's will or clean shutdown, or
   after ``relay.missed_beats`` heartbeats without a word from it;
-- notices (offline, recovered, alert raised/cleared) that are grouped into one batch per
-  ``relay.group_window_s`` and handed to :mod:`ctl.notify` for delivery.
+- notices (offline, recovered, alert raised/cleared), gathered into batches and handed to
+  :mod:`ctl.notify` for delivery: a new group (a device's link, or one of its alerts) goes out
+  after ``relay.group_wait_s``, later changes to it at most every ``relay.group_interval_s``.
 
 :class:`Relay` is pure logic over a :class:`RelayStore`: every call takes ``now_ms`` so tests
 drive time. :func:`run` wires it to MQTT. Nothing a device sends can crash it: a payload that
@@ -32,6 +33,7 @@ from typing import Any
 
 from agent.protocol import MAX_PAYLOAD
 from ctl import notify
+from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
 from ctl.sanitize import (
     CODE_MAX,
     KEY_MAX,
@@ -79,6 +81,7 @@ CREATE TABLE IF NOT EXISTS notices (
 CREATE INDEX IF NOT EXISTS notices_pending ON notices(batch, received_ms);
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS batches_by_time ON batches(created_ms);
 CREATE TABLE IF NOT EXISTS deliveries (
     batch INTEGER NOT NULL, channel TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
@@ -164,7 +167,8 @@ class _Tx:
 class RelaySettings:
     heartbeat_default_s: float = 60.0
     missed_beats: int = 3
-    group_window_s: float = 300.0
+    group_wait_s: float = GROUP_WAIT_S  # a new group's first notice waits this long
+    group_interval_s: float = GROUP_INTERVAL_S  # later changes to a group: at most this often
     alert_codes: list[str] = field(default_factory=list)  # empty: all
     channels: list[str] = field(default_factory=list)
     health_keep_days: int = 31
@@ -174,8 +178,10 @@ class RelaySettings:
     @classmethod
     def from_config(cls, cfg: dict, channels: list[str]) -> RelaySettings:
         r = cfg["relay"]
+        wait, interval, _ = grouping(r)
         return cls(heartbeat_default_s=float(r["heartbeat_default_s"]),
-                   missed_beats=int(r["missed_beats"]), group_window_s=float(r["group_window_s"]),
+                   missed_beats=int(r["missed_beats"]), group_wait_s=wait,
+                   group_interval_s=interval,
                    alert_codes=list(cfg["alerts"]["codes"]), channels=channels,
                    health_keep_days=int(r["health_keep_days"]),
                    ts_past_days=float(r["ts_past_days"]), ts_future_s=float(r["ts_future_s"]))
@@ -415,24 +421,52 @@ class Relay:
                 self._transition(row["device"], False, heard, "heartbeat", row, now_ms)
 
     def _maybe_batch(self, now_ms: int) -> int | None:
-        pending = self.store.q("SELECT * FROM notices WHERE batch IS NULL ORDER BY id")
+        """Alertmanager's grouping, a group being a device's link or one of its alerts
+        (:func:`ctl.notify.group_key`): a group's pending notices are due ``group_wait_s``
+        after the first of them, and not before ``group_interval_s`` after the group was last
+        notified. When any group is due, one batch takes every due group and every new one
+        (not notified within the interval), so a burst of new trouble is one message."""
+        pending = [dict(r) for r in
+                   self.store.q("SELECT * FROM notices WHERE batch IS NULL ORDER BY id")]
         if not pending:
             return None
-        window_ms = int(self.settings.group_window_s * 1000)
-        if now_ms - pending[0]["received_ms"] < window_ms:
+        wait_ms = int(self.settings.group_wait_s * 1000)
+        interval_ms = int(self.settings.group_interval_s * 1000)
+        last = self._last_notified(now_ms - interval_ms)
+        first: dict[tuple, int] = {}
+        for n in pending:
+            first.setdefault(notify.group_key(n), n["received_ms"])
+        due = [g for g, at in first.items()
+               if now_ms >= max(at + wait_ms, last.get(g, -interval_ms) + interval_ms)]
+        if not due:
             return None
-        items = notify.summarise([dict(r) for r in pending])
-        body = {"created": now_ms, "window_s": self.settings.group_window_s, "items": items}
+        taken = [n for n in pending if notify.group_key(n) in due or
+                 notify.group_key(n) not in last]
+        body = {"created": now_ms, "window_s": self.settings.group_interval_s,
+                "group_wait_s": self.settings.group_wait_s,
+                "group_interval_s": self.settings.group_interval_s,
+                "items": notify.summarise(taken)}
         cur = self.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", now_ms,
                            _dumps(body))
         batch = cur.lastrowid
-        self.store.x("UPDATE notices SET batch=? WHERE batch IS NULL AND id<=?", batch,
-                     pending[-1]["id"])
+        self.store.x(f"UPDATE notices SET batch=? WHERE id IN ({','.join('?' * len(taken))})",
+                     batch, *(n["id"] for n in taken))
         for channel in self.settings.channels:
             self.store.x("INSERT INTO deliveries(batch, channel, next_ms) VALUES(?, ?, ?)",
                          batch, channel, now_ms)
         self.counters.batches += 1
         return batch
+
+    def _last_notified(self, since_ms: int) -> dict[tuple, int]:
+        """When each group was last in a batch made after ``since_ms``."""
+        out: dict[tuple, int] = {}
+        for r in self.store.q("SELECT n.device, n.kind, n.code, n.key, MAX(b.created_ms) AS at"
+                              " FROM batches b JOIN notices n ON n.batch = b.id"
+                              " WHERE b.created_ms > ? GROUP BY n.device, n.kind, n.code, n.key",
+                              since_ms):
+            g = notify.group_key(dict(r))
+            out[g] = max(out.get(g, 0), r["at"])
+        return out
 
     def _prune(self, now_ms: int) -> None:
         self.last_prune_ms = now_ms
@@ -458,7 +492,12 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("relay: %d channel(s): %s", len(channels), ", ".join(settings.channels) or "none")
+    log.info("relay: %d channel(s): %s; a new group waits %g s, changes to it %g s",
+             len(channels), ", ".join(settings.channels) or "none", settings.group_wait_s,
+             settings.group_interval_s)
+    note = grouping(cfg["relay"])[2]
+    if note:
+        log.warning("%s (docs/CTL.md)", note)
     end = time.monotonic() + once_s if once_s else None
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):

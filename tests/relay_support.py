@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,7 +32,8 @@ class HttpStandIn:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stand_in.requests.append((self.path, data, dict(self.headers)))
+                stand_in.requests.append((self.path, data,
+                                          {**self.headers, "_at": time.monotonic()}))
                 status = stand_in.statuses.pop(0) if stand_in.statuses else 200
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -45,6 +47,11 @@ class HttpStandIn:
         self.base = f"http://127.0.0.1:{self.server.server_port}"
         self.url = self.base + "/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def times(self) -> list[float]:
+        """``time.monotonic()`` at which each request came in."""
+        return [headers["_at"] for _, _, headers in self.requests]
 
     @property
     def received(self) -> list[dict]:
@@ -129,8 +136,9 @@ def relay_proc_fixture(tmp_path):
 def relay_config(tmp_path: Path, port: int, url: str | None, alerts: dict | None = None,
                  **relay) -> Path:
     cfg = {"mqtt": {"host": "127.0.0.1", "port": port},
-           "relay": {"db_path": str(tmp_path / "relay.db"), "group_window_s": 2,
-                     "tick_s": 0.2, "groups": {"krongpa": ["krongpa-*"]}, **relay},
+           "relay": {"db_path": str(tmp_path / "relay.db"), "group_wait_s": 1,
+                     "group_interval_s": 2, "tick_s": 0.2,
+                     "groups": {"krongpa": ["krongpa-*"]}, **relay},
            "alerts": {"webhook_url": url, "retry": {"backoff_s": 0.5}, **(alerts or {})}}
     path = tmp_path / "ctl.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -105,7 +105,7 @@ def test_telegram_never_leaks_the_token(http, caplog):
     assert TOKEN not in str(e.value)
     # through the dispatcher, whose log lines carry the error
     store = RelayStore(":memory:")
-    relay = Relay(store, RelaySettings(group_window_s=0, channels=["telegram"]))
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=["telegram"]))
     relay.handle("ttcs/dev/d1/status", b'{"state":"offline","session":1,"ts":1}', False, T0)
     relay.tick(T0)
     with caplog.at_level(logging.DEBUG):
@@ -186,7 +186,7 @@ def test_all_three_channels_one_batch_each_with_backoff(tmp_path, http, smtp):
                             "from": "r@x.vn", "to": ["staff@x.vn"]})
     channels = channels_from_config(alerts)
     store = RelayStore(str(tmp_path / "r.db"))
-    relay = Relay(store, RelaySettings(group_window_s=0, channels=[c.name for c in channels]))
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=[c.name for c in channels]))
     relay.handle("ttcs/dev/d1/status", b'{"state":"offline","session":1,"ts":1}', False, T0)
     relay.tick(T0)
     d = Dispatcher(store, channels, alerts["retry"], {})
@@ -235,7 +235,7 @@ def test_split_cuts_only_a_line_longer_than_a_message():
 def test_telegram_retry_resumes_at_the_part_that_failed(http):
     tg = http(statuses=[200, 500])
     store = RelayStore(":memory:")
-    relay = Relay(store, RelaySettings(group_window_s=0, channels=["telegram"]))
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=["telegram"]))
     for n in range(60):
         relay.handle(f"ttcs/dev/krongpa-c{n:03d}/status",
                      b'{"state":"offline","session":1,"ts":1,"reason":"' + b"x" * 30 + b'"}',

@@ -37,11 +37,12 @@ def msg(leaf: str, device: str = DEV, **body) -> tuple[str, bytes]:
 class Harness:
     """A relay over a real SQLite file, fed messages at chosen times."""
 
-    def __init__(self, path: Path, window_s: float = 60, channels=("test",), codes=()) -> None:
+    def __init__(self, path: Path, wait_s: float = 60, interval_s: float = 60,
+                 channels=("test",), codes=()) -> None:
         self.path = path
         self.settings = RelaySettings(heartbeat_default_s=60, missed_beats=3,
-                                      group_window_s=window_s, alert_codes=list(codes),
-                                      channels=list(channels))
+                                      group_wait_s=wait_s, group_interval_s=interval_s,
+                                      alert_codes=list(codes), channels=list(channels))
         self.open()
 
     def open(self) -> None:
@@ -188,7 +189,7 @@ def test_flapping_device_is_one_line_per_window(h):
 
 
 def test_alerts_grouped_filtered_and_deduplicated(tmp_path):
-    h = Harness(tmp_path / "r.db", window_s=300, codes=("door_open", "disk_low"))
+    h = Harness(tmp_path / "r.db", wait_s=300, codes=("door_open", "disk_low"))
     h.online(T0)
     seq = 0
     for _ in range(4):  # a door chattering: raised/cleared four times
@@ -215,6 +216,58 @@ def test_alerts_grouped_filtered_and_deduplicated(tmp_path):
     assert f"{DEV}: ✅ HẾT CẢNH BÁO door_open lúc" in text and "báo 4 lần" in text
     assert f"{DEV}: ⚠️ CẢNH BÁO disk_low/cache từ" in text and "ghi nhận khi mất kết nối" in text
     h.store.close()
+
+
+def test_default_timing_first_notice_after_30_s(tmp_path):
+    h = Harness(tmp_path / "d.db")
+    h.settings = RelaySettings(channels=["test"])  # the defaults: wait 30 s, interval 300 s
+    h.relay = Relay(h.store, h.settings)
+    h.online(T0)
+    h.offline(T0 + S)
+    assert h.relay.tick(T0 + 30 * S) is None
+    assert h.relay.tick(T0 + 31 * S) == 1  # not after five minutes
+    h.store.close()
+
+
+def test_a_new_group_is_not_held_by_another_groups_interval(tmp_path):
+    h = Harness(tmp_path / "g.db", wait_s=30, interval_s=300)
+    h.settings.heartbeat_default_s = 10**6  # no heartbeat outages in this story
+    for d in (DEV, "dev-b", "dev-c", "dev-d"):
+        h.online(T0, device=d)
+    # a burst: three cabinets of a commune lose power within 20 s: one message
+    for i, d in enumerate((DEV, "dev-b", "dev-c")):
+        h.offline(T0 + (10 + 10 * i) * S, device=d)
+    assert h.relay.tick(T0 + 39 * S) is None
+    assert h.relay.tick(T0 + 40 * S) == 1
+    assert {i["device"] for i in h.batches()[0]["items"]} == {DEV, "dev-b", "dev-c"}
+    # DEV comes back at once: a change to a notified group waits for the interval ...
+    h.online(T0 + 60 * S)
+    # ... but another cabinet going down is a new group: after group_wait, on its own
+    h.offline(T0 + 100 * S, device="dev-d")
+    assert h.relay.tick(T0 + 129 * S) is None
+    assert h.relay.tick(T0 + 130 * S) == 2
+    assert [(i["device"], i["kind"]) for i in h.batches()[1]["items"]] == [("dev-d", "offline")]
+    assert h.relay.tick(T0 + 339 * S) is None
+    assert h.relay.tick(T0 + 340 * S) == 3  # 300 s after the first batch
+    assert [(i["device"], i["kind"]) for i in h.batches()[2]["items"]] == [(DEV, "recovered")]
+    assert h.batches()[2]["group_wait_s"] == 30 and h.batches()[2]["group_interval_s"] == 300
+    h.store.close()
+
+
+def test_group_window_s_the_old_key_is_still_read(tmp_path):
+    from ctl import config
+
+    assert config.grouping({}) == (30.0, 300.0, None)
+    assert config.grouping({"group_wait_s": 5, "group_interval_s": 60}) == (5.0, 60.0, None)
+    wait, interval, note = config.grouping({"group_window_s": 120})
+    assert (wait, interval) == (30.0, 120.0) and "old name of group_interval_s" in note
+    assert config.grouping({"group_window_s": 0})[:2] == (0.0, 0.0)  # still "at once"
+    wait, interval, note = config.grouping({"group_window_s": 120, "group_interval_s": 90})
+    assert (wait, interval) == (30.0, 90.0) and "ignored" in note
+    old = tmp_path / "old.yaml"
+    old.write_text("relay:\n  group_window_s: 120\n")
+    settings = RelaySettings.from_config(config.load(str(old)), [])
+    assert (settings.group_wait_s, settings.group_interval_s) == (30.0, 120.0)
 
 
 # --- events ------------------------------------------------------------------------------
@@ -245,7 +298,7 @@ def test_events_deduplicated_and_gaps_noticed(h):
                             max_size=6), max_leaves=12).map(lambda v: json.dumps(v).encode())))
 def test_garbage_never_crashes_the_relay(tmp_path_factory, leaf, device, payload):
     store = RelayStore(":memory:")
-    relay = Relay(store, RelaySettings(group_window_s=0, channels=["x"]))
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=["x"]))
     relay.handle(f"ttcs/dev/{device}/{leaf}", payload, False, T0)
     relay.handle(f"ttcs/dev/{device}/{leaf}", payload, True, T0 + 1)
     relay.tick(T0 + 10**9)
@@ -509,3 +562,37 @@ def test_example_config_is_valid_and_typos_are_named(tmp_path):
     text = "\n".join(e.value.problems)
     assert "relay.missed_beat: unknown key (did you mean 'missed_beats'?)" in text
     assert "relay.groups.krongpa[0]" in text and "alerts.telegram.bot_token_file: is required" in text
+
+
+def test_relay_process_group_wait_and_interval(broker, keys, tmp_path, agent_factory, webhook,
+                                               relay_proc):
+    """A new group goes out after group_wait_s; a change to a notified group waits for
+    group_interval_s; another device's new trouble is not held back by that."""
+    w = Watcher(broker.port, ["ttcs/#"])
+    try:
+        agent = agent_factory(agent_config(tmp_path, broker.port, keys))
+        wait_online(w, DEV)
+        relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url, group_wait_s=1,
+                                        group_interval_s=10))
+        wait_until(lambda: "relay connected" in relay.log(), 15, what="relay connected")
+        assert "a new group waits 1 s, changes to it 10 s" in relay.log()
+        killed = time.monotonic()
+        agent.kill()
+        wait_until(lambda: webhook.items(), 10, what="the offline notice")
+        assert webhook.times[0] - killed < 4  # group_wait_s (1 s) and a tick, not 300 s
+        agent.start()  # back at once: its recovery waits for the interval
+        wait_online(w, DEV, timeout=20, session=2)
+        w.publish("ttcs/dev/krongpa-other-c01/status", {"v": 1, "state": "online", "session": 1})
+        w.publish("ttcs/dev/krongpa-other-c01/status",
+                  {"v": 1, "state": "offline", "session": 1, "reason": "lost"})
+        down = time.monotonic()
+        wait_until(lambda: len(webhook.received) >= 2, 10, what="the other device's notice")
+        assert webhook.times[1] - down < 4
+        assert [(i["device"], i["kind"]) for i in webhook.received[1]["items"]] == [
+            ("krongpa-other-c01", "offline")]
+        wait_until(lambda: len(webhook.received) >= 3, 20, what="the recovery")
+        assert [(i["device"], i["kind"]) for i in webhook.received[2]["items"]] == [
+            (DEV, "recovered")]
+        assert 9 <= webhook.times[2] - webhook.times[0] < 13
+    finally:
+        w.close()
