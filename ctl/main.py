@@ -13,6 +13,7 @@ from agent import __version__, protocol
 from agent.config import ConfigError
 from ctl import config
 from ctl.keys import keygen, signing_key
+from ctl.sanitize import shown
 from ctl.send import send
 from ctl.session import EXIT_DONE, EXIT_FAILED, EXIT_USAGE, Session
 from ctl.watch import watch
@@ -23,7 +24,7 @@ def push_document(cfg: dict, kind: str, path: str, target: str, *, dry_run: bool
                   force: bool, rev: int | None, wait: float, devices: int | None) -> int:
     from ctl import push
 
-    if not protocol.TARGET_RE.match(target):
+    if not protocol.TARGET_RE.fullmatch(target):
         print(f"--target must be dev/ID or grp/G, not {target!r}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -67,12 +68,13 @@ def push_document(cfg: dict, kind: str, path: str, target: str, *, dry_run: bool
 
 
 def _print_results(seen: dict[str, dict]) -> int:
+    """One line per device; its result and reason are device data, shown cleaned."""
     if not seen:
         print("no device reported on it yet (offline devices get it when they reconnect)")
         return EXIT_DONE
     for device, ev in sorted(seen.items()):
-        extra = f" ({ev['reason']})" if ev.get("reason") else ""
-        print(f"{device:<28} {ev.get('result')}{extra}")
+        extra = f" ({shown(ev['reason'], 40)})" if ev.get("reason") else ""
+        print(f"{device:<28} {shown(ev.get('result'), 20)}{extra}")
     return EXIT_DONE if all(ev.get("result") == "applied" for ev in seen.values()) \
         else EXIT_FAILED
 

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import MAX_PAYLOAD
 from ctl import notify
 from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
 from ctl.sanitize import (
@@ -44,6 +43,7 @@ from ctl.sanitize import (
     clean,
     device_id,
     device_time,
+    parse_object,
     quote,
 )
 
@@ -237,13 +237,8 @@ class Relay:
         rest = topic[len(head):].split("/")
         if len(rest) != 2 or rest[1] not in LEAVES or not device_id(rest[0]):
             return None
-        if len(payload) > MAX_PAYLOAD:
-            return None
-        try:
-            body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return None
-        return (rest[0], rest[1], body) if isinstance(body, dict) else None
+        body = parse_object(payload)
+        return None if body is None else (rest[0], rest[1], body)
 
     def _device(self, device: str, now_ms: int) -> sqlite3.Row:
         self.store.x("INSERT OR IGNORE INTO devices(device, first_seen_ms) VALUES(?, ?)",

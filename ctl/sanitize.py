@@ -22,7 +22,7 @@ import re
 import unicodedata
 from typing import Any
 
-from agent.protocol import DEVICE_RE
+from agent.protocol import DEVICE_RE, MAX_PAYLOAD
 
 CODE_MAX = 40  # alert codes (the agent's are ≤ 20)
 KEY_MAX = 64  # alert keys (a path name, an item id)
@@ -37,6 +37,18 @@ _SPACE = {"\t", "\n", "\v", "\f", "\r", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", 
           "\u2029"}
 _SPACES = re.compile(r"  +")
 _DROP = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def parse_object(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> dict | None:
+    """A device's payload as a JSON object, or None: too large (64 KiB, the agent's own
+    inbound limit), not UTF-8, not JSON (also nested too deep), or not an object."""
+    if len(payload) > max_bytes:
+        return None
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def clean(value: Any, max_len: int = TEXT_MAX) -> str:

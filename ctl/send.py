@@ -10,6 +10,7 @@ import time
 
 from agent import protocol
 from ctl.keys import signing_key
+from ctl.sanitize import as_int, clean, device_id, parse_object, shown
 from ctl.session import EXIT_DONE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, Session
 
 
@@ -25,7 +26,7 @@ def make_envelope(target: str, typ: str, args: dict, *, ttl_s: int | None, cmd_i
 
 def send(cfg: dict, target: str, typ: str, args: dict, *, timeout: float, ttl_s: int | None,
          cmd_id: str | None, unsigned: bool, as_json: bool, devices: int | None) -> int:
-    if not protocol.TARGET_RE.match(target):
+    if not protocol.TARGET_RE.fullmatch(target):
         print(f"target must be dev/ID or grp/G, not {target!r}", file=sys.stderr)
         return EXIT_USAGE
     env = make_envelope(target, typ, args, ttl_s=ttl_s, cmd_id=cmd_id)
@@ -64,16 +65,15 @@ def _follow_acks(session: Session, cmd_id: str, target: str, timeout: float, as_
             if not single and devices is None and finals and finals.keys() >= received and settled:
                 break
             continue
-        ack = _parse_ack(payload)
-        if ack is None or ack.get("id") != cmd_id:
+        parsed = _parse_ack(topic, payload)
+        if parsed is None or parsed[1].get("id") != cmd_id:
             continue
-        device = topic.split("/")[-2]
+        device, ack = parsed
         last_activity = time.monotonic()
         stage = ack.get("stage")
         if stage == "rejected" and ack.get("reason") == protocol.REPLAYED and device in received:
             continue  # a duplicate delivery of a command this device already took
-        print(json.dumps({"device": device, **ack}, ensure_ascii=False) if as_json else
-              _ack_line(device, ack), flush=True)
+        print(_ack_json(device, ack) if as_json else _ack_line(device, ack), flush=True)
         if stage == "received":
             received.add(device)
         if stage in protocol.FINAL_STAGES:
@@ -90,21 +90,40 @@ def _follow_acks(session: Session, cmd_id: str, target: str, timeout: float, as_
     return EXIT_DONE if all(s == "done" for s in finals.values()) else EXIT_FAILED
 
 
-def _parse_ack(payload: bytes) -> dict | None:
-    try:
-        ack = json.loads(payload)
-    except ValueError:
+def _parse_ack(topic: str, payload: bytes) -> tuple[str, dict] | None:
+    """(device, ack) from a device's ack topic, or None: the device id must be one, the
+    payload a JSON object with a known ``stage`` (acks are device data: hostile input)."""
+    parts = topic.split("/")
+    device = device_id(parts[-2]) if len(parts) >= 2 else None
+    ack = parse_object(payload)
+    if device is None or ack is None or ack.get("stage") not in protocol.STAGES:
         return None
-    return ack if isinstance(ack, dict) else None
+    return device, ack
+
+
+def _ack_json(device: str, ack: dict) -> str:
+    """The ack as a JSON line; ``device`` is the topic's, whatever the ack says."""
+    return json.dumps({"device": device, **{k: v for k, v in ack.items() if k != "device"}},
+                      ensure_ascii=False)
 
 
 def _ack_line(device: str, ack: dict) -> str:
-    ts = time.strftime("%H:%M:%S", time.localtime(ack.get("ts", 0) / 1000))
-    line = f"{ts} {device:<24} {ack.get('stage', '?'):<10}"
+    """One line of plain text: the device's reason and message are cleaned (ctl/sanitize.py)."""
+    line = f"{_clock(ack.get('ts'))} {device:<24} {ack['stage']:<10}"
     if ack.get("reason"):
-        line += f" {ack['reason']}"
-    detail = ack.get("detail") or {}
-    if detail.get("message"):
-        line += f": {detail['message']}"
+        line += f" {shown(ack['reason'], 40)}"
+    detail = ack.get("detail")
+    if isinstance(detail, dict) and detail.get("message"):
+        line += f": {clean(detail['message'], 200)}"
     return line
+
+
+def _clock(ts) -> str:
+    """HH:MM:SS of a device time, or ??:??:?? when it is none a calendar holds."""
+    ms = as_int(ts)
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) if ms is not None \
+            else "??:??:??"
+    except (OverflowError, OSError, ValueError):
+        return "??:??:??"
 

@@ -1,14 +1,19 @@
 """``ttcs-ctl watch``: the live fleet table, from every device's status, state, health and
-event topics."""
+event topics. What devices send is hostile input (ctl/sanitize.py): the fleet keeps only
+bounded, cleaned values, and the table shows them as text (no rich markup, no terminal
+control characters, one line per device)."""
 
 from __future__ import annotations
 
-import json
 import queue
 import time
 
 from ctl.config import groups_of
+from ctl.sanitize import CODE_MAX, REASON_MAX, as_int, clean, device_id, parse_object, shown
 from ctl.session import Session
+
+ALERTS_MAX = 20  # alert codes kept per device
+PLAYING_MAX = 40
 
 
 class Fleet:
@@ -20,17 +25,15 @@ class Fleet:
 
     def update(self, topic: str, payload: bytes, now: float | None = None) -> None:
         parts = topic.split("/")
-        if len(parts) < 4 or parts[-3] != "dev":
+        if len(parts) < 4 or parts[-3] != "dev" or not device_id(parts[-2]):
             return
         device, leaf = parts[-2], parts[-1]
-        try:
-            body = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(body, dict):
+        body = parse_object(payload)
+        if body is None:
             return
         d = self.devices.setdefault(device, {"online": None, "last_seen": None, "playing": None,
-                                             "alerts": {}, "health": None, "reason": None})
+                                             "alerts": {}, "volume": None,
+                                             "health_volume": None, "reason": None})
         d["last_seen"] = now if now is not None else time.time()
         handler = getattr(self, f"_{leaf}", None)
         if handler is not None:
@@ -39,31 +42,38 @@ class Fleet:
     @staticmethod
     def _status(d: dict, body: dict) -> None:
         d["online"] = body.get("state") == "online"
-        d["reason"] = body.get("reason")
+        reason = body.get("reason")
+        d["reason"] = clean(reason, REASON_MAX) if reason is not None else None
 
     @staticmethod
     def _state(d: dict, body: dict) -> None:
-        d["playing"] = body.get("playing")
-        if isinstance(body.get("volume"), int):
-            d["volume"] = body["volume"]
+        playing = body.get("playing")
+        if isinstance(playing, dict):
+            playing = playing.get("id") or playing.get("source") or "yes"
+        d["playing"] = clean(playing, PLAYING_MAX) if playing else None
+        if "volume" in body:
+            d["volume"] = _volume(body["volume"])
         alerts = body.get("alerts")
         if isinstance(alerts, list):
-            d["alerts"] = {a["code"]: True for a in alerts
-                           if isinstance(a, dict) and isinstance(a.get("code"), str)}
+            codes = [a["code"] for a in alerts[:ALERTS_MAX]
+                     if isinstance(a, dict) and isinstance(a.get("code"), str)]
+            d["alerts"] = {clean(c, CODE_MAX): True for c in codes}
 
     @staticmethod
     def _health(d: dict, body: dict) -> None:
-        d["health"] = body
+        audio = body.get("audio")
+        d["health_volume"] = _volume(audio.get("volume")) if isinstance(audio, dict) else None
 
     @staticmethod
     def _event(d: dict, body: dict) -> None:
         code = body.get("code")
         if body.get("type") != "alert" or not isinstance(code, str):
             return
-        if body.get("state") == "raised":
-            d["alerts"][code] = True
-        else:
+        code = clean(code, CODE_MAX)
+        if body.get("state") != "raised":
             d["alerts"].pop(code, None)
+        elif code in d["alerts"] or len(d["alerts"]) < ALERTS_MAX:
+            d["alerts"][code] = True
 
     def groups_of(self, device: str) -> list[str]:
         return groups_of(device, self.groups)
@@ -95,21 +105,24 @@ class Fleet:
         return t
 
     def _row(self, name: str, now: float) -> list[str]:
+        """The row's cells as rich markup: every value a device sent is escaped."""
         d = self.devices[name]
+        reason = _esc(shown(d["reason"], REASON_MAX)) if d["reason"] else ""
         status = {True: "[green]online[/]", None: "?"}.get(
-            d["online"], f"[red]OFFLINE[/] {d.get('reason') or ''}".rstrip())
+            d["online"], f"[red]OFFLINE[/] {reason}".rstrip())
         seen = f"{int(now - d['last_seen'])} s" if d["last_seen"] else "-"
-        playing = d["playing"]
-        if isinstance(playing, dict):
-            playing = playing.get("id") or playing.get("source") or "yes"
-        audio = (d["health"] or {}).get("audio") if isinstance(d["health"], dict) else None
-        volume = d.get("volume")  # the state snapshot's, else the last health sample's
-        if volume is None and isinstance(audio, dict):
-            volume = audio.get("volume")
-        alerts = ", ".join(sorted(d["alerts"]))
+        # the state snapshot's volume, else the last health sample's
+        volume = d["volume"] if d["volume"] is not None else d["health_volume"]
+        alerts = ", ".join(shown(c, CODE_MAX) for c in sorted(d["alerts"]))
         return [name, ",".join(self.groups_of(name)) or "-", status, seen,
-                _esc(str(playing or "-")), "-" if volume is None else str(volume),
+                _esc(shown(d["playing"], PLAYING_MAX)) if d["playing"] else "-",
+                "-" if volume is None else str(volume),
                 f"[yellow]{_esc(alerts)}[/]" if alerts else "-"]
+
+
+def _volume(value) -> int | None:
+    v = as_int(value)
+    return v if v is not None and 0 <= v <= 100 else None
 
 
 def _esc(text: str) -> str:

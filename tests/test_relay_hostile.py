@@ -4,7 +4,10 @@ and real agents, must keep telling staff the truth about every other device."""
 
 from __future__ import annotations
 
-from tests.conftest import Watcher, agent_config, wait_online, wait_until
+import subprocess
+import sys
+
+from tests.conftest import ROOT, Watcher, agent_config, wait_online, wait_until
 from tests.relay_support import (  # noqa: F401 - fixtures
     http_fixture,
     relay_config,
@@ -105,6 +108,35 @@ def test_long_alert_keys_do_not_push_another_device_out_of_telegram(
         assert "MẤT KẾT NỐI" in line
         assert sum(ln.startswith(EVIL) for t in texts for ln in t.splitlines()) == 41
         assert relay.proc.poll() is None
+    finally:
+        w.close()
+
+
+def test_watch_shows_what_devices_send_as_plain_text(broker, tmp_path):
+    w = Watcher(broker.port, ["ttcs/#"])
+    try:
+        ansi = "\x1b]0;pwned\x07\x1b[2J"
+        w.publish(f"ttcs/dev/{EVIL}/status", {"v": 1, "state": "offline", "session": 1,
+                                               "reason": f"{ansi}\n[bold green]online[/]"},
+                  retain=True)
+        w.publish(f"ttcs/dev/{EVIL}/state", {
+            "v": 1, "playing": {"id": f"bản tin\n{ansi}" + "x" * 500}, "volume": 10**30,
+            "alerts": [{"code": f"door_open\n{n}"} for n in range(500)]}, retain=True)
+        w.publish(f"ttcs/dev/{EVIL}/health", b"[" * 60_000, retain=True)  # nested too deep
+        w.publish(f"ttcs/dev/{VICTIM}/status", {"v": 1, "state": "online", "session": 1},
+                  retain=True)
+        cfg = relay_config(tmp_path, broker.port, None)
+        out = subprocess.run([sys.executable, "-m", "ctl", "--config", str(cfg), "watch",
+                              "--once", "1.5"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+        [row] = [ln for ln in out.stdout.splitlines() if EVIL in ln]
+        cells = [c.strip() for c in row.split("│")]
+        assert cells[3] == 'OFFLINE "]0;pwned[2J [bold green]online[…"'  # text, not markup
+        assert cells[4].endswith(" s") and cells[5].startswith('"bản tin') and cells[6] == "-"
+        assert out.stdout.count('"door_open') == 20  # alerts kept per device: bounded
+        assert "1/2 online" in out.stdout and VICTIM in out.stdout
     finally:
         w.close()
 
