@@ -101,6 +101,10 @@ def report(cfg: dict, month: str | None, year: str | None, out_dir: str, db: str
     except ValueError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
+    problem = rep.chart_problem() if chart else None
+    if problem:
+        print(f"ttcs-ctl report: {problem}", file=sys.stderr)
+        return EXIT_FAILED
     db_path = os.path.expanduser(db or cfg["relay"]["db_path"])
     if not os.path.exists(db_path):
         print(f"no relay database at {db_path}", file=sys.stderr)
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     period.add_argument("--year", metavar="YYYY")
     p.add_argument("--out", default=".", help="folder for the CSV and PNG (default .)")
     p.add_argument("--db", help="relay database (default relay.db_path)")
-    p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--no-chart", action="store_true",
+                   help="CSV and table only (no PNG; matplotlib not needed)")
     for kind in ("schedule", "board"):
         p = sub.add_parser(kind, help=f"standing {kind} documents")
         ksub = p.add_subparsers(dest="action", required=True)
