@@ -12,7 +12,7 @@ import time
 from agent import __version__, protocol
 from agent.config import ConfigError
 from ctl import config
-from ctl.keys import keygen, signing_key
+from ctl.keys import keygen, pubkey, signing_key
 from ctl.sanitize import shown
 from ctl.send import send
 from ctl.session import EXIT_DONE, EXIT_FAILED, EXIT_USAGE, Session
@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("keygen", help="make an Ed25519 signing key")
     p.add_argument("--out", required=True, help="private key file to write (mode 0600)")
     p.add_argument("--kid", default="district-ctl-1", help="key id shown in the config snippet")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing key file (agents then need the new public key)")
+    p = sub.add_parser("pubkey", help="print the public key of a private key file")
+    p.add_argument("key_file", help="private key file written by keygen")
+    p.add_argument("--kid", default="district-ctl-1", help="key id shown in the config snippet")
     p = sub.add_parser("send", help="sign and send a command, print its acks")
     p.add_argument("target", help="dev/ID, grp/G or grp/all")
     p.add_argument("type", help="command type: " + ", ".join(protocol.COMMAND_TYPES))
@@ -179,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "version":
         print(f"ttcs-ctl {__version__}")
         return 0
-    if args.cmd == "keygen":
-        return keygen(args.out, args.kid, args.force)
+    if args.cmd in ("keygen", "pubkey"):
+        try:
+            return keygen(args.out, args.kid, args.force) if args.cmd == "keygen" else \
+                pubkey(args.key_file, args.kid)
+        except (OSError, ValueError) as e:
+            print(f"ttcs-ctl: {e}", file=sys.stderr)
+            return EXIT_FAILED
     try:
         cfg = config.load(args.config)
     except ConfigError as e:

@@ -68,3 +68,44 @@ def test_send_shows_hostile_acks_as_text(broker, tmp_path):
             assert lines[0].startswith("??:??:?? krongpa-evil-c09") and " received" in lines[0]
             assert lines[1].split()[1:3] == [EVIL, "done"]
             assert f'"[2J 12:00:00 {VICTIM} done"' in lines[1]  # quoted, on its own line
+
+
+# --- keygen and pubkey --------------------------------------------------------------------
+
+def test_keygen_never_writes_through_a_planted_symlink(tmp_path):
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    out_file = folder / "district.key"
+    victim, planted = tmp_path / "readable-by-all.txt", tmp_path / "not-yet-there.txt"
+    victim.write_text("x")
+    victim.chmod(0o644)
+    (folder / "district.key.tmp").symlink_to(victim)  # the old fixed temporary name
+    done = ctl("keygen", "--out", str(out_file))
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "x"  # the private key never went through the link
+    assert (folder / "district.key.tmp").is_symlink()
+    assert out_file.stat().st_mode & 0o777 == 0o600 and not out_file.is_symlink()
+    assert b"PRIVATE KEY" in out_file.read_bytes()
+    assert {p.name for p in folder.iterdir()} == {"district.key", "district.key.tmp"}
+    # a dangling link at the fixed name: still not followed
+    (folder / "district.key.tmp").unlink()
+    (folder / "district.key.tmp").symlink_to(planted)
+    assert ctl("keygen", "--out", str(out_file), "--force").returncode == 0
+    assert not planted.exists()
+
+
+def test_keygen_refuses_an_existing_key_and_pubkey_prints_its_public_key(tmp_path):
+    key = tmp_path / "district.key"
+    first = ctl("keygen", "--out", str(key), "--kid", "huyen-1")
+    assert first.returncode == 0, first.stderr
+    pub_line = next(ln for ln in first.stdout.splitlines() if "huyen-1:" in ln)
+    before = key.read_bytes()
+    again = ctl("keygen", "--out", str(key))
+    assert again.returncode == 64 and key.read_bytes() == before
+    assert f"ttcs-ctl pubkey {key}" in again.stderr and "--force" in again.stderr
+    shown = ctl("pubkey", str(key), "--kid", "huyen-1")
+    assert shown.returncode == 0, shown.stderr
+    assert pub_line in shown.stdout.splitlines() and "PRIVATE" not in shown.stdout
+    key.chmod(0o644)
+    refused = ctl("pubkey", str(key))
+    assert refused.returncode == 1 and "chmod 600" in refused.stderr
