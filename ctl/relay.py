@@ -28,6 +28,7 @@ import signal
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,23 @@ class RelayStore:
         value = secrets.token_hex(8)
         self.x("INSERT INTO meta(key, value) VALUES('instance', ?)", value)
         return value
+
+
+def read_devices(path: str) -> dict[str, bool | None] | None:
+    """The devices the relay's store at ``path`` knows, each online (True/False, None when
+    unknown), read-only; None when there is no such store."""
+    path = os.path.expanduser(path)
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT device, online FROM devices").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return {d: None if online is None else bool(online) for d, online in rows}
 
 
 class _Tx:

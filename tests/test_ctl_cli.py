@@ -109,3 +109,80 @@ def test_keygen_refuses_an_existing_key_and_pubkey_prints_its_public_key(tmp_pat
     key.chmod(0o644)
     refused = ctl("pubkey", str(key))
     assert refused.returncode == 1 and "chmod 600" in refused.stderr
+
+
+# --- send to a group: what it waits for, who answered -------------------------------------
+
+def _signing(tmp_path: Path, keys) -> dict:
+    from cryptography.hazmat.primitives import serialization
+
+    key_file = tmp_path / "ctl.key"
+    key_file.write_bytes(keys.private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return {"kid": keys.kid, "key_file": str(key_file)}
+
+
+def test_send_to_a_group_says_what_it_waits_for_and_who_answered(broker, keys, tmp_path,
+                                                                 agent_factory):
+    from ctl.relay import RelayStore
+    from tests.conftest import agent_config, wait_online
+
+    w = Watcher(broker.port, ["ttcs/+/+/status"])
+    try:
+        for device in (VICTIM, "krongpa-chuse-c01"):
+            agent_factory(agent_config(tmp_path, broker.port, keys, device=device))
+            wait_online(w, device)
+    finally:
+        w.close()
+    db = tmp_path / "relay.db"
+    store = RelayStore(str(db))
+    for device, online in ((VICTIM, 1), ("krongpa-chuse-c01", None), ("krongpa-old-c07", 0),
+                           ("other-c01", 1)):
+        store.x("INSERT INTO devices(device, online, first_seen_ms) VALUES(?, ?, 0)", device,
+                online)
+    relay = {"db_path": str(db), "groups": {"krongpa": ["krongpa-*"]}}
+    cfg = ctl_config(tmp_path, broker.port, signing=_signing(tmp_path, keys), relay=relay)
+    out = ctl("--config", str(cfg), "send", "grp/krongpa", "ping", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    err = out.stderr.splitlines()
+    assert err[0] == ("grp/krongpa: waiting up to 30 s for acks from the 2 devices the relay's"
+                      f" store lists in it (krongpa-chuse-c01, {VICTIM}); offline per the"
+                      " relay, not waited for: krongpa-old-c07; others may answer too")
+    assert err[1] == f"answered: krongpa-chuse-c01 done, {VICTIM} done"
+    assert err[2].startswith("offline per the relay") and err[2].endswith("krongpa-old-c07")
+    # a member the relay believes online that does not answer: named, exit 2
+    store.x("INSERT INTO devices(device, online, first_seen_ms) VALUES(?, 1, 0)",
+            "krongpa-silent-c08")
+    store.close()
+    out = ctl("--config", str(cfg), "send", "grp/krongpa", "ping", "--timeout", "4")
+    assert out.returncode == 2, out.stderr
+    assert "did not finish (online or unknown per the relay): krongpa-silent-c08" in out.stderr
+    # no store: the size of the group is unknown, and it says so
+    relay["db_path"] = str(tmp_path / "nowhere.db")
+    cfg = ctl_config(tmp_path, broker.port, signing=_signing(tmp_path, keys), relay=relay)
+    out = ctl("--config", str(cfg), "send", "grp/krongpa", "ping", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    assert "how many devices listen to a group is unknown (no relay store at" in out.stderr
+    assert "stops 3 s after every device that answered has finished" in out.stderr
+    assert f"answered: krongpa-chuse-c01 done, {VICTIM} done" in out.stderr
+    assert "the group's size is unknown" in out.stderr
+
+
+def test_the_wait_ends_when_the_known_members_have_finished():
+    import queue
+    import time
+
+    from ctl.send import Group, _follow_acks
+
+    class Feed:
+        messages: queue.Queue = queue.Queue()
+
+    for device in ("krongpa-a", "krongpa-b"):
+        Feed.messages.put((f"ttcs/dev/{device}/ack",
+                           json.dumps({"id": "c1", "stage": "done", "ts": 0}).encode(), False))
+    start = time.monotonic()
+    group = Group({"krongpa-a": True, "krongpa-b": None, "krongpa-c": False})
+    assert _follow_acks(Feed, "c1", "grp/krongpa", 30, True, None, group, settle_s=3) == 0
+    assert time.monotonic() - start < 1  # not the 3 s settle, not the 30 s timeout
