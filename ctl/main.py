@@ -94,7 +94,7 @@ def relay(cfg: dict, once: float | None) -> int:
 def report(cfg: dict, month: str | None, year: str | None, out_dir: str, db: str | None,
            chart: bool) -> int:
     from ctl import report as rep
-    from ctl.relay import RelayStore
+    from ctl.store import RelayStore
 
     try:
         period = rep.parse_period(month, year, cfg["relay"]["timezone"])

@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 
 from agent.protocol import Priority
 from ctl.config import groups_of
-from ctl.relay import RelayStore
+from ctl.store import RelayStore
 
 FONT = "DejaVu Sans"
 CSV_FIELDS = ("scope", "name", "devices", "aired_minutes", "aired_hours", "bulletins",

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from agent import protocol
 from ctl.config import groups_of
 from ctl.keys import signing_key
-from ctl.relay import read_devices
 from ctl.sanitize import as_int, clean, device_id, parse_object, shown
 from ctl.session import EXIT_DONE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, Session
+from ctl.store import read_devices
 
 
 def make_envelope(target: str, typ: str, args: dict, *, ttl_s: int | None, cmd_id: str | None,

@@ -126,7 +126,7 @@ def _signing(tmp_path: Path, keys) -> dict:
 
 def test_send_to_a_group_says_what_it_waits_for_and_who_answered(broker, keys, tmp_path,
                                                                  agent_factory):
-    from ctl.relay import RelayStore
+    from ctl.store import RelayStore
     from tests.conftest import agent_config, wait_online
 
     w = Watcher(broker.port, ["ttcs/+/+/status"])

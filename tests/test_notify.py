@@ -22,8 +22,9 @@ from ctl.notify import (
     render,
     split,
 )
-from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings
 from ctl.sanitize import utf16_len
+from ctl.store import RelayStore
 from tests.conftest import free_port
 from tests.relay_support import http_fixture  # noqa: F401 - a fixture
 

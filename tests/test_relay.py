@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from ctl.config import groups_of
 from ctl.notify import Dispatcher, Message, NotifyError, render
-from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings
+from ctl.store import RelayStore
 from tests.conftest import ROOT, Watcher, agent_config, wait_online, wait_until
 from tests.relay_support import (  # noqa: F401 - fixtures
     http_fixture,

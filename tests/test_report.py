@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 
 from ctl import report
-from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings
+from ctl.store import RelayStore
 from tests.conftest import ROOT
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")

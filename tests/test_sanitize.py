@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from ctl import sanitize
 from ctl.notify import render, summarise
-from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings
+from ctl.store import RelayStore
 
 T0 = 1_764_000_000_000
 DEV = "krongpa-evil-c09"
