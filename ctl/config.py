@@ -69,11 +69,36 @@ CTL_SCHEMA = Section(fields={
 })
 
 
+EXAMPLE = "config/ctl.example.yaml"
+
+
+def resolve_path(path: str | None = None) -> tuple[str, str]:
+    """(the config file to read, where that name came from): ``path`` (``--config``), else
+    ``$TTCS_CTL_CONFIG``, else :data:`DEFAULT_CTL_PATH`; ``~`` expanded."""
+    if path:
+        return os.path.expanduser(path), "--config"
+    if os.environ.get("TTCS_CTL_CONFIG"):
+        return os.path.expanduser(os.environ["TTCS_CTL_CONFIG"]), "$TTCS_CTL_CONFIG"
+    return os.path.expanduser(DEFAULT_CTL_PATH), "the default path"
+
+
+def missing_message(path: str, source: str) -> str:
+    """What to do when there is no config file at ``path``."""
+    where = ("the default path; --config FILE, before or after the command, or"
+             " $TTCS_CTL_CONFIG names another" if source == "the default path"
+             else f"given by {source}")
+    return (f"ttcs-ctl: no config file at {path} ({where}).\n"
+            f"Start from {EXAMPLE} in the ttcs-agent source tree (every key, with comments):\n"
+            f"  mkdir -p {os.path.dirname(path)} && cp {EXAMPLE} {path}\n"
+            "then set mqtt.host/port and signing.kid/key_file (the key from ttcs-ctl keygen);"
+            " the README's controller section has a minimal one.")
+
+
 def load(path: str | None = None) -> dict:
-    """Read and validate the ctl config: ``path``, else ``$TTCS_CTL_CONFIG``, else
-    :data:`DEFAULT_CTL_PATH` (``~`` expanded). Raises :class:`agent.config.ConfigError`."""
-    path = os.path.expanduser(path or os.environ.get("TTCS_CTL_CONFIG") or DEFAULT_CTL_PATH)
-    return config.load_file(path, CTL_SCHEMA)
+    """Read and validate the ctl config at :func:`resolve_path` (``path``, else
+    ``$TTCS_CTL_CONFIG``, else :data:`DEFAULT_CTL_PATH`). Raises
+    :class:`agent.config.ConfigError`."""
+    return config.load_file(resolve_path(path)[0], CTL_SCHEMA)
 
 
 GROUP_WAIT_S, GROUP_INTERVAL_S = 30.0, 300.0

@@ -129,19 +129,38 @@ def report(cfg: dict, month: str | None, year: str | None, out_dir: str, db: str
 
 # --- entry -------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ttcs-ctl", description=__doc__)
-    parser.add_argument("--config", help=f"ctl config (default {config.DEFAULT_CTL_PATH})")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("keygen", help="make an Ed25519 signing key")
+DESCRIPTION = f"""\
+The controller side of ttcs-agent: signing keys, signed commands and documents, the live
+fleet table, the alert relay and broadcast reports (docs/CTL.md).
+
+Config: {config.DEFAULT_CTL_PATH}, or --config FILE (before or after the command), or
+$TTCS_CTL_CONFIG. Every key is shown in config/ctl.example.yaml. keygen, pubkey and
+version need no config."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line. Help texts are plain text (they are printed as they are)."""
+    parser = argparse.ArgumentParser(prog="ttcs-ctl", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_help = f"ctl config (default {config.DEFAULT_CTL_PATH})"
+    parser.add_argument("--config", help=config_help)
+    # --config is also accepted after the command; SUPPRESS keeps one given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, parent=sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=text, description=text, parents=[common])
+
+    p = command("keygen", "make an Ed25519 signing key and print its public key")
     p.add_argument("--out", required=True, help="private key file to write (mode 0600)")
     p.add_argument("--kid", default="district-ctl-1", help="key id shown in the config snippet")
     p.add_argument("--force", action="store_true",
                    help="replace an existing key file (agents then need the new public key)")
-    p = sub.add_parser("pubkey", help="print the public key of a private key file")
+    p = command("pubkey", "print the public key of an existing private key file")
     p.add_argument("key_file", help="private key file written by keygen")
     p.add_argument("--kid", default="district-ctl-1", help="key id shown in the config snippet")
-    p = sub.add_parser("send", help="sign and send a command, print its acks")
+    p = command("send", "sign and send a command, print its acks")
     p.add_argument("target", help="dev/ID, grp/G or grp/all")
     p.add_argument("type", help="command type: " + ", ".join(protocol.COMMAND_TYPES))
     p.add_argument("args", nargs="?", default="{}", help="arguments as a JSON object")
@@ -151,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, help="for a group: how many devices to wait for")
     p.add_argument("--unsigned", action="store_true", help="send without a signature")
     p.add_argument("--json", action="store_true", help="print acks as JSON lines")
-    p = sub.add_parser("watch", help="live fleet table")
+    p = command("watch", "live fleet table")
     p.add_argument("--once", type=float, metavar="SECONDS",
                    help="collect for SECONDS, print the table once and exit")
     p.add_argument("--group", help="only devices of this group (relay.groups)")
     p.add_argument("--alert", metavar="CODE", help="only devices with this alert (or: any)")
-    p = sub.add_parser("relay", help="watch every device, store, notify staff")
+    p = command("relay", "watch every device, store what they send, notify staff")
     p.add_argument("--once", type=float, metavar="SECONDS", help="run for SECONDS, then exit")
-    p = sub.add_parser("report", help="broadcast statistics as CSV and a PNG chart")
+    p = command("report", "broadcast statistics as CSV and a PNG chart")
     period = p.add_mutually_exclusive_group(required=True)
     period.add_argument("--month", metavar="YYYY-MM")
     period.add_argument("--year", metavar="YYYY")
@@ -167,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-chart", action="store_true",
                    help="CSV and table only (no PNG; matplotlib not needed)")
     for kind in ("schedule", "board"):
-        p = sub.add_parser(kind, help=f"standing {kind} documents")
-        ksub = p.add_subparsers(dest="action", required=True)
-        pp = ksub.add_parser("push", help="validate, diff, bump rev, sign, publish retained")
+        p = command(kind, f"standing {kind} documents")
+        ksub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        pp = command("push", "validate, diff, bump rev, sign, publish retained", ksub)
         pp.add_argument("file", help=f"YAML with the {kind} document's args")
         pp.add_argument("--target", required=True, help="dev/ID, grp/G or grp/all")
         pp.add_argument("--dry-run", action="store_true", help="show the diff, publish nothing")
@@ -178,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         pp.add_argument("--wait", type=float, default=10.0,
                         help="seconds to wait for devices' results (default 10)")
         pp.add_argument("--devices", type=int, help="for a group: results to wait for")
-    sub.add_parser("version")
-    args = parser.parse_args(argv)
+    command("version", "print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.cmd == "version":
         print(f"ttcs-ctl {__version__}")
         return 0
@@ -190,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"ttcs-ctl: {e}", file=sys.stderr)
             return EXIT_FAILED
+    path, source = config.resolve_path(args.config)
+    if not os.path.exists(path):
+        print(config.missing_message(path, source), file=sys.stderr)
+        return EXIT_USAGE
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(path)
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)

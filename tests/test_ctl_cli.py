@@ -186,3 +186,102 @@ def test_the_wait_ends_when_the_known_members_have_finished():
     group = Group({"krongpa-a": True, "krongpa-b": None, "krongpa-c": False})
     assert _follow_acks(Feed, "c1", "grp/krongpa", 30, True, None, group, settle_s=3) == 0
     assert time.monotonic() - start < 1  # not the 3 s settle, not the 30 s timeout
+
+
+# --- the README's controller section, as written -------------------------------------------
+
+def test_the_readmes_controller_section_works_as_written(broker, tmp_path, agent_factory):
+    """Run the README's commands with HOME in a temp folder; the only change is the broker's
+    port. An agent trusting the key keygen printed answers the sends."""
+    import os
+    import re
+    import signal
+    import time
+
+    from tests.conftest import Keys, agent_config, wait_online
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## On the controller"):]
+    start = section.index("```sh\n") + len("```sh\n")
+    block = section[start:section.index("\n```", start)]
+    block = block.replace("port: 1883", f"port: {broker.port}")
+    lines = block.splitlines()
+    first_send = next(i for i, ln in enumerate(lines) if ln.startswith("ttcs-ctl send"))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("TTCS_CTL_CONFIG", None)
+
+    def sh(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-euc", script], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=timeout)
+
+    setup = sh("\n".join(lines[:first_send]))
+    assert setup.returncode == 0, setup.stderr
+    kid, pub = re.search(r'^\s+([\w.-]+): "([A-Za-z0-9+/=]+)"$', setup.stdout, re.M).groups()
+    keys = Keys()
+    keys.kid, keys.public_b64 = kid, pub
+    w = Watcher(broker.port, ["ttcs/+/+/status"])
+    try:
+        agent_factory(agent_config(tmp_path, broker.port, keys, device=VICTIM))
+        wait_online(w, VICTIM)
+    finally:
+        w.close()
+    sends = [ln for ln in lines[first_send:] if ln.startswith("ttcs-ctl send")]
+    assert len(sends) == 2
+    for line in sends:
+        out = sh(line, timeout=90)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert re.search(rf"{VICTIM}\s+done", out.stdout), out.stdout
+    [watch_line] = [ln for ln in lines[first_send:] if ln.startswith("ttcs-ctl watch")]
+    live = subprocess.Popen(["bash", "-c", "exec " + watch_line.split("#")[0]], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(4)
+    live.send_signal(signal.SIGINT)
+    out, err = live.communicate(timeout=20)
+    assert live.returncode == 0, err
+    assert VICTIM in out
+
+
+# --- help, --config, a missing config -------------------------------------------------------
+
+def test_help_is_plain_text():
+    for args in ([], ["keygen"], ["pubkey"], ["send"], ["watch"], ["relay"], ["report"],
+                 ["schedule"], ["schedule", "push"], ["board", "push"], ["version"]):
+        out = ctl(*args, "--help")
+        assert out.returncode == 0, out.stderr
+        for markup in ("``", ":class:", ":func:", ":mod:", ":data:", ".. "):
+            assert markup not in out.stdout, (args, markup, out.stdout)
+    top = ctl("--help").stdout
+    assert "~/.config/ttcs/ctl.yaml" in top and "config/ctl.example.yaml" in top
+
+
+def test_config_before_or_after_the_command(broker, tmp_path):
+    cfg = ctl_config(tmp_path, broker.port)
+    before = ctl("--config", str(cfg), "watch", "--once", "0.5")
+    after = ctl("watch", "--once", "0.5", "--config", str(cfg))
+    both = ctl("--config", str(tmp_path / "nowhere.yaml"), "watch", "--config", str(cfg),
+               "--once", "0.5")
+    for out in (before, after, both):
+        assert out.returncode == 0 and "0/0 online" in out.stdout, out.stderr
+    push = ctl("schedule", "push", str(tmp_path / "s.yaml"), "--target", "grp/x",
+               "--config", str(tmp_path / "nowhere.yaml"))
+    assert push.returncode == 64 and f"no config file at {tmp_path}/nowhere.yaml" in push.stderr
+
+
+def test_a_missing_config_says_where_and_how_to_start(tmp_path):
+    import os
+
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("TTCS_CTL_CONFIG", None)
+    out = ctl("send", "dev/krongpa-a1", "ping", env=env)
+    assert out.returncode == 64 and "Traceback" not in out.stderr
+    default = tmp_path / ".config" / "ttcs" / "ctl.yaml"
+    assert f"no config file at {default} (the default path" in out.stderr
+    assert "config/ctl.example.yaml" in out.stderr
+    assert f"cp config/ctl.example.yaml {default}" in out.stderr
+    named = ctl("watch", env={**env, "TTCS_CTL_CONFIG": str(tmp_path / "x.yaml")})
+    assert f"no config file at {tmp_path}/x.yaml (given by $TTCS_CTL_CONFIG)" in named.stderr
+    assert ctl("keygen", "--out", str(tmp_path / "k"), env=env).returncode == 0  # no config
