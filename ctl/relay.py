@@ -368,16 +368,24 @@ def _dumps(obj: Any) -> str:
 # --- the process -------------------------------------------------------------------------
 
 def run(cfg: dict, *, once_s: float | None = None) -> int:
-    """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds)."""
+    """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds). The stop is logged;
+    the step under way finishes, the MQTT session is closed, the database checkpointed and
+    closed, and the counters logged."""
+    stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        signals.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     store = RelayStore(cfg["relay"]["db_path"])
     channels = notify.channels_from_config(cfg["alerts"])
     settings = RelaySettings.from_config(cfg, [c.name for c in channels])
     relay = Relay(store, settings, cfg["mqtt"]["topic_prefix"])
     dispatcher = notify.Dispatcher(store, channels, cfg["alerts"]["retry"], cfg["relay"])
     client = _connect(cfg, relay)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log.info("relay: %d channel(s): %s; a new group waits %g s, changes to it %g s",
              len(channels), ", ".join(settings.channels) or "none", settings.group_wait_s,
              settings.group_interval_s)
@@ -389,10 +397,18 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
         while not stop.is_set() and (end is None or time.monotonic() < end):
             _step(relay, dispatcher)
             stop.wait(float(cfg["relay"]["tick_s"]))
+        why = f"{signal.Signals(signals[0]).name} received" if signals else "--once time is up"
+        log.info("relay: %s, stopping", why)
     finally:
         client.disconnect()
-        client.loop_stop()
+        client.loop_stop()  # no message is handled after this
         store.close()
+        c = relay.counters
+        log.info("relay stopped: %d messages, %d dropped, %d duplicates, %d notices,"
+                 " %d batches; database closed", c.messages, c.dropped, c.duplicates,
+                 c.notices, c.batches)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
     return 0
 
 

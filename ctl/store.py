@@ -75,6 +75,11 @@ class RelayStore:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
+        """Checkpoint the write-ahead log into the database file, then close."""
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:  # another connection still reading: close anyway
+            pass
         self.db.close()
 
     def tx(self) -> _Tx:

@@ -597,3 +597,26 @@ def test_relay_process_group_wait_and_interval(broker, keys, tmp_path, agent_fac
         assert 9 <= webhook.times[2] - webhook.times[0] < 13
     finally:
         w.close()
+
+
+def test_relay_process_logs_its_stop_on_sigterm_and_closes_cleanly(broker, tmp_path, webhook,
+                                                                    relay_proc):
+    w = Watcher(broker.port, ["ttcs/#"])
+    try:
+        relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url))
+        wait_until(lambda: "relay connected" in relay.log(), 15, what="relay connected")
+        w.publish(f"ttcs/dev/{DEV}/status", {"v": 1, "state": "online", "session": 1})
+        w.publish(f"ttcs/dev/{DEV}/health", {"v": 1, "ts": int(time.time() * 1000)})
+        wait_until(lambda: Path(tmp_path / "relay.db-wal").exists(), 10, what="a write")
+        time.sleep(0.5)
+        assert relay.stop(signal.SIGTERM) == 0
+        log = relay.log()
+        assert "relay: SIGTERM received, stopping" in log
+        assert "relay stopped: 2 messages, 0 dropped" in log and "database closed" in log
+        wal = tmp_path / "relay.db-wal"
+        assert not wal.exists() or wal.stat().st_size == 0  # everything checkpointed
+        store = RelayStore(str(tmp_path / "relay.db"))
+        assert store.one("SELECT COUNT(*) AS n FROM health")["n"] == 1
+        store.close()
+    finally:
+        w.close()
