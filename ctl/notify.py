@@ -38,6 +38,7 @@ from ctl.sanitize import CODE_MAX, KEY_MAX, device_id, quote, shown, utf16_len
 log = logging.getLogger(__name__)
 
 TELEGRAM_MAX = 4096
+ALERT_LINES_PER_DEVICE = 10  # in the text; the webhook has every item
 REASONS = {"lost": "mất kết nối đột ngột", "shutdown": "tắt có chủ đích",
            "heartbeat": "không nhận được tín hiệu định kỳ"}
 
@@ -135,10 +136,13 @@ def _loads(text: Any) -> dict:
 
 def render(batch_id: int, body: dict, instance: str, tz: str,
            groups: dict[str, list[str]]) -> Message:
-    """The words staff read (Vietnamese) and the webhook's JSON."""
+    """The words staff read (Vietnamese) and the webhook's JSON (every item). The text
+    tells connectivity first (offline, back), then alerts; at most
+    :data:`ALERT_LINES_PER_DEVICE` alert lines per device, the rest counted in one line, so
+    no device can bury the others' lines."""
     zone = ZoneInfo(tz)
     items = [{**i, "groups": groups_of(i["device"], groups)} for i in body.get("items", [])]
-    lines = [_line(i, zone) for i in items]
+    lines = _lines(items, zone)
     subject = "[TTCS] " + _headline(items)
     text = subject + "\n\n" + "\n".join(lines)
     payload = {"v": 1, "id": f"{instance}-{batch_id}", "batch": batch_id,
@@ -185,6 +189,23 @@ def _cut(line: str, budget: int) -> list[str]:
         cur.append(ch)
         size += n
     return [*pieces, "".join(cur)]
+
+
+def _lines(items: list[dict], zone: ZoneInfo) -> list[str]:
+    order = {"offline": 0, "recovered": 1}
+    shown_alerts: dict[str, int] = {}
+    lines, more = [], {}
+    for i in sorted(items, key=lambda i: order.get(i["kind"], 2)):  # stable: else in order
+        if i["kind"] == "alert":
+            if shown_alerts.get(i["device"], 0) >= ALERT_LINES_PER_DEVICE:
+                more[i["device"]] = more.get(i["device"], 0) + 1
+                continue
+            shown_alerts[i["device"]] = shown_alerts.get(i["device"], 0) + 1
+        lines.append(_line(i, zone))
+    for device, n in more.items():
+        lines.append(f"{device_id(device) or quote(device, 64)}: … và {n} cảnh báo khác"
+                     " (trong webhook và relay.db)")
+    return lines
 
 
 def _headline(items: list[dict]) -> str:

@@ -96,17 +96,26 @@ def test_long_alert_keys_do_not_push_another_device_out_of_telegram(
     try:
         evil = Evil(w)
         evil.alert(ts=_now_ms(), code="disk_low", key="k" * 5000)
-        for n in range(40):  # many lines: more than one Telegram message's worth
+        for n in range(40):
             evil.alert(ts=_now_ms(), code="disk_low", key=f"{n:02d}-" + "x" * 200)
+        for n in range(40):  # a commune's worth of cabinets down: more than one message
+            cabinet = f"krongpa-xa{n:02d}-c01"
+            for state in ("online", "offline"):
+                w.publish(f"ttcs/dev/{cabinet}/status",
+                          {"v": 1, "state": state, "session": 1, "reason": "lost"})
         agent.kill()
         wait_until(lambda: any(VICTIM in t for t in telegram.texts()), 20,
                    what="the victim's line on Telegram")
+        wait_until(lambda: any("cảnh báo khác" in t for t in telegram.texts()), 20,
+                   what="the last line")
+        assert sum(t.count("krongpa-xa") for t in telegram.texts()) == 40
         texts = telegram.texts()
         assert len(texts) >= 2
         assert all(len(t.encode("utf-16-le")) // 2 <= 4096 for t in texts)
         [line] = [ln for t in texts for ln in t.splitlines() if ln.startswith(VICTIM)]
         assert "MẤT KẾT NỐI" in line
-        assert sum(ln.startswith(EVIL) for t in texts for ln in t.splitlines()) == 41
+        evil_lines = [ln for t in texts for ln in t.splitlines() if ln.startswith(EVIL)]
+        assert len(evil_lines) == 11 and "và 31 cảnh báo khác" in evil_lines[-1]
         assert relay.proc.poll() is None
     finally:
         w.close()

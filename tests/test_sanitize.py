@@ -118,6 +118,20 @@ def test_known_codes_bare_unknown_codes_and_odd_keys_quoted():
     assert '(lý do "bị cắt điện")' in _text([{**offline, "reason": "bị cắt điện"}])
 
 
+def test_connectivity_first_and_at_most_ten_alert_lines_per_device():
+    alert = {"device": DEV, "kind": "alert", "state": "raised", "raised": 1, "cleared": 0,
+             "since": T0, "code": "disk_low", "historical": False}
+    items = [{**alert, "key": f"k{n}"} for n in range(500)]
+    items.append({"device": "krongpa-b", "kind": "offline", "since": T0, "outages": 1,
+                  "reason": "lost"})
+    message = render(1, {"items": items}, "i", "Asia/Ho_Chi_Minh", {})
+    lines = message.text.splitlines()[2:]
+    assert lines[0].startswith("krongpa-b: 🔴 MẤT KẾT NỐI")
+    assert len(lines) == 12 and lines[-1] == f"{DEV}: … và 490 cảnh báo khác (trong webhook và relay.db)"
+    assert len(message.payload["items"]) == 501  # the webhook has them all
+    assert message.subject == "[TTCS] 1 cụm mất kết nối, 500 cảnh báo"
+
+
 @settings(max_examples=200, deadline=None)
 @given(code=st.text(max_size=80), key=st.one_of(st.none(), st.text(max_size=80)),
        reason=st.text(max_size=80), ts=st.integers(min_value=-2**63, max_value=2**63))
@@ -132,4 +146,4 @@ def test_each_line_starts_with_its_device_whatever_the_device_sent(code, key, re
     text = _text(summarise(notices))
     head, blank, *lines = text.split("\n")
     assert head.startswith("[TTCS] ") and blank == "" and len(lines) == 2
-    assert lines[0].startswith(f"{DEV} [k]: ") and lines[1].startswith("krongpa-b [k]: ")
+    assert lines[0].startswith("krongpa-b [k]: 🔴") and lines[1].startswith(f"{DEV} [k]: ")
