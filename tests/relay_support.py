@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Watcher, wait_until
 
 
 class HttpStandIn:
@@ -93,6 +93,15 @@ def webhook_fixture(http):
     return http()
 
 
+@pytest.fixture(name="w")
+def watcher_fixture(broker):
+    """A client recording every message under ``ttcs/`` on the test's broker; it publishes
+    too (as a device would, on its own topics)."""
+    w = Watcher(broker.port, ["ttcs/#"])
+    yield w
+    w.close()
+
+
 class RelayProcess:
     def __init__(self, cfg_path: Path, log_path: Path) -> None:
         self.cfg_path, self.log_path = cfg_path, log_path
@@ -118,15 +127,24 @@ class RelayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_connected(self, times: int = 1) -> RelayProcess:
+        """Wait until the relay has connected to the broker ``times`` times (log lines)."""
+        wait_until(lambda: self.log().count("relay connected") >= times, 15,
+                   what="relay connected")
+        return self
+
 
 @pytest.fixture(name="relay_proc")
 def relay_proc_fixture(tmp_path):
+    """``relay_proc(cfg_path)``: the relay as a process, connected to the broker
+    (``connected=False``: just started)."""
     started: list[RelayProcess] = []
 
-    def make(cfg_path: Path) -> RelayProcess:
+    def make(cfg_path: Path, connected: bool = True) -> RelayProcess:
         r = RelayProcess(cfg_path, tmp_path / "relay.log").start()
         started.append(r)
-        return r
+        return r.wait_connected(sum(p.log_path == r.log_path for p in started)) \
+            if connected else r
 
     yield make
     for r in started:

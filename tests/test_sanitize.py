@@ -127,7 +127,8 @@ def test_connectivity_first_and_at_most_ten_alert_lines_per_device():
     message = render(1, {"items": items}, "i", "Asia/Ho_Chi_Minh", {})
     lines = message.text.splitlines()[2:]
     assert lines[0].startswith("krongpa-b: 🔴 MẤT KẾT NỐI")
-    assert len(lines) == 12 and lines[-1] == f"{DEV}: … và 490 cảnh báo khác (trong webhook và relay.db)"
+    assert len(lines) == 12
+    assert lines[-1] == f"{DEV}: … và 490 cảnh báo khác (trong webhook và relay.db)"
     assert len(message.payload["items"]) == 501  # the webhook has them all
     assert message.subject == "[TTCS] 1 cụm mất kết nối, 500 cảnh báo"
 
