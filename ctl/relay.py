@@ -322,8 +322,8 @@ class Relay:
         first: dict[tuple, int] = {}
         for n in pending:
             first.setdefault(notify.group_key(n), n["received_ms"])
-        due = [g for g, at in first.items()
-               if now_ms >= max(at + wait_ms, last.get(g, -interval_ms) + interval_ms)]
+        due = {g for g, at in first.items()
+               if now_ms >= max(at + wait_ms, last.get(g, -interval_ms) + interval_ms)}
         if not due:
             return None
         taken = [n for n in pending if notify.group_key(n) in due or
@@ -335,8 +335,11 @@ class Relay:
         cur = self.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", now_ms,
                            _dumps(body))
         batch = cur.lastrowid
-        self.store.x(f"UPDATE notices SET batch=? WHERE id IN ({','.join('?' * len(taken))})",
-                     batch, *(n["id"] for n in taken))
+        ids = [n["id"] for n in taken]
+        for i in range(0, len(ids), 500):  # SQLite bounds the variables of one statement
+            chunk = ids[i:i + 500]
+            self.store.x(f"UPDATE notices SET batch=? WHERE id IN ({','.join('?' * len(chunk))})",
+                         batch, *chunk)
         for channel in self.settings.channels:
             self.store.x("INSERT INTO deliveries(batch, channel, next_ms) VALUES(?, ?, ?)",
                          batch, channel, now_ms)

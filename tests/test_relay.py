@@ -273,6 +273,22 @@ def test_group_window_s_the_old_key_is_still_read(tmp_path):
     assert (settings.group_wait_s, settings.group_interval_s) == (30.0, 120.0)
 
 
+def test_a_flood_of_notices_still_makes_a_batch(h):
+    """Forty thousand distinct alerts of one cabinet pending at once (more than SQLite takes
+    as variables of one statement): still one batch, every notice in it."""
+    import sqlite3
+
+    h.store.db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32_766)  # SQLite's own default
+    with h.store.tx():
+        h.store.db.executemany(
+            "INSERT INTO notices(device, kind, code, key, ts, received_ms, detail)"
+            " VALUES(?, 'alert', 'disk_low', ?, ?, ?, '{}')",
+            [("krongpa-evil-c09", f"k{n}", T0, T0) for n in range(40_000)])
+    assert h.relay.tick(T0 + 61 * S) == 1
+    assert h.store.one("SELECT COUNT(*) AS n FROM notices WHERE batch IS NULL")["n"] == 0
+    assert len(h.items()) == 40_000
+
+
 # --- events ------------------------------------------------------------------------------
 
 def test_events_deduplicated_and_gaps_noticed(h):
