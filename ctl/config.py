@@ -24,12 +24,21 @@ CTL_SCHEMA = Section(fields={
         "client_id": Str(default="ttcs-relay", pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
         "heartbeat_default_s": Num(default=60, min=1, max=86400, integer=False),
         "missed_beats": Num(default=3, min=1, max=100),
-        "group_window_s": Num(default=300, min=0, max=86400, integer=False),
+        "group_wait_s": Num(default=None, nullable=True, min=0, max=86400, integer=False,
+                            doc="first notice of a new group: wait this long (default 30)"),
+        "group_interval_s": Num(default=None, nullable=True, min=0, max=86400, integer=False,
+                                doc="later changes to a group: at most this often (default 300)"),
+        "group_window_s": Num(default=None, nullable=True, min=0, max=86400, integer=False,
+                              doc="the old name of group_interval_s (see grouping)"),
         "tick_s": Num(default=1.0, min=0.05, max=60, integer=False),
         "groups": Map(default={}, key_pattern=ID_RE,
                       value=List(item=Str(pattern=r"^(\*|[a-z0-9][a-z0-9-]{0,63}\*?)$"))),
         "timezone": TimeZone(default="Asia/Ho_Chi_Minh"),
         "health_keep_days": Num(default=31, min=1, max=3660),
+        "ts_past_days": Num(default=400, min=1, max=36600, integer=False,
+                            doc="device times older than this are replaced by the receive time"),
+        "ts_future_s": Num(default=3600, min=0, max=31_536_000, integer=False,
+                           doc="device times further ahead than this: likewise"),
     }),
     "alerts": Section(fields={
         "webhook_url": Str(default=None, nullable=True, pattern=r"^https?://"),
@@ -60,11 +69,61 @@ CTL_SCHEMA = Section(fields={
 })
 
 
+EXAMPLE = "config/ctl.example.yaml"
+
+
+def resolve_path(path: str | None = None) -> tuple[str, str]:
+    """(the config file to read, where that name came from): ``path`` (``--config``), else
+    ``$TTCS_CTL_CONFIG``, else :data:`DEFAULT_CTL_PATH`; ``~`` expanded."""
+    if path:
+        return os.path.expanduser(path), "--config"
+    if os.environ.get("TTCS_CTL_CONFIG"):
+        return os.path.expanduser(os.environ["TTCS_CTL_CONFIG"]), "$TTCS_CTL_CONFIG"
+    return os.path.expanduser(DEFAULT_CTL_PATH), "the default path"
+
+
+def missing_message(path: str, source: str) -> str:
+    """What to do when there is no config file at ``path``."""
+    where = ("the default path; --config FILE, before or after the command, or"
+             " $TTCS_CTL_CONFIG names another" if source == "the default path"
+             else f"given by {source}")
+    return (f"ttcs-ctl: no config file at {path} ({where}).\n"
+            f"Start from {EXAMPLE} in the ttcs-agent source tree (every key, with comments):\n"
+            f"  mkdir -p {os.path.dirname(path)} && cp {EXAMPLE} {path}\n"
+            "then set mqtt.host/port and signing.kid/key_file (the key from ttcs-ctl keygen);"
+            " the README's controller section has a minimal one.")
+
+
 def load(path: str | None = None) -> dict:
-    """Read and validate the ctl config: ``path``, else ``$TTCS_CTL_CONFIG``, else
-    :data:`DEFAULT_CTL_PATH` (``~`` expanded). Raises :class:`agent.config.ConfigError`."""
-    path = os.path.expanduser(path or os.environ.get("TTCS_CTL_CONFIG") or DEFAULT_CTL_PATH)
-    return config.load_file(path, CTL_SCHEMA)
+    """Read and validate the ctl config at :func:`resolve_path` (``path``, else
+    ``$TTCS_CTL_CONFIG``, else :data:`DEFAULT_CTL_PATH`). Raises
+    :class:`agent.config.ConfigError`."""
+    return config.load_file(resolve_path(path)[0], CTL_SCHEMA)
+
+
+GROUP_WAIT_S, GROUP_INTERVAL_S = 30.0, 300.0
+
+
+def grouping(relay: dict) -> tuple[float, float, str | None]:
+    """``(group_wait_s, group_interval_s, note)`` from ``relay``, Alertmanager's convention.
+
+    The old ``group_window_s`` (notices held until the oldest was that old) is still read: as
+    ``group_interval_s`` when that is not given, and it bounds the default ``group_wait_s`` (so
+    ``group_window_s: 0`` still means at once). ``note`` says what was made of it, for the log.
+    """
+    wait, interval, old = (relay.get(k) for k in ("group_wait_s", "group_interval_s",
+                                                   "group_window_s"))
+    note = None
+    if old is not None:
+        if interval is None:
+            interval = old
+            note = f"relay.group_window_s ({old:g} s) is the old name of group_interval_s"
+        else:
+            note = "relay.group_window_s is ignored: relay.group_interval_s is set"
+        if wait is None:
+            wait = min(GROUP_WAIT_S, old)
+    return (GROUP_WAIT_S if wait is None else float(wait),
+            GROUP_INTERVAL_S if interval is None else float(interval), note)
 
 
 def groups_of(device: str, groups: dict[str, list[str]]) -> list[str]:

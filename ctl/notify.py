@@ -1,8 +1,10 @@
 """Staff notifications for the relay: grouping, wording, channels, retries (docs/CTL.md).
 
-The relay records *notices* (offline, online, alert raised, alert cleared). Once per
-``relay.group_window_s`` the pending ones become one *batch* (:func:`summarise` folds a flapping
-device into one line), and the batch gets one *delivery* row per configured channel. The
+The relay records *notices* (offline, online, alert raised, alert cleared), in groups
+(:func:`group_key`: a device's link, or one of its alerts). When a group is due
+(``relay.group_wait_s`` after its first notice, at most every ``relay.group_interval_s``) the
+pending ones become one *batch* (:func:`summarise` folds a flapping device into one line), and
+the batch gets one *delivery* row per configured channel. The
 :class:`Dispatcher` sends due deliveries and records the outcome in the same database, so a
 relay restart neither loses a batch nor sends one twice; a failed send is retried with
 exponential backoff (``alerts.retry``).
@@ -20,7 +22,7 @@ import logging
 import smtplib
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Any, Protocol
@@ -28,12 +30,15 @@ from zoneinfo import ZoneInfo
 
 import requests
 
+from agent.core.alerts import KNOWN_CODES
 from agent.core.mqtt import read_secret
 from ctl.config import groups_of
+from ctl.sanitize import CODE_MAX, KEY_MAX, device_id, quote, shown, utf16_len
 
 log = logging.getLogger(__name__)
 
 TELEGRAM_MAX = 4096
+ALERT_LINES_PER_DEVICE = 10  # in the text; the webhook has every item
 REASONS = {"lost": "mất kết nối đột ngột", "shutdown": "tắt có chủ đích",
            "heartbeat": "không nhận được tín hiệu định kỳ"}
 
@@ -41,9 +46,10 @@ REASONS = {"lost": "mất kết nối đột ngột", "shutdown": "tắt có ch�
 class NotifyError(Exception):
     """A send failed; ``permanent`` ones are not retried. The text never holds a secret."""
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
+    def __init__(self, message: str, permanent: bool = False, parts_sent: int = 0) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.parts_sent = parts_sent  # of a message sent in parts: how many went out
 
 
 @dataclass
@@ -52,6 +58,8 @@ class Message:
     subject: str
     text: str
     payload: dict  # what the webhook receives
+    lines: list[str] = field(default_factory=list)  # the text's item lines
+    parts_sent: int = 0  # of a message sent in parts, those that went out before (retries)
 
 
 class Channel(Protocol):
@@ -62,21 +70,37 @@ class Channel(Protocol):
 
 # --- grouping ----------------------------------------------------------------------------
 
+def group_key(n: dict) -> tuple:
+    """The group of a notice: one per device's link, one per device's alert (code, key); one
+    group is one line of the text."""
+    if n["kind"] in ("offline", "online"):
+        return (n["device"], "link")
+    return (n["device"], "alert", n["code"], n["key"])
+
+
 def summarise(notices: list[dict]) -> list[dict]:
-    """Fold a window's notices (in order) into one item per device connectivity and per alert."""
+    """Fold a window's notices (in order) into one item per device connectivity and per alert.
+    A notice that cannot be folded is logged and left out: it never holds back the others."""
     items: dict[tuple, dict] = {}
     for n in notices:
-        detail = _loads(n.get("detail"))
-        if n["kind"] in ("offline", "online"):
-            _fold_link(items.setdefault((n["device"], "link"), {"device": n["device"],
-                                                                 "outages": 0}), n, detail)
-        else:
-            key = (n["device"], "alert", n["code"], n["key"])
-            _fold_alert(items.setdefault(key, {"device": n["device"], "kind": "alert",
-                                               "code": n["code"], "key": n["key"], "raised": 0,
-                                               "cleared": 0, "since": n["ts"],
-                                               "historical": False}), n, detail)
+        try:
+            _fold(items, n)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            log.error("notice %s left out of the notification: %s: %s", n.get("id"),
+                      type(e).__name__, e)
     return list(items.values())
+
+
+def _fold(items: dict[tuple, dict], n: dict) -> None:
+    detail = _loads(n.get("detail"))
+    key = group_key(n)
+    if n["kind"] in ("offline", "online"):
+        _fold_link(items.setdefault(key, {"device": n["device"], "outages": 0}), n, detail)
+    else:
+        _fold_alert(items.setdefault(key, {"device": n["device"], "kind": "alert",
+                                           "code": n["code"], "key": n["key"], "raised": 0,
+                                           "cleared": 0, "since": n["ts"], "historical": False,
+                                           "device_time_invalid": False}), n, detail)
 
 
 def _fold_link(item: dict, n: dict, detail: dict) -> None:
@@ -94,6 +118,8 @@ def _fold_alert(item: dict, n: dict, detail: dict) -> None:
     item["state"] = "raised" if n["kind"] == "alert" else "cleared"
     item["last"] = n["ts"]
     item["historical"] = item["historical"] or bool(detail.get("historical"))
+    if detail.get("device_time_invalid"):
+        item["device_time_invalid"] = True
     if detail.get("detail"):
         item["detail"] = detail["detail"]
 
@@ -110,16 +136,76 @@ def _loads(text: Any) -> dict:
 
 def render(batch_id: int, body: dict, instance: str, tz: str,
            groups: dict[str, list[str]]) -> Message:
-    """The words staff read (Vietnamese) and the webhook's JSON."""
+    """The words staff read (Vietnamese) and the webhook's JSON (every item). The text
+    tells connectivity first (offline, back), then alerts; at most
+    :data:`ALERT_LINES_PER_DEVICE` alert lines per device, the rest counted in one line, so
+    no device can bury the others' lines."""
     zone = ZoneInfo(tz)
     items = [{**i, "groups": groups_of(i["device"], groups)} for i in body.get("items", [])]
-    lines = [_line(i, zone) for i in items]
+    lines = _lines(items, zone)
     subject = "[TTCS] " + _headline(items)
     text = subject + "\n\n" + "\n".join(lines)
     payload = {"v": 1, "id": f"{instance}-{batch_id}", "batch": batch_id,
                "created": body.get("created"), "window_s": body.get("window_s"),
+               "group_wait_s": body.get("group_wait_s"),
+               "group_interval_s": body.get("group_interval_s"),
                "items": items, "text": text}
-    return Message(key=payload["id"], subject=subject, text=text, payload=payload)
+    return Message(key=payload["id"], subject=subject, text=text, payload=payload,
+                   lines=lines)
+
+
+def split(subject: str, lines: list[str], limit: int = TELEGRAM_MAX) -> list[str]:
+    """The text in parts of at most ``limit`` UTF-16 units (Telegram's measure), cut at line
+    boundaries; each part after a split is headed ``subject (k/n)``. Only a line longer than
+    a whole part is cut inside (it cannot happen with the relay's caps on device text)."""
+    whole = subject + ("\n\n" + "\n".join(lines) if lines else "")
+    if utf16_len(whole) <= limit:
+        return [whole]
+    if not lines:
+        return _cut(subject, limit)
+    budget = limit - utf16_len(subject) - len(" (9999/9999)\n\n")
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for line in lines:
+        for piece in _cut(line, budget):
+            add = utf16_len(piece) + (1 if chunks[-1] else 0)
+            if chunks[-1] and size + add > budget:
+                chunks.append([])
+                add = utf16_len(piece)
+                size = 0
+            chunks[-1].append(piece)
+            size += add
+    return [f"{subject} ({k}/{len(chunks)})\n\n" + "\n".join(c)
+            for k, c in enumerate(chunks, 1)]
+
+
+def _cut(line: str, budget: int) -> list[str]:
+    pieces, cur, size = [], [], 0
+    for ch in line:
+        n = utf16_len(ch)
+        if size + n > budget:
+            pieces.append("".join(cur))
+            cur, size = [], 0
+        cur.append(ch)
+        size += n
+    return [*pieces, "".join(cur)]
+
+
+def _lines(items: list[dict], zone: ZoneInfo) -> list[str]:
+    order = {"offline": 0, "recovered": 1}
+    shown_alerts: dict[str, int] = {}
+    lines, more = [], {}
+    for i in sorted(items, key=lambda i: order.get(i["kind"], 2)):  # stable: else in order
+        if i["kind"] == "alert":
+            if shown_alerts.get(i["device"], 0) >= ALERT_LINES_PER_DEVICE:
+                more[i["device"]] = more.get(i["device"], 0) + 1
+                continue
+            shown_alerts[i["device"]] = shown_alerts.get(i["device"], 0) + 1
+        lines.append(_line(i, zone))
+    for device, n in more.items():
+        lines.append(f"{device_id(device) or quote(device, 64)}: … và {n} cảnh báo khác"
+                     " (trong webhook và relay.db)")
+    return lines
 
 
 def _headline(items: list[dict]) -> str:
@@ -137,28 +223,43 @@ def _headline(items: list[dict]) -> str:
 
 
 def _line(i: dict, zone: ZoneInfo) -> str:
-    where = f"{i['device']}" + (f" [{', '.join(i['groups'])}]" if i["groups"] else "")
+    """One line per item, starting with the device it is about. What the device sent (its
+    id, an alert code or key, a reason) is cleaned to one line; what is not one of ours is
+    quoted, so a device can neither break a line nor write words that read as the relay's."""
+    where = (device_id(i["device"]) or quote(i["device"], 64)) + \
+        (f" [{', '.join(i['groups'])}]" if i["groups"] else "")
+    return f"{where}: {_what(i, zone)}"
+
+
+def _what(i: dict, zone: ZoneInfo) -> str:
     if i["kind"] == "offline":
         flaps = f"; {i['outages']} lần mất trong đợt này" if i["outages"] > 1 else ""
-        reason = REASONS.get(i.get("reason") or "", i.get("reason") or "?")
-        return f"🔴 MẤT KẾT NỐI {where} từ {_hm(i['since'], zone)} ({reason}){flaps}"
+        reason = REASONS.get(i.get("reason") or "") or f"lý do {quote(i.get('reason'), 32)}"
+        return f"🔴 MẤT KẾT NỐI từ {_hm(i['since'], zone)} ({reason}){flaps}"
     if i["kind"] == "recovered":
         down = f", mất từ {_hm(i['first_down'], zone)}" if i.get("first_down") else ""
         flaps = f"; {i['outages']} lần mất trong đợt này" if i["outages"] > 1 else ""
-        return f"🟢 ĐÃ KẾT NỐI LẠI {where} lúc {_hm(i['at'], zone)}{down}{flaps}"
-    code = i["code"] + (f"/{i['key']}" if i.get("key") else "")
+        return f"🟢 ĐÃ KẾT NỐI LẠI lúc {_hm(i['at'], zone)}{down}{flaps}"
+    code = i["code"] if i["code"] in KNOWN_CODES else f"mã lạ {quote(i['code'], CODE_MAX)}"
+    if i.get("key"):
+        code += f"/{shown(i['key'], KEY_MAX)}"
     old = " (ghi nhận khi mất kết nối)" if i.get("historical") else ""
+    if i.get("device_time_invalid"):
+        old += " (giờ thiết bị gửi không hợp lệ: theo giờ relay nhận)"
     if i["state"] == "raised":
         again = f"; báo {i['raised']} lần" if i["raised"] > 1 else ""
-        return f"⚠️ CẢNH BÁO {code} tại {where} từ {_hm(i['since'], zone)}{again}{old}"
-    return (f"✅ HẾT CẢNH BÁO {code} tại {where} lúc {_hm(i['last'], zone)}"
+        return f"⚠️ CẢNH BÁO {code} từ {_hm(i['since'], zone)}{again}{old}"
+    return (f"✅ HẾT CẢNH BÁO {code} lúc {_hm(i['last'], zone)}"
             f" (báo {i['raised']} lần trong đợt này){old}")
 
 
 def _hm(ms: int | None, zone: ZoneInfo) -> str:
-    if not isinstance(ms, int):
+    if not isinstance(ms, int) or isinstance(ms, bool):
         return "?"
-    return datetime.fromtimestamp(ms / 1000, zone).strftime("%H:%M %d/%m")
+    try:
+        return datetime.fromtimestamp(ms / 1000, zone).strftime("%H:%M %d/%m")
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds
+        return "?"
 
 
 # --- channels ----------------------------------------------------------------------------
@@ -196,9 +297,19 @@ class TelegramChannel:
         return f"TelegramChannel({self.base_url!r}, chat_id={self.chat_id!r})"
 
     def send(self, msg: Message) -> None:
+        """A long text goes as several messages (:func:`split`); a retry starts at the first
+        part that did not go out (``msg.parts_sent``)."""
+        parts = split(msg.subject, msg.lines) if msg.lines else split(msg.text, [])
+        for k in range(msg.parts_sent, len(parts)):
+            try:
+                self._send_one(parts[k])
+            except NotifyError as e:
+                e.parts_sent = k
+                raise
+
+    def _send_one(self, text: str) -> None:
         url = f"{self.base_url}/bot{self._token}/sendMessage"
-        body = {"chat_id": self.chat_id, "text": msg.text[:TELEGRAM_MAX],
-                "disable_web_page_preview": True}
+        body = {"chat_id": self.chat_id, "text": text, "disable_web_page_preview": True}
         try:
             resp = requests.post(url, json=body, timeout=self.timeout)
         except requests.RequestException as e:
@@ -294,10 +405,13 @@ class Dispatcher:
         self.instance = store.instance_id()
 
     def run_due(self, now_ms: int) -> int:
-        """Try every due delivery once; returns how many were sent."""
+        """Try every due delivery once; returns how many were sent. Each is tried on its
+        own: one that cannot even be rendered is logged and given up, never blocking the
+        queue."""
         with self.store.lock:
             due = [dict(r) for r in self.store.q(
-                "SELECT d.batch, d.channel, d.attempts, b.body FROM deliveries d JOIN batches b"
+                "SELECT d.batch, d.channel, d.attempts, d.parts_sent, b.body FROM deliveries d"
+                " JOIN batches b"
                 " ON b.id = d.batch WHERE d.sent_ms IS NULL AND d.failed = 0 AND d.next_ms <= ?"
                 " ORDER BY d.batch, d.channel", now_ms)]
         sent = 0
@@ -310,7 +424,14 @@ class Dispatcher:
         if channel is None:
             self._record(row, now_ms, NotifyError("channel no longer configured", True))
             return 0
-        msg = render(row["batch"], json.loads(row["body"]), self.instance, self.tz, self.groups)
+        try:
+            msg = render(row["batch"], json.loads(row["body"]), self.instance, self.tz,
+                         self.groups)
+        except Exception as e:  # a bad batch must not stop the ones after it
+            log.exception("notification %d cannot be rendered", row["batch"])
+            self._record(row, now_ms, NotifyError(f"render: {type(e).__name__}", True))
+            return 0
+        msg.parts_sent = row["parts_sent"]
         try:
             channel.send(msg)
         except NotifyError as e:
@@ -334,8 +455,9 @@ class Dispatcher:
             give_up = error.permanent or attempts >= int(self.retry["attempts"])
             next_ms = now_ms + backoff_ms(attempts, float(self.retry["backoff_s"]),
                                           float(self.retry["backoff_max_s"]))
-            self.store.x("UPDATE deliveries SET attempts=?, next_ms=?, failed=?, error=?"
-                         " WHERE batch=? AND channel=?", attempts, next_ms, int(give_up),
-                         str(error), row["batch"], row["channel"])
+            self.store.x("UPDATE deliveries SET attempts=?, next_ms=?, failed=?, error=?,"
+                         " parts_sent=MAX(parts_sent, ?) WHERE batch=? AND channel=?", attempts,
+                         next_ms, int(give_up), str(error), error.parts_sent, row["batch"],
+                         row["channel"])
         log.warning("notification %d by %s failed (attempt %d%s): %s", row["batch"],
                     row["channel"], attempts, ", giving up" if give_up else "", error)

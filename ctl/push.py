@@ -23,6 +23,7 @@ import yaml
 from agent import protocol
 from agent.board.content import validate_document_args
 from agent.schedule.model import validate_schedule_args
+from ctl.sanitize import device_id, parse_object
 
 VALIDATORS = {"schedule": validate_schedule_args, "board": validate_document_args}
 
@@ -76,13 +77,8 @@ def _jsonable(value):
 
 
 def parse_live(payload: bytes | None, kind: str) -> Live:
-    if not payload:
-        return Live(None, None, None)
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return Live(None, None, None)
-    if not isinstance(doc, dict) or doc.get("type") != kind:
+    doc = parse_object(payload) if payload else None
+    if doc is None or doc.get("type") != kind:
         return Live(None, None, None)
     rev = doc.get("rev") if isinstance(doc.get("rev"), int) else None
     args = doc.get("args") if isinstance(doc.get("args"), dict) else None
@@ -139,11 +135,9 @@ def results(session, kind: str, rev: int, target: str, wait_s: float,
             t, payload, _ = session.messages.get(timeout=0.1)
         except queue.Empty:
             continue
-        try:
-            ev = json.loads(payload)
-        except ValueError:
-            continue
-        if (t.endswith("/event") and isinstance(ev, dict) and ev.get("type") == kind
-                and ev.get("rev") == rev and str(ev.get("topic", "")).endswith(topic_suffix)):
-            seen[t.split("/")[-2]] = ev
+        device = device_id(t.split("/")[-2]) if t.endswith("/event") else None
+        ev = parse_object(payload) if device else None
+        if (ev is not None and ev.get("type") == kind and ev.get("rev") == rev
+                and str(ev.get("topic", "")).endswith(topic_suffix)):
+            seen[device] = ev
     return seen

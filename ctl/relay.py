@@ -9,8 +9,9 @@ what it learns in SQLite:
   interval, learned from the gap between consecutive live samples;
 - online/offline transitions (for uptime): offline on the device's will or clean shutdown, or
   after ``relay.missed_beats`` heartbeats without a word from it;
-- notices (offline, recovered, alert raised/cleared) that are grouped into one batch per
-  ``relay.group_window_s`` and handed to :mod:`ctl.notify` for delivery.
+- notices (offline, recovered, alert raised/cleared), gathered into batches and handed to
+  :mod:`ctl.notify` for delivery: a new group (a device's link, or one of its alerts) goes out
+  after ``relay.group_wait_s``, later changes to it at most every ``relay.group_interval_s``.
 
 :class:`Relay` is pure logic over a :class:`RelayStore`: every call takes ``now_ms`` so tests
 drive time. :func:`run` wires it to MQTT. Nothing a device sends can crash it: a payload that
@@ -21,9 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import secrets
 import signal
 import sqlite3
 import threading
@@ -32,107 +30,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctl import notify
+from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
+from ctl.sanitize import (
+    CODE_MAX,
+    KEY_MAX,
+    REASON_MAX,
+    TYPE_RE,
+    as_int,
+    bounded,
+    clean,
+    device_id,
+    device_time,
+    parse_object,
+    quote,
+)
+from ctl.store import TS_FLAG, RelayStore
 
 log = logging.getLogger(__name__)
 
 LEAVES = ("status", "state", "health", "event")
 MAX_INTERVAL_MS = 86_400_000
 MIN_INTERVAL_MS = 1_000
-DEVICE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY, online INTEGER, since_ms INTEGER, reason TEXT, session INTEGER,
-    last_seen_ms INTEGER, health_ts INTEGER, interval_ms INTEGER, max_seq INTEGER,
-    state TEXT, first_seen_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, type TEXT NOT NULL,
-    historical INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL,
-    PRIMARY KEY (device, seq));
-CREATE INDEX IF NOT EXISTS events_by_type ON events(type, ts);
-CREATE TABLE IF NOT EXISTS gaps (
-    device TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    noticed_ms INTEGER NOT NULL, filled_ms INTEGER, PRIMARY KEY (device, first_seq));
-CREATE TABLE IF NOT EXISTS health (
-    device TEXT NOT NULL, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS health_by_device ON health(device, ts);
-CREATE TABLE IF NOT EXISTS transitions (
-    device TEXT NOT NULL, ts INTEGER NOT NULL, online INTEGER NOT NULL, reason TEXT);
-CREATE INDEX IF NOT EXISTS transitions_by_device ON transitions(device, ts);
-CREATE TABLE IF NOT EXISTS notices (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, kind TEXT NOT NULL,
-    code TEXT, key TEXT, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, detail TEXT,
-    batch INTEGER);
-CREATE INDEX IF NOT EXISTS notices_pending ON notices(batch, received_ms);
-CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deliveries (
-    batch INTEGER NOT NULL, channel TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
-    PRIMARY KEY (batch, channel));
-"""
-
-
-# --- storage -----------------------------------------------------------------------------
-
-class RelayStore:
-    """The relay's SQLite database (WAL, ``synchronous=FULL``), shared by relay and report."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.path.expanduser(path)
-        if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self.lock = threading.RLock()
-
-    def close(self) -> None:
-        self.db.close()
-
-    def tx(self) -> _Tx:
-        return _Tx(self)
-
-    def q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        return self.db.execute(sql, args).fetchall()
-
-    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        return self.db.execute(sql, args).fetchone()
-
-    def x(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        return self.db.execute(sql, args)
-
-    def instance_id(self) -> str:
-        """A random id made once per database: with a batch id it names a notification
-        uniquely (the webhook's ``Idempotency-Key``)."""
-        row = self.one("SELECT value FROM meta WHERE key='instance'")
-        if row:
-            return row["value"]
-        value = secrets.token_hex(8)
-        self.x("INSERT INTO meta(key, value) VALUES('instance', ?)", value)
-        return value
-
-
-class _Tx:
-    """``with store.tx():`` one IMMEDIATE transaction under the store's lock."""
-
-    def __init__(self, store: RelayStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> RelayStore:
-        self.store.lock.acquire()
-        self.store.db.execute("BEGIN IMMEDIATE")
-        return self.store
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        finally:
-            self.store.lock.release()
-
 
 # --- the logic ---------------------------------------------------------------------------
 
@@ -140,18 +58,24 @@ class _Tx:
 class RelaySettings:
     heartbeat_default_s: float = 60.0
     missed_beats: int = 3
-    group_window_s: float = 300.0
+    group_wait_s: float = GROUP_WAIT_S  # a new group's first notice waits this long
+    group_interval_s: float = GROUP_INTERVAL_S  # later changes to a group: at most this often
     alert_codes: list[str] = field(default_factory=list)  # empty: all
     channels: list[str] = field(default_factory=list)
     health_keep_days: int = 31
+    ts_past_days: float = 400.0  # device times older than this (or further ahead than
+    ts_future_s: float = 3600.0  # ts_future_s) are replaced by the relay's receive time
 
     @classmethod
     def from_config(cls, cfg: dict, channels: list[str]) -> RelaySettings:
         r = cfg["relay"]
+        wait, interval, _ = grouping(r)
         return cls(heartbeat_default_s=float(r["heartbeat_default_s"]),
-                   missed_beats=int(r["missed_beats"]), group_window_s=float(r["group_window_s"]),
+                   missed_beats=int(r["missed_beats"]), group_wait_s=wait,
+                   group_interval_s=interval,
                    alert_codes=list(cfg["alerts"]["codes"]), channels=channels,
-                   health_keep_days=int(r["health_keep_days"]))
+                   health_keep_days=int(r["health_keep_days"]),
+                   ts_past_days=float(r["ts_past_days"]), ts_future_s=float(r["ts_future_s"]))
 
 
 @dataclass
@@ -162,6 +86,7 @@ class Counters:
     gaps: int = 0
     notices: int = 0
     batches: int = 0
+    device_time: int = 0  # device times out of window, replaced by the receive time
 
 
 class Relay:
@@ -201,15 +126,10 @@ class Relay:
         if not topic.startswith(head):
             return None
         rest = topic[len(head):].split("/")
-        if len(rest) != 2 or rest[1] not in LEAVES or not DEVICE_RE.match(rest[0]):
+        if len(rest) != 2 or rest[1] not in LEAVES or not device_id(rest[0]):
             return None
-        if len(payload) > 256 * 1024:
-            return None
-        try:
-            body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return None
-        return (rest[0], rest[1], body) if isinstance(body, dict) else None
+        body = parse_object(payload)
+        return None if body is None else (rest[0], rest[1], body)
 
     def _device(self, device: str, now_ms: int) -> sqlite3.Row:
         self.store.x("INSERT OR IGNORE INTO devices(device, first_seen_ms) VALUES(?, ?)",
@@ -226,9 +146,9 @@ class Relay:
             self._transition(device, True, now_ms, "heard", row, now_ms)
 
     def _on_status(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
-        state, session = body.get("state"), _int(body.get("session"))
+        state, session = body.get("state"), as_int(body.get("session"))
         if state not in ("online", "offline"):
-            raise ValueError(f"status state {state!r}")
+            raise ValueError(f"status state {quote(state, 40)}")
         row = self._device(device, now_ms)
         if session is not None and row["session"] is not None and session < row["session"]:
             return  # a late will of an older session (Sparkplug's bdSeq)
@@ -240,19 +160,32 @@ class Relay:
             if row["online"] != 1:
                 self._transition(device, True, now_ms, "online", row, now_ms)
             return
-        reason = str(body.get("reason") or "lost")[:32]
+        reason = clean(body.get("reason") or "lost", REASON_MAX) or "lost"
         if row["online"] != 0:
             self._transition(device, False, now_ms, reason, row, now_ms)
         elif row["reason"] != reason:
             self.store.x("UPDATE devices SET reason=? WHERE device=?", reason, device)
 
+    def _ts(self, device: str, body: dict, now_ms: int) -> tuple[int, str | None]:
+        """The message's ``ts`` if it is within the window around the relay's clock; else
+        the receive time, flagged (the body keeps what the device sent)."""
+        raw = as_int(body.get("ts"))
+        if raw is None:
+            raise ValueError("no integer ts")
+        ts = device_time(raw, now_ms, int(self.settings.ts_past_days * 86_400_000),
+                         int(self.settings.ts_future_s * 1000))
+        if ts is not None:
+            return ts, None
+        self.counters.device_time += 1
+        log.warning("%s: ts %d is outside the window around the relay's clock; the receive"
+                    " time is used", device, raw)
+        return now_ms, TS_FLAG
+
     def _on_health(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
-        ts = _int(body.get("ts"))
-        if ts is None:
-            raise ValueError("health without an integer ts")
+        ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
-        self.store.x("INSERT INTO health(device, ts, received_ms, body) VALUES(?, ?, ?, ?)",
-                     device, ts, now_ms, _dumps(body))
+        self.store.x("INSERT INTO health(device, ts, received_ms, body, flags)"
+                     " VALUES(?, ?, ?, ?, ?)", device, ts, now_ms, _dumps(body), flags)
         if body.get("historical") is not True and not retained:
             self._learn_interval(device, row, ts)
         self._alive(device, row, body, retained, now_ms)
@@ -269,20 +202,21 @@ class Relay:
         self._alive(device, row, body, retained, now_ms)
 
     def _on_event(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
-        seq, ts, typ = _int(body.get("seq")), _int(body.get("ts")), body.get("type")
-        if seq is None or seq < 1 or ts is None or not isinstance(typ, str):
-            raise ValueError("event without seq, ts or type")
+        seq, typ = as_int(body.get("seq")), body.get("type")
+        if seq is None or seq < 1 or not isinstance(typ, str) or not TYPE_RE.fullmatch(typ):
+            raise ValueError(f"event without seq or with a bad type ({quote(typ, 40)})")
+        ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
         cur = self.store.x(
-            "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body)"
-            " VALUES(?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ[:32],
-            int(body.get("historical") is True), now_ms, _dumps(body))
+            "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body,"
+            " flags) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ,
+            int(body.get("historical") is True), now_ms, _dumps(body), flags)
         if cur.rowcount == 0:
             self.counters.duplicates += 1
             return
         self._track_seq(device, row["max_seq"], seq, now_ms)
         if typ == "alert":
-            self._alert(device, body, now_ms)
+            self._alert(device, body, ts, flags, now_ms)
         self._alive(device, row, body, retained, now_ms)
 
     def _track_seq(self, device: str, max_seq: int | None, seq: int, now_ms: int) -> None:
@@ -305,18 +239,25 @@ class Relay:
                 self.store.x("UPDATE gaps SET filled_ms=? WHERE device=? AND first_seq=?",
                              now_ms, device, gap["first_seq"])
 
-    def _alert(self, device: str, body: dict, now_ms: int) -> None:
+    def _alert(self, device: str, body: dict, ts: int, flags: str | None,
+               now_ms: int) -> None:
+        """An alert notice. ``code`` and ``key`` are stored cleaned and capped (one line of
+        text each: ``ctl.sanitize``); ``detail`` only while small."""
         code, state = body.get("code"), body.get("state")
         if not isinstance(code, str) or state not in ("raised", "cleared"):
             return
-        if self.settings.alert_codes and code not in self.settings.alert_codes:
+        code = clean(code, CODE_MAX)
+        if not code or (self.settings.alert_codes and code not in self.settings.alert_codes):
             return
-        key = body.get("key") if isinstance(body.get("key"), str) else None
+        key = clean(body["key"], KEY_MAX) or None if isinstance(body.get("key"), str) else None
         detail = {"historical": body.get("historical") is True}
+        if flags == TS_FLAG:
+            detail["device_time_invalid"] = True
         if isinstance(body.get("detail"), dict):
-            detail["detail"] = body["detail"]
-        self._notice(device, "alert" if state == "raised" else "cleared", _int(body["ts"]),
-                     now_ms, code=code[:40], key=key, detail=detail)
+            kept = bounded(body["detail"])
+            detail["detail"] = kept if kept is not None else {"dropped": "over 2 KiB"}
+        self._notice(device, "alert" if state == "raised" else "cleared", ts, now_ms,
+                     code=code, key=key, detail=detail)
 
     # --- transitions and notices -----------------------------------------------------------
 
@@ -348,9 +289,11 @@ class Relay:
         return row["interval_ms"] or int(self.settings.heartbeat_default_s * 1000)
 
     def tick(self, now_ms: int) -> int | None:
-        """Check heartbeats and group due notices; returns the new batch id, if any."""
+        """Check heartbeats and group due notices; returns the new batch id, if any. Each
+        step has its own transaction: a fault in one never holds back the other."""
         with self.store.tx():
             self._check_heartbeats(now_ms)
+        with self.store.tx():
             batch = self._maybe_batch(now_ms)
         if now_ms - self.last_prune_ms > 3_600_000:
             self._prune(now_ms)
@@ -364,34 +307,61 @@ class Relay:
                 self._transition(row["device"], False, heard, "heartbeat", row, now_ms)
 
     def _maybe_batch(self, now_ms: int) -> int | None:
-        pending = self.store.q("SELECT * FROM notices WHERE batch IS NULL ORDER BY id")
+        """Alertmanager's grouping, a group being a device's link or one of its alerts
+        (:func:`ctl.notify.group_key`): a group's pending notices are due ``group_wait_s``
+        after the first of them, and not before ``group_interval_s`` after the group was last
+        notified. When any group is due, one batch takes every due group and every new one
+        (not notified within the interval), so a burst of new trouble is one message."""
+        pending = [dict(r) for r in
+                   self.store.q("SELECT * FROM notices WHERE batch IS NULL ORDER BY id")]
         if not pending:
             return None
-        window_ms = int(self.settings.group_window_s * 1000)
-        if now_ms - pending[0]["received_ms"] < window_ms:
+        wait_ms = int(self.settings.group_wait_s * 1000)
+        interval_ms = int(self.settings.group_interval_s * 1000)
+        last = self._last_notified(now_ms - interval_ms)
+        first: dict[tuple, int] = {}
+        for n in pending:
+            first.setdefault(notify.group_key(n), n["received_ms"])
+        due = {g for g, at in first.items()
+               if now_ms >= max(at + wait_ms, last.get(g, -interval_ms) + interval_ms)}
+        if not due:
             return None
-        items = notify.summarise([dict(r) for r in pending])
-        body = {"created": now_ms, "window_s": self.settings.group_window_s, "items": items}
+        taken = [n for n in pending if notify.group_key(n) in due or
+                 notify.group_key(n) not in last]
+        body = {"created": now_ms, "window_s": self.settings.group_interval_s,
+                "group_wait_s": self.settings.group_wait_s,
+                "group_interval_s": self.settings.group_interval_s,
+                "items": notify.summarise(taken)}
         cur = self.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", now_ms,
                            _dumps(body))
         batch = cur.lastrowid
-        self.store.x("UPDATE notices SET batch=? WHERE batch IS NULL AND id<=?", batch,
-                     pending[-1]["id"])
+        ids = [n["id"] for n in taken]
+        for i in range(0, len(ids), 500):  # SQLite bounds the variables of one statement
+            chunk = ids[i:i + 500]
+            self.store.x(f"UPDATE notices SET batch=? WHERE id IN ({','.join('?' * len(chunk))})",
+                         batch, *chunk)
         for channel in self.settings.channels:
             self.store.x("INSERT INTO deliveries(batch, channel, next_ms) VALUES(?, ?, ?)",
                          batch, channel, now_ms)
         self.counters.batches += 1
         return batch
 
+    def _last_notified(self, since_ms: int) -> dict[tuple, int]:
+        """When each group was last in a batch made after ``since_ms``."""
+        out: dict[tuple, int] = {}
+        for r in self.store.q("SELECT n.device, n.kind, n.code, n.key, MAX(b.created_ms) AS at"
+                              " FROM batches b JOIN notices n ON n.batch = b.id"
+                              " WHERE b.created_ms > ? GROUP BY n.device, n.kind, n.code, n.key",
+                              since_ms):
+            g = notify.group_key(dict(r))
+            out[g] = max(out.get(g, 0), r["at"])
+        return out
+
     def _prune(self, now_ms: int) -> None:
         self.last_prune_ms = now_ms
         horizon = now_ms - self.settings.health_keep_days * 86_400_000
         with self.store.tx():
             self.store.x("DELETE FROM health WHERE received_ms < ?", horizon)
-
-
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else None
 
 
 def _dumps(obj: Any) -> str:
@@ -401,26 +371,47 @@ def _dumps(obj: Any) -> str:
 # --- the process -------------------------------------------------------------------------
 
 def run(cfg: dict, *, once_s: float | None = None) -> int:
-    """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds)."""
+    """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds). The stop is logged;
+    the step under way finishes, the MQTT session is closed, the database checkpointed and
+    closed, and the counters logged."""
+    stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        signals.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     store = RelayStore(cfg["relay"]["db_path"])
     channels = notify.channels_from_config(cfg["alerts"])
     settings = RelaySettings.from_config(cfg, [c.name for c in channels])
     relay = Relay(store, settings, cfg["mqtt"]["topic_prefix"])
     dispatcher = notify.Dispatcher(store, channels, cfg["alerts"]["retry"], cfg["relay"])
     client = _connect(cfg, relay)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("relay: %d channel(s): %s", len(channels), ", ".join(settings.channels) or "none")
+    log.info("relay: %d channel(s): %s; a new group waits %g s, changes to it %g s",
+             len(channels), ", ".join(settings.channels) or "none", settings.group_wait_s,
+             settings.group_interval_s)
+    note = grouping(cfg["relay"])[2]
+    if note:
+        log.warning("%s (docs/CTL.md)", note)
     end = time.monotonic() + once_s if once_s else None
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):
             _step(relay, dispatcher)
             stop.wait(float(cfg["relay"]["tick_s"]))
+        why = f"{signal.Signals(signals[0]).name} received" if signals else "--once time is up"
+        log.info("relay: %s, stopping", why)
     finally:
         client.disconnect()
-        client.loop_stop()
+        client.loop_stop()  # no message is handled after this
         store.close()
+        c = relay.counters
+        log.info("relay stopped: %d messages, %d dropped, %d duplicates, %d notices,"
+                 " %d batches; database closed", c.messages, c.dropped, c.duplicates,
+                 c.notices, c.batches)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
     return 0
 
 

@@ -11,6 +11,11 @@ and per configured group:
 - played vs requested: played time of the items whose length was known, against that length;
 - uptime: time online / time observed, from the online/offline transitions the relay recorded.
 
+Play records are device data (hostile input, ctl/sanitize.py): a record counts at most the
+time between its own ``started`` and ``ended``, and a device at most the union of its records'
+spans (one output airs one item at a time), so no device can claim more airtime than the
+clock allows. What was cut is counted (``capped``) and said under the table.
+
 Output: CSV (one row per device, then per group, then ``all``) and a PNG chart whose Vietnamese
 labels are set in DejaVu Sans.
 """
@@ -27,12 +32,13 @@ from zoneinfo import ZoneInfo
 
 from agent.protocol import Priority
 from ctl.config import groups_of
-from ctl.relay import RelayStore
+from ctl.store import RelayStore
 
 FONT = "DejaVu Sans"
 CSV_FIELDS = ("scope", "name", "devices", "aired_minutes", "aired_hours", "bulletins",
               "emergencies", "played_minutes", "requested_minutes", "played_pct", "uptime_pct")
 DAY_MS = 86_400_000
+PLAY_SLACK_MS = 2_000  # audio and wall clocks differ a little: more than this is a false claim
 LEGEND = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncols": 2, "frameon": False}
 
 
@@ -78,11 +84,12 @@ class Stats:
     requested_ms: int = 0
     online_ms: int = 0
     observed_ms: int = 0
+    capped: int = 0  # play records (and device totals) cut to what the clock allows
 
     def add(self, other: Stats) -> None:
         self.devices.append(other.name)
         for name in ("aired_ms", "bulletins", "emergencies", "played_ms", "requested_ms",
-                     "online_ms", "observed_ms"):
+                     "online_ms", "observed_ms", "capped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
@@ -117,9 +124,18 @@ def compute(store: RelayStore, period: Period, groups: dict[str, list[str]],
                      {r["device"] for r in store.q("SELECT DISTINCT device FROM events"
                                                    " WHERE type='play'")})
     rows = {d: Stats("device", d) for d in devices}
+    spans: dict[str, list[tuple[int, int]]] = {d: [] for d in devices}
     for device, rec in _play_records(store, period):
         _add_play(rows[device], rec, period)
+        a, b = max(rec["started"], period.start_ms), min(rec["ended"], period.end_ms)
+        if b > a:
+            spans[device].append((a, b))
     for d, st in rows.items():
+        covered = _union(spans[d])
+        if st.aired_ms > covered + PLAY_SLACK_MS:
+            st.capped += 1
+        st.aired_ms = min(st.aired_ms, covered)
+        st.played_ms = min(st.played_ms, st.aired_ms)
         st.online_ms, st.observed_ms = uptime(store, d, period.start_ms,
                                               min(period.end_ms, now_ms))
     out = [rows[d] for d in devices]
@@ -153,8 +169,23 @@ def _valid_play(rec: dict) -> bool:
         rec["ended"] >= rec["started"] and rec["played_ms"] >= 0
 
 
+def _union(spans: list[tuple[int, int]]) -> int:
+    """The length of the union of the intervals."""
+    total, end = 0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
 def _add_play(st: Stats, rec: dict, period: Period) -> None:
     started, played = rec["started"], rec["played_ms"]
+    if played > rec["ended"] - started + PLAY_SLACK_MS:
+        st.capped += 1
     aired = _aired(rec, period)
     st.aired_ms += aired
     requested = rec.get("requested_ms")
@@ -180,7 +211,9 @@ def _aired(rec: dict, period: Period) -> float:
 
 
 def _share(started: int, ended: int, played: int, period: Period) -> float:
-    """The part of ``played`` that falls inside the period (proportional to the overlap)."""
+    """The part of ``played`` that falls inside the period (proportional to the overlap);
+    ``played`` counts at most the record's own span."""
+    played = min(played, ended - started)
     if period.start_ms <= started and ended <= period.end_ms:
         return float(played)
     span = ended - started
@@ -213,6 +246,21 @@ def to_csv(stats: list[Stats]) -> str:
     for s in stats:
         w.writerow(s.row())
     return buf.getvalue()
+
+
+def chart_problem() -> str | None:
+    """Why the chart cannot be drawn here (matplotlib or its font missing), or None."""
+    try:
+        from matplotlib import font_manager
+    except ImportError:
+        return ("the chart needs matplotlib, which is not installed: pip install"
+                " 'ttcs-agent[ctl]' (or pass --no-chart for the CSV and the table only)")
+    try:
+        font_manager.findfont(font_manager.FontProperties(family=FONT),
+                              fallback_to_default=False)
+    except ValueError:
+        return f"the chart needs the {FONT} font (it covers Vietnamese); or pass --no-chart"
+    return None
 
 
 def chart(stats: list[Stats], period: Period, path: str) -> None:
@@ -255,4 +303,8 @@ def table_text(stats: list[Stats]) -> str:
         r = s.row()
         lines.append(f"{s.scope:6} {s.name:<28} {r['aired_hours']:>8} {s.bulletins:>9} "
                      f"{s.emergencies:>6} {r['played_pct'] or '-':>9} {r['uptime_pct'] or '-':>9}")
+    capped = sum(s.capped for s in stats if s.scope == "device")
+    if capped:
+        lines.append(f"note: {capped} play records or device totals claimed more airtime than"
+                     " their own start and end times allow; counted up to what the clock allows")
     return "\n".join(lines)

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from email import message_from_bytes
 from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
 
 from ctl.notify import (
+    TELEGRAM_MAX,
     Dispatcher,
     EmailChannel,
     NotifyError,
@@ -22,60 +20,19 @@ from ctl.notify import (
     backoff_ms,
     channels_from_config,
     render,
+    split,
 )
-from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings
+from ctl.sanitize import utf16_len
+from ctl.store import RelayStore
 from tests.conftest import free_port
+from tests.relay_support import http_fixture  # noqa: F401 - a fixture
 
 T0 = 1_764_000_000_000
 TOKEN = "123456:SECRET-token-do-not-log"
 BATCH = {"created": T0, "window_s": 60, "items": [
     {"device": "krongpa-phutuc-c03", "kind": "offline", "since": T0, "reason": "lost",
      "outages": 2, "first_down": T0}]}
-
-
-class HttpStandIn:
-    """Answers POSTs with the next scripted status (then 200), recording path and JSON."""
-
-    def __init__(self, statuses: list[int] | None = None, body: dict | None = None) -> None:
-        self.requests: list[tuple[str, dict, dict]] = []
-        self.statuses = list(statuses or [])
-        reply = json.dumps(body or {"ok": True, "result": {"message_id": 1}}).encode()
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stand_in.requests.append((self.path, data, dict(self.headers)))
-                status = stand_in.statuses.pop(0) if stand_in.statuses else 200
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(reply if status == 200 else b'{"ok": false}')
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def http():
-    servers: list[HttpStandIn] = []
-
-    def make(**kw) -> HttpStandIn:
-        s = HttpStandIn(**kw)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
 
 
 class Inbox:
@@ -103,7 +60,7 @@ def message():
 def test_render_is_vietnamese_and_structured():
     m = message()
     assert m.key == "abcd-7" and m.subject == "[TTCS] 1 cụm mất kết nối"
-    assert "MẤT KẾT NỐI krongpa-phutuc-c03 [krongpa] từ 23:00 24/11" in m.text
+    assert "krongpa-phutuc-c03 [krongpa]: 🔴 MẤT KẾT NỐI từ 23:00 24/11" in m.text
     assert "mất kết nối đột ngột" in m.text and "2 lần mất" in m.text
     assert m.payload["items"][0]["groups"] == ["krongpa"] and m.payload["id"] == "abcd-7"
 
@@ -149,7 +106,7 @@ def test_telegram_never_leaks_the_token(http, caplog):
     assert TOKEN not in str(e.value)
     # through the dispatcher, whose log lines carry the error
     store = RelayStore(":memory:")
-    relay = Relay(store, RelaySettings(group_window_s=0, channels=["telegram"]))
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=["telegram"]))
     relay.handle("ttcs/dev/d1/status", b'{"state":"offline","session":1,"ts":1}', False, T0)
     relay.tick(T0)
     with caplog.at_level(logging.DEBUG):
@@ -174,7 +131,7 @@ def test_email_over_smtp(smtp):
     assert sender == "relay@huyen.gov.vn" and rcpts == ["a@x.vn", "b@x.vn"]
     mail = message_from_bytes(content, policy=default_policy)
     assert mail["Subject"] == "[TTCS] 1 cụm mất kết nối"
-    assert "MẤT KẾT NỐI krongpa-phutuc-c03" in mail.get_content()
+    assert "krongpa-phutuc-c03 [krongpa]: 🔴 MẤT KẾT NỐI" in mail.get_content()
 
 
 def test_email_unreachable_is_retryable():
@@ -230,7 +187,7 @@ def test_all_three_channels_one_batch_each_with_backoff(tmp_path, http, smtp):
                             "from": "r@x.vn", "to": ["staff@x.vn"]})
     channels = channels_from_config(alerts)
     store = RelayStore(str(tmp_path / "r.db"))
-    relay = Relay(store, RelaySettings(group_window_s=0, channels=[c.name for c in channels]))
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=[c.name for c in channels]))
     relay.handle("ttcs/dev/d1/status", b'{"state":"offline","session":1,"ts":1}', False, T0)
     relay.tick(T0)
     d = Dispatcher(store, channels, alerts["retry"], {})
@@ -249,3 +206,50 @@ def test_all_three_channels_one_batch_each_with_backoff(tmp_path, http, smtp):
 def test_backoff_doubles_and_caps():
     assert [backoff_ms(n, 5, 60) for n in range(1, 7)] == [5000, 10000, 20000, 40000, 60000,
                                                             60000]
+
+
+# --- Telegram: long texts in several messages ---------------------------------------------
+
+def test_split_keeps_short_texts_whole():
+    assert split("[TTCS] x", ["a", "b"]) == ["[TTCS] x\n\na\nb"]
+    assert split("[TTCS] x", []) == ["[TTCS] x"]
+
+
+def test_split_at_line_boundaries_under_telegrams_limit():
+    lines = [f"krongpa-c{n:03d} [krongpa]: 🔴 MẤT KẾT NỐI từ 23:00 24/11 " + "ệ" * (n % 90)
+             for n in range(300)]
+    parts = split("[TTCS] 300 cụm mất kết nối", lines)
+    assert len(parts) > 2
+    assert all(utf16_len(p) <= TELEGRAM_MAX for p in parts)
+    assert [p.split("\n", 1)[0] for p in parts] == [
+        f"[TTCS] 300 cụm mất kết nối ({k}/{len(parts)})" for k in range(1, len(parts) + 1)]
+    assert [ln for p in parts for ln in p.split("\n")[2:]] == lines  # whole lines, in order
+
+
+def test_split_cuts_only_a_line_longer_than_a_message():
+    parts = split("[TTCS] x", ["🔴" * 5000, "short"])
+    assert all(utf16_len(p) <= TELEGRAM_MAX for p in parts)
+    assert "".join(p.split("\n\n", 1)[1].replace("\nshort", "") for p in parts) == "🔴" * 5000
+    assert parts[-1].endswith("\nshort")
+
+
+def test_telegram_retry_resumes_at_the_part_that_failed(http):
+    tg = http(statuses=[200, 500])
+    store = RelayStore(":memory:")
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=["telegram"]))
+    for n in range(60):
+        relay.handle(f"ttcs/dev/krongpa-c{n:03d}/status",
+                     b'{"state":"offline","session":1,"ts":1,"reason":"' + b"x" * 30 + b'"}',
+                     False, T0)
+    relay.tick(T0)
+    d = Dispatcher(store, [TelegramChannel(tg.base, TOKEN, "1", 5)],
+                   {"attempts": 5, "backoff_s": 1, "backoff_max_s": 1}, {})
+    assert d.run_due(T0) == 0  # part 1 went out, part 2 got 500
+    row = store.one("SELECT * FROM deliveries")
+    assert (row["parts_sent"], row["attempts"], row["sent_ms"]) == (1, 1, None)
+    assert d.run_due(T0 + 1000) == 1
+    texts = [data["text"] for _, data, _ in tg.requests]
+    assert len(texts) == 3 and texts[1] == texts[2] and texts[0] != texts[1]
+    assert texts[0].startswith("[TTCS] 60 cụm mất kết nối (1/2)")
+    assert sum(t.count("MẤT KẾT NỐI") for t in (texts[0], texts[2])) == 60
+    store.close()

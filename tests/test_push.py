@@ -129,3 +129,16 @@ def test_next_rev_and_diff_units():
     assert "+    {" in text and '-  "items": []' in text
     assert push.parse_live(b"not json", "schedule").rev is None
     assert push.parse_live(b'{"type":"board","rev":3}', "schedule").rev is None
+
+
+def test_device_results_are_printed_as_text(capsys):
+    from ctl.main import _print_results
+    from ctl.session import EXIT_DONE, EXIT_FAILED
+
+    seen = {"krongpa-a": {"result": "applied\nkrongpa-b applied", "reason": "\x1b[31mx"},
+            "krongpa-b": {"result": "applied"}}
+    assert _print_results(seen) == EXIT_FAILED
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ['krongpa-a                    "applied krongpa-b a…" ("[31mx")',
+                     "krongpa-b                    applied"]
+    assert _print_results({"krongpa-b": {"result": "applied"}}) == EXIT_DONE

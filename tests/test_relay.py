@@ -7,20 +7,25 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctl.config import groups_of
 from ctl.notify import Dispatcher, Message, NotifyError, render
-from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings
+from ctl.store import RelayStore
 from tests.conftest import ROOT, Watcher, agent_config, wait_online, wait_until
+from tests.relay_support import (  # noqa: F401 - fixtures
+    http_fixture,
+    relay_config,
+    relay_proc_fixture,
+    watcher_fixture,
+    webhook_fixture,
+)
 
 T0 = 1_764_000_000_000  # 2025-11-24 16:00 UTC
 S = 1000
@@ -34,11 +39,12 @@ def msg(leaf: str, device: str = DEV, **body) -> tuple[str, bytes]:
 class Harness:
     """A relay over a real SQLite file, fed messages at chosen times."""
 
-    def __init__(self, path: Path, window_s: float = 60, channels=("test",), codes=()) -> None:
+    def __init__(self, path: Path, wait_s: float = 60, interval_s: float = 60,
+                 channels=("test",), codes=()) -> None:
         self.path = path
         self.settings = RelaySettings(heartbeat_default_s=60, missed_beats=3,
-                                      group_window_s=window_s, alert_codes=list(codes),
-                                      channels=list(channels))
+                                      group_wait_s=wait_s, group_interval_s=interval_s,
+                                      alert_codes=list(codes), channels=list(channels))
         self.open()
 
     def open(self) -> None:
@@ -180,12 +186,12 @@ def test_flapping_device_is_one_line_per_window(h):
         {"device": DEV, "outages": 0, "kind": "recovered", "at": T0 + 100 * S,
          "first_down": T0 + 55 * S}]
     msg = render(2, h.batches()[-1], "inst", "Asia/Ho_Chi_Minh", {"krongpa": ["krongpa-*"]})
-    assert "ĐÃ KẾT NỐI LẠI krongpa-phutuc-c03 [krongpa] lúc 23:01 24/11" in msg.text
+    assert "krongpa-phutuc-c03 [krongpa]: 🟢 ĐÃ KẾT NỐI LẠI lúc 23:01 24/11" in msg.text
     assert "mất từ 23:00 24/11" in msg.text
 
 
 def test_alerts_grouped_filtered_and_deduplicated(tmp_path):
-    h = Harness(tmp_path / "r.db", window_s=300, codes=("door_open", "disk_low"))
+    h = Harness(tmp_path / "r.db", wait_s=300, codes=("door_open", "disk_low"))
     h.online(T0)
     seq = 0
     for _ in range(4):  # a door chattering: raised/cleared four times
@@ -209,9 +215,78 @@ def test_alerts_grouped_filtered_and_deduplicated(tmp_path):
     assert items["door_open"]["raised"] == 4 and items["door_open"]["state"] == "cleared"
     assert items["disk_low"]["key"] == "cache" and items["disk_low"]["historical"] is True
     text = render(1, h.batches()[0], "i", "Asia/Ho_Chi_Minh", {}).text
-    assert "HẾT CẢNH BÁO door_open" in text and "báo 4 lần" in text
-    assert "CẢNH BÁO disk_low/cache" in text and "ghi nhận khi mất kết nối" in text
+    assert f"{DEV}: ✅ HẾT CẢNH BÁO door_open lúc" in text and "báo 4 lần" in text
+    assert f"{DEV}: ⚠️ CẢNH BÁO disk_low/cache từ" in text
+    assert "ghi nhận khi mất kết nối" in text
     h.store.close()
+
+
+def test_default_timing_first_notice_after_30_s(tmp_path):
+    h = Harness(tmp_path / "d.db")
+    h.settings = RelaySettings(channels=["test"])  # the defaults: wait 30 s, interval 300 s
+    h.relay = Relay(h.store, h.settings)
+    h.online(T0)
+    h.offline(T0 + S)
+    assert h.relay.tick(T0 + 30 * S) is None
+    assert h.relay.tick(T0 + 31 * S) == 1  # not after five minutes
+    h.store.close()
+
+
+def test_a_new_group_is_not_held_by_another_groups_interval(tmp_path):
+    h = Harness(tmp_path / "g.db", wait_s=30, interval_s=300)
+    h.settings.heartbeat_default_s = 10**6  # no heartbeat outages in this story
+    for d in (DEV, "dev-b", "dev-c", "dev-d"):
+        h.online(T0, device=d)
+    # a burst: three cabinets of a commune lose power within 20 s: one message
+    for i, d in enumerate((DEV, "dev-b", "dev-c")):
+        h.offline(T0 + (10 + 10 * i) * S, device=d)
+    assert h.relay.tick(T0 + 39 * S) is None
+    assert h.relay.tick(T0 + 40 * S) == 1
+    assert {i["device"] for i in h.batches()[0]["items"]} == {DEV, "dev-b", "dev-c"}
+    # DEV comes back at once: a change to a notified group waits for the interval ...
+    h.online(T0 + 60 * S)
+    # ... but another cabinet going down is a new group: after group_wait, on its own
+    h.offline(T0 + 100 * S, device="dev-d")
+    assert h.relay.tick(T0 + 129 * S) is None
+    assert h.relay.tick(T0 + 130 * S) == 2
+    assert [(i["device"], i["kind"]) for i in h.batches()[1]["items"]] == [("dev-d", "offline")]
+    assert h.relay.tick(T0 + 339 * S) is None
+    assert h.relay.tick(T0 + 340 * S) == 3  # 300 s after the first batch
+    assert [(i["device"], i["kind"]) for i in h.batches()[2]["items"]] == [(DEV, "recovered")]
+    assert h.batches()[2]["group_wait_s"] == 30 and h.batches()[2]["group_interval_s"] == 300
+    h.store.close()
+
+
+def test_group_window_s_the_old_key_is_still_read(tmp_path):
+    from ctl import config
+
+    assert config.grouping({}) == (30.0, 300.0, None)
+    assert config.grouping({"group_wait_s": 5, "group_interval_s": 60}) == (5.0, 60.0, None)
+    wait, interval, note = config.grouping({"group_window_s": 120})
+    assert (wait, interval) == (30.0, 120.0) and "old name of group_interval_s" in note
+    assert config.grouping({"group_window_s": 0})[:2] == (0.0, 0.0)  # still "at once"
+    wait, interval, note = config.grouping({"group_window_s": 120, "group_interval_s": 90})
+    assert (wait, interval) == (30.0, 90.0) and "ignored" in note
+    old = tmp_path / "old.yaml"
+    old.write_text("relay:\n  group_window_s: 120\n")
+    settings = RelaySettings.from_config(config.load(str(old)), [])
+    assert (settings.group_wait_s, settings.group_interval_s) == (30.0, 120.0)
+
+
+def test_a_flood_of_notices_still_makes_a_batch(h):
+    """Forty thousand distinct alerts of one cabinet pending at once (more than SQLite takes
+    as variables of one statement): still one batch, every notice in it."""
+    import sqlite3
+
+    h.store.db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32_766)  # SQLite's own default
+    with h.store.tx():
+        h.store.db.executemany(
+            "INSERT INTO notices(device, kind, code, key, ts, received_ms, detail)"
+            " VALUES(?, 'alert', 'disk_low', ?, ?, ?, '{}')",
+            [("krongpa-evil-c09", f"k{n}", T0, T0) for n in range(40_000)])
+    assert h.relay.tick(T0 + 61 * S) == 1
+    assert h.store.one("SELECT COUNT(*) AS n FROM notices WHERE batch IS NULL")["n"] == 0
+    assert len(h.items()) == 40_000
 
 
 # --- events ------------------------------------------------------------------------------
@@ -242,12 +317,65 @@ def test_events_deduplicated_and_gaps_noticed(h):
                             max_size=6), max_leaves=12).map(lambda v: json.dumps(v).encode())))
 def test_garbage_never_crashes_the_relay(tmp_path_factory, leaf, device, payload):
     store = RelayStore(":memory:")
-    relay = Relay(store, RelaySettings(group_window_s=0, channels=["x"]))
+    relay = Relay(store, RelaySettings(group_wait_s=0, group_interval_s=0, channels=["x"]))
     relay.handle(f"ttcs/dev/{device}/{leaf}", payload, False, T0)
     relay.handle(f"ttcs/dev/{device}/{leaf}", payload, True, T0 + 1)
     relay.tick(T0 + 10**9)
     Dispatcher(store, [], {"attempts": 1, "backoff_s": 0, "backoff_max_s": 0}, {}).run_due(T0)
     store.close()
+
+
+def test_device_times_out_of_window_are_replaced_and_flagged(h):
+    year_33658 = 10**15
+    h.feed(T0, "event", seq=1, ts=year_33658, type="alert", state="raised", code="door_open")
+    h.feed(T0 + S, "health", ts=-5)
+    h.feed(T0 + 2 * S, "event", seq=2, ts=T0 - 300 * 86_400 * S, type="play",
+           historical=True)  # 300 days in the outbox: still in the window
+    h.feed(T0 + 3 * S, "event", seq=3, ts=T0 + 2 * 3600 * S, type="config")  # 2 h ahead
+    rows = {r["seq"]: dict(r) for r in h.store.q("SELECT seq, ts, flags, body FROM events")}
+    assert (rows[1]["ts"], rows[1]["flags"]) == (T0, "device_time")
+    assert json.loads(rows[1]["body"])["ts"] == year_33658  # the body as received
+    assert (rows[2]["ts"], rows[2]["flags"]) == (T0 - 300 * 86_400 * S, None)
+    assert (rows[3]["ts"], rows[3]["flags"]) == (T0 + 3 * S, "device_time")
+    health = h.store.one("SELECT ts, flags FROM health")
+    assert (health["ts"], health["flags"]) == (T0 + S, "device_time")
+    assert h.relay.counters.device_time == 3
+    h.relay.tick(T0 + 100 * S)
+    [item] = [i for i in h.items() if i.get("code")]
+    assert item["since"] == T0 and item["device_time_invalid"] is True
+    text = render(1, h.batches()[0], "i", "Asia/Ho_Chi_Minh", {}).text
+    assert "giờ thiết bị gửi không hợp lệ" in text and "23:00 24/11" in text
+
+
+def test_an_older_database_gets_the_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE events (device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER"
+                     " NOT NULL, type TEXT NOT NULL, historical INTEGER NOT NULL, received_ms"
+                     " INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (device, seq));"
+                     "INSERT INTO events VALUES ('d', 1, 5, 'play', 0, 5, '{}');")
+    db.close()
+    store = RelayStore(str(path))
+    assert dict(store.one("SELECT * FROM events"))["flags"] is None
+    store.close()
+
+
+def test_a_batch_that_cannot_be_rendered_does_not_block_the_queue(h):
+    rec = Recorder()
+    h.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", T0,
+              json.dumps({"items": [{"kind": "offline", "since": "x"}]}))  # no device
+    h.store.x("INSERT INTO deliveries(batch, channel, next_ms) VALUES(1, 'test', ?)", T0)
+    h.online(T0)
+    h.offline(T0 + S)
+    assert h.relay.tick(T0 + 100 * S) == 2
+    d = Dispatcher(h.store, [rec], RETRY, {})
+    assert d.run_due(T0 + 100 * S) == 1
+    assert [m.key.split("-")[-1] for m in rec.sent] == ["2"]
+    bad = h.store.one("SELECT * FROM deliveries WHERE batch=1")
+    assert bad["failed"] == 1 and bad["error"] == "render: KeyError"
+    assert d.run_due(T0 + 10**7) == 0
 
 
 # --- restart and delivery ----------------------------------------------------------------
@@ -336,94 +464,6 @@ def test_groups_rule():
 
 # --- as a process ------------------------------------------------------------------------
 
-class Webhook:
-    """A local webhook receiver on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        self.keys: list[str] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.received.append(json.loads(body))
-                hook.keys.append(self.headers.get("Idempotency-Key"))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def items(self) -> list[dict]:
-        return [i for r in self.received for i in r["items"]]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def webhook():
-    w = Webhook()
-    yield w
-    w.close()
-
-
-class RelayProcess:
-    def __init__(self, cfg_path: Path, log_path: Path) -> None:
-        self.cfg_path, self.log_path = cfg_path, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> RelayProcess:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ctl", "--config",
-                                      str(self.cfg_path), "relay"], cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture
-def relay_proc(tmp_path):
-    started: list[RelayProcess] = []
-
-    def make(cfg_path: Path) -> RelayProcess:
-        r = RelayProcess(cfg_path, tmp_path / "relay.log").start()
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.stop()
-
-
-def relay_config(tmp_path: Path, port: int, url: str, **relay) -> Path:
-    cfg = {"mqtt": {"host": "127.0.0.1", "port": port},
-           "relay": {"db_path": str(tmp_path / "relay.db"), "group_window_s": 2,
-                     "tick_s": 0.2, "groups": {"krongpa": ["krongpa-*"]}, **relay},
-           "alerts": {"webhook_url": url, "retry": {"backoff_s": 0.5}}}
-    path = tmp_path / "ctl.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_relay_process_will_restart_and_recovery(broker, keys, tmp_path, agent_factory,
                                                  webhook, relay_proc):
     w = Watcher(broker.port, ["ttcs/#"])
@@ -436,7 +476,6 @@ def test_relay_process_will_restart_and_recovery(broker, keys, tmp_path, agent_f
             for leaf in ("status", "health", "event", "state"):
                 w.publish(f"ttcs/dev/{DEV}/{leaf}", payload)
         w.publish("ttcs/dev/evil-dev/event", b'{"seq": "x"}')
-        wait_until(lambda: "relay connected" in relay.log(), 15, what="relay connected")
         agent.kill()  # SIGKILL: the broker publishes the will
         wait_until(lambda: webhook.items(), 20, what="offline notification")
         [item] = webhook.items()
@@ -447,7 +486,6 @@ def test_relay_process_will_restart_and_recovery(broker, keys, tmp_path, agent_f
         # restart the relay: the retained will is delivered again, nothing new is sent
         assert relay.stop() == 0
         relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url))
-        wait_until(lambda: relay.log().count("relay connected") >= 2, 15, what="reconnected")
         time.sleep(4)  # two grouping windows
         assert len(webhook.received) == 1
         # the agent comes back: one recovery
@@ -490,7 +528,7 @@ def test_relay_process_missed_heartbeats(broker, keys, tmp_path, agent_factory, 
 def test_watch_fleet_filters_by_group_and_alert():
     from rich.console import Console
 
-    from ctl.main import Fleet
+    from ctl.watch import Fleet
 
     fleet = Fleet({"krongpa": ["krongpa-*"]})
     fleet.update(f"ttcs/dev/{DEV}/status", b'{"state":"online"}', now=100)
@@ -541,3 +579,50 @@ def test_example_config_is_valid_and_typos_are_named(tmp_path):
     text = "\n".join(e.value.problems)
     assert "relay.missed_beat: unknown key (did you mean 'missed_beats'?)" in text
     assert "relay.groups.krongpa[0]" in text and "alerts.telegram.bot_token_file: is required" in text
+
+
+def test_relay_process_group_wait_and_interval(w, broker, keys, tmp_path, agent_factory,
+                                               webhook, relay_proc):
+    """A new group goes out after group_wait_s; a change to a notified group waits for
+    group_interval_s; another device's new trouble is not held back by that."""
+    agent = agent_factory(agent_config(tmp_path, broker.port, keys))
+    wait_online(w, DEV)
+    relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url, group_wait_s=1,
+                                    group_interval_s=10))
+    assert "a new group waits 1 s, changes to it 10 s" in relay.log()
+    killed = time.monotonic()
+    agent.kill()
+    wait_until(lambda: webhook.items(), 10, what="the offline notice")
+    assert webhook.times[0] - killed < 4  # group_wait_s (1 s) and a tick, not 300 s
+    agent.start()  # back at once: its recovery waits for the interval
+    wait_online(w, DEV, timeout=20, session=2)
+    w.publish("ttcs/dev/krongpa-other-c01/status", {"v": 1, "state": "online", "session": 1})
+    w.publish("ttcs/dev/krongpa-other-c01/status",
+              {"v": 1, "state": "offline", "session": 1, "reason": "lost"})
+    down = time.monotonic()
+    wait_until(lambda: len(webhook.received) >= 2, 10, what="the other device's notice")
+    assert webhook.times[1] - down < 4
+    assert [(i["device"], i["kind"]) for i in webhook.received[1]["items"]] == [
+        ("krongpa-other-c01", "offline")]
+    wait_until(lambda: len(webhook.received) >= 3, 20, what="the recovery")
+    assert [(i["device"], i["kind"]) for i in webhook.received[2]["items"]] == [
+        (DEV, "recovered")]
+    assert 9 <= webhook.times[2] - webhook.times[0] < 13
+
+
+def test_relay_process_logs_its_stop_on_sigterm_and_closes_cleanly(w, broker, tmp_path, webhook,
+                                                                    relay_proc):
+    relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url))
+    w.publish(f"ttcs/dev/{DEV}/status", {"v": 1, "state": "online", "session": 1})
+    w.publish(f"ttcs/dev/{DEV}/health", {"v": 1, "ts": int(time.time() * 1000)})
+    wait_until(lambda: Path(tmp_path / "relay.db-wal").exists(), 10, what="a write")
+    time.sleep(0.5)
+    assert relay.stop(signal.SIGTERM) == 0
+    log = relay.log()
+    assert "relay: SIGTERM received, stopping" in log
+    assert "relay stopped: 2 messages, 0 dropped" in log and "database closed" in log
+    wal = tmp_path / "relay.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # everything checkpointed
+    store = RelayStore(str(tmp_path / "relay.db"))
+    assert store.one("SELECT COUNT(*) AS n FROM health")["n"] == 1
+    store.close()

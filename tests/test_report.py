@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 
 from ctl import report
-from ctl.relay import Relay, RelaySettings, RelayStore
+from ctl.relay import Relay, RelaySettings
+from ctl.store import RelayStore
 from tests.conftest import ROOT
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -175,3 +176,43 @@ def test_ctl_report_command(store, tmp_path):
                           "--month", "2025-1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 64 and "YYYY-MM" in bad.stderr
+
+
+def test_report_without_matplotlib_says_what_to_install(store, tmp_path):
+    cfg = tmp_path / "ctl.yaml"
+    cfg.write_text(yaml.safe_dump({"relay": {"db_path": str(tmp_path / "relay.db"),
+                                             "groups": GROUPS}}))
+    no_matplotlib = ("import sys; sys.modules['matplotlib'] = None; from ctl.main import main;"
+                     " sys.exit(main(sys.argv[1:]))")
+    base = [sys.executable, "-c", no_matplotlib, "--config", str(cfg), "report", "--month",
+            "2025-11", "--out", str(tmp_path / "out")]
+    out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "pip install 'ttcs-agent[ctl]'" in out.stderr and "--no-chart" in out.stderr
+    assert not (tmp_path / "out").exists()  # checked before starting
+    out = subprocess.run([*base, "--no-chart"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "ttcs-report-2025-11.csv").exists()
+    assert not (tmp_path / "out" / "ttcs-report-2025-11.png").exists()
+
+
+def test_a_device_cannot_claim_more_airtime_than_the_clock_allows(tmp_path):
+    s = RelayStore(str(tmp_path / "r.db"))
+    f = Feeder(s)
+    start = local(2025, 11, 10, 5, 0)
+    # an instant that "played" a day, and a record twice as long as its own span
+    f.event(A, {**play(start, 0, requested_min=5), "played_ms": 86_400_000})
+    f.event(A, play(local(2025, 11, 11, 5, 0), 20, requested_min=20, span_min=10))
+    # a thousand overlapping records of the same ten minutes
+    for _ in range(1000):
+        f.event(B, play(local(2025, 11, 12, 5, 0), 10, requested_min=10))
+    period = report.parse_period("2025-11", None, "Asia/Ho_Chi_Minh")
+    r = {st.name: st for st in report.compute(s, period, {}, NOW)}
+    assert round(r[A].aired_ms / MIN) == 10  # 0 for the instant, 10 of the claimed 20
+    assert round(r[B].aired_ms / MIN) == 10  # the union of what it claims: ten minutes
+    assert r[A].capped == 2 and r[B].capped == 1
+    assert r["all"].capped == 3
+    text = report.table_text(list(r.values()))
+    assert "3 play records or device totals claimed more airtime" in text
+    s.close()
