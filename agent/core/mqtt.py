@@ -284,7 +284,11 @@ class MqttLink:
 
     def _subscribe(self) -> None:
         if self.v5:
-            no_retained = SubscribeOptions(qos=1,
+            # Commands: a retained one is not sent at subscribe time (retain handling 2), and one
+            # published retained while we were away, kept in our session, arrives with its retain
+            # flag (retain as published; without it the broker clears the flag and the command
+            # would run at reconnect): refused as retained_command.
+            no_retained = SubscribeOptions(qos=1, retainAsPublished=True,
                                            retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
             subs = [(t, no_retained) for t in self.cmd_topics]
             subs += [(t, SubscribeOptions(qos=1)) for t in self.doc_topics]
