@@ -421,8 +421,75 @@ SCHEMA = Section(fields={
 
 # --- loading with positions --------------------------------------------------------------
 
+# Limits on a config file (agent and ttcs-ctl), so that a hostile or broken file cannot take
+# the memory or the time of the core thread (a SIGHUP reload is parsed there): a YAML alias
+# "bomb" of a few lines would otherwise expand to billions of values.
+MAX_FILE_BYTES = 1024 * 1024
+MAX_VALUES = 50_000  # YAML nodes (keys, values, list items), counted with aliases expanded
+MAX_DEPTH = 64  # nesting of mappings and lists
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    """PyYAML's safe loader, refusing documents past :data:`MAX_VALUES` or :data:`MAX_DEPTH`
+    while it composes them (before any memory is spent on them)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._nodes += 1
+        self._depth += 1
+        try:
+            if self._nodes > MAX_VALUES or self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, _too_big(self._depth > MAX_DEPTH), self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _too_big(deep: bool) -> str:
+    if deep:
+        return f"nested more than {MAX_DEPTH} levels deep"
+    return f"more than {MAX_VALUES} values (aliases counted each time they are used)"
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a composed document whose aliases expand past the limits, or refer to a node
+    that contains them (a cycle): every later walk over it (positions, the schema) visits each
+    alias use again. Iterative, each node once."""
+    size: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) once expanded
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    visiting: set[int] = set()
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        kids = _children(node)
+        if finished:
+            values = 1 + sum(size[id(k)][0] for k in kids)
+            depth = 1 + max((size[id(k)][1] for k in kids), default=0)
+            if values > MAX_VALUES or depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, _too_big(depth > MAX_DEPTH),
+                                                  node.start_mark)
+            size[key] = (values, depth)
+            visiting.discard(key)
+        elif key in visiting:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that "
+                                              "contains it", node.start_mark)
+        elif key not in size:
+            visiting.add(key)
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
@@ -448,15 +515,24 @@ def _positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
 
 def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> dict:
     """Parse and validate config text; raise :class:`ConfigError` with every problem."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError([f"{filename}:1:1: (file): larger than {MAX_FILE_BYTES // 1024} KiB"])
+    loader = None
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        raw = yaml.load(text, Loader=_Loader) if node is not None else {}
+        loader = _Loader(text)  # reading starts here: a bad character is a YAMLError too
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        raw = loader.construct_document(node) if node is not None else {}
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ConfigError([f"{filename}:{line}:{col}: (yaml): {e.problem or e}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{filename}:1:1: (yaml): {e}"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     positions: dict[str, tuple[int, int]] = {}
     problems: list[tuple[str, str, tuple[int, int]]] = []
     if node is not None:
@@ -562,7 +638,7 @@ def load_file(path: str, schema: Section = SCHEMA) -> dict:
     """Read and validate the config file at ``path`` against ``schema``; ``_path`` is added."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_FILE_BYTES + 1)  # parse() refuses a longer one
     except FileNotFoundError:
         raise ConfigError([f"{path}:1:1: (file): not found"]) from None
     except (OSError, UnicodeDecodeError) as e:

@@ -137,3 +137,58 @@ def test_live_probe_bounds_must_be_ordered():
     got = problems(GOOD + "audio:\n  live: {probe_min_s: 300, probe_max_s: 60}\n")
     assert any(p.endswith("audio.live.probe_min_s: 300 is more than probe_max_s (60)")
                for p in got), got
+
+
+# --- limits on a hostile file (issue 15) ----------------------------------------------------
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ['x0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return GOOD + "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_without_the_memory():
+    """Nine lines expanding to 9^9 values: positions and the schema walked every one of them
+    (gigabytes, minutes), in check-config and in a SIGHUP reload on the core thread."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    got = problems(_alias_bomb())
+    assert time.monotonic() - started < 2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KiB
+    assert len(got) == 1 and "(yaml): more than 50000 values (aliases counted each time" in got[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: " + "[" * 5000 + "]" * 5000, "nested more than 64 levels deep"),
+    ("a: &a [1, *a]\n", "an alias refers to a node that contains it"),
+    ("a: &a {b: [*a]}\n", "an alias refers to a node that contains it"),
+    ("a: [" + ",".join(["0"] * 60_000) + "]\n", "more than 50000 values"),
+])
+def test_deep_recursive_and_huge_documents_are_problems_not_tracebacks(text, message):
+    [got] = problems(text)
+    assert got.startswith("agent.yaml:1:") and message in got
+
+
+def test_aliases_within_the_limits_still_work():
+    cfg = config.parse(GOOD + "health: &h {interval_s: 30}\nstate: {min_interval_s: 2}\n"
+                       "log: {level: &lvl debug}\n")
+    assert cfg["health"]["interval_s"] == 30 and cfg["log"]["level"] == "debug"
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text(GOOD + "#" * (config.MAX_FILE_BYTES + 10) + "\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load_file(str(big))
+    assert e.value.problems == [f"{big}:1:1: (file): larger than 1024 KiB"]
+
+
+def test_check_config_refuses_a_bomb_quickly(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    out = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(bomb)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "more than 50000 values" in out.stdout
