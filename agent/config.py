@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 import drivers
+from agent import yamlfile
+from agent.yamlfile import MAX_FILE_BYTES, join
 
 DEFAULT_CONFIG_PATH = "/etc/ttcs-agent/agent.yaml"
 
@@ -158,9 +158,9 @@ class Section(Field):
         for key in value:
             if key not in self.fields:
                 hint = did_you_mean(str(key), self.fields)
-                errors.append((_join(path, key), f"unknown key{hint}"))
+                errors.append((join(path, key), f"unknown key{hint}"))
         for name, spec in self.fields.items():
-            sub = _join(path, name)
+            sub = join(path, name)
             if name in value:
                 out[name] = spec.check(value[name], sub, errors)
             elif name in self.required or (spec.default is REQUIRED and not self.sparse):
@@ -218,10 +218,6 @@ def type_name(value: Any) -> str:
 def did_you_mean(word: str, candidates) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
 
 
 def _backends(kind: str, *no_driver: str) -> tuple[str, ...]:
@@ -419,132 +415,26 @@ SCHEMA = Section(fields={
 })
 
 
-# --- loading with positions --------------------------------------------------------------
-
-# Limits on a config file (agent and ttcs-ctl), so that a hostile or broken file cannot take
-# the memory or the time of the core thread (a SIGHUP reload is parsed there): a YAML alias
-# "bomb" of a few lines would otherwise expand to billions of values.
-MAX_FILE_BYTES = 1024 * 1024
-MAX_VALUES = 50_000  # YAML nodes (keys, values, list items), counted with aliases expanded
-MAX_DEPTH = 64  # nesting of mappings and lists
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing documents past :data:`MAX_VALUES` or :data:`MAX_DEPTH`
-    while it composes them (before any memory is spent on them)."""
-
-    def __init__(self, stream) -> None:
-        super().__init__(stream)
-        self._nodes = 0
-        self._depth = 0
-
-    def compose_node(self, parent, index):
-        self._nodes += 1
-        self._depth += 1
-        try:
-            if self._nodes > MAX_VALUES or self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, _too_big(self._depth > MAX_DEPTH), self.peek_event().start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _too_big(deep: bool) -> str:
-    if deep:
-        return f"nested more than {MAX_DEPTH} levels deep"
-    return f"more than {MAX_VALUES} values (aliases counted each time they are used)"
-
-
-def _check_expansion(root: yaml.Node) -> None:
-    """Refuse a composed document whose aliases expand past the limits, or refer to a node
-    that contains them (a cycle): every later walk over it (positions, the schema) visits each
-    alias use again. Iterative, each node once."""
-    size: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) once expanded
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    visiting: set[int] = set()
-    while stack:
-        node, finished = stack.pop()
-        key = id(node)
-        kids = _children(node)
-        if finished:
-            values = 1 + sum(size[id(k)][0] for k in kids)
-            depth = 1 + max((size[id(k)][1] for k in kids), default=0)
-            if values > MAX_VALUES or depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, _too_big(depth > MAX_DEPTH),
-                                                  node.start_mark)
-            size[key] = (values, depth)
-            visiting.discard(key)
-        elif key in visiting:
-            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that "
-                                              "contains it", node.start_mark)
-        elif key not in size:
-            visiting.add(key)
-            stack.append((node, True))
-            stack.extend((k, False) for k in kids)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    return []
-
-
-def _positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
-               errors: list[tuple[str, str, tuple[int, int]]]) -> None:
-    """Record the line/column (1-based) of every key path in the composed YAML tree."""
-    out.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            sub = _join(path, key)
-            pos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            if key in seen:
-                errors.append((sub, "duplicate key", pos))
-            seen.add(key)
-            out[sub] = pos
-            _positions(value_node, sub, out, errors)
-            out[sub] = pos
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _positions(item, f"{path}[{i}]", out, errors)
-
+# --- loading -----------------------------------------------------------------------------
 
 def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> dict:
     """Parse and validate config text; raise :class:`ConfigError` with every problem."""
-    if len(text) > MAX_FILE_BYTES:
-        raise ConfigError([f"{filename}:1:1: (file): larger than {MAX_FILE_BYTES // 1024} KiB"])
-    loader = None
     try:
-        loader = _Loader(text)  # reading starts here: a bad character is a YAMLError too
-        node = loader.get_single_node()
-        if node is not None:
-            _check_expansion(node)
-        raw = loader.construct_document(node) if node is not None else {}
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise ConfigError([f"{filename}:{line}:{col}: (yaml): {e.problem or e}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{filename}:1:1: (yaml): {e}"]) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    positions: dict[str, tuple[int, int]] = {}
-    problems: list[tuple[str, str, tuple[int, int]]] = []
-    if node is not None:
-        _positions(node, "", positions, problems)
+        raw, positions, problems = yamlfile.load(text)
+    except yamlfile.YamlError as e:
+        raise ConfigError([f"{filename}:{e.line}:{e.col}: {e.message}"]) from None
     errors: list[tuple[str, str]] = []
     if raw is None:
         raw = {}
     data = schema.check(raw, "", errors)
-    if not errors and not problems and schema is SCHEMA:
-        errors.extend(_cross_checks(data))
+    if schema is SCHEMA and isinstance(data, dict):
+        from agent.config_checks import cross_checks
+
+        # In the same pass: each rule is skipped only if a key it reads has a wrong value
+        # (an unknown or duplicate key elsewhere changes no value a rule reads).
+        errors += cross_checks(data, [p for p, m in errors if not m.startswith("unknown key")])
     for path, message in errors:
-        problems.append((path, message, _position_of(path, positions)))
+        problems.append((path, message, yamlfile.position_of(path, positions)))
     if not problems and isinstance(data, dict) and schema is SCHEMA:
         _derive(data)
     if problems:
@@ -552,69 +442,6 @@ def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> di
         raise ConfigError([f"{filename}:{line}:{col}: {path or '(top)'}: {msg}"
                            for path, msg, (line, col) in problems])
     return data
-
-
-def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
-    """Rules across keys that the schema cannot express, checked by the parts that own them
-    (so ``check-config`` refuses what would stop the agent at start)."""
-    from agent.core.alerts import AlertConfig
-    from agent.health.cabinet import parse_inputs
-
-    errors: list[tuple[str, str]] = []
-    for check in (lambda: AlertConfig.from_config(cfg), lambda: parse_inputs(cfg["cabinet"])):
-        try:
-            check()
-        except ValueError as e:
-            for line in str(e).splitlines():
-                path, _, message = line.partition(": ")
-                errors.append((path.strip(), message or line))
-    errors.extend(_secret_problems(cfg["mqtt"]))
-    live = cfg["audio"]["live"]
-    if live["probe_min_s"] > live["probe_max_s"]:
-        errors.append(("audio.live.probe_min_s",
-                       f"{live['probe_min_s']:g} is more than probe_max_s "
-                       f"({live['probe_max_s']:g})"))
-    for pin_key in ("pin", "fault_pin"):
-        pin = cfg["amplifier"][pin_key]
-        for name, spec in (cfg["cabinet"] or {}).items():
-            if pin is not None and spec and spec.get("pin") == pin:
-                errors.append((f"amplifier.{pin_key}",
-                               f"BCM {pin} is already used by cabinet.{name}"))
-    return errors
-
-
-def _secret_problems(mqtt_cfg: dict) -> list[tuple[str, str]]:
-    """Key and password files must exist and be private (mode 0600)."""
-    from agent.core.mqtt import check_private
-
-    files = {"mqtt.password_file": mqtt_cfg.get("password_file"),
-             "mqtt.tls.key_file": (mqtt_cfg.get("tls") or {}).get("key_file")}
-    errors = []
-    for key, path in files.items():
-        if not path:
-            continue
-        try:
-            check_private(path)
-        except FileNotFoundError:
-            errors.append((key, f"{path} not found"))
-        except PermissionError as e:
-            errors.append((key, str(e)))
-        except OSError as e:
-            errors.append((key, f"cannot read {path}: {e}"))
-    return errors
-
-
-def _position_of(path: str, positions: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """The position of ``path`` or, for a missing key, of its nearest parent."""
-    while path:
-        if path in positions:
-            return positions[path]
-        path = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
-        if path in positions:
-            return positions[path]
-        if "." not in path and "[" not in path:
-            break
-    return positions.get(path, positions.get("", (1, 1)))
 
 
 def _derive(cfg: dict) -> None:

@@ -54,10 +54,18 @@ def test_unreachable_broker_fails_with_its_fix(keys, tmp_path):
 
 def test_tls_configured_against_a_plain_listener_fails_the_handshake(broker, keys, tmp_path):
     ca = tmp_path / "ca.pem"
-    ca.write_text("not a certificate\n")
+    ca.write_bytes(_make_ca(tmp_path / "ca")[0])
     code, text = run(agent_config(tmp_path, broker.port, keys, mqtt={"tls": {"ca_file": str(ca)}}))
     assert code == 1
     assert any(ln.startswith("FAIL broker:") and "TLS" in ln for ln in lines(text, "broker"))
+
+
+def test_a_ca_file_that_is_no_certificate_is_a_config_problem(broker, keys, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    code, text = run(agent_config(tmp_path, broker.port, keys, mqtt={"tls": {"ca_file": str(ca)}}))
+    assert code == 1
+    assert f"mqtt.tls.ca_file: {ca}: no PEM CA certificate in it" in text
 
 
 def test_tls_handshake_against_a_tls_listener(tmp_path, keys):

@@ -54,6 +54,10 @@ def no_delay(client: mqtt.Client) -> None:
         pass  # not a TCP socket (e.g. wrapped or already closed)
 
 
+class TlsFilesError(OSError):
+    """The ``mqtt.tls`` files cannot be loaded; the message names them."""
+
+
 def check_private(path: str) -> None:
     """Refuse a secret (private key, password file) that group or others can read."""
     import os
@@ -111,8 +115,12 @@ def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True,
     if tls and tls.get("key_file"):
         check_private(tls["key_file"])
     if tls:
-        client.tls_set(ca_certs=tls.get("ca_file"), certfile=tls.get("cert_file"),
-                       keyfile=tls.get("key_file"), cert_reqs=ssl.CERT_REQUIRED)
+        try:
+            client.tls_set(ca_certs=tls.get("ca_file"), certfile=tls.get("cert_file"),
+                           keyfile=tls.get("key_file"), cert_reqs=ssl.CERT_REQUIRED)
+        except OSError as e:  # ssl.SSLError too; OpenSSL's own message names no file
+            files = ", ".join(f"{k} {v}" for k, v in tls.items() if v)
+            raise TlsFilesError(f"mqtt.tls: cannot load {files}: {e.strerror or e}") from e
     if mqtt_cfg.get("username"):
         password = read_secret(mqtt_cfg["password_file"]) if mqtt_cfg.get("password_file") else None
         client.username_pw_set(mqtt_cfg["username"], password)
