@@ -198,15 +198,40 @@ class TimeZone(Str):
             try:
                 ZoneInfo(value)
             except (ZoneInfoNotFoundError, ValueError):
-                hint = ""
-                try:
-                    import zoneinfo
-
-                    hint = did_you_mean(value, zoneinfo.available_timezones())
-                except (ImportError, OSError):  # pragma: no cover - tzdata missing
-                    pass
-                errors.append((path, f"unknown time zone {value!r}{hint}"))
+                errors.append((path, f"unknown time zone {value!r}{_zone_hint(value)}"))
         return value
+
+
+VIETNAM_ZONE = "Asia/Ho_Chi_Minh"
+_UTC_OFFSET = re.compile(r"^(?:GMT|UTC|UT)?\s*([+-])\s*(\d{1,2})(?::?(\d{2}))?$", re.IGNORECASE)
+_VIETNAM_NAMES = {"ict", "vietnam", "viet_nam", "hanoi", "asia/hanoi", "saigon", "ho_chi_minh",
+                  "hochiminh", "asia/hochiminh"}
+
+
+def _zone_hint(value: str) -> str:
+    """A suggestion for an unknown zone. An offset (``GMT+7``, ``UTC+07:00``) is not a zone
+    name: difflib would offer ``GMT+0``. Viet Nam is UTC+7 all year: ``Asia/Ho_Chi_Minh``."""
+    m = _UTC_OFFSET.match(value.strip())
+    if m:
+        sign, hours, minutes = m.group(1), int(m.group(2)), int(m.group(3) or 0)
+        if hours == 0 and minutes == 0:
+            return " (did you mean 'UTC'?)"
+        if (sign, hours, minutes) == ("+", 7, 0):
+            return (f" (did you mean {VIETNAM_ZONE!r}? Viet Nam is UTC+7; the fixed-offset name "
+                    "is 'Etc/GMT-7': POSIX zone names invert the sign)")
+        if minutes == 0 and hours <= 14:
+            inverted = f"Etc/GMT{'-' if sign == '+' else '+'}{hours}"
+            return (f" (a place name such as {VIETNAM_ZONE!r} is best; the fixed UTC{sign}{hours}"
+                    f" is {inverted!r}: POSIX zone names invert the sign)")
+        return f" (use a place name such as {VIETNAM_ZONE!r})"
+    if value.strip().lower().replace(" ", "_") in _VIETNAM_NAMES:
+        return f" (did you mean {VIETNAM_ZONE!r}?)"
+    try:
+        import zoneinfo
+
+        return did_you_mean(value, zoneinfo.available_timezones())
+    except (ImportError, OSError):  # pragma: no cover - tzdata missing
+        return ""
 
 
 def type_name(value: Any) -> str:

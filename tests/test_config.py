@@ -293,3 +293,21 @@ def test_schema_and_file_problems_come_in_one_pass(tmp_path):
     assert any("board.width: must be an integer" in p for p in got)
     assert any(f"mqtt.tls.ca_file: {tmp_path / 'nope.crt'} not found" in p for p in got)
     assert any(f"board.font: {tmp_path}/none.ttf not found" in p for p in got)
+
+
+@pytest.mark.parametrize("zone, hint", [
+    ("GMT+7", "(did you mean 'Asia/Ho_Chi_Minh'? Viet Nam is UTC+7; the fixed-offset name is "
+              "'Etc/GMT-7': POSIX zone names invert the sign)"),
+    ("UTC+07:00", "did you mean 'Asia/Ho_Chi_Minh'?"),
+    ("+7", "did you mean 'Asia/Ho_Chi_Minh'?"),
+    ("UTC-5", "the fixed UTC-5 is 'Etc/GMT+5': POSIX zone names invert the sign"),
+    ("GMT+5:30", "(use a place name such as 'Asia/Ho_Chi_Minh')"),
+    ("UTC+0", "(did you mean 'UTC'?)"),
+    ("Asia/Hanoi", "(did you mean 'Asia/Ho_Chi_Minh'?)"),
+    ("ICT", "(did you mean 'Asia/Ho_Chi_Minh'?)"),
+    ("Asia/Ho_Chi_Mihn", "(did you mean 'Asia/Ho_Chi_Minh'?)"),
+])
+def test_time_zone_hints_for_offsets_and_local_names(zone, hint):
+    """``GMT+7`` used to get "did you mean 'GMT+0'?"."""
+    [got] = problems(GOOD.replace("  groups:", f"  timezone: '{zone}'\n  groups:"))
+    assert f"device.timezone: unknown time zone {zone!r} (" in got and hint in got
