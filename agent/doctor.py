@@ -323,12 +323,17 @@ def check_board(cfg: dict) -> list[Finding]:
 
 
 def _check_max7219(b: dict) -> list[Finding]:
-    missing = [m for m in ("luma.led_matrix", "spidev") if importlib.util.find_spec(m) is None]
+    # spi: false drives a no-op transport (the driver needs no spidev then)
+    needed = ("luma.led_matrix", "spidev") if b["spi"] else ("luma.led_matrix",)
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return [fail("board", f"max7219: {', '.join(missing)} not installed",
-                     "pip install luma.led-matrix spidev")]
+                     f"pip install {' '.join(m.replace('_', '-') for m in missing)}")]
+    if not b["spi"]:
+        return [warn("board", "max7219 with board.spi: false: frames go nowhere (no-op "
+                     "transport)", "set board.spi: true on a cabinet with the LED board")]
     dev = f"/dev/spidev{b['spi_port']}.{b['spi_device']}"
-    if b["spi"] and not os.path.exists(dev):
+    if not os.path.exists(dev):
         return [fail("board", f"max7219: {dev} missing",
                      "enable SPI (`sudo raspi-config nonint do_spi 0`, then reboot) and check "
                      "board.spi_port/spi_device")]

@@ -152,6 +152,23 @@ def test_board_checks(broker, keys, tmp_path):
     assert lines(text, "board")[0].startswith("ok   board: image driver writes")
 
 
+def test_max7219_without_spi_does_not_need_spidev(broker, keys, tmp_path, monkeypatch):
+    """``spi: false`` drives a no-op transport; doctor failed it for a missing spidev."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "spidev" else real(name, *a))
+    _, text = run(agent_config(tmp_path, broker.port, keys, device="nospi",
+                               board={"driver": "max7219", "spi": False}))
+    [line] = lines(text, "board")
+    assert line.startswith("WARN board: max7219 with board.spi: false"), text
+    code, text = run(agent_config(tmp_path, broker.port, keys, device="spi",
+                                  board={"driver": "max7219", "spi": True}))
+    assert code == 1
+    assert "FAIL board: max7219: spidev not installed" in text and "pip install spidev" in text
+
+
 def test_modem_answering_on_a_pty_and_a_missing_port(broker, keys, tmp_path):
     fake = FakeModem(HEALTHY)
     try:
