@@ -480,6 +480,11 @@ def _derive(cfg: dict) -> None:
             cfg[section]["dir"] = os.path.join(cfg["paths"]["cache_dir"], sub)
 
 
+def defaults(section: str) -> dict:
+    """One section as a config that leaves it out has it (for tools that need no device)."""
+    return SCHEMA.fields[section].check({}, section, [])
+
+
 def load(path: str | None = None) -> dict:
     """Read and validate the agent's config: ``path``, else ``$TTCS_AGENT_CONFIG``, else
     :data:`DEFAULT_CONFIG_PATH`."""
