@@ -193,6 +193,22 @@ def test_invalid_reload_keeps_running_config(agent, watcher, keys, tmp_path):
     watcher.wait_ack(env["id"], "done")
 
 
+def test_reload_names_each_key_it_applied_and_each_that_needs_a_restart(agent, watcher):
+    import yaml
+
+    cfg = yaml.safe_load(agent.config_path.read_text())
+    cfg["security"]["max_skew_s"] = 120
+    cfg["mqtt"]["keepalive_s"] = 30
+    agent.config_path.write_text(yaml.safe_dump(cfg))
+    agent.signal(signal.SIGHUP)
+    ev = wait_until(lambda: [e for e in watcher.json(f"dev/{DEV}/event") if e["type"] == "config"],
+                    what="config event")[-1]
+    assert ev["result"] == "applied"
+    assert ev["applied"] == ["security.max_skew_s"]
+    assert ev["restart_needed"] == ["mqtt.keepalive_s"]
+    assert "restart needed for: mqtt.keepalive_s" in agent.log()
+
+
 def test_state_command_republishes(agent, watcher, keys):
     wait_until(lambda: watcher.json(f"dev/{DEV}/state"), what="first state")
     watcher.clear()
