@@ -264,6 +264,8 @@ SCHEMA = Section(fields={
         "topic_prefix": Str(default="ttcs", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$"),
         "protocol": Str(default="5", choices=("5", "3.1.1")),
         "keepalive_s": Num(default=60, min=5, max=3600),
+        "connect_timeout_s": Num(default=10, min=1, max=120, integer=False,
+                                 doc="for TCP, TLS and the broker's answer to CONNECT"),
         "username": Str(default=None, nullable=True),
         "password_file": Str(default=None, nullable=True),
         "tls": Section(default=None, nullable=True, fields={

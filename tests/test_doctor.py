@@ -36,7 +36,8 @@ def test_sim_cabinet_with_a_broker_passes_with_warnings(broker, keys, tmp_path):
     code, text = run(agent_config(tmp_path, broker.port, keys))
     assert code == 0, text
     assert lines(text, "config")[0].startswith("ok   config:")
-    assert lines(text, "broker") == [f"ok   broker: 127.0.0.1:{broker.port} reachable (TCP)"]
+    assert lines(text, "broker") == [f"ok   broker: 127.0.0.1:{broker.port} reachable (TCP)",
+                                     f"ok   broker: 127.0.0.1:{broker.port} accepts MQTT 5"]
     assert lines(text, "audio")[0].startswith("WARN audio: audio.backend is sim")
     assert lines(text, "gpio")[0].startswith("WARN gpio: gpio.backend is sim")
     assert [ln[:4] for ln in lines(text, "disk state") + lines(text, "disk cache")] == ["ok  "] * 2
@@ -196,8 +197,8 @@ def test_running_agent_its_alerts_and_its_modem(broker, keys, tmp_path):
         "state": {"alerts": [{"code": "door_open", "since": 1, "detail": {"pin": 17}}]}}))
     (state / "health.json").write_text(json.dumps({"modem": None, "modem_error": "timeout"}))
     code, text = run(cfg)
-    assert code == 1  # the modem FAILs; a raised alert is only a WARN
-    assert "ok   agent: running" in text and "DISCONNECTED (connection refused)" in text
+    assert code == 1  # the modem FAILs, and an agent that is not connected; an alert WARNs
+    assert "FAIL agent: running" in text and "DISCONNECTED: connection refused" in text
     assert "WARN alert: door_open raised" in text and "close the cabinet door" in text
     assert "FAIL modem: /dev/ttyUSB2: the running agent gets no answer (timeout)" in text
     (state / "status.json").write_text(json.dumps({"pid": 2**22 + 12345}))

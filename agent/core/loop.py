@@ -83,6 +83,7 @@ class Core:
         self._state_due: _Timer | None = None
         self._state_last = -1e9
         self.last_state: dict | None = None
+        self._status_link: dict | None = None  # the link as status.json last said it
         self.inbound = Inbound(cfg, clock=clock, store=store, trust=trust, topics=self.topics,
                                ack=self.ack, emit_event=self.emit_event,
                                state_changed=self.mark_state_dirty)
@@ -92,7 +93,8 @@ class Core:
             LinkHandlers(on_connect=lambda sp: self.post(self._on_connect, sp),
                          on_disconnect=lambda reason: self.post(self._on_disconnect, reason),
                          on_message=lambda *msg: self.post(self.on_message, *msg),
-                         on_publish=lambda mid: self.post(self._on_publish, mid)),
+                         on_publish=lambda mid: self.post(self._on_publish, mid),
+                         on_trouble=lambda: self.post(self._link_changed)),
             will=self._will,
             cmd_topics=[t for t, k in inbound if k == "cmd"],
             doc_topics=[t for t, k in inbound if k != "cmd"],
@@ -463,17 +465,28 @@ class Core:
         self._state_last = self.clock.monotonic()
         self.write_status_file()
 
+    def _link_view(self) -> dict:
+        return {"host": self.cfg["mqtt"]["host"], "port": self.cfg["mqtt"]["port"],
+                "connected": self.link.connected, "last_error": self.link.last_error,
+                "protocol": self.link.protocol, "fallback": self.link.fallback}
+
+    def _link_changed(self) -> None:
+        """An attempt to connect failed (or the link changed otherwise): rewrite status.json
+        when what it says of the link is no longer true, so that ``status`` and ``doctor``
+        show why the agent is not connected (not on every attempt: the card)."""
+        if self._link_view() != self._status_link:
+            self.write_status_file()
+
     def write_status_file(self) -> None:
         """What ``ttcs-agent status`` shows: the last snapshot plus the link, not fsynced
         (it is rewritten often and worthless after a power cut)."""
         path = os.path.join(self.cfg["paths"]["state_dir"], "status.json")
+        self._status_link = self._link_view()
         body = {
             "pid": os.getpid(), "written": self.clock.now_ms(),
             "running": self._running and not self._stopping,
             "config": self.cfg.get("_path"),
-            "mqtt": {"host": self.cfg["mqtt"]["host"], "port": self.cfg["mqtt"]["port"],
-                     "connected": self.link.connected, "last_error": self.link.last_error,
-                     "outbox": self.outbox.depth},
+            "mqtt": {**self._status_link, "outbox": self.outbox.depth},
             "state": self.last_state,
         }
         try:
