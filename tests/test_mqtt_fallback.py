@@ -187,3 +187,38 @@ def test_reconnects_after_the_fallback_keep_311(amqtt):
     finally:
         stop.set()
         thread.join(10)
+
+
+def _queued_for_offline_client(port: int) -> list[bytes]:
+    """A persistent 3.1.1 session subscribes and goes away; a QoS 1 message is published; what
+    the session gets when it comes back (what DEPLOY.md's broker table says)."""
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    def session() -> tuple[mqtt.Client, list[bytes]]:
+        got: list[bytes] = []
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="queue-probe",
+                             protocol=mqtt.MQTTv311, clean_session=False)
+        client.on_message = lambda c, u, msg: got.append(bytes(msg.payload))
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        wait_until(client.is_connected, 10, what="connected")
+        return client, got
+
+    client, _ = session()
+    client.subscribe("ttcs/dev/queue-probe/cmd", 1)
+    time.sleep(0.5)
+    client.disconnect()
+    client.loop_stop()
+    publisher = Watcher(port, ["none/#"], protocol_version=mqtt.MQTTv311)
+    publisher.publish("ttcs/dev/queue-probe/cmd", b"hello")
+    publisher.close()
+    client, got = session()
+    time.sleep(1.5)
+    client.disconnect()
+    client.loop_stop()
+    return got
+
+
+def test_mosquitto_keeps_a_command_for_an_offline_device_and_amqtt_does_not(broker, amqtt):
+    assert _queued_for_offline_client(broker.port) == [b"hello"]
+    assert _queued_for_offline_client(amqtt.port) == []
