@@ -13,8 +13,8 @@ from agent.status import render_status
 
 __all__ = ["main", "render_status"]
 
-DESCRIPTION = ("The agent of a commune loudspeaker cabinet and LED board: runs the daemon, and "
-               "helps a technician check and watch it.")
+DESCRIPTION = ("The agent of a commune loudspeaker cabinet and LED board: runs the daemon,\n"
+               "and helps a technician check and watch it.")
 EPILOG = f"""examples:
   ttcs-agent check-config --config /etc/ttcs-agent/agent.yaml
   ttcs-agent --config /etc/ttcs-agent/agent.yaml status
