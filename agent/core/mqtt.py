@@ -160,8 +160,11 @@ def probe(mqtt_cfg: dict, client_id: str, timeout: float) -> Probe:
 
 
 def _try_connect(mqtt_cfg: dict, client_id: str, version: str, timeout: float) -> str | None:
-    client = make_client({**mqtt_cfg, "connect_timeout_s": timeout}, client_id,
-                         persistent=False, protocol=version)
+    try:
+        client = make_client({**mqtt_cfg, "connect_timeout_s": timeout}, client_id,
+                             persistent=False, protocol=version)
+    except OSError as e:  # a key or password file this user cannot read, TLS files
+        return f"cannot set up the connection: {e}"
     answers: list = []
     client.on_connect = lambda c, userdata, flags, reason_code, props: answers.append(reason_code)
     try:
@@ -311,8 +314,9 @@ class MqttLink:
         Returns whether ``wake_fd`` became readable."""
         sock = self.client.socket() if self._attached else None
         if self._attached and sock is None:
-            # paho closed it (a write failed while publishing; a refused connection)
-            self._detach(self.last_error or "connection closed")
+            # paho closed it (a write failed while publishing; a refused connection: then
+            # _detach reports the refusal)
+            self._detach("connection closed")
         rlist: list = [] if wake_fd is None else [wake_fd]
         wlist: list = []
         pending = 0  # bytes TLS has already decrypted (select cannot see them)
@@ -419,6 +423,7 @@ class MqttLink:
                         "(docs/PROTOCOL.md); set mqtt.protocol: \"3.1.1\" to skip trying 5",
                         self.fallback)
         self.connected = True
+        self._silent_v5 = 0
         self.reconnects += 1
         self.generation += 1
         self._subscribe()
