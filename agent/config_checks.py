@@ -116,14 +116,15 @@ def tls_problems(mqtt_cfg: dict) -> list[Problem]:
     present, readable, PEM, and belonging together, loaded as the MQTT link will load them."""
     tls = mqtt_cfg.get("tls") or {}
     ca, cert, key = tls.get("ca_file"), tls.get("cert_file"), tls.get("key_file")
-    out = _private("mqtt.tls.key_file", key)
+    out = key_problems = _private("mqtt.tls.key_file", key)
     if ca:
-        out += _load_tls("mqtt.tls.ca_file", ca, lambda: ssl.create_default_context(cafile=ca),
-                         "no PEM CA certificate in it")
+        out = out + _load_tls("mqtt.tls.ca_file", ca,
+                              lambda: ssl.create_default_context(cafile=ca),
+                              "no PEM CA certificate in it")
     if key and not cert:
         out.append(("mqtt.tls.key_file", "is set without mqtt.tls.cert_file (the certificate "
                     "it belongs to)"))
-    if cert and not out:
+    if cert and not key_problems:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         out += _load_tls("mqtt.tls.cert_file", cert, lambda: ctx.load_cert_chain(cert, key),
                          "not a PEM certificate" + (f" matching the key {key}" if key else

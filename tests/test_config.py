@@ -311,3 +311,10 @@ def test_time_zone_hints_for_offsets_and_local_names(zone, hint):
     """``GMT+7`` used to get "did you mean 'GMT+0'?"."""
     [got] = problems(GOOD.replace("  groups:", f"  timezone: '{zone}'\n  groups:"))
     assert f"device.timezone: unknown time zone {zone!r} (" in got and hint in got
+
+
+def test_a_bad_ca_file_does_not_hide_a_bad_cert_file(tmp_path):
+    got = problems(_tls(tmp_path / "no-ca.crt", tmp_path / "no-cert.crt"))
+    assert [p.split(": ", 1)[1] for p in got] == [
+        f"mqtt.tls.ca_file: {tmp_path / 'no-ca.crt'} not found",
+        f"mqtt.tls.cert_file: {tmp_path / 'no-cert.crt'} not found"]
