@@ -30,7 +30,8 @@ setup(
         "pi": ["rpi-lgpio", "luma.core[spi]"],
         # Controller side extras (relay, reports).
         "ctl": ["matplotlib", "rich"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd"],
+        # amqtt: a broker that speaks only MQTT 3.1.1, for the protocol fallback tests.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd", "amqtt"],
     },
     entry_points={"console_scripts": [
         "ttcs-agent=agent.cli:main",

@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 import drivers
+from agent import yamlfile
+from agent.yamlfile import MAX_FILE_BYTES, join
 
 DEFAULT_CONFIG_PATH = "/etc/ttcs-agent/agent.yaml"
 
@@ -158,9 +158,9 @@ class Section(Field):
         for key in value:
             if key not in self.fields:
                 hint = did_you_mean(str(key), self.fields)
-                errors.append((_join(path, key), f"unknown key{hint}"))
+                errors.append((join(path, key), f"unknown key{hint}"))
         for name, spec in self.fields.items():
-            sub = _join(path, name)
+            sub = join(path, name)
             if name in value:
                 out[name] = spec.check(value[name], sub, errors)
             elif name in self.required or (spec.default is REQUIRED and not self.sparse):
@@ -198,15 +198,40 @@ class TimeZone(Str):
             try:
                 ZoneInfo(value)
             except (ZoneInfoNotFoundError, ValueError):
-                hint = ""
-                try:
-                    import zoneinfo
-
-                    hint = did_you_mean(value, zoneinfo.available_timezones())
-                except (ImportError, OSError):  # pragma: no cover - tzdata missing
-                    pass
-                errors.append((path, f"unknown time zone {value!r}{hint}"))
+                errors.append((path, f"unknown time zone {value!r}{_zone_hint(value)}"))
         return value
+
+
+VIETNAM_ZONE = "Asia/Ho_Chi_Minh"
+_UTC_OFFSET = re.compile(r"^(?:GMT|UTC|UT)?\s*([+-])\s*(\d{1,2})(?::?(\d{2}))?$", re.IGNORECASE)
+_VIETNAM_NAMES = {"ict", "vietnam", "viet_nam", "hanoi", "asia/hanoi", "saigon", "ho_chi_minh",
+                  "hochiminh", "asia/hochiminh"}
+
+
+def _zone_hint(value: str) -> str:
+    """A suggestion for an unknown zone. An offset (``GMT+7``, ``UTC+07:00``) is not a zone
+    name: difflib would offer ``GMT+0``. Viet Nam is UTC+7 all year: ``Asia/Ho_Chi_Minh``."""
+    m = _UTC_OFFSET.match(value.strip())
+    if m:
+        sign, hours, minutes = m.group(1), int(m.group(2)), int(m.group(3) or 0)
+        if hours == 0 and minutes == 0:
+            return " (did you mean 'UTC'?)"
+        if (sign, hours, minutes) == ("+", 7, 0):
+            return (f" (did you mean {VIETNAM_ZONE!r}? Viet Nam is UTC+7; the fixed-offset name "
+                    "is 'Etc/GMT-7': POSIX zone names invert the sign)")
+        if minutes == 0 and hours <= 14:
+            inverted = f"Etc/GMT{'-' if sign == '+' else '+'}{hours}"
+            return (f" (a place name such as {VIETNAM_ZONE!r} is best; the fixed UTC{sign}{hours}"
+                    f" is {inverted!r}: POSIX zone names invert the sign)")
+        return f" (use a place name such as {VIETNAM_ZONE!r})"
+    if value.strip().lower().replace(" ", "_") in _VIETNAM_NAMES:
+        return f" (did you mean {VIETNAM_ZONE!r}?)"
+    try:
+        import zoneinfo
+
+        return did_you_mean(value, zoneinfo.available_timezones())
+    except (ImportError, OSError):  # pragma: no cover - tzdata missing
+        return ""
 
 
 def type_name(value: Any) -> str:
@@ -218,10 +243,6 @@ def type_name(value: Any) -> str:
 def did_you_mean(word: str, candidates) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
 
 
 def _backends(kind: str, *no_driver: str) -> tuple[str, ...]:
@@ -243,6 +264,8 @@ SCHEMA = Section(fields={
         "topic_prefix": Str(default="ttcs", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$"),
         "protocol": Str(default="5", choices=("5", "3.1.1")),
         "keepalive_s": Num(default=60, min=5, max=3600),
+        "connect_timeout_s": Num(default=10, min=1, max=120, integer=False,
+                                 doc="for TCP, TLS and the broker's answer to CONNECT"),
         "username": Str(default=None, nullable=True),
         "password_file": Str(default=None, nullable=True),
         "tls": Section(default=None, nullable=True, fields={
@@ -425,56 +448,26 @@ SCHEMA = Section(fields={
 })
 
 
-# --- loading with positions --------------------------------------------------------------
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
-               errors: list[tuple[str, str, tuple[int, int]]]) -> None:
-    """Record the line/column (1-based) of every key path in the composed YAML tree."""
-    out.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            sub = _join(path, key)
-            pos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            if key in seen:
-                errors.append((sub, "duplicate key", pos))
-            seen.add(key)
-            out[sub] = pos
-            _positions(value_node, sub, out, errors)
-            out[sub] = pos
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _positions(item, f"{path}[{i}]", out, errors)
-
+# --- loading -----------------------------------------------------------------------------
 
 def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> dict:
     """Parse and validate config text; raise :class:`ConfigError` with every problem."""
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        raw = yaml.load(text, Loader=_Loader) if node is not None else {}
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise ConfigError([f"{filename}:{line}:{col}: (yaml): {e.problem or e}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{filename}:1:1: (yaml): {e}"]) from None
-    positions: dict[str, tuple[int, int]] = {}
-    problems: list[tuple[str, str, tuple[int, int]]] = []
-    if node is not None:
-        _positions(node, "", positions, problems)
+        raw, positions, problems = yamlfile.load(text)
+    except yamlfile.YamlError as e:
+        raise ConfigError([f"{filename}:{e.line}:{e.col}: {e.message}"]) from None
     errors: list[tuple[str, str]] = []
     if raw is None:
         raw = {}
     data = schema.check(raw, "", errors)
-    if not errors and not problems and schema is SCHEMA:
-        errors.extend(_cross_checks(data))
+    if schema is SCHEMA and isinstance(data, dict):
+        from agent.config_checks import cross_checks
+
+        # In the same pass: each rule is skipped only if a key it reads has a wrong value
+        # (an unknown or duplicate key elsewhere changes no value a rule reads).
+        errors += cross_checks(data, [p for p, m in errors if not m.startswith("unknown key")])
     for path, message in errors:
-        problems.append((path, message, _position_of(path, positions)))
+        problems.append((path, message, yamlfile.position_of(path, positions)))
     if not problems and isinstance(data, dict) and schema is SCHEMA:
         _derive(data)
     if problems:
@@ -482,69 +475,6 @@ def parse(text: str, filename: str = "<config>", schema: Section = SCHEMA) -> di
         raise ConfigError([f"{filename}:{line}:{col}: {path or '(top)'}: {msg}"
                            for path, msg, (line, col) in problems])
     return data
-
-
-def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
-    """Rules across keys that the schema cannot express, checked by the parts that own them
-    (so ``check-config`` refuses what would stop the agent at start)."""
-    from agent.core.alerts import AlertConfig
-    from agent.health.cabinet import parse_inputs
-
-    errors: list[tuple[str, str]] = []
-    for check in (lambda: AlertConfig.from_config(cfg), lambda: parse_inputs(cfg["cabinet"])):
-        try:
-            check()
-        except ValueError as e:
-            for line in str(e).splitlines():
-                path, _, message = line.partition(": ")
-                errors.append((path.strip(), message or line))
-    errors.extend(_secret_problems(cfg["mqtt"]))
-    live = cfg["audio"]["live"]
-    if live["probe_min_s"] > live["probe_max_s"]:
-        errors.append(("audio.live.probe_min_s",
-                       f"{live['probe_min_s']:g} is more than probe_max_s "
-                       f"({live['probe_max_s']:g})"))
-    for pin_key in ("pin", "fault_pin"):
-        pin = cfg["amplifier"][pin_key]
-        for name, spec in (cfg["cabinet"] or {}).items():
-            if pin is not None and spec and spec.get("pin") == pin:
-                errors.append((f"amplifier.{pin_key}",
-                               f"BCM {pin} is already used by cabinet.{name}"))
-    return errors
-
-
-def _secret_problems(mqtt_cfg: dict) -> list[tuple[str, str]]:
-    """Key and password files must exist and be private (mode 0600)."""
-    from agent.core.mqtt import check_private
-
-    files = {"mqtt.password_file": mqtt_cfg.get("password_file"),
-             "mqtt.tls.key_file": (mqtt_cfg.get("tls") or {}).get("key_file")}
-    errors = []
-    for key, path in files.items():
-        if not path:
-            continue
-        try:
-            check_private(path)
-        except FileNotFoundError:
-            errors.append((key, f"{path} not found"))
-        except PermissionError as e:
-            errors.append((key, str(e)))
-        except OSError as e:
-            errors.append((key, f"cannot read {path}: {e}"))
-    return errors
-
-
-def _position_of(path: str, positions: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """The position of ``path`` or, for a missing key, of its nearest parent."""
-    while path:
-        if path in positions:
-            return positions[path]
-        path = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
-        if path in positions:
-            return positions[path]
-        if "." not in path and "[" not in path:
-            break
-    return positions.get(path, positions.get("", (1, 1)))
 
 
 def _derive(cfg: dict) -> None:
@@ -558,6 +488,11 @@ def _derive(cfg: dict) -> None:
             cfg[section]["dir"] = os.path.join(cfg["paths"]["cache_dir"], sub)
 
 
+def defaults(section: str) -> dict:
+    """One section as a config that leaves it out has it (for tools that need no device)."""
+    return SCHEMA.fields[section].check({}, section, [])
+
+
 def load(path: str | None = None) -> dict:
     """Read and validate the agent's config: ``path``, else ``$TTCS_AGENT_CONFIG``, else
     :data:`DEFAULT_CONFIG_PATH`."""
@@ -568,7 +503,7 @@ def load_file(path: str, schema: Section = SCHEMA) -> dict:
     """Read and validate the config file at ``path`` against ``schema``; ``_path`` is added."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_FILE_BYTES + 1)  # parse() refuses a longer one
     except FileNotFoundError:
         raise ConfigError([f"{path}:1:1: (file): not found"]) from None
     except (OSError, UnicodeDecodeError) as e:

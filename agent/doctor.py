@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from agent import config
-from agent.core.alerts import AlertConfig
 from agent.core.clock import kernel_clock_synchronised
-from agent.health.cabinet import parse_inputs
 from agent.pidfile import pid_alive
+from agent.status import broker_line
 
 NET_TIMEOUT_S = 3.0
 MODEM_TIMEOUT_S = 3.0
@@ -113,29 +112,14 @@ def run_checks(cfg: dict) -> list[Finding]:
 # --- config ----------------------------------------------------------------------------------
 
 def check_config(cfg: dict) -> list[Finding]:
-    """What the schema cannot see: cross-field rules of alerts, cabinet and amplifier pins."""
+    """The file passed ``config.load`` (schema, cross-key and file rules); what is left are
+    settings that are valid but probably not meant."""
     out: list[Finding] = []
-    fix = f"edit {cfg.get('_path')}, then run `ttcs-agent check-config`"
-    try:
-        AlertConfig.from_config(cfg)
-    except ValueError as e:
-        out += [fail("config", p, fix) for p in str(e).splitlines()]
-    try:
-        inputs = parse_inputs(cfg.get("cabinet"))
-    except ValueError as e:
-        out += [fail("config", p, fix) for p in str(e).splitlines()]
-        inputs = {}
     amp = cfg.get("amplifier") or {}
-    for name, spec in inputs.items():
-        for key in ("pin", "fault_pin"):
-            if amp.get(key) == spec.pin:
-                out.append(fail("config", f"cabinet.{name}.pin: BCM {spec.pin} is also "
-                                f"amplifier.{key}", fix))
-    if amp.get("fault_pin") is not None and "amplifier_fault" in inputs:
+    if amp.get("fault_pin") is not None and (cfg.get("cabinet") or {}).get("amplifier_fault"):
         out.append(warn("config", "amplifier.fault_pin and cabinet.amplifier_fault are both "
                         "set; cabinet.amplifier_fault is ignored", "keep only one of them"))
-    if not out:
-        out.append(ok("config", f"{cfg.get('_path')} is valid (device {cfg['device']['id']})"))
+    out.append(ok("config", f"{cfg.get('_path')} is valid (device {cfg['device']['id']})"))
     return out
 
 
@@ -231,12 +215,34 @@ def check_broker(cfg: dict) -> list[Finding]:
                            "that the broker runs")]
     with sock:
         if m.get("tls"):
-            return [*out, _tls_handshake(sock, m, where)]
-    out.append(ok(name, f"{where} reachable (TCP)"))
-    if not _is_loopback(m["host"]):
+            out.append(_tls_handshake(sock, m, where))
+            if out[-1].level != "ok":
+                return out
+        else:
+            out.append(ok(name, f"{where} reachable (TCP)"))
+    if not m.get("tls") and not _is_loopback(m["host"]):
         out.append(warn("broker", "no TLS to a remote broker: traffic is readable on the way",
                         "set mqtt.tls (ca_file, cert_file, key_file)"))
-    return out
+    return [*out, _mqtt_versions(m, cfg["device"]["id"], where)]
+
+
+def _mqtt_versions(m: dict, device: str, where: str) -> Finding:
+    """Connect as the link would (not with the device's client id: that would drop the running
+    agent's connection) and say which MQTT version the broker takes."""
+    from agent.core.mqtt import probe
+
+    found = probe(m, f"{device}-doctor-{os.getpid()}", NET_TIMEOUT_S)
+    if found.protocol is None:
+        return fail("broker", f"{where}: MQTT connection failed: {found.error}",
+                    "check mqtt.username/password_file, the certificate and the broker's log "
+                    "(it says why it refused or closed the connection)")
+    if found.refused_5:
+        return warn("broker", f"{where} does not accept MQTT 5 ({found.refused_5}); MQTT "
+                    "3.1.1 works, and the agent falls back to it by itself",
+                    "use a broker that speaks MQTT 5 (mosquitto 2): with 3.1.1 a command "
+                    "published retained while the device was away cannot be refused; or set "
+                    "mqtt.protocol: \"3.1.1\" to skip the attempt")
+    return ok("broker", f"{where} accepts MQTT {found.protocol}")
 
 
 def _check_files(name: str, tls: dict, password_file: str | None) -> list[Finding]:
@@ -340,12 +346,17 @@ def check_board(cfg: dict) -> list[Finding]:
 
 
 def _check_max7219(b: dict) -> list[Finding]:
-    missing = [m for m in ("luma.led_matrix", "spidev") if importlib.util.find_spec(m) is None]
+    # spi: false drives a no-op transport (the driver needs no spidev then)
+    needed = ("luma.led_matrix", "spidev") if b["spi"] else ("luma.led_matrix",)
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return [fail("board", f"max7219: {', '.join(missing)} not installed",
-                     "pip install luma.led-matrix spidev")]
+                     f"pip install {' '.join(m.replace('_', '-') for m in missing)}")]
+    if not b["spi"]:
+        return [warn("board", "max7219 with board.spi: false: frames go nowhere (no-op "
+                     "transport)", "set board.spi: true on a cabinet with the LED board")]
     dev = f"/dev/spidev{b['spi_port']}.{b['spi_device']}"
-    if b["spi"] and not os.path.exists(dev):
+    if not os.path.exists(dev):
         return [fail("board", f"max7219: {dev} missing",
                      "enable SPI (`sudo raspi-config nonint do_spi 0`, then reboot) and check "
                      "board.spi_port/spi_device")]
@@ -454,9 +465,16 @@ def check_agent(cfg: dict) -> list[Finding]:
     if not st["alive"]:
         return [warn("agent", f"not running (last pid {st.get('pid')})", start)]
     mqtt = st.get("mqtt") or {}
-    link = "connected" if mqtt.get("connected") else f"DISCONNECTED ({mqtt.get('last_error')})"
-    out = [ok("agent", f"running, pid {st.get('pid')}, broker {link}, "
-              f"{mqtt.get('outbox', 0)} message(s) waiting")]
+    running = f"running, pid {st.get('pid')}, broker {broker_line(mqtt)}, " \
+              f"{mqtt.get('outbox', 0)} message(s) waiting"
+    if not mqtt.get("connected"):
+        out = [fail("agent", running, "see the broker line above; `journalctl -u ttcs-agent` "
+                    "shows each attempt")]
+    elif mqtt.get("fallback"):
+        out = [warn("agent", running, "use a broker that speaks MQTT 5, or set mqtt.protocol: "
+                    "\"3.1.1\" (docs/DEPLOY.md, brokers)")]
+    else:
+        out = [ok("agent", running)]
     for alert in ((st.get("state") or {}).get("alerts")) or []:
         if isinstance(alert, dict):
             key = f"[{alert['key']}]" if alert.get("key") else ""

@@ -12,7 +12,7 @@ import binascii
 import enum
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MAX_PAYLOAD = 64 * 1024
+# The largest integer an envelope or document may hold, anywhere in it (``ts``, ``exp``, ``rev``,
+# arguments): 2^53 - 1, JSON's exactly representable range (I-JSON, RFC 7493 §2.2), which RFC 8785
+# canonical JSON assumes. Larger values would also overflow SQLite's 64-bit integers.
+MAX_INT = 2**53 - 1
 CMD_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 DEVICE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 TARGET_RE = re.compile(r"^(dev|grp)/[a-z0-9][a-z0-9-]{0,63}$")
@@ -250,8 +254,9 @@ def parse_envelope(obj: dict, kind: str) -> Envelope:
         raise bad(f"unknown envelope keys: {', '.join(extra)}")
     if obj.get("v") != 1 or isinstance(obj.get("v"), bool):
         raise bad("v must be 1")
-    if _has_float(obj):
-        raise bad("v1 envelopes hold no floating-point numbers")
+    problem = _number_problem(obj)
+    if problem:
+        raise bad(problem)
     if (kind == "cmd" or "id" in obj) and cid is None:
         raise bad("id must be 1-64 of [A-Za-z0-9._:-]")
     typ = obj.get("type")
@@ -264,16 +269,16 @@ def parse_envelope(obj: dict, kind: str) -> Envelope:
         raise bad("target must be dev/ID or grp/G")
     ts = obj.get("ts")
     if not _is_int(ts) or ts < 0:
-        raise bad("ts must be a non-negative integer (ms since the epoch)")
+        raise bad(f"ts must be an integer 0-{MAX_INT} (ms since the epoch)")
     exp = obj.get("exp")
     if exp is not None and (not _is_int(exp) or exp < 0):
-        raise bad("exp must be a non-negative integer (ms since the epoch)")
+        raise bad(f"exp must be an integer 0-{MAX_INT} (ms since the epoch)")
     args = obj.get("args", {})
     if not isinstance(args, dict):
         raise bad("args must be an object")
     rev = obj.get("rev")
     if kind != "cmd" and (not _is_int(rev) or rev < 0):
-        raise bad("rev must be a non-negative integer")
+        raise bad(f"rev must be an integer 0-{MAX_INT}")
     sig = obj.get("sig")
     kid = None
     if sig is not None:
@@ -294,16 +299,37 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _has_float(obj: Any, depth: int = 0) -> bool:
-    if isinstance(obj, float):
-        return True
-    if depth > 64:
-        return False
-    if isinstance(obj, dict):
-        return any(_has_float(v, depth + 1) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_has_float(v, depth + 1) for v in obj)
-    return False
+def valid_int(v: Any) -> bool:
+    """An integer an envelope may hold: not a boolean, within ±:data:`MAX_INT`."""
+    return _is_int(v) and -MAX_INT <= v <= MAX_INT
+
+
+def _numbers(obj: Any) -> Iterator[int | float]:
+    """Every number in ``obj``, at any depth (iteratively: a 64 KiB payload may nest deep)."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield value
+
+
+def _has_float(obj: Any) -> bool:
+    return any(isinstance(n, float) for n in _numbers(obj))
+
+
+def _number_problem(obj: Any) -> str | None:
+    """Why the numbers in ``obj`` are not v1's, or None: v1 is float-free (so the canonical
+    form is plain ``json.dumps``) and its integers are within ±:data:`MAX_INT`."""
+    for n in _numbers(obj):
+        if isinstance(n, float):
+            return "v1 envelopes hold no floating-point numbers"
+        if not -MAX_INT <= n <= MAX_INT:
+            return f"integers must be within ±{MAX_INT} (2^53 - 1)"
+    return None
 
 
 def verify(env: Envelope, keys: dict[str, Ed25519PublicKey], require_signed: bool) -> None:

@@ -24,6 +24,8 @@ class FakeLink:
         self.connected = False
         self.reconnects = 0
         self.last_error = None
+        self.protocol = "5"
+        self.fallback = None
         self.published: list[tuple[str, bytes, int, bool, int]] = []
         self._mid = 0
         self.auto_ack = True

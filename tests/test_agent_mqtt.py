@@ -81,8 +81,28 @@ def test_retained_command_never_executes(broker, keys, tmp_path, agent_factory, 
     agent_factory(agent_config(tmp_path, broker.port, keys, device="v311-dev", mqtt={"protocol": "3.1.1"}))
     ack = watcher.wait_ack("ret-2", "rejected", device="v311-dev")
     assert ack["reason"] == "retained_command"
-    # (the MQTT 5 agent, already subscribed, got it live, not retained, and ran it)
     assert not any(a["stage"] == "done" for a in watcher.acks("ret-2", device="v311-dev"))
+    # the MQTT 5 agent, already subscribed, got it live with its retain flag (retain as
+    # published) and refused it too
+    ack = watcher.wait_ack("ret-2", "rejected", device=DEV)
+    assert ack["reason"] == "retained_command"
+    assert [a["stage"] for a in watcher.acks("ret-2", device=DEV)] == ["rejected"]
+
+
+def test_retained_command_queued_while_offline_is_refused(broker, keys, tmp_path, agent_factory,
+                                                         watcher):
+    """A command published retained while the agent is away waits in its persistent session;
+    the broker used to deliver it at reconnect with the retain flag cleared, and it ran."""
+    agent = agent_factory(agent_config(tmp_path, broker.port, keys))
+    wait_online(watcher, DEV)
+    assert agent.stop() == 0
+    env = keys.command(f"dev/{DEV}", "ping", cmd_id="ret-offline")
+    watcher.publish(CMD, env, retain=True)
+    agent.start()
+    ack = watcher.wait_ack("ret-offline", "rejected")
+    assert ack["reason"] == "retained_command"
+    time.sleep(0.5)
+    assert [a["stage"] for a in watcher.acks("ret-offline")] == ["rejected"]  # nothing ran
 
 
 def test_duplicate_delivery_executes_once_and_replay_after_restart(agent, watcher, keys):
@@ -171,6 +191,22 @@ def test_invalid_reload_keeps_running_config(agent, watcher, keys, tmp_path):
     env = keys.command(f"dev/{DEV}", "ping")
     watcher.publish(CMD, env)
     watcher.wait_ack(env["id"], "done")
+
+
+def test_reload_names_each_key_it_applied_and_each_that_needs_a_restart(agent, watcher):
+    import yaml
+
+    cfg = yaml.safe_load(agent.config_path.read_text())
+    cfg["security"]["max_skew_s"] = 120
+    cfg["mqtt"]["keepalive_s"] = 30
+    agent.config_path.write_text(yaml.safe_dump(cfg))
+    agent.signal(signal.SIGHUP)
+    ev = wait_until(lambda: [e for e in watcher.json(f"dev/{DEV}/event") if e["type"] == "config"],
+                    what="config event")[-1]
+    assert ev["result"] == "applied"
+    assert ev["applied"] == ["security.max_skew_s"]
+    assert ev["restart_needed"] == ["mqtt.keepalive_s"]
+    assert "restart needed for: mqtt.keepalive_s" in agent.log()
 
 
 def test_state_command_republishes(agent, watcher, keys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from datetime import time as dtime
 from pathlib import Path
@@ -228,22 +229,57 @@ def test_preview_scrolling_gif_loops_once(tmp_path: Path) -> None:
     from agent.board.preview import preview
 
     board = {"width": 64, "height": 16, "scroll_speed_px_s": 20}
-    result = preview(board, BULLETIN, str(tmp_path / "p.png"), scale=2)
-    assert result["animated"] and result["path"].endswith(".gif")
+    result = preview(board, BULLETIN, str(tmp_path / "p.gif"), scale=2)
+    assert result["animated"] and result["path"] == str(tmp_path / "p.gif")
     render = TextRender(BULLETIN, RenderConfig(64, 16, scroll_speed_px_s=20))
     assert result["frames"] == round(render.period_s * 20)
     gif = Image.open(result["path"])
     assert gif.size == (128, 32)
-    durations = []  # Pillow merges identical neighbouring frames, adding their durations
-    for index in range(gif.n_frames):
-        gif.seek(index)
-        durations.append(gif.info["duration"])
-    assert sum(durations) == result["frames"] * 50
-    index = next(i for i in range(len(durations)) if sum(durations[: i + 1]) > 2000)
-    gif.seek(index)  # the frame on screen 2 s in
-    shown = (
-        gif.convert("L").resize((64, 16), Image.Resampling.NEAREST).point(lambda v: 255 if v else 0)
-    )
-    assert ImageChops.difference(shown.convert("1"), render.frame_at(2.0)).getbbox() is None
+    assert _shown_at(gif, 2000, (64, 16), result["frames"] * 50) == render.frame_at(2.0).tobytes()
     short = preview(board, BULLETIN, str(tmp_path / "s.gif"), seconds=1.5)
     assert short["frames"] == 30
+
+
+def _shown_at(animation: Image.Image, ms: int, board: tuple[int, int], total_ms: int) -> bytes:
+    """The 1-bit board frame on screen ``ms`` into an animated GIF or PNG preview. Pillow
+    merges identical neighbouring frames, adding their durations."""
+    durations = []
+    for index in range(animation.n_frames):
+        animation.seek(index)
+        durations.append(animation.info["duration"])
+    assert sum(durations) == total_ms
+    animation.seek(next(i for i in range(len(durations)) if sum(durations[: i + 1]) > ms))
+    lit = animation.convert("L").resize(board, Image.Resampling.NEAREST)
+    return lit.point(lambda v: 255 if v else 0).convert("1").tobytes()
+
+
+def test_preview_writes_exactly_the_path_asked(tmp_path: Path) -> None:
+    """A scrolling text asked as b.png used to be written to b.gif: now b.png is an animated
+    PNG (its first frame is what a viewer without APNG support shows), b.gif a GIF, and a
+    static text asked as .gif a one-frame GIF."""
+    from agent.board.preview import preview
+
+    board = {"width": 64, "height": 16, "scroll_speed_px_s": 20}
+    result = preview(board, BULLETIN, str(tmp_path / "b.png"), scale=1)
+    assert result["path"] == str(tmp_path / "b.png") and result["format"] == "APNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png"]
+    render = TextRender(BULLETIN, RenderConfig(64, 16, scroll_speed_px_s=20))
+    with Image.open(tmp_path / "b.png") as png:
+        assert png.format == "PNG" and png.is_animated
+        shown = _shown_at(png, 2000, (64, 16), result["frames"] * 50)
+        assert shown == render.frame_at(2.0).tobytes()
+    still = preview(board, "Họp", str(tmp_path / "s.gif"))
+    assert still["format"] == "GIF" and still["frames"] == 1
+    with Image.open(tmp_path / "s.gif") as gif:
+        assert gif.format == "GIF" and gif.size == (64 * 8, 16 * 8)
+
+
+@pytest.mark.parametrize("out, scale, message", [
+    ("b.jpg", 8, "the file name must end in .png or .gif"),
+    ("b.png", 0, "scale must be 1-32 (pixels per LED), not 0"),
+])
+def test_preview_refuses_what_it_cannot_make(tmp_path: Path, out, scale, message) -> None:
+    from agent.board.preview import PreviewError, preview
+
+    with pytest.raises(PreviewError, match=re.escape(message)):
+        preview({}, "x", str(tmp_path / out), scale=scale)

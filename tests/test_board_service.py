@@ -552,7 +552,7 @@ def test_board_preview_cli_png_and_gif(broker, keys, tmp_path):
         lit = image.convert("L").resize((128, 32), Image.Resampling.NEAREST)
         assert lit.point(lambda v: 255 if v else 0).convert("1").tobytes() == expected(
             "Họp 19h", width=128, height=32)
-    done = preview(BULLETIN, tmp_path / "long.png")
+    done = preview(BULLETIN, tmp_path / "long.gif")
     assert done.returncode == 0, done.stderr
     assert "long.gif: animated GIF" in done.stdout and "128x32" in done.stdout
     with Image.open(tmp_path / "long.gif") as gif:

@@ -137,3 +137,184 @@ def test_live_probe_bounds_must_be_ordered():
     got = problems(GOOD + "audio:\n  live: {probe_min_s: 300, probe_max_s: 60}\n")
     assert any(p.endswith("audio.live.probe_min_s: 300 is more than probe_max_s (60)")
                for p in got), got
+
+
+# --- limits on a hostile file (issue 15) ----------------------------------------------------
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ['x0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return GOOD + "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_without_the_memory():
+    """Nine lines expanding to 9^9 values: positions and the schema walked every one of them
+    (gigabytes, minutes), in check-config and in a SIGHUP reload on the core thread."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    got = problems(_alias_bomb())
+    assert time.monotonic() - started < 2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KiB
+    assert len(got) == 1 and "(yaml): more than 50000 values (aliases counted each time" in got[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: " + "[" * 5000 + "]" * 5000, "nested more than 64 levels deep"),
+    ("a: &a [1, *a]\n", "an alias refers to a node that contains it"),
+    ("a: &a {b: [*a]}\n", "an alias refers to a node that contains it"),
+    ("a: [" + ",".join(["0"] * 60_000) + "]\n", "more than 50000 values"),
+])
+def test_deep_recursive_and_huge_documents_are_problems_not_tracebacks(text, message):
+    [got] = problems(text)
+    assert got.startswith("agent.yaml:1:") and message in got
+
+
+def test_aliases_within_the_limits_still_work():
+    cfg = config.parse(GOOD + "health: &h {interval_s: 30}\nstate: {min_interval_s: 2}\n"
+                       "log: {level: &lvl debug}\n")
+    assert cfg["health"]["interval_s"] == 30 and cfg["log"]["level"] == "debug"
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text(GOOD + "#" * (config.MAX_FILE_BYTES + 10) + "\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load_file(str(big))
+    assert e.value.problems == [f"{big}:1:1: (file): larger than 1024 KiB"]
+
+
+def test_check_config_refuses_a_bomb_quickly(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    out = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(bomb)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "more than 50000 values" in out.stdout
+
+
+# --- files and hardware rules, all in one pass (issue 15) ---------------------------------
+
+def _pem_pair(folder):
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.test_doctor import _make_ca
+
+    pem, _cert, key = _make_ca(folder)
+    cert_file, key_file = folder / "dev.crt", folder / "dev.key"
+    cert_file.write_bytes(pem)
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def _tls(ca, cert=None, key=None) -> str:
+    return GOOD + f"  tls: {{ca_file: {ca}, cert_file: {cert or 'null'}, key_file: {key or 'null'}}}\n"
+
+
+def test_tls_files_must_exist_be_pem_and_belong_together(tmp_path):
+    cert, key = _pem_pair(tmp_path / "a")
+    _, other_key = _pem_pair(tmp_path / "b")
+    assert config.parse(_tls(cert, cert, key))["mqtt"]["tls"]["ca_file"] == str(cert)
+    [got] = problems(_tls(tmp_path / "nope.crt", cert, key))
+    assert got == f"agent.yaml:7:9: mqtt.tls.ca_file: {tmp_path / 'nope.crt'} not found"
+    [got] = problems(_tls(cert, tmp_path / "nope.crt", key))
+    assert got.endswith(f"mqtt.tls.cert_file: {tmp_path / 'nope.crt'} not found")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    [got] = problems(_tls(garbage))
+    assert got.endswith(f"mqtt.tls.ca_file: {garbage}: no PEM CA certificate in it "
+                        "(NO_CERTIFICATE_OR_CRL_FOUND)")
+    [got] = problems(_tls(cert, cert, other_key))
+    assert f"mqtt.tls.cert_file: {cert}: not a PEM certificate matching the key {other_key}" in got
+    [got] = problems(_tls(cert, None, key))
+    assert got.endswith("mqtt.tls.key_file: is set without mqtt.tls.cert_file (the certificate "
+                        "it belongs to)")
+
+
+def test_run_with_a_missing_ca_file_names_it_instead_of_a_traceback(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(_tls(tmp_path / "missing-ca.crt") + f"paths: {{state_dir: {tmp_path}/s, "
+                    f"cache_dir: {tmp_path}/c}}\n")
+    out = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"mqtt.tls.ca_file: {tmp_path / 'missing-ca.crt'} not found" in out.stderr
+
+
+def test_board_font_must_load(tmp_path):
+    [got] = problems(GOOD + f"board: {{font: {tmp_path}/none.ttf}}\n")
+    assert got == f"agent.yaml:7:9: board.font: {tmp_path}/none.ttf not found"
+    not_font = tmp_path / "font.ttf"
+    not_font.write_text("hello")
+    [got] = problems(GOOD + f"board: {{font: {not_font}}}\n")
+    assert f"board.font: {not_font} cannot be loaded as a TrueType/OpenType font" in got
+
+
+@pytest.mark.parametrize("board, message", [
+    ("{driver: max7219, width: 64, height: 16, cascaded: 4}",
+     "board.cascaded: 4 modules make a 32x8 display (luma chains them in one row of 8x8 "
+     "modules), but board.width x height is 64x16: leave cascaded null, or set width 32 and "
+     "height 8"),
+    ("{driver: none, width: 64, height: 16, cascaded: 16}", "board.cascaded: 16 modules make "
+     "a 128x8 display"),
+    ("{driver: max7219, width: 60, height: 16}", "board.width: a max7219 board is made of 8x8 "
+     "modules: width and height must be multiples of 8, not 60x16"),
+    ("{driver: max7219, block_orientation: 45}", "board.block_orientation: must be one of 0, "
+     "90, -90, 180, not 45"),
+    ("{driver: max7219, spi_speed_hz: 3000000}", "board.spi_speed_hz: must be one of 500000, "
+     "1000000, 2000000, 4000000, 8000000, not 3000000"),
+    ("{driver: max7219, width: 64, height: 16, rotate: 1}", "board.rotate: 1 turns the 64x16 "
+     "board into a 16x64 display"),
+])
+def test_max7219_geometry_luma_cannot_drive_is_refused(board, message):
+    [got] = problems(GOOD + f"board: {board}\n")
+    assert message in got
+
+
+def test_max7219_geometry_that_works_passes():
+    for board in ("{driver: max7219, width: 32, height: 8, cascaded: 4}",
+                  "{driver: max7219, width: 64, height: 16}",
+                  "{driver: max7219, width: 8, height: 32, cascaded: 4, rotate: 1}",
+                  "{driver: max7219, width: 16, height: 16, rotate: 3}"):
+        config.parse(GOOD + f"board: {board}\n")
+
+
+def test_schema_and_file_problems_come_in_one_pass(tmp_path):
+    """File checks used to run only once the schema errors were fixed: a second round."""
+    text = (_tls(tmp_path / "nope.crt") + "  port: 70000\n  hots: x\n"
+            f"board: {{font: {tmp_path}/none.ttf, width: banana}}\n")
+    got = problems(text)
+    assert any("mqtt.port: must be at most 65535" in p for p in got)
+    assert any("mqtt.hots: unknown key" in p for p in got)
+    assert any("board.width: must be an integer" in p for p in got)
+    assert any(f"mqtt.tls.ca_file: {tmp_path / 'nope.crt'} not found" in p for p in got)
+    assert any(f"board.font: {tmp_path}/none.ttf not found" in p for p in got)
+
+
+@pytest.mark.parametrize("zone, hint", [
+    ("GMT+7", "(did you mean 'Asia/Ho_Chi_Minh'? Viet Nam is UTC+7; the fixed-offset name is "
+              "'Etc/GMT-7': POSIX zone names invert the sign)"),
+    ("UTC+07:00", "did you mean 'Asia/Ho_Chi_Minh'?"),
+    ("+7", "did you mean 'Asia/Ho_Chi_Minh'?"),
+    ("UTC-5", "the fixed UTC-5 is 'Etc/GMT+5': POSIX zone names invert the sign"),
+    ("GMT+5:30", "(use a place name such as 'Asia/Ho_Chi_Minh')"),
+    ("UTC+0", "(did you mean 'UTC'?)"),
+    ("Asia/Hanoi", "(did you mean 'Asia/Ho_Chi_Minh'?)"),
+    ("ICT", "(did you mean 'Asia/Ho_Chi_Minh'?)"),
+    ("Asia/Ho_Chi_Mihn", "(did you mean 'Asia/Ho_Chi_Minh'?)"),
+])
+def test_time_zone_hints_for_offsets_and_local_names(zone, hint):
+    """``GMT+7`` used to get "did you mean 'GMT+0'?"."""
+    [got] = problems(GOOD.replace("  groups:", f"  timezone: '{zone}'\n  groups:"))
+    assert f"device.timezone: unknown time zone {zone!r} (" in got and hint in got
+
+
+def test_a_bad_ca_file_does_not_hide_a_bad_cert_file(tmp_path):
+    got = problems(_tls(tmp_path / "no-ca.crt", tmp_path / "no-cert.crt"))
+    assert [p.split(": ", 1)[1] for p in got] == [
+        f"mqtt.tls.ca_file: {tmp_path / 'no-ca.crt'} not found",
+        f"mqtt.tls.cert_file: {tmp_path / 'no-cert.crt'} not found"]

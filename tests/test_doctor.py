@@ -36,7 +36,8 @@ def test_sim_cabinet_with_a_broker_passes_with_warnings(broker, keys, tmp_path):
     code, text = run(agent_config(tmp_path, broker.port, keys))
     assert code == 0, text
     assert lines(text, "config")[0].startswith("ok   config:")
-    assert lines(text, "broker") == [f"ok   broker: 127.0.0.1:{broker.port} reachable (TCP)"]
+    assert lines(text, "broker") == [f"ok   broker: 127.0.0.1:{broker.port} reachable (TCP)",
+                                     f"ok   broker: 127.0.0.1:{broker.port} accepts MQTT 5"]
     assert lines(text, "audio")[0].startswith("WARN audio: audio.backend is sim")
     assert lines(text, "gpio")[0].startswith("WARN gpio: gpio.backend is sim")
     assert [ln[:4] for ln in lines(text, "disk state") + lines(text, "disk cache")] == ["ok  "] * 2
@@ -54,10 +55,18 @@ def test_unreachable_broker_fails_with_its_fix(keys, tmp_path):
 
 def test_tls_configured_against_a_plain_listener_fails_the_handshake(broker, keys, tmp_path):
     ca = tmp_path / "ca.pem"
-    ca.write_text("not a certificate\n")
+    ca.write_bytes(_make_ca(tmp_path / "ca")[0])
     code, text = run(agent_config(tmp_path, broker.port, keys, mqtt={"tls": {"ca_file": str(ca)}}))
     assert code == 1
     assert any(ln.startswith("FAIL broker:") and "TLS" in ln for ln in lines(text, "broker"))
+
+
+def test_a_ca_file_that_is_no_certificate_is_a_config_problem(broker, keys, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    code, text = run(agent_config(tmp_path, broker.port, keys, mqtt={"tls": {"ca_file": str(ca)}}))
+    assert code == 1
+    assert f"mqtt.tls.ca_file: {ca}: no PEM CA certificate in it" in text
 
 
 def test_tls_handshake_against_a_tls_listener(tmp_path, keys):
@@ -144,6 +153,23 @@ def test_board_checks(broker, keys, tmp_path):
     assert lines(text, "board")[0].startswith("ok   board: image driver writes")
 
 
+def test_max7219_without_spi_does_not_need_spidev(broker, keys, tmp_path, monkeypatch):
+    """``spi: false`` drives a no-op transport; doctor failed it for a missing spidev."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "spidev" else real(name, *a))
+    _, text = run(agent_config(tmp_path, broker.port, keys, device="nospi",
+                               board={"driver": "max7219", "spi": False}))
+    [line] = lines(text, "board")
+    assert line.startswith("WARN board: max7219 with board.spi: false"), text
+    code, text = run(agent_config(tmp_path, broker.port, keys, device="spi",
+                                  board={"driver": "max7219", "spi": True}))
+    assert code == 1
+    assert "FAIL board: max7219: spidev not installed" in text and "pip install spidev" in text
+
+
 def test_modem_answering_on_a_pty_and_a_missing_port(broker, keys, tmp_path):
     fake = FakeModem(HEALTHY)
     try:
@@ -171,8 +197,8 @@ def test_running_agent_its_alerts_and_its_modem(broker, keys, tmp_path):
         "state": {"alerts": [{"code": "door_open", "since": 1, "detail": {"pin": 17}}]}}))
     (state / "health.json").write_text(json.dumps({"modem": None, "modem_error": "timeout"}))
     code, text = run(cfg)
-    assert code == 1  # the modem FAILs; a raised alert is only a WARN
-    assert "ok   agent: running" in text and "DISCONNECTED (connection refused)" in text
+    assert code == 1  # the modem FAILs, and an agent that is not connected; an alert WARNs
+    assert "FAIL agent: running" in text and "DISCONNECTED: connection refused" in text
     assert "WARN alert: door_open raised" in text and "close the cabinet door" in text
     assert "FAIL modem: /dev/ttyUSB2: the running agent gets no answer (timeout)" in text
     (state / "status.json").write_text(json.dumps({"pid": 2**22 + 12345}))

@@ -54,6 +54,8 @@ def test_signature_matches_an_independent_jcs_computation():
     (lambda e: e.update(args=[]), "bad_envelope"),
     (lambda e: e.update(extra=1), "bad_envelope"),
     (lambda e: e.update(args={"volume": 1.5}), "bad_envelope"),
+    (lambda e: e.update(ts=2**53), "bad_envelope"),
+    (lambda e: e.update(args={"deep": [[{"n": -2**53}]]}), "bad_envelope"),
     (lambda e: e["sig"].update(alg="RSA"), "bad_envelope"),
 ])
 def test_parse_envelope_rejects_malformed(mutate, reason):

@@ -352,3 +352,14 @@ def test_password_reaches_neither_log_nor_state(broker, tmp_path, keys, agent_fa
     for f in (tmp_path / "dev-pw").rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_make_client_names_the_tls_files_it_cannot_load(tmp_path):
+    """ttcs-ctl (and anything else building a link) got OpenSSL's bare "[Errno 2] No such file
+    or directory" for a missing CA file."""
+    from agent.core.mqtt import TlsFilesError, make_client
+
+    missing = tmp_path / "ca.crt"
+    with pytest.raises(TlsFilesError) as e:
+        make_client({"tls": {"ca_file": str(missing)}}, "x")
+    assert str(e.value).startswith(f"mqtt.tls: cannot load ca_file {missing}:")

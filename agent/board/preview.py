@@ -2,6 +2,12 @@
 
 Technicians and district staff use it to check, before sending, that a message is legible on
 a board's geometry: ``ttcs-agent board-preview "Bão số 3" --out preview.gif``.
+
+The file written is exactly the one asked for, in the format its name says:
+
+- ``.gif``: a GIF — animated (one scroll loop) when the text scrolls, one frame when it stands;
+- ``.png``: a PNG when the text stands still; when it scrolls, an animated PNG (APNG) of the
+  loop. Browsers play it; a viewer without APNG support shows its first frame.
 """
 
 from __future__ import annotations
@@ -13,6 +19,13 @@ from PIL import Image
 from agent.board.render import RenderConfig, TextRender
 
 MAX_GIF_FRAMES = 2000
+MAX_PIXELS = 256 * 1024 * 1024  # all frames of one preview together (memory)
+MAX_SCALE = 32
+FORMATS = {".png": "PNG", ".gif": "GIF"}
+
+
+class PreviewError(ValueError):
+    """A preview that cannot be made as asked (the message says why)."""
 
 
 def preview(
@@ -27,37 +40,47 @@ def preview(
 ) -> dict:
     """Render ``text`` as the board configured by ``config_board_section`` would show it.
 
-    Writes a PNG when the text stands still, else an animated GIF of the scroll (one full loop
-    when ``seconds`` is None; ``out_path``'s suffix is replaced by ``.gif`` when needed). Each
-    LED becomes a ``scale``×``scale`` square, lit amber on black, so the result looks like the
-    board. ``fps`` defaults to one frame per scrolled pixel (capped at 50, GIF's practical
-    limit). Returns ``{"path", "animated", "frames", "width", "height", "text_width"}``.
+    Writes ``out_path`` (``.png`` or ``.gif``, see the module's doc): one frame when the text
+    stands still, else the scroll (one full loop when ``seconds`` is None). Each LED becomes a
+    ``scale``×``scale`` square, lit amber on black, so the result looks like the board. ``fps``
+    defaults to one frame per scrolled pixel (capped at 50, GIF's practical limit). Returns
+    ``{"path", "format", "animated", "frames", "width", "height", "text_width"}``. Raises
+    :class:`PreviewError` for an unknown suffix, a bad scale or a font that cannot be loaded.
     """
-    cfg = RenderConfig.from_options(config_board_section)
-    render = TextRender(text, cfg, effect)
     out = Path(out_path)
+    fmt = FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise PreviewError(f"{out_path}: the file name must end in .png or .gif")
+    if not 1 <= scale <= MAX_SCALE:
+        raise PreviewError(f"scale must be 1-{MAX_SCALE} (pixels per LED), not {scale}")
+    cfg = RenderConfig.from_options(config_board_section)
+    try:
+        render = TextRender(text, cfg, effect)
+    except OSError as e:  # Pillow: the font file is missing or not a font
+        raise PreviewError(f"cannot load the board font {cfg.font or '(default)'}: {e}") from e
     if not render.scrolling:
-        image = _led_look(render.frame_at(0), scale)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(out, format="PNG")
-        return _result(out, False, 1, cfg, render)
-    fps = fps or min(50.0, cfg.scroll_speed_px_s)
-    duration = seconds if seconds is not None else render.period_s
-    count = max(1, min(MAX_GIF_FRAMES, round(duration * fps)))
-    frames = [_led_look(render.frame_at(i / fps), scale) for i in range(count)]
-    if out.suffix.lower() != ".gif":
-        out = out.with_suffix(".gif")
+        frames = [_led_look(render.frame_at(0), scale)]
+    else:
+        fps = fps or min(50.0, cfg.scroll_speed_px_s)
+        duration = seconds if seconds is not None else render.period_s
+        per_frame = cfg.width * cfg.height * scale * scale
+        count = max(1, min(MAX_GIF_FRAMES, MAX_PIXELS // per_frame, round(duration * fps)))
+        frames = [_led_look(render.frame_at(i / fps), scale) for i in range(count)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(
-        out,
-        format="GIF",
-        save_all=True,
-        append_images=frames[1:],
-        duration=round(1000 / fps),
-        loop=0,
-        optimize=False,
-    )
-    return _result(out, True, count, cfg, render)
+    if len(frames) == 1:
+        frames[0].save(out, format=fmt)
+    else:
+        frames[0].save(out, format=fmt, save_all=True, append_images=frames[1:],
+                       duration=round(1000 / fps), loop=0, optimize=False)
+    return {
+        "path": str(out),
+        "format": "APNG" if fmt == "PNG" and len(frames) > 1 else fmt,
+        "animated": len(frames) > 1,
+        "frames": len(frames),
+        "width": cfg.width,
+        "height": cfg.height,
+        "text_width": render.text_width,
+    }
 
 
 def _led_look(frame: Image.Image, scale: int) -> Image.Image:
@@ -67,14 +90,3 @@ def _led_look(frame: Image.Image, scale: int) -> Image.Image:
     black = Image.new("RGB", big.size, (0, 0, 0))
     amber = Image.new("RGB", big.size, (255, 176, 0))
     return Image.composite(amber, black, big).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
-
-
-def _result(out: Path, animated: bool, frames: int, cfg: RenderConfig, render: TextRender) -> dict:
-    return {
-        "path": str(out),
-        "animated": animated,
-        "frames": frames,
-        "width": cfg.width,
-        "height": cfg.height,
-        "text_width": render.text_width,
-    }

@@ -281,6 +281,15 @@ class AlertManager:
         self._thresholds = rules_config.thresholds()
         self._instances: dict[tuple[str, str | None], _Instance] = {}
 
+    def reconfigure(self, rules_config: AlertConfig) -> None:
+        """New rules (a config reload): what is raised stays raised; the new timings and
+        thresholds decide from the next report and the next tick on."""
+        self.config = rules_config
+        self._thresholds = rules_config.thresholds()
+        for inst in self._instances.values():
+            inst.flap_max = rules_config.flap_max
+            inst.transitions = deque(inst.transitions, maxlen=rules_config.flap_max)
+
     # --- input ---------------------------------------------------------------------------
 
     def set(self, code: str, active: bool, detail: Mapping[str, Any] | None = None,

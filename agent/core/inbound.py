@@ -154,10 +154,16 @@ class Inbound:
 
     def document(self, kind: str, target: str, payload: bytes) -> None:
         topic = f"{target}/desired/{kind}"
+        if not payload:
+            # A retained document being cleared at the broker (an empty retained publish): the
+            # device keeps what it has; only a newer signed document replaces it.
+            log.info("%s document on %s cleared at the broker; keeping the one in force", kind,
+                     topic)
+            return
         rev = None
         try:
             obj = protocol.decode(payload)
-            rev = obj.get("rev") if isinstance(obj.get("rev"), int) else None
+            rev = obj.get("rev") if protocol.valid_int(obj.get("rev")) else None
             env = self._check(obj, kind, target)
             handler = self.documents.get(kind)
             if handler is None:

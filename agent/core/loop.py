@@ -22,11 +22,12 @@ from typing import Any
 
 from agent import __version__, protocol
 from agent.core import sdnotify
-from agent.core.alerts import AlertManager
+from agent.core.alerts import AlertConfig, AlertManager
 from agent.core.clock import Clock, ClockTrust
 from agent.core.inbound import CommandHandler, DocumentHandler, FuncHandler, Inbound, no_args
 from agent.core.mqtt import LinkHandlers, MqttLink
 from agent.core.outbox import Outbox
+from agent.core.reload import Reloader
 from agent.core.store import Store, encode
 from agent.protocol import Envelope, Topics
 from drivers.fsutil import write_json_volatile
@@ -82,6 +83,7 @@ class Core:
         self._state_due: _Timer | None = None
         self._state_last = -1e9
         self.last_state: dict | None = None
+        self._status_link: dict | None = None  # the link as status.json last said it
         self.inbound = Inbound(cfg, clock=clock, store=store, trust=trust, topics=self.topics,
                                ack=self.ack, emit_event=self.emit_event,
                                state_changed=self.mark_state_dirty)
@@ -91,12 +93,15 @@ class Core:
             LinkHandlers(on_connect=lambda sp: self.post(self._on_connect, sp),
                          on_disconnect=lambda reason: self.post(self._on_disconnect, reason),
                          on_message=lambda *msg: self.post(self.on_message, *msg),
-                         on_publish=lambda mid: self.post(self._on_publish, mid)),
+                         on_publish=lambda mid: self.post(self._on_publish, mid),
+                         on_trouble=lambda: self.post(self._link_changed)),
             will=self._will,
             cmd_topics=[t for t, k in inbound if k == "cmd"],
             doc_topics=[t for t, k in inbound if k != "cmd"],
         )
         self.outbox = Outbox(store, self.link, clock, cfg["outbox"]["inflight"])
+        self.reloader = Reloader()
+        self._reload_hooks()
         self.register_command("ping", FuncHandler(lambda env: self.ack(env.id, "done"), no_args))
         self.register_command("state", FuncHandler(self._cmd_state, no_args))
         self.add_state("alerts", self.alerts.active)
@@ -460,17 +465,28 @@ class Core:
         self._state_last = self.clock.monotonic()
         self.write_status_file()
 
+    def _link_view(self) -> dict:
+        return {"host": self.cfg["mqtt"]["host"], "port": self.cfg["mqtt"]["port"],
+                "connected": self.link.connected, "last_error": self.link.last_error,
+                "protocol": self.link.protocol, "fallback": self.link.fallback}
+
+    def _link_changed(self) -> None:
+        """An attempt to connect failed (or the link changed otherwise): rewrite status.json
+        when what it says of the link is no longer true, so that ``status`` and ``doctor``
+        show why the agent is not connected (not on every attempt: the card)."""
+        if self._link_view() != self._status_link:
+            self.write_status_file()
+
     def write_status_file(self) -> None:
         """What ``ttcs-agent status`` shows: the last snapshot plus the link, not fsynced
         (it is rewritten often and worthless after a power cut)."""
         path = os.path.join(self.cfg["paths"]["state_dir"], "status.json")
+        self._status_link = self._link_view()
         body = {
             "pid": os.getpid(), "written": self.clock.now_ms(),
             "running": self._running and not self._stopping,
             "config": self.cfg.get("_path"),
-            "mqtt": {"host": self.cfg["mqtt"]["host"], "port": self.cfg["mqtt"]["port"],
-                     "connected": self.link.connected, "last_error": self.link.last_error,
-                     "outbox": self.outbox.depth},
+            "mqtt": {**self._status_link, "outbox": self.outbox.depth},
             "state": self.last_state,
         }
         try:
@@ -480,22 +496,43 @@ class Core:
 
     # --- config reload -----------------------------------------------------------------
 
+    def on_reload(self, keys: tuple[str, ...] | list[str], fn: Callable[[dict], None]) -> None:
+        """Have ``fn(new_cfg)`` apply ``keys`` (dotted paths or whole sections) when a reload
+        changes them; changed keys nobody applies are reported as needing a restart."""
+        self.reloader.on_reload(keys, fn)
+
+    def _reload_hooks(self) -> None:
+        """The core's own keys. Those read from ``self.cfg`` at each use only need declaring:
+        the reloader copies what was applied into ``self.cfg``, in place."""
+        self.on_reload(("security.require_signed", "security.max_skew_s",
+                        "state.min_interval_s"), lambda new: None)
+        self.on_reload(("security.trusted_keys",), self.inbound.reload)
+        self.on_reload(("security.replay_memory",),
+                       lambda new: setattr(self.store, "seen_max",
+                                           new["security"]["replay_memory"]))
+        self.on_reload(("outbox.max_rows",),
+                       lambda new: setattr(self.store, "max_rows", new["outbox"]["max_rows"]))
+        self.on_reload(("log.level",),
+                       lambda new: logging.getLogger().setLevel(new["log"]["level"].upper()))
+        self.on_reload(("alerts", "health.disk_min_free_mb"), self._reload_alerts)
+
+    def _reload_alerts(self, new: dict) -> None:
+        self.alerts.reconfigure(AlertConfig.from_config(new))
+        self._alerts_tick()
+
     def reload(self, new_cfg: dict) -> None:
-        """Apply a validated config (SIGHUP). Keys that need a restart are reported."""
-        live = ("security", "health", "state", "log")
-        restart = sorted(k for k in new_cfg if not k.startswith("_") and k not in live
-                         and new_cfg[k] != self.cfg.get(k))
-        self.inbound.reload(new_cfg)
-        for k in live:
-            self.cfg[k] = new_cfg[k]
-        logging.getLogger().setLevel(new_cfg["log"]["level"].upper())
+        """Apply a validated config (SIGHUP): each changed key applies at once through its
+        hook or is reported, by its full path, as needing a restart."""
+        applied, restart = self.reloader.apply(self.cfg, new_cfg)
         body: dict[str, Any] = {"type": "config", "result": "applied"}
+        if applied:
+            body["applied"] = applied
         if restart:
             body["restart_needed"] = restart
-            log.warning("config reloaded; changes to %s take effect at the next restart",
-                        ", ".join(restart))
+            log.warning("config reloaded%s; restart needed for: %s",
+                        f" (applied {', '.join(applied)})" if applied else "", ", ".join(restart))
         else:
-            log.info("config reloaded")
+            log.info("config reloaded%s", f": applied {', '.join(applied)}" if applied else "")
         self.emit_event(body)
 
     def reload_failed(self, problems: list[str]) -> None:
