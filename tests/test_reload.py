@@ -94,3 +94,27 @@ def test_changed_keys_are_leaf_paths_and_copy_in_place():
     for path in changed_keys(old, new):
         copy_key(old, new, path)
     assert old["m"] is inner and old == {**new, "_path": "x"}
+
+
+def test_the_audio_service_applies_media_hosts_to_its_cache(tmp_path):
+    import pytest
+
+    from agent.audio.media import MediaError
+    from agent.audio.service import AudioService
+
+    core = make_core(tmp_path, trusted_keys={"k1": Keys().public_b64},
+                     extra={"security": {"media_hosts": ["old.example.vn"]}})
+    svc = AudioService(core, core.cfg)
+    svc.start()
+    core.link.connect()
+    core.run_pending()
+    try:
+        with pytest.raises(MediaError):
+            svc.cache.check_url("http://media.example.vn/a.mp3")
+        event = _reload(core, security__media_hosts=["media.example.vn"])
+        assert event["applied"] == ["security.media_hosts"] and "restart_needed" not in event
+        svc.cache.check_url("http://media.example.vn/a.mp3")  # now allowed
+        with pytest.raises(MediaError):
+            svc.cache.check_url("http://old.example.vn/a.mp3")
+    finally:
+        svc.close()

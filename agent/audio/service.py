@@ -155,6 +155,8 @@ class AudioService:
                         first_s=0)
         core.call_every(LIVE_TICK_S, self.air.tick)
         core.stop_hooks.append(self.close)
+        core.on_reload(("security.media_hosts",),
+                       lambda new: self.cache.set_hosts(new["security"]["media_hosts"]))
         self._pool.submit(self.cache.verify_all)  # hash what is cached once, off the core
 
     # --- commands -----------------------------------------------------------------------
