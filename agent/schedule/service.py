@@ -235,13 +235,9 @@ class ScheduleService:
 
     def _audio_clock_jump(self) -> None:
         """Slots handed over ahead wait in the audio service for a wall-clock instant: have
-        it re-arm them from the stepped clock (an older audio service without the hook
-        notices at its next timer)."""
-        hook = getattr(self.audio, "on_clock_jump", None)
-        if hook is None:
-            return
+        it re-arm them from the stepped clock."""
         try:
-            hook()
+            self.audio.on_clock_jump()
         except Exception:
             log.exception("schedule: the audio service failed to follow the clock step")
 
