@@ -309,14 +309,21 @@ def test_public_api_stop_and_emergency_text(rig: Rig) -> None:
     assert rig.stages(a)[-1] == "stopped"
 
 
-def test_audio_text_at_any_priority_and_nothing_after_stop(rig: Rig) -> None:
+def test_audio_text_at_any_priority_ahead_of_its_own_and_nothing_after_stop(rig: Rig) -> None:
     a = rig.command({"text": "Một", "duration_s": 100, "effect": "static"})
     assert rig.svc.show_audio_text("play-1", "Hai", "normal", 50) is True
     rig.pump()
-    assert rig.state()["showing"]["id"] == a, "normal: after the earlier normal message"
+    assert rig.state()["showing"]["id"] == "play-1", "what airs goes ahead of its priority"
+    assert rig.stages(a)[-1] == "preempted"
+    later = rig.command({"text": "Năm", "duration_s": 100})
+    assert rig.state()["showing"]["id"] == "play-1", "also ahead of a newer normal message"
     assert rig.svc.show_audio_text("play-2", "Ba", "priority", 50) is True
     rig.pump()
-    assert rig.state()["showing"]["id"] == "play-2" and rig.stages(a)[-1] == "preempted"
+    assert rig.state()["showing"]["id"] == "play-2"
+    assert rig.svc.stop_id("play-2") and rig.svc.stop_id("play-1")
+    rig.pump()
+    assert rig.state()["showing"]["id"] == a and rig.stages(a)[-1] == "resumed"
+    assert rig.stages(later) == ["received", "queued"]
     assert rig.svc.show_audio_text("play-3", "Bốn", "loud", 50) is False
     assert rig.stages("play-1") == rig.stages("play-2") == []
     rig.svc.stop()  # shutdown: the audio service's late withdrawals are no-ops

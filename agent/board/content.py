@@ -17,8 +17,10 @@ Rules:
   are held back while the wall clock is untrusted; unwindowed ones always show.
 - Active standing messages rotate in turn, each for its document's ``rotate_s``.
 - Ad-hoc messages override standing content: highest priority first, and within a priority in
-  arrival order (as the audio queue does). An ad-hoc message is shown for ``duration_s`` of
-  *display* time: while a higher one covers it, its time stands still, and it resumes after.
+  arrival order (as the audio queue does), except that the text of the audio item on air
+  (``front``) goes ahead of the other messages of its priority: it belongs to what airs.
+  An ad-hoc message is shown for ``duration_s`` of *display* time: while another covers it,
+  its time stands still, and it resumes after.
   Emergency is the highest priority, so it overrides everything.
 """
 
@@ -188,10 +190,11 @@ class _AdHoc:
     remaining_s: float
     seq: int
     started: bool = False
+    front: bool = False  # an airing audio item's text: ahead of the rest of its priority
 
     @property
-    def order(self) -> tuple[int, int]:
-        return (self.priority.order, self.seq)
+    def order(self) -> tuple[int, bool, int]:
+        return (self.priority.order, not self.front, self.seq)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -292,8 +295,10 @@ class BoardContent:
         self._layers[topic] = _Layer(topic, rev, args, messages)
         return True, "applied"
 
-    def add_message(self, cmd_id: str, args: dict) -> None:
-        """Queue an ad-hoc ``board`` command (args already validated). Call :meth:`update`."""
+    def add_message(self, cmd_id: str, args: dict, *, front: bool = False) -> None:
+        """Queue an ad-hoc ``board`` command (args already validated). Call :meth:`update`.
+        ``front``: the text of the audio item on air, shown at once ahead of the older
+        messages of its priority (not above a higher one)."""
         errors = validate_command_args(args)
         if errors:
             raise ValueError("; ".join(errors))
@@ -306,6 +311,7 @@ class BoardContent:
                 effect=args.get("effect", "scroll"),
                 remaining_s=float(args.get("duration_s", DEFAULT_DURATION_S)),
                 seq=self._seq,
+                front=front,
             )
         )
         self._adhoc.sort(key=lambda a: a.order)

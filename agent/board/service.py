@@ -260,7 +260,7 @@ class BoardService:
         self._silent[cmd_id] = None
         while len(self._silent) > 256:
             self._silent.popitem(last=False)
-        self.content.add_message(cmd_id, args)
+        self.content.add_message(cmd_id, args, front=True)  # it belongs to what is on air
         self.update()
         return True
 
