@@ -19,14 +19,15 @@ API for the scheduler (core thread only)::
     svc = audio                            # the service agent.app hands to the scheduler
     svc.submit_scheduled(slot_id, kind, action, priority="normal", volume=None,
                          duration_s=None, repeat=1, exp_ms=None, on_result=None,
-                         at_ms=None, extra=None)
+                         at_ms=None, extra=None, board_text=None)
         # kind/action as agent.schedule.model.ScheduleItem: "media" -> [{url, sha256, lang?}],
         # "live" -> {url, backups, fallback}, "say" -> {text, lang?}. Never raises; progress
         # is reported as on_result(slot_id, stage, reason) with the ack stages above (the
         # play record has origin "schedule"; no acks are sent for it). at_ms: start exactly
         # then (handed over ahead: media prepared, amplifier warmed, source pre-rolled).
         # extra: fields added to the item's play record (the scheduler's item, topic, slot,
-        # due); they never replace the record's own fields.
+        # due); they never replace the record's own fields. board_text: shown on the board
+        # while the slot airs, at its priority, as for a command's board_text.
     svc.prefetch(url, sha256, then=None)   # download in the cache's pool; then(sha, path|exc)
     svc.have(sha256) -> bool               # cached (cheap; airing re-verifies the hash)
     svc.set_pinned(shas)                   # media the schedule still needs: never evicted
@@ -184,9 +185,8 @@ class AudioService:
         self.prep.start(item, {"text": a["text"], "lang": a.get("lang", "vi")}, meta)
 
     def _command_meta(self, env: Envelope, kind: str) -> Meta:
-        text = env.args.get("board_text")
         return Meta(env.id, "command", kind, priority=env.args.get("priority", "normal"),
-                    board_text=unicodedata.normalize("NFC", text) if text else None)
+                    board_text=_nfc(env.args.get("board_text")))
 
     def _cmd_stop(self, env: Envelope) -> None:
         board = self.board
@@ -226,7 +226,7 @@ class AudioService:
                          volume: int | None = None, duration_s: float | None = None,
                          repeat: int = 1, exp_ms: int | None = None,
                          on_result: OnResult | None = None, at_ms: int | None = None,
-                         extra: dict | None = None) -> None:
+                         extra: dict | None = None, board_text: str | None = None) -> None:
         """Air a schedule slot (see the module docstring). Never raises."""
         try:
             akind = {"media": "file", "live": "stream", "say": "tts"}[kind]
@@ -235,7 +235,8 @@ class AudioService:
                             slot_id)
                 extra = None
             meta = Meta(slot_id, "schedule", akind, on_result=on_result,
-                        extra=dict(extra or {}))
+                        extra=dict(extra or {}), priority=priority,
+                        board_text=_nfc(board_text))
             item = Item(slot_id, akind, [], priority=priority, volume=volume, repeat=repeat,
                         duration_s=duration_s, exp_ms=exp_ms, at_ms=at_ms,
                         origin="schedule")
@@ -414,6 +415,11 @@ class AudioService:
                         part.close()
                 except Exception:
                     log.exception("closing %r failed", part)
+
+
+def _nfc(text: str | None) -> str | None:
+    """A board text as shown and recorded (Unicode NFC); None for none."""
+    return unicodedata.normalize("NFC", text) if text else None
 
 
 def install(core: Core, cfg: dict, *, board: Board | None = None,
