@@ -58,6 +58,7 @@ from agent.audio.commands import (
     validate_volume,
 )
 from agent.audio.faults import Faults
+from agent.audio.journal import AiringJournal
 from agent.audio.live import LiveOptions
 from agent.audio.liveout import LiveOutput
 from agent.audio.media import MediaCache
@@ -132,13 +133,18 @@ class AudioService:
         self.records = PlayRecords(core, self.meter, silent_min_ms=SILENT_MIN_MS)
         self.preroll = Preroll(self.output, self.clock, lead_s=PREROLL_S)
         self.faults = Faults(core, self.output, self.amp)
+        self.journal = AiringJournal(core.store, self.clock,
+                                     languages=cfg["device"]["languages"],
+                                     interval_s=float(cfg["audio"]["journal_interval_s"]))
         self._timer: Any = None
         self._following = False  # inside _follow_up
         self._closed = False
 
     def start(self) -> None:
-        """Register with the core: commands, state, health, timers, stop hook."""
+        """Register with the core: commands, state, health, timers, stop hook. First, the
+        items the last run was airing when it died get their play records (interrupted)."""
         core = self.core
+        self.journal.recover(self.records.interrupted)
         handlers = {
             "play": (self._cmd_play, lambda a: validate_play(a, self.clock.now_ms())),
             "live": (self._cmd_live, validate_live), "say": (self._cmd_say, validate_say),
@@ -154,6 +160,7 @@ class AudioService:
         core.call_every(CHECK_INTERVAL_S, lambda: self.faults.check(self.arbiter.busy),
                         first_s=0)
         core.call_every(LIVE_TICK_S, self.air.tick)
+        core.call_every(self.journal.interval_s, self.journal.tick)
         core.stop_hooks.append(self.close)
         self._pool.submit(self.cache.verify_all)  # hash what is cached once, off the core
 
@@ -288,6 +295,7 @@ class AudioService:
             first = order_variants(item.variants, self.arbiter.languages)[0]
             self.preroll.add(item.id, item.at_ms, first.source)
         meta.submitted = True
+        self.journal.submitted(item)
         try:
             self.arbiter.submit(item)
         except ValueError as e:
@@ -305,6 +313,7 @@ class AudioService:
         self._report(meta.id, meta, "stopped", None, {"by": by})
 
     def _forget(self, item_id: str) -> None:
+        self.journal.ended(item_id)
         self.prep.forget(item_id)
         self.air.discard(LIVE_PREFIX + item_id)
         self.preroll.discard(item_id)
@@ -328,6 +337,8 @@ class AudioService:
             shown = boardtext.follow(self.board, meta, stage, final, BOARD_TEXT_MAX_S)
             if stage == "started":
                 detail = {**(detail or {}), "board": shown}
+        if meta is not None:
+            self.journal.follow(meta, stage)
         if meta is not None and final and meta.segments:
             self.records.aired(meta, stage if stage in FINAL else "preempted")
         self._report(item_id, meta, stage, reason, detail)
