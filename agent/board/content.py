@@ -317,6 +317,48 @@ class BoardContent:
         self._adhoc.sort(key=lambda a: a.order)
         self._pending.append(CommandStage(cmd_id, "queued", self._clock.now_ms()))
 
+    def kept(self) -> list[dict]:
+        """The ad-hoc messages to keep across a restart, in order (not the text of an audio
+        item: that goes with its audio). Each has its ``remaining_s`` of display time; the one
+        on show also its ``end``, when that runs out (epoch ms), the others ``end: None``
+        (their time stands still while they wait)."""
+        now_ms, unpaid = self._clock.now_ms(), self._clock.monotonic() - self._last_mono
+        shown = self._shown.message_id if self._shown and self._shown.source == "command" \
+            else None
+        out = []
+        for item in self._adhoc:
+            if item.front:
+                continue
+            on_show = item.cmd_id == shown
+            remaining = max(0.0, item.remaining_s - (unpaid if on_show else 0.0))
+            out.append({"id": item.cmd_id, "text": item.text, "priority": item.priority,
+                        "effect": item.effect, "started": item.started,
+                        "remaining_s": round(remaining, 3),
+                        "end": now_ms + round(remaining * 1000) if on_show else None})
+        return out
+
+    def restore(self, kept: list[dict]) -> list[str]:
+        """Take back messages :meth:`kept` listed before a restart, with the display time they
+        had left: the one on show less the time the agent was off (it would have shown: it
+        never outlives its ``end``, and is dropped when that has passed), the waiting ones all
+        of it. Returns the ids taken back. No ``queued`` stage: they had theirs; a message
+        that had started shows again as ``resumed``."""
+        now_ms = self._clock.now_ms()
+        back = []
+        for msg in kept:
+            remaining = float(msg["remaining_s"])
+            if msg.get("end") is not None:
+                remaining = min(remaining, (msg["end"] - now_ms) / 1000)
+            if remaining <= 0 or any(a.cmd_id == msg["id"] for a in self._adhoc):
+                continue
+            self._seq += 1
+            self._adhoc.append(_AdHoc(msg["id"], msg["text"], Priority(msg["priority"]),
+                                      msg["effect"], remaining, self._seq,
+                                      started=bool(msg["started"])))
+            back.append(msg["id"])
+        self._adhoc.sort(key=lambda a: a.order)
+        return back
+
     def remove(self, cmd_id: str) -> bool:
         """Withdraw an ad-hoc message (a ``stop`` by id). Call :meth:`update`."""
         before = len(self._adhoc)

@@ -294,6 +294,23 @@ class Store:
             "SELECT id, body, played_ms, updated FROM airing ORDER BY updated, id").fetchall()
         return [(i, json.loads(body), played, updated) for i, body, played, updated in rows]
 
+    # --- ad-hoc board messages (agent/board/service.py), kept across restarts --------------
+
+    def board_messages_save(self, messages: list[dict]) -> None:
+        """Replace the kept ad-hoc board messages (each a dict with an ``id``), in order."""
+        with self.transaction():
+            self._table("board_messages", _BOARD_MESSAGES)
+            self._write("DELETE FROM board_messages")
+            for pos, msg in enumerate(messages):
+                self._write("INSERT INTO board_messages(pos, id, body) VALUES (?,?,?)",
+                            (pos, msg["id"], encode(msg)))
+
+    def board_messages(self) -> list[dict]:
+        self._table("board_messages", _BOARD_MESSAGES)
+        rows = self.db.execute("SELECT body FROM board_messages ORDER BY pos").fetchall()
+        return [json.loads(body) for (body,) in rows]
+
 
 _AIRING = "id TEXT PRIMARY KEY, body TEXT NOT NULL, played_ms INTEGER NOT NULL, " \
           "updated INTEGER NOT NULL"
+_BOARD_MESSAGES = "pos INTEGER PRIMARY KEY, id TEXT NOT NULL, body TEXT NOT NULL"
