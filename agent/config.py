@@ -296,6 +296,8 @@ SCHEMA = Section(fields={
         "network_caching_ms": Num(default=3000, min=0, max=60000),
         "volume": Num(default=80, min=0, max=100),
         "resume_rewind_ms": Num(default=1000, min=0, max=10000),
+        "journal_interval_s": Num(default=10, min=1, max=300, integer=False,
+                                  doc="position of what airs written to agent.db this often"),
         "live": Section(fields={
             "dead_air_s": Num(default=8.0, min=1, max=600, integer=False,
                               doc="no progress or silence this long on a stream: next source"),

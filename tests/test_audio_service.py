@@ -908,8 +908,8 @@ def test_scheduler_clock_step_re_arms_a_slot_handed_over_ahead(tmp_path, keys):
 class BoardRig(InProc):
     """InProc plus the board service (image driver) and signed commands."""
 
-    def __init__(self, tmp_path: Path, keys) -> None:
-        super().__init__(tmp_path, trusted_keys={keys.kid: keys.public_b64},
+    def __init__(self, tmp_path: Path, keys, clock: FakeClock | None = None) -> None:
+        super().__init__(tmp_path, clock=clock, trusted_keys={keys.kid: keys.public_b64},
                          security={"media_hosts": ["127.0.0.1"]},
                          board={"driver": "image",
                                 "image_path": str(tmp_path / "out" / "board.png")})
@@ -1037,3 +1037,39 @@ def test_bad_board_text_is_bad_args(fn, args):
 def test_board_text_length_counts_nfc_characters():
     text = unicodedata.normalize("NFD", "ệ" * 500)  # 1000 code points decomposed
     assert validate_say({"text": "x", "board_text": text}) == []
+
+
+def test_a_scheduled_items_board_text_shows_while_the_slot_airs(tmp_path, keys):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from agent import protocol
+    from agent.schedule import service as schedule_service
+
+    due = int(datetime(2025, 11, 26, 5, 0, tzinfo=ZoneInfo("Asia/Ho_Chi_Minh")).timestamp()
+              * 1000)
+    rig = BoardRig(tmp_path, keys, clock=FakeClock(due - 30_000))
+    try:
+        schedule_service.install(rig.core, rig.core.cfg, audio=rig.svc)
+        notice = rig.send("board", {"text": "Họp tổ 5", "duration_s": 600})
+        doc = keys.command("dev/dev-1", "schedule", {"items": [
+            {"id": "news", "say": "Bản tin sáng nay", "days": ["wed"], "times": ["05:00"],
+             "board_text": unicodedata.normalize("NFD", "Bản tin sáng")}]}, rev=1)
+        rig.core.on_message("ttcs/dev/dev-1/desired/schedule", protocol.canonical(doc), True)
+        rig.advance(22)  # handed over ahead (10 s lead)
+        rig.pool.run_all()
+        rig.pump()
+        assert rig.showing() == "Họp tổ 5"
+        rig.advance(8)  # 05:00: the slot airs, its text goes ahead of the older message
+        rig.pump()
+        assert rig.aired() == ["/tts/vi/Bản tin sáng nay"]
+        assert rig.showing() == "Bản tin sáng", "NFC, at once, over the normal board command"
+        assert rig.cmd_stages(notice)[-1] == "preempted"
+        rig.finish()
+        rig.pump()
+        assert rig.showing() == "Họp tổ 5" and rig.cmd_stages(notice)[-1] == "resumed"
+        sid = "dev.dev-1:news:2025-11-26T05:00"
+        assert (sid, "stopped", "audio") in rig.shows()
+        assert rig.cmd_stages(sid) == [], "no acks for a slot"
+    finally:
+        rig.close()

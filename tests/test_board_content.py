@@ -392,3 +392,26 @@ def test_text_is_stored_nfc(board: BoardContent) -> None:
     board.add_message("c", {"text": unicodedata.normalize("NFD", "Bão  số 3")})
     board.update()
     assert board.current().text == "Bão số 3"
+
+
+def test_audio_text_goes_ahead_of_older_messages_of_its_priority(
+    board: BoardContent, clock: FakeClock
+) -> None:
+    board.add_message("n1", {"text": "Họp tổ 5", "duration_s": 100})
+    board.update()
+    clock.advance(10)
+    board.add_message("audio", {"text": "Bản tin sáng", "duration_s": 600}, front=True)
+    changes = board.update()
+    assert shown_id(board) == "audio", "the text of what airs shows at once"
+    assert stages(changes) == [("audio", "queued"), ("n1", "preempted"), ("audio", "started")]
+    board.add_message("n2", {"text": "Tiêm chủng", "duration_s": 100})
+    board.add_message("p1", {"text": "Cúp điện", "priority": "priority", "duration_s": 5})
+    board.update()
+    assert shown_id(board) == "p1", "a higher message still goes over it"
+    clock.advance(5)
+    board.update()
+    assert shown_id(board) == "audio", "and a newer one of its priority does not"
+    assert board.remove("audio")
+    changes = board.update()
+    assert shown_id(board) == "n1" and ("n1", "resumed") in stages(changes)
+    assert [q["id"] for q in board.snapshot()["queue"]] == ["n1", "n2"]

@@ -309,14 +309,21 @@ def test_public_api_stop_and_emergency_text(rig: Rig) -> None:
     assert rig.stages(a)[-1] == "stopped"
 
 
-def test_audio_text_at_any_priority_and_nothing_after_stop(rig: Rig) -> None:
+def test_audio_text_at_any_priority_ahead_of_its_own_and_nothing_after_stop(rig: Rig) -> None:
     a = rig.command({"text": "Một", "duration_s": 100, "effect": "static"})
     assert rig.svc.show_audio_text("play-1", "Hai", "normal", 50) is True
     rig.pump()
-    assert rig.state()["showing"]["id"] == a, "normal: after the earlier normal message"
+    assert rig.state()["showing"]["id"] == "play-1", "what airs goes ahead of its priority"
+    assert rig.stages(a)[-1] == "preempted"
+    later = rig.command({"text": "Năm", "duration_s": 100})
+    assert rig.state()["showing"]["id"] == "play-1", "also ahead of a newer normal message"
     assert rig.svc.show_audio_text("play-2", "Ba", "priority", 50) is True
     rig.pump()
-    assert rig.state()["showing"]["id"] == "play-2" and rig.stages(a)[-1] == "preempted"
+    assert rig.state()["showing"]["id"] == "play-2"
+    assert rig.svc.stop_id("play-2") and rig.svc.stop_id("play-1")
+    rig.pump()
+    assert rig.state()["showing"]["id"] == a and rig.stages(a)[-1] == "resumed"
+    assert rig.stages(later) == ["received", "queued"]
     assert rig.svc.show_audio_text("play-3", "Bốn", "loud", 50) is False
     assert rig.stages("play-1") == rig.stages("play-2") == []
     rig.svc.stop()  # shutdown: the audio service's late withdrawals are no-ops
@@ -335,13 +342,75 @@ def test_brightness_by_time_of_day(tmp_path: Path) -> None:
         rig.close()
 
 
-def test_shutdown_records_what_was_shown_and_stops_commands(rig: Rig) -> None:
+def test_shutdown_records_what_was_shown_and_keeps_commands_for_the_restart(rig: Rig) -> None:
     cmd = rig.command({"text": "Một", "duration_s": 100})
     rig.advance(3)
     rig.svc.stop()
-    assert rig.stages(cmd)[-1] == "stopped"
+    assert rig.stages(cmd) == ["received", "queued", "started"], "no final ack: it shows on"
     [event] = rig.events()
     assert event["result"] == "shutdown" and event["ended"] - event["started"] == 3000
+    [kept] = rig.core.store.board_messages()
+    assert (kept["id"], kept["remaining_s"]) == (cmd, 97.0)
+
+
+def restart(tmp_path: Path, old: Rig, after_s: float) -> Rig:
+    """A new agent on the same state folder ``after_s`` later; the core answers what is still
+    open (Core.run does it before anything else)."""
+    again = Rig(tmp_path, {}, now_ms=old.clock.now_ms() + round(after_s * 1000), keys=old.keys)
+    again.core._fail_interrupted()
+    again.pump()
+    return again
+
+
+def test_ad_hoc_messages_show_on_after_a_crash_until_their_end(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {})
+    normal = rig.command({"text": "Một", "duration_s": 100, "effect": "static"})
+    rig.advance(30)
+    urgent = rig.command({"text": "Hai", "priority": "priority", "duration_s": 50,
+                          "effect": "static"})
+    short = rig.command({"text": "Ba", "duration_s": 20})
+    rig.advance(10)
+    rig.core.store.close()  # SIGKILL or a power cut: no stop hook
+    again = restart(tmp_path, rig, after_s=15)
+    try:
+        assert again.state()["showing"]["id"] == urgent, "the order is kept"
+        assert [q["id"] for q in again.state()["queue"]] == [urgent, normal, short]
+        assert again.stages(urgent) == ["resumed"] and again.stages(normal) == []
+        assert png(again.image) == expected("Hai", "static")
+        again.advance(25)  # urgent had 40 s left, less the 15 s off: its end
+        assert again.stages(urgent) == ["resumed", "done"]
+        assert again.stages(normal) == ["resumed"], "70 s left, not counted while covered"
+        again.advance(70)
+        assert again.stages(normal) == ["resumed", "done"]
+        assert again.stages(short) == ["started"]  # 20 s: never shown before the cut
+        again.advance(20)
+        assert again.stages(short) == ["started", "done"] and again.state()["showing"] is None
+        assert not [a for a in again.core.link.json("/ack") if a["stage"] == "failed"]
+    finally:
+        again.close()
+
+
+def test_ad_hoc_messages_ended_while_the_agent_was_off_are_dropped(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {})
+    cmd = rig.command({"text": "Một", "duration_s": 60})
+    rig.advance(10)
+    rig.svc.stop()
+    rig.core.store.close()
+    again = restart(tmp_path, rig, after_s=51)  # its end passed a second ago
+    try:
+        assert again.state()["showing"] is None and again.state()["queue"] == []
+        [ack] = again.core.link.json("/ack")
+        assert (ack["id"], ack["stage"], ack["reason"]) == (cmd, "failed", "interrupted")
+        assert again.core.store.board_messages() == []
+    finally:
+        again.close()
+
+
+def test_audio_texts_are_not_kept(rig: Rig) -> None:
+    rig.svc.show_audio_text("play-1", "Bản tin", "normal", 600)
+    rig.pump()
+    assert rig.state()["showing"]["id"] == "play-1"
+    assert rig.core.store.board_messages() == []
 
 
 def test_driver_none_accepts_and_records(tmp_path: Path) -> None:
@@ -512,6 +581,32 @@ def test_process_document_survives_restart_without_broker(broker, keys, tmp_path
         assert png_or_none(image) == expected("Họp tổ 5"), "no rollback"
     finally:
         fresh.close()
+
+
+def test_process_ad_hoc_message_survives_a_sigkill(broker, keys, tmp_path, agent_factory,
+                                                    watcher):
+    image = tmp_path / "out" / "board.png"
+    config = process_config(tmp_path, broker.port, keys)
+    agent = agent_factory(config)
+    wait_online(watcher, PDEV)
+    cmd = keys.command(f"dev/{PDEV}", "board",
+                       {"text": "Cúp điện", "effect": "static", "duration_s": 12})
+    watcher.publish(PCMD, cmd)
+    watcher.wait_ack(cmd["id"], "started")
+    wait_png(image, expected("Cúp điện", "static"), "the message")
+    agent.kill()
+    image.unlink()
+    agent_factory(config)
+    wait_png(image, expected("Cúp điện", "static"), "the message again after the restart")
+    watcher.wait_ack(cmd["id"], "resumed")
+    watcher.wait_ack(cmd["id"], "done", timeout=20)
+    wait_png(image, png_blank(), "a blank board after its end")
+    stages = [a["stage"] for a in watcher.acks(cmd["id"])]
+    assert stages == ["received", "queued", "started", "resumed", "done"], stages
+
+
+def png_blank(width: int = 64, height: int = 16) -> bytes:
+    return Image.new("1", (width, height)).tobytes()
 
 
 def test_process_link_loss_raises_and_clears_board_link(broker, keys, tmp_path, agent_factory,

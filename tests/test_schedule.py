@@ -110,10 +110,27 @@ def test_valid_items_of_every_kind_have_no_errors():
     ({"id": "s", "say": {"text": "  "}, "days": ["mon"], "times": ["05:00"]},
      "items[0].say.text: must be a non-empty text"),
     ("not an item", "items[0]: must be an object"),
+    (item(board_text=""), "items[0].board_text: must be a non-empty text of at most 500"),
+    (item(board_text="x" * 501), "items[0].board_text: must be a non-empty text of at most 500"),
+    (item(board_text=5), "items[0].board_text: must be a non-empty text of at most 500"),
+    (item(board_txt="Bản tin"), "items[0].board_txt: unknown key (did you mean 'board_text'?)"),
 ])
 def test_invalid_item_errors_name_the_key(raw, expected):
     errors = validate_schedule_args({"items": [raw]})
     assert any(expected in e for e in errors), errors
+
+
+def test_board_text_is_checked_like_a_commands_and_carried_by_the_item():
+    from agent.audio.commands import validate_say
+
+    for text in ("Bản tin sáng", "", "  ", "ệ" * 501, 7):
+        in_item = [e.split(": ", 1)[1] for e in
+                   validate_schedule_args({"items": [item(board_text=text)]})]
+        in_command = [e.split(": ", 1)[1] for e in validate_say({"text": "a", "board_text": text})]
+        assert in_item == in_command, text  # one rule, one message (agent/args.py)
+    book = book_with(item(board_text="Bản tin sáng"), item("plain"))
+    items = {i.id: i for _, i in book.items()}
+    assert items["news"].board_text == "Bản tin sáng" and items["plain"].board_text is None
 
 
 def test_document_level_errors():

@@ -73,10 +73,10 @@ class FakeAudio:
 
     def submit_scheduled(self, slot_id, kind, action, *, priority="normal", volume=None,
                          duration_s=None, repeat=1, exp_ms=None, on_result=None, at_ms=None,
-                         extra=None):
+                         extra=None, board_text=None):
         self.submitted.append({"id": slot_id, "kind": kind, "action": action,
                                "priority": priority, "at_ms": at_ms, "exp_ms": exp_ms,
-                               "extra": extra})
+                               "extra": extra, "board_text": board_text})
         self.results[slot_id] = on_result
 
     def prefetch(self, url, sha256, then=None):
@@ -211,7 +211,7 @@ def test_union_of_device_and_group_documents_and_clearing(rig):
 
 def test_slot_is_handed_over_ahead_with_at_and_airs_once(rig):
     r = rig(hcm(4, 58))
-    r.send(1, [media_item(volume=70, priority="priority")])
+    r.send(1, [media_item(volume=70, priority="priority", board_text="Bản tin sáng")])
     r.advance_to(hcm(4, 59, 30))
     assert r.audio.submitted == []
     r.advance_to(hcm(4, 59, 50))
@@ -219,6 +219,7 @@ def test_slot_is_handed_over_ahead_with_at_and_airs_once(rig):
     [sub] = r.audio.submitted
     assert sub["id"] == sid and sub["at_ms"] == hcm(5) and sub["priority"] == "priority"
     assert sub["kind"] == "media" and sub["action"][0]["sha256"] == SHA
+    assert sub["board_text"] == "Bản tin sáng"
     assert sub["exp_ms"] == hcm(5) + 60_000 + 3_600_000  # grace, then an hour in the queue
     assert sub["extra"] == {"item": "news", "topic": DEV, "slot": "2025-11-26T05:00",
                             "due": hcm(5)}

@@ -433,7 +433,8 @@ class Arbiter:
             "id": cur.item.id, "origin": cur.item.origin, "kind": cur.item.kind,
             "media": [v.media for v in cur.order], "priority": cur.item.priority,
             "started": cur.seg_wall if cur.seg_wall is not None else now_ms, "ended": now_ms,
-            "result": result, "played_ms": played, "requested_ms": _requested_ms(cur),
+            "result": result, "played_ms": played,
+            "requested_ms": requested_ms(cur.item, cur.order),
             "segment": cur.segments, "repeat": cur.item.repeat,
         }
         if detail:
@@ -534,11 +535,12 @@ def _validate(item: Item) -> None:
         raise ValueError("repeat must be 1–10")
 
 
-def _requested_ms(entry: _Entry) -> int | None:
-    item = entry.item
+def requested_ms(item: Item, order: list[Variant]) -> int | None:
+    """What an item airing ``order`` asks for: its variants' lengths × ``repeat``, a stream's
+    ``duration_s``; None when a length is unknown (a non-WAV file)."""
     if item.kind == "stream":
         return round(item.duration_s * 1000) if item.duration_s else None
-    lengths = [v.duration_ms for v in entry.order]
+    lengths = [v.duration_ms for v in order]
     if any(n is None for n in lengths):
         return None
     return sum(lengths) * item.repeat

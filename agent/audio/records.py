@@ -1,6 +1,7 @@
 """Play records (docs/AUDIO.md, "Play records"): one ``play`` event per item, whatever happened
-to it, built from the segments the arbiter closes; the final report of the ``test`` command;
-and the ``silent_output`` alert from each measured segment.
+to it, built from the segments the arbiter closes (or, for an item the agent was airing when it
+died, from what the airing journal kept: :meth:`PlayRecords.interrupted`); the final report of
+the ``test`` command; and the ``silent_output`` alert from each measured segment.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from agent.audio.journal import INTERRUPTED, Interrupted
 from agent.core.loop import Core
 
 if TYPE_CHECKING:
@@ -56,25 +58,37 @@ class PlayRecords:
 
     def aired(self, meta: Meta, result: str) -> None:
         """The item's record, from its segments (then dropped)."""
-        segs = meta.segments
+        body = self._body(meta.id, meta.origin, meta.volume, meta.segments, result)
+        if "detail" in meta.segments[-1]:
+            body["detail"] = meta.segments[-1]["detail"]
+        if meta.relay is not None:
+            body["live"] = meta.relay.report()
+        meta.segments = []
+        self.core.emit_event(with_extra(body, meta.extra))
+
+    def interrupted(self, item: Interrupted) -> None:
+        """The record of an item the agent was airing when it last died (a power cut, a
+        crash), from what the airing journal kept: ``result: "interrupted"``, ``ended`` and
+        the last segment's end the last moment known."""
+        body = self._body(item.id, item.origin, item.volume, item.segments, INTERRUPTED)
+        body["ended"] = max(body["ended"], item.ended)
+        self.core.emit_event(with_extra(body, item.extra))
+
+    def _body(self, item_id: str, origin: str, volume: int | None, segs: list[dict],
+              result: str) -> dict:
         last = segs[-1]
-        body = {"type": "play", "id": meta.id, "origin": meta.origin, "kind": last["kind"],
+        body = {"type": "play", "id": item_id, "origin": origin, "kind": last["kind"],
                 "media": last["media"], "priority": last["priority"],
                 "started": segs[0]["started"], "ended": last["ended"], "result": result,
                 "played_ms": sum(s["played_ms"] for s in segs),
                 "requested_ms": last["requested_ms"], "repeat": last["repeat"],
-                "volume": meta.volume,
+                "volume": volume,
                 "preemptions": sum(1 for s in segs if s["result"] == "preempted"),
                 "segments": [{k: s.get(k) for k in ("started", "ended", "played_ms", "result")}
                              for s in segs]}
         if self.meter is not None:
             body["verification"] = self._verification(segs)
-        if "detail" in last:
-            body["detail"] = last["detail"]
-        if meta.relay is not None:
-            body["live"] = meta.relay.report()
-        meta.segments = []
-        self.core.emit_event(with_extra(body, meta.extra))
+        return body
 
     def not_aired(self, meta: Meta, reason: str, message: str) -> None:
         """The record of a scheduled item that could not be prepared (no command to ack)."""

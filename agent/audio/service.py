@@ -19,14 +19,15 @@ API for the scheduler (core thread only)::
     svc = audio                            # the service agent.app hands to the scheduler
     svc.submit_scheduled(slot_id, kind, action, priority="normal", volume=None,
                          duration_s=None, repeat=1, exp_ms=None, on_result=None,
-                         at_ms=None, extra=None)
+                         at_ms=None, extra=None, board_text=None)
         # kind/action as agent.schedule.model.ScheduleItem: "media" -> [{url, sha256, lang?}],
         # "live" -> {url, backups, fallback}, "say" -> {text, lang?}. Never raises; progress
         # is reported as on_result(slot_id, stage, reason) with the ack stages above (the
         # play record has origin "schedule"; no acks are sent for it). at_ms: start exactly
         # then (handed over ahead: media prepared, amplifier warmed, source pre-rolled).
         # extra: fields added to the item's play record (the scheduler's item, topic, slot,
-        # due); they never replace the record's own fields.
+        # due); they never replace the record's own fields. board_text: shown on the board
+        # while the slot airs, at its priority, as for a command's board_text.
     svc.prefetch(url, sha256, then=None)   # download in the cache's pool; then(sha, path|exc)
     svc.have(sha256) -> bool               # cached (cheap; airing re-verifies the hash)
     svc.set_pinned(shas)                   # media the schedule still needs: never evicted
@@ -57,6 +58,7 @@ from agent.audio.commands import (
     validate_volume,
 )
 from agent.audio.faults import Faults
+from agent.audio.journal import AiringJournal
 from agent.audio.lanes import Lanes
 from agent.audio.live import LiveOptions
 from agent.audio.liveout import LiveOutput
@@ -132,13 +134,18 @@ class AudioService:
         self.records = PlayRecords(core, self.meter, silent_min_ms=SILENT_MIN_MS)
         self.preroll = Preroll(self.output, self.clock, lead_s=PREROLL_S)
         self.faults = Faults(core, self.output, self.amp)
+        self.journal = AiringJournal(core.store, self.clock,
+                                     languages=cfg["device"]["languages"],
+                                     interval_s=float(cfg["audio"]["journal_interval_s"]))
         self._timer: Any = None
         self._following = False  # inside _follow_up
         self._closed = False
 
     def start(self) -> None:
-        """Register with the core: commands, state, health, timers, stop hook."""
+        """Register with the core: commands, state, health, timers, stop hook. First, the
+        items the last run was airing when it died get their play records (interrupted)."""
         core = self.core
+        self.journal.recover(self.records.interrupted)
         handlers = {
             "play": (self._cmd_play, lambda a: validate_play(a, self.clock.now_ms())),
             "live": (self._cmd_live, validate_live), "say": (self._cmd_say, validate_say),
@@ -154,6 +161,7 @@ class AudioService:
         core.call_every(CHECK_INTERVAL_S, lambda: self.faults.check(self.arbiter.busy),
                         first_s=0)
         core.call_every(LIVE_TICK_S, self.air.tick)
+        core.call_every(self.journal.interval_s, self.journal.tick)
         core.stop_hooks.append(self.close)
         core.on_reload(("security.media_hosts",),
                        lambda new: self.cache.set_hosts(new["security"]["media_hosts"]))
@@ -187,9 +195,8 @@ class AudioService:
         self.prep.start(item, {"text": a["text"], "lang": a.get("lang", "vi")}, meta)
 
     def _command_meta(self, env: Envelope, kind: str) -> Meta:
-        text = env.args.get("board_text")
         return Meta(env.id, "command", kind, priority=env.args.get("priority", "normal"),
-                    board_text=unicodedata.normalize("NFC", text) if text else None)
+                    board_text=_nfc(env.args.get("board_text")))
 
     def _cmd_stop(self, env: Envelope) -> None:
         board = self.board
@@ -229,7 +236,7 @@ class AudioService:
                          volume: int | None = None, duration_s: float | None = None,
                          repeat: int = 1, exp_ms: int | None = None,
                          on_result: OnResult | None = None, at_ms: int | None = None,
-                         extra: dict | None = None) -> None:
+                         extra: dict | None = None, board_text: str | None = None) -> None:
         """Air a schedule slot (see the module docstring). Never raises."""
         try:
             akind = {"media": "file", "live": "stream", "say": "tts"}[kind]
@@ -238,7 +245,8 @@ class AudioService:
                             slot_id)
                 extra = None
             meta = Meta(slot_id, "schedule", akind, on_result=on_result,
-                        extra=dict(extra or {}))
+                        extra=dict(extra or {}), priority=priority,
+                        board_text=_nfc(board_text))
             item = Item(slot_id, akind, [], priority=priority, volume=volume, repeat=repeat,
                         duration_s=duration_s, exp_ms=exp_ms, at_ms=at_ms,
                         origin="schedule")
@@ -290,6 +298,7 @@ class AudioService:
             first = order_variants(item.variants, self.arbiter.languages)[0]
             self.preroll.add(item.id, item.at_ms, first.source)
         meta.submitted = True
+        self.journal.submitted(item)
         try:
             self.arbiter.submit(item)
         except ValueError as e:
@@ -307,6 +316,7 @@ class AudioService:
         self._report(meta.id, meta, "stopped", None, {"by": by})
 
     def _forget(self, item_id: str) -> None:
+        self.journal.ended(item_id)
         self.prep.forget(item_id)
         self.air.discard(LIVE_PREFIX + item_id)
         self.preroll.discard(item_id)
@@ -330,6 +340,8 @@ class AudioService:
             shown = boardtext.follow(self.board, meta, stage, final, BOARD_TEXT_MAX_S)
             if stage == "started":
                 detail = {**(detail or {}), "board": shown}
+        if meta is not None:
+            self.journal.follow(meta, stage)
         if meta is not None and final and meta.segments:
             self.records.aired(meta, stage if stage in FINAL else "preempted")
         self._report(item_id, meta, stage, reason, detail)
@@ -417,6 +429,11 @@ class AudioService:
                         part.close()
                 except Exception:
                     log.exception("closing %r failed", part)
+
+
+def _nfc(text: str | None) -> str | None:
+    """A board text as shown and recorded (Unicode NFC); None for none."""
+    return unicodedata.normalize("NFC", text) if text else None
 
 
 def install(core: Core, cfg: dict, *, board: Board | None = None,

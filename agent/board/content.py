@@ -17,8 +17,10 @@ Rules:
   are held back while the wall clock is untrusted; unwindowed ones always show.
 - Active standing messages rotate in turn, each for its document's ``rotate_s``.
 - Ad-hoc messages override standing content: highest priority first, and within a priority in
-  arrival order (as the audio queue does). An ad-hoc message is shown for ``duration_s`` of
-  *display* time: while a higher one covers it, its time stands still, and it resumes after.
+  arrival order (as the audio queue does), except that the text of the audio item on air
+  (``front``) goes ahead of the other messages of its priority: it belongs to what airs.
+  An ad-hoc message is shown for ``duration_s`` of *display* time: while another covers it,
+  its time stands still, and it resumes after.
   Emergency is the highest priority, so it overrides everything.
 """
 
@@ -188,10 +190,11 @@ class _AdHoc:
     remaining_s: float
     seq: int
     started: bool = False
+    front: bool = False  # an airing audio item's text: ahead of the rest of its priority
 
     @property
-    def order(self) -> tuple[int, int]:
-        return (self.priority.order, self.seq)
+    def order(self) -> tuple[int, bool, int]:
+        return (self.priority.order, not self.front, self.seq)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -292,8 +295,10 @@ class BoardContent:
         self._layers[topic] = _Layer(topic, rev, args, messages)
         return True, "applied"
 
-    def add_message(self, cmd_id: str, args: dict) -> None:
-        """Queue an ad-hoc ``board`` command (args already validated). Call :meth:`update`."""
+    def add_message(self, cmd_id: str, args: dict, *, front: bool = False) -> None:
+        """Queue an ad-hoc ``board`` command (args already validated). Call :meth:`update`.
+        ``front``: the text of the audio item on air, shown at once ahead of the older
+        messages of its priority (not above a higher one)."""
         errors = validate_command_args(args)
         if errors:
             raise ValueError("; ".join(errors))
@@ -306,10 +311,53 @@ class BoardContent:
                 effect=args.get("effect", "scroll"),
                 remaining_s=float(args.get("duration_s", DEFAULT_DURATION_S)),
                 seq=self._seq,
+                front=front,
             )
         )
         self._adhoc.sort(key=lambda a: a.order)
         self._pending.append(CommandStage(cmd_id, "queued", self._clock.now_ms()))
+
+    def kept(self) -> list[dict]:
+        """The ad-hoc messages to keep across a restart, in order (not the text of an audio
+        item: that goes with its audio). Each has its ``remaining_s`` of display time; the one
+        on show also its ``end``, when that runs out (epoch ms), the others ``end: None``
+        (their time stands still while they wait)."""
+        now_ms, unpaid = self._clock.now_ms(), self._clock.monotonic() - self._last_mono
+        shown = self._shown.message_id if self._shown and self._shown.source == "command" \
+            else None
+        out = []
+        for item in self._adhoc:
+            if item.front:
+                continue
+            on_show = item.cmd_id == shown
+            remaining = max(0.0, item.remaining_s - (unpaid if on_show else 0.0))
+            out.append({"id": item.cmd_id, "text": item.text, "priority": item.priority,
+                        "effect": item.effect, "started": item.started,
+                        "remaining_s": round(remaining, 3),
+                        "end": now_ms + round(remaining * 1000) if on_show else None})
+        return out
+
+    def restore(self, kept: list[dict]) -> list[str]:
+        """Take back messages :meth:`kept` listed before a restart, with the display time they
+        had left: the one on show less the time the agent was off (it would have shown: it
+        never outlives its ``end``, and is dropped when that has passed), the waiting ones all
+        of it. Returns the ids taken back. No ``queued`` stage: they had theirs; a message
+        that had started shows again as ``resumed``."""
+        now_ms = self._clock.now_ms()
+        back = []
+        for msg in kept:
+            remaining = float(msg["remaining_s"])
+            if msg.get("end") is not None:
+                remaining = min(remaining, (msg["end"] - now_ms) / 1000)
+            if remaining <= 0 or any(a.cmd_id == msg["id"] for a in self._adhoc):
+                continue
+            self._seq += 1
+            self._adhoc.append(_AdHoc(msg["id"], msg["text"], Priority(msg["priority"]),
+                                      msg["effect"], remaining, self._seq,
+                                      started=bool(msg["started"])))
+            back.append(msg["id"])
+        self._adhoc.sort(key=lambda a: a.order)
+        return back
 
     def remove(self, cmd_id: str) -> bool:
         """Withdraw an ad-hoc message (a ``stop`` by id). Call :meth:`update`."""

@@ -160,6 +160,7 @@ class BoardService:
         self._show_extra: dict[str, Any] = {}
         self._error: str | None = None
         self._stopped = False
+        self._kept: tuple | None = None  # what the kept ad-hoc messages were last saved as
         fps = IMAGE_FPS if self.driver_name == "image" else FPS
         self._min_frame_s = 1.0 / fps
         self._retry_s = max(MIN_RETRY_S, float(self.options["reconnect_interval_s"]))
@@ -176,6 +177,7 @@ class BoardService:
         core.health_parts.append(lambda: {"board_link": self.link})
         core.stop_hooks.append(self.stop)
         self.restore()
+        self._take_back()
         self._minute()
         wall_s = self.clock.now_ms() / 1000.0
         core.call_every(MINUTE_S, self._minute, first_s=MINUTE_S - wall_s % MINUTE_S + 0.05)
@@ -199,7 +201,8 @@ class BoardService:
                 self._link_failed(self.driver.last_error or "not connected")
 
     def stop(self) -> None:
-        """Shutdown: record what was on show, tell the senders of unfinished messages."""
+        """Shutdown: record what was on show; keep the ad-hoc messages for the restart (no
+        final ack: they show on after it, until their end)."""
         if self._stopped:
             return
         self._stopped = True
@@ -211,9 +214,7 @@ class BoardService:
         if shown is not None:
             self._emit(ShowRecord(shown.message_id, shown.text, shown.source, shown.priority,
                                   shown.since_ms, now, "shutdown", shown.topic))
-        for item in self.content.snapshot()["queue"]:
-            if item["id"] not in self._silent:
-                self.core.ack(item["id"], "stopped", "shutdown")
+        self._keep(force=True)  # the ad-hoc messages show on after the restart
         driver = self.driver
         if driver is not None:
             self.io.submit(driver.close, lambda result: None)
@@ -260,7 +261,7 @@ class BoardService:
         self._silent[cmd_id] = None
         while len(self._silent) > 256:
             self._silent.popitem(last=False)
-        self.content.add_message(cmd_id, args)
+        self.content.add_message(cmd_id, args, front=True)  # it belongs to what is on air
         self.update()
         return True
 
@@ -317,6 +318,39 @@ class BoardService:
             _, reason = self.content.apply_document(topic, env.rev, env.args)
             log.info("board document %s rev %s restored: %s", topic, rev, reason)
 
+    def _take_back(self) -> None:
+        """Ad-hoc messages kept before a restart (a power cut, a crash, a stop) show on until
+        their end: the board carries their commands on (their open rows are closed here, so
+        the core does not answer them ``interrupted``; they get ``resumed`` or ``started``,
+        then ``done``). Those whose end passed meanwhile are dropped: the core answers them
+        ``failed``/``interrupted``."""
+        try:
+            kept = self.core.store.board_messages()
+            back = self.content.restore(kept)
+            for cmd_id in back:
+                self.core.store.open_done(cmd_id)
+        except Exception:  # a damaged row must not keep the board from starting
+            log.exception("board: ad-hoc messages kept before the restart not restored")
+            return
+        if kept:
+            log.info("board: %d ad-hoc message(s) back after the restart, %d ended meanwhile",
+                     len(back), len(kept) - len(back))
+        self._keep(force=True)
+
+    def _keep(self, force: bool = False) -> None:
+        """Save the ad-hoc messages (agent.db) when one came, went, started, was covered or
+        shown again: what a restart takes back (:meth:`_take_back`)."""
+        kept = self.content.kept()
+        shown = self.content.current()
+        mark = (tuple((m["id"], m["started"]) for m in kept), shown.key if shown else None)
+        if mark == self._kept and not force:
+            return  # a standing rotation, or nothing: no write
+        self._kept = mark
+        try:
+            self.core.store.board_messages_save(kept)
+        except Exception:
+            log.exception("board: ad-hoc messages not saved (they end at a restart)")
+
     # --- content -------------------------------------------------------------------------
 
     def update(self) -> None:
@@ -330,6 +364,7 @@ class BoardService:
             self._show(changes.shown)
         if changes.changed or changes.stages:
             self.core.mark_state_dirty()
+            self._keep()
         self._set_timer("content", max(0.01, self.content.next_deadline_s()), self.update)
 
     def _ack(self, stage: CommandStage) -> None:

@@ -251,3 +251,66 @@ class Store:
 
     def open_list(self) -> list[tuple[str, str, int]]:
         return self.db.execute("SELECT id, type, since FROM open_cmds ORDER BY since").fetchall()
+
+    # --- tables added after SCHEMA, made at their first use -------------------------------
+
+    _made: frozenset[str] = frozenset()  # names of the tables below already made
+
+    def _table(self, name: str, columns: str) -> None:
+        if name not in self._made:
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+            self._made = self._made | {name}
+
+    # --- what airs (agent/audio/journal.py): one row per item from its start to its end ----
+
+    def airing_put(self, item_id: str, body: dict, played_ms: int, now_ms: int) -> None:
+        """Write an item's row (its record so far); flushed with its batch."""
+        with self.transaction():
+            self._table("airing", _AIRING)
+            self._write("INSERT OR REPLACE INTO airing(id, body, played_ms, updated) "
+                        "VALUES (?,?,?,?)", (item_id, encode(body), played_ms, now_ms))
+
+    def airing_progress(self, item_id: str, played_ms: int, now_ms: int) -> None:
+        """Move an item's position. Written at once (a crash of the agent keeps it) but not
+        flushed on its own: it reaches the card with the next flush of any batch, or with the
+        kernel's write-back. So a position costs a WAL page, no fsync."""
+        with self.transaction():
+            self._table("airing", _AIRING)
+            flushed = self.db.total_changes == self._synced_changes
+            self._write("UPDATE airing SET played_ms=?, updated=? WHERE id=?",
+                        (played_ms, now_ms, item_id))
+            if flushed:  # nothing else waits for the flush: this alone asks for none
+                self._synced_changes = self.db.total_changes
+
+    def airing_done(self, item_id: str) -> None:
+        with self.transaction():
+            self._table("airing", _AIRING)
+            self._write("DELETE FROM airing WHERE id=?", (item_id,))
+
+    def airing_rows(self) -> list[tuple[str, dict, int, int]]:
+        """``(id, body, played_ms, updated)`` of every row, oldest update first."""
+        self._table("airing", _AIRING)
+        rows = self.db.execute(
+            "SELECT id, body, played_ms, updated FROM airing ORDER BY updated, id").fetchall()
+        return [(i, json.loads(body), played, updated) for i, body, played, updated in rows]
+
+    # --- ad-hoc board messages (agent/board/service.py), kept across restarts --------------
+
+    def board_messages_save(self, messages: list[dict]) -> None:
+        """Replace the kept ad-hoc board messages (each a dict with an ``id``), in order."""
+        with self.transaction():
+            self._table("board_messages", _BOARD_MESSAGES)
+            self._write("DELETE FROM board_messages")
+            for pos, msg in enumerate(messages):
+                self._write("INSERT INTO board_messages(pos, id, body) VALUES (?,?,?)",
+                            (pos, msg["id"], encode(msg)))
+
+    def board_messages(self) -> list[dict]:
+        self._table("board_messages", _BOARD_MESSAGES)
+        rows = self.db.execute("SELECT body FROM board_messages ORDER BY pos").fetchall()
+        return [json.loads(body) for (body,) in rows]
+
+
+_AIRING = "id TEXT PRIMARY KEY, body TEXT NOT NULL, played_ms INTEGER NOT NULL, " \
+          "updated INTEGER NOT NULL"
+_BOARD_MESSAGES = "pos INTEGER PRIMARY KEY, id TEXT NOT NULL, body TEXT NOT NULL"

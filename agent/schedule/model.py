@@ -85,6 +85,7 @@ ITEM = Obj(
         "duration_s": a.DURATION,
         "catch_up_s": a.Int(lo=0, hi=86_400),
         "repeat": a.REPEAT,
+        "board_text": a.BOARD_TEXT,  # shown on the board while the slot airs
     },
     rules=(a.exactly_one("media", "live", "say"), a.exactly_one("days", "dates"),
            a.required_with("duration_s", "live", "a live item"), a.from_until),
@@ -146,6 +147,7 @@ class ScheduleItem:
     duration_s: int | None = None
     catch_up_s: int | None = None  # None: the planner's default
     repeat: int = 1
+    board_text: str | None = None  # on the board while a slot airs
 
     def dates_between(self, first: date, last: date) -> Iterator[date]:
         """Local dates in [first, last] on which the item airs."""
@@ -204,7 +206,7 @@ def parse_item(raw: dict, index: int, default_timezone: str) -> ScheduleItem:
         timezone=raw.get("timezone", default_timezone),
         priority=Priority(raw.get("priority", "normal")), volume=raw.get("volume"),
         duration_s=raw.get("duration_s"), catch_up_s=raw.get("catch_up_s"),
-        repeat=raw.get("repeat", 1),
+        repeat=raw.get("repeat", 1), board_text=raw.get("board_text"),
     )
 
 

@@ -294,7 +294,8 @@ class ScheduleService:
             sid, item.kind, item.action, priority=item.priority, volume=item.volume,
             duration_s=item.duration_s, repeat=item.repeat,
             exp_ms=slot.due_ms + self.planner.allowance_ms(item) + _patience_ms(item),
-            on_result=self._on_result, at_ms=at_ms, extra=slot_fields(slot))
+            on_result=self._on_result, at_ms=at_ms, extra=slot_fields(slot),
+            board_text=item.board_text)
 
     def _on_result(self, sid: str, stage: str, reason: str | None) -> None:
         """Progress of a submitted slot (audio service, core thread)."""
