@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import __version__, protocol
 from agent.config import ConfigError
 from agent.core.mqtt import make_client, no_delay
-from ctl import config
+from ctl import config, release
 from ctl.config import groups_of
 
 EXIT_DONE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 0, 1, 2, 64
@@ -507,12 +507,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait for devices' results (default 10)")
         pp.add_argument("--devices", type=int, help="for a group: results to wait for")
     sub.add_parser("version")
+    release.add_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "version":
         print(f"ttcs-ctl {__version__}")
         return 0
     if args.cmd == "keygen":
         return keygen(args.out, args.kid, args.force)
+    if args.cmd == "release":
+        return release.main(args)
     try:
         cfg = config.load(args.config)
     except ConfigError as e:
