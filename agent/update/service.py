@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ARGS = Obj(required=("version", "url", "sha256"), fields={
     "version": a.Pattern(regex=r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}",
                          what="a version such as 0.2.0"),
-    "url": a.MEDIA_URL, "sha256": a.SHA256, "size": a.Int(lo=1, hi=2**34)})
+    "url": a.MEDIA_URL, "sha256": a.SHA256, "size": a.Int(lo=1, hi=2**40)})
 ROLLED_BACK, BUSY = "rolled_back", "update_in_progress"
 DEFAULT_SIZE = 50 * 2**20  # a bundle's size when the command does not say
 VENV_FACTOR = 3  # an installed venv takes about this many times its bundle
