@@ -160,27 +160,29 @@ def test_update_resumes_a_cut_download_switches_and_commits_after_probation(cabi
 
 # --- rollbacks ---------------------------------------------------------------------------
 
-def test_version_that_crashes_at_start_is_rolled_back_by_the_boot_guard(cabinet):
+def rolled_back(cabinet, version: str) -> tuple[Supervisor, dict]:
+    """Start the base version, update to ``version``; the final ack is failed/rolled_back
+    and the base version runs again."""
     sup = cabinet["start"]()
-    w = cabinet["watcher"]
-    cmd = send_update(cabinet, "0.3.0")
-    failed = w.wait_ack(cmd, "failed", timeout=180)
+    cmd = send_update(cabinet, version)
+    failed = cabinet["watcher"].wait_ack(cmd, "failed", timeout=180)
     assert failed["reason"] == "rolled_back", failed
-    assert failed["detail"]["version"] == "0.3.0" and "without a commit" in failed["detail"]["why"]
+    assert failed["detail"]["version"] == version
     assert running_version(cabinet) == BASE
+    assert stages(cabinet["watcher"], cmd) == ["received", "queued", "started", "failed"]
+    return sup, failed
+
+
+def test_version_that_crashes_at_start_is_rolled_back_by_the_boot_guard(cabinet):
+    sup, failed = rolled_back(cabinet, "0.3.0")
+    assert "2 starts of venvs/0.3.0 without a commit" in failed["detail"]["why"]
     assert sum(1 for code in sup.exits if code != 0) >= 2  # the crashing starts
     assert "rolled back to venvs/0.1.0" in sup.log()
-    assert stages(w, cmd) == ["received", "queued", "started", "failed"]
 
 
 def test_version_that_never_connects_gives_up_and_is_rolled_back(cabinet):
-    cabinet["start"]()
-    w = cabinet["watcher"]
-    cmd = send_update(cabinet, "0.4.0")
-    failed = w.wait_ack(cmd, "failed", timeout=180)
-    assert failed["reason"] == "rolled_back"
+    _, failed = rolled_back(cabinet, "0.4.0")
     assert "not connected" in failed["detail"]["why"]
-    assert running_version(cabinet) == BASE
 
 
 # --- refused before the switch -----------------------------------------------------------

@@ -93,11 +93,11 @@ class FileServer:
                 self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/{name}"
 
     def close(self) -> None:
         self.httpd.shutdown()
