@@ -130,11 +130,29 @@ def render_status(st: dict, alive: bool) -> str:
         nxt = state["schedule"].get("next")
         lines.append(f"next:     {_describe(nxt) if nxt else 'no scheduled item'}")
     lines += _render_alerts(state.get("alerts"))
+    lines += render_update(state.get("update"))
     lines += _render_health(st.get("health"))
     for key in ("queue", "volume", "schedule", "board"):
         if state.get(key) not in (None, [], {}):
             lines.append(f"{key + ':':<10}{_short_json(state[key])}")
     return "\n".join(lines)
+
+
+def render_update(u) -> list[str]:
+    """Versions and any update over the air in progress (docs/UPDATE.md)."""
+    if not isinstance(u, dict):
+        return []
+    lines = [f"versions: running {u.get('running') or '?'}, previous "
+             f"{u.get('previous') or 'none'}"]
+    cur = u.get("in_progress")
+    if isinstance(cur, dict):
+        starts = f", start {cur['starts']}" if cur.get("starts") else ""
+        lines.append(f"update:   {cur.get('version')} {cur.get('phase')}{starts} "
+                     f"(command {cur.get('id')})")
+    last = u.get("last")
+    if isinstance(last, dict) and last.get("state") == "rolled_back":
+        lines.append(f"update:   {last.get('version')} ROLLED BACK: {last.get('why')}")
+    return lines
 
 
 def _describe(item) -> str:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -73,6 +76,7 @@ def cabinet(site, tmp_path):
                            security={"media_hosts": ["127.0.0.1"]},
                            media={"backoff_s": 0.1})
         sup = Supervisor(site["prefix"], cfg, tmp_path / "supervisor.log").start()
+        sup.config = cfg
         made.append(sup)
         wait_online(watcher)
         return sup
@@ -133,7 +137,7 @@ def test_bundle_holds_every_wheel_and_is_checked_against_its_manifest(site, tmp_
 # --- good update -------------------------------------------------------------------------
 
 def test_update_resumes_a_cut_download_switches_and_commits_after_probation(cabinet):
-    cabinet["start"]()
+    sup = cabinet["start"]()
     w = cabinet["watcher"]
     first = wait_online(w)
     cabinet["server"].cuts = 3  # the download is cut three times half-way
@@ -153,6 +157,9 @@ def test_update_resumes_a_cut_download_switches_and_commits_after_probation(cabi
     events = {e["seq"]: e["result"] for e in w.json(f"dev/{DEVICE}/event")
               if e.get("type") == "update"}  # at least once: a seq may come twice
     assert sorted(events.values()) == ["committed", "switched"]
+    status = subprocess.run([str(cabinet["prefix"] / "venv" / "bin" / "ttcs-agent"), "status",
+                             "--config", str(sup.config)], capture_output=True, text=True)
+    assert "versions: running 0.2.0, previous 0.1.0" in status.stdout, status.stdout
     gap = online - offline
     print(f"restart gap (offline/shutdown -> online on the new version): {gap:.2f} s")
     assert gap < 10
@@ -235,3 +242,40 @@ def test_unit_runs_the_guard_before_the_agent():
     assert "/opt/ttcs-agent" in s["ReadWritePaths"][0]
 
 
+
+
+# --- when it may start -------------------------------------------------------------------
+
+def test_update_waits_while_a_priority_item_airs(cabinet):
+    from agent.audio.tone import write_tone
+
+    sup = cabinet["start"]()
+    w = cabinet["watcher"]
+    wav = cabinet["bundles"][BASE].parent / "bulletin.wav"
+    write_tone(str(wav), seconds=4.0)
+    play = cabinet["keys"].command(f"dev/{DEVICE}", "play", {
+        "media": {"url": cabinet["server"].url(wav.name), "sha256": sha256_file(wav)},
+        "priority": "priority"})
+    w.publish(f"ttcs/dev/{DEVICE}/cmd", play)
+    w.wait_ack(play["id"], "started", timeout=20)
+    cmd = send_update(cabinet, "0.2.0")
+    queued = w.wait_ack(cmd, "queued")
+    played = w.wait_ack(play["id"], "done", timeout=20)
+    started = w.wait_ack(cmd, "started", timeout=20)
+    assert queued["ts"] < played["ts"] <= started["ts"]
+    w.wait_ack(cmd, "done", timeout=120)
+    assert len(sup.starts) == 2
+
+
+def test_update_waits_for_its_window(cabinet):
+    now = datetime.now(ZoneInfo("Asia/Ho_Chi_Minh"))
+    later = (now + timedelta(hours=2)).strftime("%H:%M")
+    cabinet["start"](window=f"{later}-{(now + timedelta(hours=3)).strftime('%H:%M')}")
+    w = cabinet["watcher"]
+    cmd = send_update(cabinet, "0.2.0")
+    w.wait_ack(cmd, "queued")
+    time.sleep(3)
+    assert stages(w, cmd) == ["received", "queued"]
+    state = w.wait_for(lambda: next((s for s in reversed(w.json(f"dev/{DEVICE}/state"))
+                                     if (s.get("update") or {}).get("in_progress")), None))
+    assert state["update"]["in_progress"] == {"id": cmd, "version": "0.2.0", "phase": "queued"}

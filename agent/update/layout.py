@@ -82,3 +82,20 @@ class Layout:
         for name in doomed:
             shutil.rmtree(self.venvs / name, ignore_errors=True)
         return doomed
+
+    def describe(self, in_progress: dict | None = None) -> dict:
+        """Running and previous versions, any update in progress (``in_progress``: the
+        running agent's own, queued or downloading), the last one's outcome: for the state
+        snapshot, ``ttcs-agent status`` and ``doctor``."""
+        running = self.running() or self.current()
+        name = Path(running).name if running else None
+        others = [n for n in self.installed() if n != name]
+        rec = self.read() or {}
+        if in_progress is None and rec.get("state") in ("probation", "rollback"):
+            in_progress = {"id": rec.get("id"), "version": rec.get("version"),
+                           "phase": rec["state"], "starts": rec.get("starts")}
+        out = {"running": name, "previous": others[-1] if others else None,
+               "in_progress": in_progress}
+        if rec.get("state") in ("committed", "rolled_back"):
+            out["last"] = {k: rec.get(k) for k in ("version", "state", "why", "id")}
+        return out

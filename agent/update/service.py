@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -242,25 +241,9 @@ class UpdateService:
     # --- state -------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        return describe(self.layout, self.pending, self.phase)
-
-
-def describe(layout: Layout, pending: Envelope | None = None, phase: str | None = None) -> dict:
-    """Running and previous versions and any update in progress (state, status, doctor)."""
-    running = layout.running() or layout.current()
-    others = [n for n in layout.installed() if running is None or n != Path(running).name]
-    rec = layout.read() or {}
-    out: dict[str, Any] = {"running": Path(running).name if running else None,
-                           "previous": others[-1] if others else None, "in_progress": None}
-    if pending is not None:
-        out["in_progress"] = {"id": pending.id, "version": pending.args["version"],
-                              "phase": phase}
-    elif rec.get("state") in ("probation", "rollback"):
-        out["in_progress"] = {"id": rec.get("id"), "version": rec.get("version"),
-                              "phase": rec["state"], "starts": rec.get("starts")}
-    if rec.get("state") in ("committed", "rolled_back"):
-        out["last"] = {k: rec.get(k) for k in ("version", "state", "why", "id")}
-    return out
+        env = self.pending
+        return self.layout.describe(None if env is None else {
+            "id": env.id, "version": env.args["version"], "phase": self.phase})
 
 
 def install(core: Any, cfg: dict, *, audio: Any) -> UpdateService:
