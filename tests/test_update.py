@@ -4,8 +4,10 @@ does what the unit tells systemd to do (docs/UPDATE.md)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import tarfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,6 +29,9 @@ CRASH = ("agent/app.py", "    cfg = config.load_or_report(config_path)\n",
          "    raise RuntimeError('this version crashes at start')\n")
 NO_BROKER = ("agent/app.py", "    core = build(cfg)\n",
              "    cfg['mqtt']['port'] = 9\n    core = build(cfg)\n")
+HANGS = ("agent/core/loop.py", "        self.mark_state_dirty()\n        self._fail_interrupted()\n",
+         "        self.mark_state_dirty()\n        self._fail_interrupted()\n"
+         "        self.call_later(1, threading.Event().wait)\n")
 REFUSES = ("agent/config.py", '    errors.extend(_secret_problems(cfg["mqtt"]))\n',
            '    errors.append(("device.id", "refused by this version"))\n')
 
@@ -43,6 +48,7 @@ def site(tmp_path_factory):
         "0.3.0": make_bundle(top, wheelhouse, "0.3.0", [CRASH]),
         "0.4.0": make_bundle(top, wheelhouse, "0.4.0", [NO_BROKER]),
         "0.5.0": make_bundle(top, wheelhouse, "0.5.0", [REFUSES]),
+        "0.6.0": make_bundle(top, wheelhouse, "0.6.0", [HANGS]),
     }
     prefix = top / "opt"
     layout = Layout(prefix)
@@ -76,7 +82,6 @@ def cabinet(site, tmp_path):
                            security={"media_hosts": ["127.0.0.1"]},
                            media={"backoff_s": 0.1})
         sup = Supervisor(site["prefix"], cfg, tmp_path / "supervisor.log").start()
-        sup.config = cfg
         made.append(sup)
         wait_online(watcher)
         return sup
@@ -97,8 +102,8 @@ def wait_online(watcher: Watcher, after: int = 0, timeout: float = 60) -> dict:
     return watcher.wait_for(online, timeout, what="online")
 
 
-def send_update(cab, version: str, **overrides) -> str:
-    bundle = cab["bundles"][version]
+def send_update(cab, version: str, bundle: Path | None = None, **overrides) -> str:
+    bundle = bundle or cab["bundles"][version]
     args = {"version": version, "url": cab["server"].url(bundle.name),
             "sha256": sha256_file(bundle), "size": bundle.stat().st_size, **overrides}
     env = cab["keys"].command(f"dev/{DEVICE}", "update", args)
@@ -192,6 +197,12 @@ def test_version_that_never_connects_gives_up_and_is_rolled_back(cabinet):
     assert "not connected" in failed["detail"]["why"]
 
 
+def test_version_whose_loop_hangs_is_aborted_by_the_watchdog_and_rolled_back(cabinet):
+    sup, failed = rolled_back(cabinet, "0.6.0")
+    assert sup.aborted >= 2  # no WATCHDOG=1 within WatchdogSec: SIGABRT, as systemd does
+    assert "without a commit" in failed["detail"]["why"]
+
+
 # --- refused before the switch -----------------------------------------------------------
 
 def test_bad_bundles_fail_without_a_restart(cabinet):
@@ -201,12 +212,32 @@ def test_bad_bundles_fail_without_a_restart(cabinet):
     failed = w.wait_ack(cmd, "failed", timeout=120)
     assert failed["reason"] == "config", failed
     assert any("refused by this version" in line for line in failed["detail"]["problems"])
+    cmd = send_update(cabinet, "0.2.0", without_a_dependency(cabinet, "paho_mqtt"))
+    failed = w.wait_ack(cmd, "failed", timeout=120)
+    assert failed["reason"] == "install", failed
+    assert any("paho" in line for line in failed["detail"]["output"]), failed  # pip's last lines
     cmd = send_update(cabinet, "0.2.0", sha256="0" * 64)
     assert w.wait_ack(cmd, "failed", timeout=60)["reason"] == "media_checksum"
     cmd = send_update(cabinet, "0.2.0", size=2**40)
     assert w.wait_ack(cmd, "failed", timeout=30)["reason"] == "disk_space"
     assert len(sup.starts) == 1 and running_version(cabinet) == BASE
     assert not (cabinet["prefix"] / "venvs" / "0.5.0").exists()
+
+
+def without_a_dependency(cabinet, prefix: str) -> Path:
+    """The 0.2.0 bundle less one dependency's wheel, with a manifest that says so."""
+    work = cabinet["prefix"].parent / f"less-{prefix}"
+    shutil.rmtree(work, ignore_errors=True)
+    manifest = extract(cabinet["bundles"]["0.2.0"], work)
+    for name in [n for n in manifest["files"] if Path(n).name.startswith(prefix)]:
+        (work / name).unlink()
+        del manifest["files"][name]
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    out = cabinet["bundles"]["0.2.0"].parent / f"less-{prefix}.tar"
+    with tarfile.open(out, "w") as tar:
+        for name in ["manifest.json", *manifest["files"]]:
+            tar.add(work / name, name)
+    return out
 
 
 # --- the boot guard alone ----------------------------------------------------------------

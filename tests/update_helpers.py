@@ -3,10 +3,15 @@ that can cut downloads, and a supervisor doing what systemd does with the unit's
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,13 +124,17 @@ def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
 
 class Supervisor:
     """What systemd does for the unit, read from the unit file: ExecStartPre= (a leading
-    ``-``: failure ignored), ExecStart=, Restart=always with RestartSec=, Environment=.
-    Paths under /opt/ttcs-agent and the config path are mapped into the test's folders."""
+    ``-``: failure ignored), ExecStart=, Restart=always with RestartSec=, Environment=, and
+    Type=notify's watchdog: no WATCHDOG=1 on $NOTIFY_SOCKET for WatchdogSec= after READY=1
+    gets SIGABRT, then SIGKILL after TimeoutAbortSec=. Paths under /opt/ttcs-agent and the
+    config path are mapped into the test's folders."""
 
     def __init__(self, prefix: Path, config: Path, log: Path) -> None:
         s = unit_settings()
-        assert s["Restart"] == ["always"]
+        assert s["Restart"] == ["always"] and s["Type"] == ["notify"]
         self.restart_s = float(s["RestartSec"][0])
+        self.watchdog_s = float(s["WatchdogSec"][0])
+        self.abort_s = float(s["TimeoutAbortSec"][0])
         self.env = dict(kv.split("=", 1) for e in s.get("Environment", []) for kv in shlex.split(e))
 
         def mapped(cmd: str) -> list[str]:
@@ -136,10 +145,16 @@ class Supervisor:
         self.pre = [mapped(c) for c in s.get("ExecStartPre", [])]
         self.main = mapped(s["ExecStart"][0])
         self.log_path = log
+        self.config = config
         self.starts: list[float] = []  # time.monotonic() of each main start
         self.exits: list[int] = []
+        self.aborted = 0  # starts ended by the watchdog
         self.proc: subprocess.Popen | None = None
         self._stopping = False
+        self._sock_dir = tempfile.mkdtemp(prefix="sv-")  # a short path: sun_path is 108 bytes
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(f"{self._sock_dir}/notify")
+        self._sock.settimeout(0.1)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Supervisor:
@@ -147,9 +162,8 @@ class Supervisor:
         return self
 
     def _run(self) -> None:
-        import os
-
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, "NOTIFY_SOCKET": f"{self._sock_dir}/notify",
+               "WATCHDOG_USEC": str(int(self.watchdog_s * 1e6))}
         with open(self.log_path, "ab") as log:
             while not self._stopping:
                 for cmd in self.pre:
@@ -157,9 +171,28 @@ class Supervisor:
                 self.proc = subprocess.Popen(self.main, stdout=log, stderr=subprocess.STDOUT,
                                              env=env)
                 self.starts.append(time.monotonic())
-                self.exits.append(self.proc.wait())
+                self.exits.append(self._serve(self.proc))
                 if not self._stopping:
                     time.sleep(self.restart_s)
+
+    def _serve(self, proc: subprocess.Popen) -> int:
+        last: float | None = None  # the watchdog runs from READY=1 on
+        while proc.poll() is None:
+            try:
+                msg = self._sock.recv(4096).decode()
+            except TimeoutError:
+                msg = ""
+            if "READY=1" in msg or "WATCHDOG=1" in msg:
+                last = time.monotonic()
+            if last is not None and time.monotonic() - last > self.watchdog_s:
+                self.aborted += 1
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    proc.wait(self.abort_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                break
+        return proc.wait()
 
     def stop(self) -> None:
         self._stopping = True
@@ -170,6 +203,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._thread.join(20)
+        self._sock.close()
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
