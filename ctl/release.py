@@ -123,8 +123,9 @@ def main(args) -> int:
     sha = sha256_file(bundle)
     print(f"{bundle}: version {manifest['version']}, {len(manifest['files'])} files, "
           f"{bundle.stat().st_size} bytes\nsha256 {sha}")
+    print("update args (put the bundle on a host in security.media_hosts):")
     print(json.dumps({"version": manifest["version"], "url": f"https://HOST/{bundle.name}",
-                      "sha256": sha}))
+                      "sha256": sha, "size": bundle.stat().st_size}))
     return 0 if all(p["complete"] for p in manifest["platforms"].values()) else EXIT_INCOMPLETE
 
 

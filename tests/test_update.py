@@ -115,6 +115,15 @@ def stages(watcher: Watcher, cmd_id: str) -> list[str]:
     return [a["stage"] for a in watcher.acks(cmd_id)]
 
 
+def tone(cab, seconds: float) -> dict:
+    """A media object for a tone of ``seconds`` served beside the bundles."""
+    from agent.audio.tone import write_tone
+
+    wav = cab["bundles"][BASE].parent / f"tone-{seconds:g}.wav"
+    write_tone(str(wav), seconds=seconds)
+    return {"url": cab["server"].url(wav.name), "sha256": sha256_file(wav)}
+
+
 def running_version(cab) -> str:
     out = subprocess.run([str(cab["prefix"] / "venv" / "bin" / "ttcs-agent"), "version"],
                          capture_output=True, text=True, check=True)
@@ -150,13 +159,20 @@ def test_update_resumes_a_cut_download_switches_and_commits_after_probation(cabi
     w.wait_ack(cmd, "started", timeout=30)
     offline = w.arrival(f"dev/{DEVICE}/status", lambda s: s.get("reason") == "shutdown",
                         timeout=120)
+    # An emergency sent while the agent restarts airs on the new version (the broker keeps
+    # the session's commands).
+    emergency = cabinet["keys"].command(f"dev/{DEVICE}", "play", {
+        "media": tone(cabinet, 0.5), "priority": "emergency"})
+    w.publish(f"ttcs/dev/{DEVICE}/cmd", emergency)
     online = w.arrival(f"dev/{DEVICE}/status", lambda s: s.get("state") == "online"
                        and s["session"] > first["session"], timeout=60)
     done = w.wait_ack(cmd, "done", timeout=60)
     assert stages(w, cmd) == ["received", "queued", "started", "done"]
+    w.wait_ack(emergency["id"], "done", timeout=20)
     assert done["detail"]["version"] == "0.2.0"
     assert running_version(cabinet) == "0.2.0"
-    ranges = cabinet["server"].ranges
+    bundle = cabinet["bundles"]["0.2.0"].name
+    ranges = [r for path, r in cabinet["server"].ranges if path.endswith(bundle)]
     assert ranges[0] is None and len(ranges) == 4 and all(r.startswith("bytes=") for r in ranges[1:])
     assert cabinet["layout"].read()["state"] == "committed"
     events = {e["seq"]: e["result"] for e in w.json(f"dev/{DEVICE}/event")
@@ -278,15 +294,10 @@ def test_unit_runs_the_guard_before_the_agent():
 # --- when it may start -------------------------------------------------------------------
 
 def test_update_waits_while_a_priority_item_airs(cabinet):
-    from agent.audio.tone import write_tone
-
     sup = cabinet["start"]()
     w = cabinet["watcher"]
-    wav = cabinet["bundles"][BASE].parent / "bulletin.wav"
-    write_tone(str(wav), seconds=4.0)
     play = cabinet["keys"].command(f"dev/{DEVICE}", "play", {
-        "media": {"url": cabinet["server"].url(wav.name), "sha256": sha256_file(wav)},
-        "priority": "priority"})
+        "media": tone(cabinet, 4.0), "priority": "priority"})
     w.publish(f"ttcs/dev/{DEVICE}/cmd", play)
     w.wait_ack(play["id"], "started", timeout=20)
     cmd = send_update(cabinet, "0.2.0")

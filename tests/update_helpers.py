@@ -61,12 +61,12 @@ def make_bundle(out: Path, wheelhouse: Path, version: str, patches=()) -> Path:
 
 class FileServer:
     """Serves a folder over HTTP with Range; ``cuts``: that many responses are cut after
-    half of their body. ``ranges`` records each GET's Range header."""
+    half of their body."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.cuts = 0
-        self.ranges: list[str | None] = []
+        self.ranges: list[tuple[str, str | None]] = []  # (path, Range header) of each GET
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,7 +80,7 @@ class FileServer:
                     return
                 data = path.read_bytes()
                 rng = self.headers.get("Range")
-                server.ranges.append(rng)
+                server.ranges.append((self.path, rng))
                 start = int(rng.split("=")[1].split("-")[0]) if rng else 0
                 body = data[start:]
                 self.send_response(206 if rng else 200)
