@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 from agent.update.bundle import MANIFEST, WHEELS, sha256_file
@@ -66,6 +67,22 @@ def _platform_args(name: str, python: str) -> list[str]:
     return out + [f"--platform={t}" for t in tags]
 
 
+def _requirements(wheel: Path) -> list[str]:
+    """The wheel's unconditional Requires-Dist."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    return [ln.split(":", 1)[1].strip() for ln in lines
+            if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
+
+
+def _missing_direct(project: Path, dest: Path, args: list[str]) -> set[str]:
+    """pip names only the first requirement it cannot satisfy: try each direct one alone."""
+    return {req for req in _requirements(project)
+            if _pip(["download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest),
+                     *args, req]).returncode != 0}
+
+
 def build(src: Path, out_dir: Path, *, platforms: list[str], python: str = "3.11",
           index_args: list[str] | None = None, log=print) -> tuple[Path, dict]:
     """Build the bundle into ``out_dir``; return its path and manifest."""
@@ -89,7 +106,8 @@ def build(src: Path, out_dir: Path, *, platforms: list[str], python: str = "3.11
                 report[name] = {"complete": True}
                 log(f"{name}: every dependency has a wheel")
                 continue
-            missing = sorted(set(_MISSING.findall(r.stderr)))
+            missing = sorted(set(_MISSING.findall(r.stderr)) | _missing_direct(
+                project, wheels, [*index_args, *_platform_args(name, python)]))
             report[name] = {"complete": False, "missing": missing,
                             "pip": r.stderr.strip().splitlines()[-3:]}
             log(f"{name}: INCOMPLETE, no wheel for {', '.join(missing) or '?'} "
