@@ -58,7 +58,8 @@ def site(tmp_path_factory):
                                     config_path=str(cfg), like=None))
     shutil.copy(ROOT / "scripts" / "boot-guard", prefix / "boot-guard")
     server = FileServer(bundles[BASE].parent)
-    yield {"prefix": prefix, "layout": layout, "bundles": bundles, "server": server}
+    yield {"prefix": prefix, "layout": layout, "bundles": bundles, "server": server,
+           "wheelhouse": wheelhouse}
     server.close()
 
 
@@ -146,6 +147,23 @@ def test_bundle_holds_every_wheel_and_is_checked_against_its_manifest(site, tmp_
     from agent.update.bundle import verify_folder
     with pytest.raises(BundleError, match="sha256"):
         verify_folder(work)
+
+
+def test_release_build_command_reports_a_platform_without_wheels(site, tmp_path, capsys):
+    from ctl.main import main
+
+    wheels = ["--find-links", str(site["wheelhouse"]), "--no-index"]
+    assert main(["release", "build", "--platform", "native", "--out", str(tmp_path / "a"),
+                 *wheels]) == 0
+    out = capsys.readouterr().out
+    assert "native: every dependency has a wheel" in out and '"sha256": "' in out
+    # This machine's wheels only, offline: nothing for 32-bit ARM; said, not silently built.
+    assert main(["release", "build", "--platform", "armhf", "--out", str(tmp_path / "b"),
+                 *wheels]) == 2
+    assert "armhf: INCOMPLETE, no wheel for " in capsys.readouterr().out
+    manifest = extract(next((tmp_path / "b").glob("*.tar")), tmp_path / "x")
+    assert manifest["platforms"]["armhf"]["complete"] is False
+    assert "pyyaml>=6" in manifest["platforms"]["armhf"]["missing"]
 
 
 # --- good update -------------------------------------------------------------------------

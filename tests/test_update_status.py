@@ -62,3 +62,14 @@ def test_config_refuses_a_bad_window():
 
     with pytest.raises(config.ConfigError, match=r"update\.window"):
         config.parse("device: {id: d1}\nupdate: {window: '25:00-02:00'}\n")
+
+
+def test_install_puts_the_boot_guard_outside_every_venv(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([str(root / "scripts" / "install"), "--prefix", str(tmp_path),
+                          "--dry-run"], capture_output=True, text=True, check=True).stdout
+    assert (f"install -m 0755 {root}/scripts/boot-guard {tmp_path}/opt/ttcs-agent/boot-guard"
+            in out)
