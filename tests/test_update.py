@@ -339,3 +339,23 @@ def test_update_waits_for_its_window(cabinet):
     state = w.wait_for(lambda: next((s for s in reversed(w.json(f"dev/{DEVICE}/state"))
                                      if (s.get("update") or {}).get("in_progress")), None))
     assert state["update"]["in_progress"] == {"id": cmd, "version": "0.2.0", "phase": "queued"}
+
+
+def test_switch_waits_for_a_priority_item_that_began_during_the_install(cabinet):
+    cabinet["start"]()
+    w = cabinet["watcher"]
+    cmd = send_update(cabinet, "0.2.0")
+    w.wait_ack(cmd, "started", timeout=30)
+    play = cabinet["keys"].command(f"dev/{DEVICE}", "play", {
+        "media": tone(cabinet, 20.0), "priority": "priority"})
+    w.publish(f"ttcs/dev/{DEVICE}/cmd", play)
+    w.wait_ack(play["id"], "started", timeout=20)
+    played = w.wait_ack(play["id"], "done", timeout=60)
+    assert played["stage"] == "done"  # not stopped by a restart
+    offline = w.wait_for(lambda: next((s for s in w.json(f"dev/{DEVICE}/status")
+                                       if s.get("reason") == "shutdown"), None), 60, "shutdown")
+    assert offline["ts"] >= played["ts"]
+    phases = {((s.get("update") or {}).get("in_progress") or {}).get("phase")
+              for s in w.json(f"dev/{DEVICE}/state")}
+    assert "ready" in phases  # installed before the item ended, and waited for it
+    w.wait_ack(cmd, "done", timeout=60)

@@ -212,6 +212,19 @@ class UpdateService:
         if isinstance(result, BaseException):
             self._finish_failed("install", f"{type(result).__name__}: {result}")
             return
+        self._set_phase("ready")
+        self._switch_when_quiet(result)
+
+    def _switch_when_quiet(self, target: str) -> None:
+        """The install took a while: restart only once nothing of priority or emergency
+        airs or waits (again), so the switch never cuts one off."""
+        env = self.pending
+        if env is None:
+            return
+        if not self.quiet():
+            self.core.call_later(RETRY_S, self._switch_when_quiet, target)
+            return
+        result = target
         rec = {"state": "probation", "id": env.id, "version": env.args["version"],
                "from": self.layout.running(), "to": result, "starts": 0,
                "max_failed_starts": self.ucfg["max_failed_starts"],
