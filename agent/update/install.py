@@ -42,6 +42,7 @@ def check_space(folder: Path, need: int) -> None:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
     env["PIP_CONFIG_FILE"] = os.devnull  # no index, find-links or constraints from the host
+    env["PIP_NO_CACHE_DIR"] = "1"  # no cache in the agent's home, the state folder
     return env
 
 
@@ -87,7 +88,8 @@ def install(layout: Layout, bundle: Path, *, version: str, config_path: str,
         _run([base, "-m", "venv", *flags, str(target)], "install", "python -m venv")
         try:
             _run([str(target / "bin" / "python"), "-m", "pip", "install", "--no-index",
-                  "--disable-pip-version-check", "--no-warn-script-location", "--find-links",
+                  "--disable-pip-version-check", "--no-warn-script-location", "--no-cache-dir",
+                  "--find-links",
                   str(work / WHEELS), f"ttcs-agent=={version}"], "install", "pip install")
             _run([str(target / "bin" / "python"), "-m", "compileall", "-q", str(target / "lib")],
                  "install", "compileall")

@@ -190,11 +190,15 @@ class UpdateService:
     def _fetch_and_install(self, args: dict) -> str:
         dest = self.layout.downloads / f"{args['version']}.tar"
         dest.parent.mkdir(parents=True, exist_ok=True)
+        for other in dest.parent.iterdir():  # a part left by an abandoned update
+            if other != dest:
+                other.unlink()
+        # A failed download keeps what arrived: the same update sent again resumes it.
         self.downloader.download(args["url"], args["sha256"].lower(), dest)
         self.core.post(self._set_phase, "installing")
         try:
             return installer.install(self.layout, dest, version=args["version"],
-                           config_path=self.cfg["_path"], like=self.layout.running())
+                                     config_path=self.cfg["_path"], like=self.layout.running())
         finally:
             dest.unlink(missing_ok=True)
 
