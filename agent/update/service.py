@@ -58,6 +58,7 @@ class UpdateService:
         self.phase: str | None = None
         self._probation: dict | None = None  # the record, while this version is on probation
         self._hold_since: float | None = None
+        self._hold_reconnects = 0
         self._ever_connected = False
         self._started = core.clock.monotonic()
         m = cfg["media"]
@@ -101,10 +102,12 @@ class UpdateService:
             return
         now = self.core.clock.monotonic()
         probation = rec["probation_s"]
-        if self.core.link.connected:
+        link = self.core.link
+        if link.connected:
             self._ever_connected = True
-            if self._hold_since is None:
-                self._hold_since = now
+            if self._hold_since is None or link.reconnects != self._hold_reconnects:
+                # (again) connected: a break between two ticks restarts the hold too
+                self._hold_since, self._hold_reconnects = now, link.reconnects
             if now - self._hold_since >= probation:
                 self._commit(rec)
             return
@@ -163,6 +166,8 @@ class UpdateService:
         return all(i is None or Priority.parse(i["priority"]) == Priority.NORMAL for i in items)
 
     def _in_window(self) -> bool:
+        if self.ucfg["window"] and not self.core.trust.trusted():
+            return False  # no RTC: before NTP the time of day is not known
         tz = ZoneInfo(self.cfg["device"]["timezone"])
         return in_window(self.ucfg["window"], datetime.fromtimestamp(
             self.core.clock.now_ms() / 1000, tz))
