@@ -35,6 +35,8 @@ def device(tmp_path, monkeypatch):
         if record is not None:
             layout.write(record)
         monkeypatch.setattr(Layout, "running", lambda self: running)
+        core.stops = []
+        core.request_stop = lambda: core.stops.append(clock.monotonic())
         svc = UpdateService(core, core.cfg, audio=Audio())
         svc.start()
         core.run_pending()
@@ -65,6 +67,7 @@ def test_probation_commits_once_the_link_held_long_enough(device):
     assert layout.read()["state"] == "committed"
     done = [a for a in core.link.json("/ack") if a["id"] == "c-1"]
     assert [a["stage"] for a in done] == ["done"] and done[0]["detail"]["version"] == "new"
+    assert not core.stops
 
 
 def test_probation_gives_up_when_the_link_never_comes(device):
@@ -74,7 +77,7 @@ def test_probation_gives_up_when_the_link_never_comes(device):
     step(core, clock, 2)
     rec = layout.read()
     assert rec["state"] == "rollback" and "not connected" in rec["why"]
-    assert core._running is False  # asked to stop: the boot guard switches back at start
+    assert core.stops  # asked to stop: the boot guard switches back at the next start
 
 
 def test_old_version_reports_the_rollback_once(device):
@@ -92,3 +95,10 @@ def test_window_needs_a_trusted_clock(device, monkeypatch):
     assert svc._in_window()
     monkeypatch.setattr(svc.core.trust, "trusted", lambda: False)
     assert not svc._in_window()
+
+
+def test_without_the_boot_guard_the_new_version_switches_back_itself(device):
+    record = {**PROBATION, "state": "rollback", "why": "core not connected"}
+    core, _, layout, _ = device(record)
+    assert layout.current() == "venvs/old" and layout.read()["state"] == "rolled_back"
+    assert core.stops

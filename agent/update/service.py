@@ -86,6 +86,14 @@ class UpdateService:
                      rec.get("probation_s"))
             self._probation = rec
             self.core.call_every(TICK_S, self._probation_tick)
+        elif rec.get("state") == "rollback" and rec.get("to") == running:
+            # Gave up last time, yet started again here: the boot guard did not run (a unit
+            # without its ExecStartPre=). Switch back ourselves and let the old version report.
+            log.error("update %s: the boot guard did not roll back; switching to %s",
+                      rec.get("version"), rec.get("from"))
+            self.layout.switch(rec["from"])
+            self.layout.write({**rec, "state": "rolled_back"})
+            self.core.request_stop()
         elif rec.get("state") == "rolled_back" and rec.get("from") == running \
                 and not rec.get("reported"):
             detail = {"version": rec.get("version"), "why": rec.get("why"),
