@@ -19,7 +19,7 @@ from agent.update import install as installer
 from agent.update.bundle import BundleError, extract, sha256_file
 from agent.update.layout import Layout
 from tests.conftest import ROOT, Broker, Keys, Watcher, agent_config
-from tests.update_helpers import FileServer, Supervisor, make_bundle, make_wheelhouse
+from tests.test_update_helpers import FileServer, Supervisor, make_bundle, make_wheelhouse
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -301,7 +301,7 @@ def test_boot_guard_counts_starts_then_switches_back(tmp_path):
 
 
 def test_unit_runs_the_guard_before_the_agent():
-    from tests.update_helpers import unit_settings
+    from tests.test_update_helpers import unit_settings
     s = unit_settings()
     assert s["ExecStartPre"][0].startswith("-/usr/bin/python3 /opt/ttcs-agent/boot-guard")
     assert "/opt/ttcs-agent" in s["ReadWritePaths"][0]

@@ -1,5 +1,5 @@
-"""Helpers for the update tests: bundles built from this checkout, a Range-capable HTTP server
-that can cut downloads, and a supervisor doing what systemd does with the unit's settings."""
+"""Helpers for the update tests (no tests here): bundles built from this checkout, a
+Range-capable HTTP server that can cut downloads, and a supervisor doing what systemd does with the unit's settings."""
 
 from __future__ import annotations
 
