@@ -1,5 +1,6 @@
 """Helpers for the update tests (no tests here): bundles built from this checkout, a
-Range-capable HTTP server that can cut downloads, and a supervisor doing what systemd does with the unit's settings."""
+Range-capable HTTP server that can cut downloads, and a supervisor doing what systemd does
+with the unit's settings."""
 
 from __future__ import annotations
 

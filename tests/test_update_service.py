@@ -80,6 +80,16 @@ def test_probation_gives_up_when_the_link_never_comes(device):
     assert core.stops  # asked to stop: the boot guard switches back at the next start
 
 
+def test_probation_gives_up_when_the_link_keeps_breaking(device):
+    core, clock, layout, _ = device(PROBATION)
+    for _ in range(5):  # connected for 6 s at a time, never the 10 s asked
+        core.link.connect()
+        step(core, clock, 6)
+        core.link.drop()
+    rec = layout.read()
+    assert rec["state"] == "rollback" and "did not hold its broker link" in rec["why"]
+
+
 def test_old_version_reports_the_rollback_once(device):
     record = {**PROBATION, "state": "rolled_back", "why": "3 starts without a commit"}
     core, _, layout, _ = device(record, running="venvs/old")

@@ -118,11 +118,14 @@ class UpdateService:
                 self._hold_since, self._hold_reconnects = now, link.reconnects
             if now - self._hold_since >= probation:
                 self._commit(rec)
-            return
-        self._hold_since = None
-        if now - self._started >= probation * (3 if self._ever_connected else 1):
-            self._give_up(rec, f"core not connected to the broker for {probation} s of "
-                          f"{now - self._started:.0f} s on probation")
+                return
+        else:
+            self._hold_since = None
+        if not self._ever_connected and now - self._started >= probation:
+            self._give_up(rec, f"core not connected to the broker within {probation} s")
+        elif now - self._started >= 3 * probation:
+            self._give_up(rec, f"core did not hold its broker link for {probation} s within "
+                          f"{3 * probation} s")
 
     def _commit(self, rec: dict) -> None:
         self._probation = None
