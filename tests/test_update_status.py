@@ -33,11 +33,12 @@ def test_status_shows_running_previous_and_an_update_on_probation(tmp_path):
 
 
 def test_status_and_doctor_show_a_rollback(tmp_path):
-    layout = installed(tmp_path, "0.1.0", "0.3.0", current="0.1.0")
+    layout = installed(tmp_path, "0.0.9", "0.1.0", "0.3.0", current="0.1.0")
     layout.write({"state": "rolled_back", "id": "c-2", "version": "0.3.0",
                   "from": "venvs/0.1.0", "to": "venvs/0.3.0", "why": "3 starts without a commit"})
     lines = render_update(layout.describe())
-    assert lines[-1] == "update:   0.3.0 ROLLED BACK: 3 starts without a commit"
+    assert lines == ["versions: running 0.1.0, previous 0.0.9",  # not the failed 0.3.0
+                     "update:   0.3.0 ROLLED BACK: 3 starts without a commit"]
     cfg = config.parse(f"device: {{id: d1}}\nupdate: {{prefix: {tmp_path}}}\n")
     [finding] = doctor.check_update(cfg)
     assert finding.level == "WARN" and "rolled back" in finding.message

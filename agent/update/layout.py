@@ -89,8 +89,10 @@ class Layout:
         snapshot, ``ttcs-agent status`` and ``doctor``."""
         running = self.running() or self.current()
         name = Path(running).name if running else None
-        others = [n for n in self.installed() if n != name]
         rec = self.read() or {}
+        failed = Path(rec["to"]).name if rec.get("state") == "rolled_back" and rec.get("to") \
+            else None  # kept for a look, not a version to go back to
+        others = [n for n in self.installed() if n not in (name, failed)]
         if in_progress is None and rec.get("state") in ("probation", "rollback"):
             in_progress = {"id": rec.get("id"), "version": rec.get("version"),
                            "phase": rec["state"], "starts": rec.get("starts")}
