@@ -112,3 +112,28 @@ def test_without_the_boot_guard_the_new_version_switches_back_itself(device):
     core, _, layout, _ = device(record)
     assert layout.current() == "venvs/old" and layout.read()["state"] == "rolled_back"
     assert core.stops
+
+
+def test_stopping_kills_the_install_command_under_way():
+    import threading
+    import time
+
+    from agent.update.install import Jobs, UpdateError
+
+    jobs, errors = Jobs(), []
+
+    def work():
+        try:
+            jobs.run(["sleep", "30"], "install", "pip install")
+        except UpdateError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    jobs.stop()
+    t.join(5)
+    assert time.monotonic() - began < 2 and errors and errors[0].reason == "install"
+    with pytest.raises(UpdateError, match="stopping"):
+        jobs.run(["true"], "install", "next step")

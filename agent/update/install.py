@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from agent.update.bundle import WHEELS, BundleError, extract
@@ -46,15 +47,44 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], reason: str, what: str) -> str:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise UpdateError(reason, f"{what}: {e}") from None
-    if r.returncode != 0:
-        lines = (r.stdout + r.stderr).strip().splitlines()[-PIP_TAIL:]
-        raise UpdateError(reason, f"{what} failed (exit {r.returncode})", {"output": lines})
-    return r.stdout
+class Jobs:
+    """Runs the install's commands one at a time; :meth:`stop` (any thread: the agent is
+    stopping) kills the one running and refuses the next, so a stop never waits for pip."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+
+    def run(self, cmd: list[str], reason: str, what: str) -> str:
+        try:
+            with self._lock:
+                if self._stopped:
+                    raise UpdateError(reason, f"{what}: the agent is stopping")
+                self._proc = proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True,
+                                                     env=_env())
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.stop_current()
+            raise UpdateError(reason, f"{what}: {e}") from None
+        finally:
+            with self._lock:
+                self._proc = None
+        if proc.returncode != 0:
+            lines = out.strip().splitlines()[-PIP_TAIL:]
+            raise UpdateError(reason, f"{what} failed (exit {proc.returncode})", {"output": lines})
+        return out
+
+    def stop_current(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self.stop_current()
 
 
 def system_site(venv: Path) -> bool:
@@ -66,10 +96,11 @@ def system_site(venv: Path) -> bool:
 
 
 def install(layout: Layout, bundle: Path, *, version: str, config_path: str,
-            like: str | None) -> str:
+            like: str | None, jobs: Jobs | None = None) -> str:
     """Unpack and verify ``bundle``, build ``venvs/VERSION`` from it, check the live config
     with it. Return ``venvs/VERSION``; raise :class:`UpdateError`. ``like``: the running
     venv (``venvs/NAME``), whose ``--system-site-packages`` choice the new one copies."""
+    run = (jobs or Jobs()).run
     work = layout.prefix / "incoming" / version
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -85,15 +116,15 @@ def install(layout: Layout, bundle: Path, *, version: str, config_path: str,
         shutil.rmtree(target, ignore_errors=True)
         base = getattr(sys, "_base_executable", sys.executable)
         flags = ["--system-site-packages"] if like and system_site(layout.prefix / like) else []
-        _run([base, "-m", "venv", *flags, str(target)], "install", "python -m venv")
+        run([base, "-m", "venv", *flags, str(target)], "install", "python -m venv")
         try:
-            _run([str(target / "bin" / "python"), "-m", "pip", "install", "--no-index",
-                  "--disable-pip-version-check", "--no-warn-script-location", "--no-cache-dir",
-                  "--find-links",
-                  str(work / WHEELS), f"ttcs-agent=={version}"], "install", "pip install")
-            _run([str(target / "bin" / "python"), "-m", "compileall", "-q", str(target / "lib")],
-                 "install", "compileall")
-            _check_config(target, config_path)
+            run([str(target / "bin" / "python"), "-m", "pip", "install", "--no-index",
+                 "--disable-pip-version-check", "--no-warn-script-location", "--no-cache-dir",
+                 "--find-links", str(work / WHEELS), f"ttcs-agent=={version}"],
+                "install", "pip install")
+            run([str(target / "bin" / "python"), "-m", "compileall", "-q", str(target / "lib")],
+                "install", "compileall")
+            _check_config(run, target, config_path)
         except UpdateError:
             shutil.rmtree(target, ignore_errors=True)
             raise
@@ -102,10 +133,10 @@ def install(layout: Layout, bundle: Path, *, version: str, config_path: str,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _check_config(target: Path, config_path: str) -> None:
+def _check_config(run, target: Path, config_path: str) -> None:
     try:
-        _run([str(target / "bin" / "ttcs-agent"), "check-config", "--config", config_path],
-             "config", "the new version's check-config")
+        run([str(target / "bin" / "ttcs-agent"), "check-config", "--config", config_path],
+            "config", "the new version's check-config")
     except UpdateError as e:
         e.detail = {"problems": e.detail.get("output", [])}
         e.message = "the new version refuses the running config"

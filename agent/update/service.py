@@ -61,6 +61,7 @@ class UpdateService:
         self._hold_reconnects = 0
         self._ever_connected = False
         self._started = core.clock.monotonic()
+        self.jobs = installer.Jobs()  # the install's commands, killed when the agent stops
         m = cfg["media"]
         self.downloader = Downloader(
             Limits(timeout_s=3600.0, read_timeout_s=m["read_timeout_s"],
@@ -73,6 +74,7 @@ class UpdateService:
                                                          lambda args: problems(ARGS, args)))
         self.core.add_state("update", self.snapshot)
         self.core.stop_hooks.append(self.downloader.close)
+        self.core.stop_hooks.append(self.jobs.stop)
         self.core.call_later(0, self._after_start)
 
     # --- after a restart ---------------------------------------------------------------
@@ -214,7 +216,8 @@ class UpdateService:
         self.core.post(self._set_phase, "installing")
         try:
             return installer.install(self.layout, dest, version=args["version"],
-                                     config_path=self.cfg["_path"], like=self.layout.running())
+                                     config_path=self.cfg["_path"], like=self.layout.running(),
+                                     jobs=self.jobs)
         finally:
             dest.unlink(missing_ok=True)
 
