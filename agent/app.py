@@ -20,6 +20,7 @@ from agent.core.store import Store
 from agent.health import service as health_service
 from agent.pidfile import remove_pid, write_pid
 from agent.schedule import service as schedule_service
+from agent.update import service as update_service
 from drivers.gpio import GPIOBackend, open_gpio
 
 log = logging.getLogger("ttcs-agent")
@@ -59,7 +60,9 @@ def install_services(core: Core, cfg: dict) -> Services:
     audio = audio_service.install(core, cfg, board=board, gpio=gpio)
     schedule = schedule_service.install(core, cfg, audio=audio)
     health = health_service.install(core, cfg, gpio=gpio)
-    return Services(gpio=gpio, board=board, audio=audio, schedule=schedule, health=health)
+    update = update_service.install(core, cfg, audio=audio)  # after health: docs/UPDATE.md
+    return Services(gpio=gpio, board=board, audio=audio, schedule=schedule, health=health,
+                    update=update)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Services:
     audio: audio_service.AudioService
     schedule: schedule_service.ScheduleService
     health: health_service.HealthService
+    update: update_service.UpdateService
 
 
 def run(config_path: str | None) -> int:

@@ -444,6 +444,12 @@ SCHEMA = Section(fields={
     "state": Section(fields={
         "min_interval_s": Num(default=1.0, min=0, max=3600, integer=False),
     }),
+    "update": Section(fields={  # docs/UPDATE.md
+        "prefix": Str(default="/opt/ttcs-agent"), "probation_s": Num(default=300, min=1, max=86400),
+        "window": Str(default=None, nullable=True, pattern=r"^([01]\d|2[0-3]):[0-5]\d-"
+                      r"([01]\d|2[0-3]):[0-5]\d$"),
+        "max_failed_starts": Num(default=3, min=1, max=100), "keep": Num(default=2, min=1, max=10),
+        "margin_mb": Num(default=100, min=0, max=1_000_000)}),
     "log": Section(fields={
         "level": Str(default="info", choices=("debug", "info", "warning", "error")),
     }),

@@ -435,6 +435,26 @@ def _modem_finding(result: dict, port: str, source: str) -> Finding:
 
 # --- the running agent -----------------------------------------------------------------------
 
+def check_update(cfg: dict) -> list[Finding]:
+    """Installed versions and updates over the air (docs/UPDATE.md)."""
+    from agent.update.layout import Layout
+
+    u = Layout(cfg["update"]["prefix"]).describe()
+    if u["running"] is None:
+        # A development checkout, not a cabinet: nothing to warn about.
+        return [ok("update", f"no versions under {cfg['update']['prefix']}/venvs (not "
+                   "installed by scripts/install): updates over the air are refused")]
+    text = f"running {u['running']}, previous {u['previous'] or 'none'}"
+    cur, last = u["in_progress"], u.get("last") or {}
+    if cur:
+        return [warn("update", f"{text}; update to {cur['version']} in progress "
+                     f"({cur['phase']})", "wait for its final ack (probation)")]
+    if last.get("state") == "rolled_back":
+        return [warn("update", f"{text}; the update to {last['version']} was rolled back: "
+                     f"{last['why']}", "see journalctl -u ttcs-agent for the failed starts")]
+    return [ok("update", text)]
+
+
 def read_agent_status(cfg: dict) -> dict | None:
     """status.json of the agent with ``alive`` added; None when it never ran here."""
     path = os.path.join(cfg["paths"]["state_dir"], "status.json")
@@ -486,3 +506,4 @@ def check_agent(cfg: dict) -> list[Finding]:
 
 CHECKS: tuple[Check, ...] = (check_config, check_disk, check_clock, check_broker, check_audio,
                              check_board, check_gpio, check_modem, check_agent)
+CHECKS += (check_update,)  # docs/UPDATE.md

@@ -35,6 +35,7 @@ def render_status(st: dict, alive: bool, tz: tzinfo | None = None) -> str:
     if isinstance(state.get("board"), dict):
         lines += _board(state["board"], tz)
     lines += _render_alerts(state.get("alerts"), tz)
+    lines += render_update(state.get("update"))
     lines += _render_health(st.get("health"))
     return "\n".join(lines)
 
@@ -108,6 +109,23 @@ def _board(board: dict, tz) -> list[str]:
         lines.append("  queued: " + ", ".join(
             f"{q.get('id')} ({q.get('priority')}, {q.get('remaining_s')} s left)"
             for q in queue if isinstance(q, dict)))
+    return lines
+
+
+def render_update(u) -> list[str]:
+    """Versions and any update over the air in progress (docs/UPDATE.md)."""
+    if not isinstance(u, dict):
+        return []
+    lines = [f"versions: running {u.get('running') or '?'}, previous "
+             f"{u.get('previous') or 'none'}"]
+    cur = u.get("in_progress")
+    if isinstance(cur, dict):
+        starts = f", start {cur['starts']}" if cur.get("starts") else ""
+        lines.append(f"update:   {cur.get('version')} {cur.get('phase')}{starts} "
+                     f"(command {cur.get('id')})")
+    last = u.get("last")
+    if isinstance(last, dict) and last.get("state") == "rolled_back":
+        lines.append(f"update:   {last.get('version')} ROLLED BACK: {last.get('why')}")
     return lines
 
 

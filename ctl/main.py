@@ -11,7 +11,7 @@ import time
 
 from agent import __version__, protocol
 from agent.config import ConfigError
-from ctl import config
+from ctl import config, release
 from ctl.keys import keygen, pubkey, signing_key
 from ctl.sanitize import shown
 from ctl.send import send
@@ -198,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds to wait for devices' results (default 10)")
         pp.add_argument("--devices", type=int, help="for a group: results to wait for")
     command("version", "print the version")
+    release.add_parser(sub)
     return parser
 
 
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "version":
         print(f"ttcs-ctl {__version__}")
         return 0
+    if args.cmd == "release":
+        return release.main(args)
     if args.cmd in ("keygen", "pubkey"):
         try:
             return keygen(args.out, args.kid, args.force) if args.cmd == "keygen" else \
