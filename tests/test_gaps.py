@@ -4,14 +4,21 @@ with a real agent, a real relay process and mosquitto."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import time
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
 
 from agent import protocol
 from ctl.gaps import GapFiller, GapSettings, covered_ranges, holes
 from ctl.relay import Relay, RelaySettings
 from ctl.store import RelayStore
-from tests.conftest import Keys
+from tests.conftest import Broker, Keys, agent_config, wait_until
+from tests.relay_support import RelayProcess, relay_config
 
 T0 = 1_764_000_000_000
 S = 1000
@@ -146,3 +153,126 @@ def test_an_ack_that_is_not_ours_is_not_counted_as_dropped(tmp_path):
                    T0)
     assert r.relay.counters.dropped == 0
     time.sleep(0)
+
+
+# --- end to end: a real agent, mosquitto, relay processes ----------------------------------
+
+def _signed_relay_config(tmp_path, port: int, keys: Keys, name: str = "relay",
+                         **relay) -> object:
+    key_file = tmp_path / f"{name}.key"
+    key_file.write_bytes(keys.private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    os.chmod(key_file, 0o600)
+    path = relay_config(tmp_path, port, None, **{"gap_wait_s": 1, "gap_retry_s": 2,
+                                                 "gap_retry_max_s": 4, **relay})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["signing"] = {"kid": keys.kid, "key_file": str(key_file)}
+    out = tmp_path / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def _seqs(db_path, device: str) -> list[int]:
+    db = sqlite3.connect(db_path)
+    try:
+        return [r[0] for r in db.execute("SELECT seq FROM events WHERE device=? ORDER BY seq",
+                                         (device,))]
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
+
+
+def _lost(db_path, device: str) -> list[tuple[int, int]]:
+    db = sqlite3.connect(db_path)
+    try:
+        return db.execute("SELECT lo, hi FROM seq_lost WHERE device=? ORDER BY lo",
+                          (device,)).fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
+
+
+def _events(agent, n: int) -> None:
+    """``n`` events from the agent: each SIGHUP records a ``config`` event."""
+    for _ in range(n):
+        agent.signal(signal.SIGHUP)
+        time.sleep(0.08)
+
+
+@pytest.fixture
+def small_queue_broker(tmp_path):
+    """A broker that queues at most 3 messages for an absent session: the rest are dropped,
+    as a full max_queued_messages drops them in the field."""
+    b = Broker(tmp_path / "broker", extra="max_queued_messages 3").start()
+    yield b
+    b.stop()
+
+
+def _rig(tmp_path, broker, agent_factory, keys, **agent):
+    cfg = agent_config(tmp_path, broker.port, keys, **agent)
+    a = agent_factory(cfg)
+    wait_until(lambda: "mqtt: connected" in a.log(), 15, what="agent connected")
+    relay_cfg = _signed_relay_config(tmp_path, broker.port, keys)
+    r = RelayProcess(relay_cfg, tmp_path / "relay.log").start().wait_connected()
+    return a, r, yaml.safe_load(relay_cfg.read_text())["relay"]["db_path"]
+
+
+def test_events_dropped_by_the_broker_are_asked_for_and_every_seq_arrives(
+        tmp_path, small_queue_broker, agent_factory):
+    keys = Keys()
+    dev = "krongpa-phutuc-c03"
+    agent, relay, db = _rig(tmp_path, small_queue_broker, agent_factory, keys)
+    try:
+        _events(agent, 2)
+        wait_until(lambda: _seqs(db, dev) == [1, 2], 10, what="events 1, 2")
+        relay.stop()
+        _events(agent, 15)  # the broker keeps 3 for the absent relay and drops the rest
+        wait_until(lambda: "dropped" in small_queue_broker.log(), 5, what="broker drops")
+        relay.start().wait_connected(2)
+        _events(agent, 1)  # the next event shows the gap
+        wait_until(lambda: _seqs(db, dev) == list(range(1, 19)), 30,
+                   what=f"every seq (have {_seqs(db, dev)})")
+    finally:
+        relay.stop()
+    log = relay.log()
+    assert "resend" in log and "asked" in log
+    assert _lost(db, dev) == []
+    rdb = sqlite3.connect(db)
+    resent = [json.loads(b)["seq"] for (b,) in rdb.execute(
+        "SELECT body FROM events WHERE device=? AND body LIKE '%\"resent\":true%'", (dev,))]
+    rdb.close()
+    assert len(resent) >= 10  # most of 3..17 came back through resend
+    assert "relay seq gaps:" in log and ", 0 lost" in log
+
+
+def test_seqs_past_the_keep_window_are_reported_missing_and_recorded_lost(
+        tmp_path, small_queue_broker, agent_factory):
+    keys = Keys()
+    dev = "krongpa-phutuc-c03"
+    # kept for under a second: by the time the relay asks, the outage's events are gone
+    agent, relay, db = _rig(tmp_path, small_queue_broker, agent_factory, keys,
+                            outbox={"keep_days": 0.00001})
+    try:
+        _events(agent, 2)
+        wait_until(lambda: _seqs(db, dev) == [1, 2], 10, what="events 1, 2")
+        relay.stop()
+        _events(agent, 10)
+        time.sleep(1.5)
+        relay.start().wait_connected(2)
+        _events(agent, 1)
+        def settled():
+            seqs, lost = _seqs(db, dev), _lost(db, dev)
+            covered = set(seqs) | {s for lo, hi in lost for s in range(lo, hi + 1)}
+            return lost and covered == set(range(1, 14))
+        wait_until(settled, 30, what=f"seqs {_seqs(db, dev)} lost {_lost(db, dev)}")
+    finally:
+        relay.stop()
+    lost = _lost(db, dev)
+    assert sum(hi - lo + 1 for lo, hi in lost) >= 5
+    log = relay.log()
+    assert "are lost (the device no longer holds them)" in log
+    n = sum(hi - lo + 1 for lo, hi in lost)
+    assert f", {n} lost" in log  # the counters at the stop

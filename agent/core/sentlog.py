@@ -68,6 +68,7 @@ class SentLog:
 
     def execute(self, env: Envelope) -> None:
         lo, hi = env.args["from_seq"], env.args["to_seq"]
+        self.prune()  # what is past the keep window is reported missing, not sent
         rows = self.store.kept_range(lo, hi)
         for _seq, topic, payload, kind in rows:
             body = {**json.loads(payload), "resent": True}
