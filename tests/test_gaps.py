@@ -17,8 +17,8 @@ from agent import protocol
 from ctl.gaps import GapFiller, GapSettings, covered_ranges, holes
 from ctl.relay import Relay, RelaySettings
 from ctl.store import RelayStore
-from tests.conftest import Broker, Keys, agent_config, wait_until
-from tests.relay_support import RelayProcess, relay_config
+from tests.conftest import Broker, Keys, Watcher, agent_config, wait_until
+from tests.relay_support import RelayProcess, relay_config, watcher_fixture  # noqa: F401
 
 T0 = 1_764_000_000_000
 S = 1000
@@ -276,3 +276,83 @@ def test_seqs_past_the_keep_window_are_reported_missing_and_recorded_lost(
     assert "are lost (the device no longer holds them)" in log
     n = sum(hi - lo + 1 for lo, hi in lost)
     assert f", {n} lost" in log  # the counters at the stop
+
+
+def _devices(db_path) -> dict[str, int | None]:
+    db = sqlite3.connect(db_path)
+    try:
+        return dict(db.execute("SELECT device, online FROM devices"))
+    except sqlite3.Error:
+        return {}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("reread_s", [1, 0])
+def test_statuses_dropped_in_a_burst_are_read_again(tmp_path, small_queue_broker, reread_s):
+    """40 births while the relay cannot read (stopped: 20 in flight, 3 queued, the rest
+    dropped by the broker). With the re-read every device ends online; without it (0) the
+    devices whose birth was dropped stay unknown (online NULL) although they send health."""
+    keys = Keys()
+    cfg = _signed_relay_config(tmp_path, small_queue_broker.port, keys, status_reread_s=reread_s)
+    relay = RelayProcess(cfg, tmp_path / "relay.log").start().wait_connected()
+    db = yaml.safe_load(cfg.read_text())["relay"]["db_path"]
+    devices = [f"krongpa-burst-{i:02d}" for i in range(40)]
+    w = Watcher(small_queue_broker.port, ["nothing/#"])
+    try:
+        relay.proc.send_signal(signal.SIGSTOP)
+        now = int(time.time() * 1000)
+        for d in devices:
+            w.publish(f"ttcs/dev/{d}/status", {"v": 1, "state": "online", "ts": now,
+                                               "session": 1}, retain=True)
+        wait_until(lambda: "dropped" in small_queue_broker.log(), 5, what="broker drops")
+        relay.proc.send_signal(signal.SIGCONT)
+        time.sleep(1)
+        for d in devices:
+            w.publish(f"ttcs/dev/{d}/health", {"v": 1, "ts": int(time.time() * 1000)})
+            time.sleep(0.01)
+        # (this broker's tiny queue may drop a health sample too, under the re-read)
+        wait_until(lambda: len(_devices(db)) >= 35, 10, what="the devices known")
+        if reread_s:
+            wait_until(lambda: set(_devices(db).values()) == {1}, 15,
+                       what=f"every device online ({_devices(db)})")
+            assert "re-reading the retained status" in relay.log()
+        else:
+            time.sleep(3)
+            assert None in _devices(db).values()  # what the re-read is for
+    finally:
+        w.close()
+        relay.stop()
+
+
+def test_two_relay_processes_share_the_load_and_together_store_everything(
+        tmp_path, broker, w):
+    keys = Keys()
+    dev = "krongpa-share-c01"
+    procs = []
+    for name in ("ra", "rb"):
+        cfg = _signed_relay_config(tmp_path, broker.port, keys, name=name,
+                                   shared_group="relays", client_id=f"ttcs-relay-{name}")
+        procs.append(RelayProcess(cfg, tmp_path / f"{name}.log").start().wait_connected())
+    db = yaml.safe_load(cfg.read_text())["relay"]["db_path"]
+    try:
+        w.publish(f"ttcs/dev/{dev}/status", {"v": 1, "state": "online",
+                                             "ts": int(time.time() * 1000), "session": 1},
+                  retain=True)
+        for seq in range(1, 201):
+            w.publish(f"ttcs/dev/{dev}/event", {"v": 1, "type": "play", "seq": seq,
+                                                "ts": int(time.time() * 1000)})
+        wait_until(lambda: _seqs(db, dev) == list(range(1, 201)), 20, what="all 200 events")
+        time.sleep(3)  # past gap_wait_s: nothing is missing, nothing is asked
+    finally:
+        for p in procs:
+            p.stop()
+    counts = []
+    for p in procs:
+        log = p.log()
+        assert "resend" not in log.replace("0 resend(s)", "")
+        counts.append(int(log.split("relay stopped: ")[1].split(" messages")[0]))
+    # each got a share of the 200 events; both got the retained status (not shared)
+    assert all(c >= 20 for c in counts), counts
+    assert sum(counts) == 200 + 2, counts
+    assert _devices(db) == {dev: 1}
