@@ -100,3 +100,14 @@ def test_missing_ranges():
     assert sentlog.missing_ranges(1, 10, [1, 2, 5, 10]) == [[3, 4], [6, 9]]
     assert sentlog.missing_ranges(3, 3, [3]) == []
     assert json.dumps(sentlog.missing_ranges(1, 2, [2])) == "[[1, 1]]"
+
+
+def test_resend_to_a_group_fails(tmp_path):
+    keys = Keys()
+    core, _ = _rig(tmp_path, keys)
+    env = keys.command("grp/g1", "resend", {"from_seq": 1, "to_seq": 2}, ts=core.clock.now_ms())
+    core.on_message("ttcs/grp/g1/cmd", protocol.canonical(env), False)
+    core.run_pending()
+    acks = [a for a in core.link.json("/ack") if a["id"] == env["id"]]
+    assert [(a["stage"], a.get("reason")) for a in acks] == [("received", None),
+                                                            ("failed", "bad_args")]

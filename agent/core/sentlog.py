@@ -67,6 +67,10 @@ class SentLog:
         return problems(RESEND_ARGS, args)
 
     def execute(self, env: Envelope) -> None:
+        if not env.target.startswith("dev/"):  # seqs are per device: no group has a range
+            self.core.ack(env.id, "failed", "bad_args",
+                          {"message": "resend targets one device (dev/ID), not a group"})
+            return
         lo, hi = env.args["from_seq"], env.args["to_seq"]
         self.prune()  # what is past the keep window is reported missing, not sent
         rows = self.store.kept_range(lo, hi)

@@ -51,8 +51,8 @@ from agent.health.system import build_health, collect_system
 
 PREFIX = "ttcs"
 # What config/mosquitto.conf.example recommends for the relay's session (docs/DEPLOY.md).
-RECOMMENDED = ("max_queued_messages 200000\nmax_queued_bytes 0\nset_tcp_nodelay true\n"
-               "max_inflight_messages 100\n")
+RECOMMENDED = ("max_queued_messages 200000\nmax_queued_bytes 268435456\n"
+               "set_tcp_nodelay true\n")
 
 
 def _now_ms() -> int:
