@@ -53,12 +53,15 @@ class GapSettings:
     retry_s: float = 30.0
     retry_max_s: float = 600.0
     backfill: int = 0  # seqs below the first one the relay has for a device that are asked for
+    probe_s: float = 3600.0  # each device asked past its newest seq this often (0: at connect)
+    probe_rate: int = 100  # probes per tick at most
 
     @classmethod
     def from_config(cls, relay: dict) -> GapSettings:
         return cls(wait_s=float(relay["gap_wait_s"]), retry_s=float(relay["gap_retry_s"]),
                    retry_max_s=float(relay["gap_retry_max_s"]),
-                   backfill=int(relay["gap_backfill"]))
+                   backfill=int(relay["gap_backfill"]),
+                   probe_s=float(relay["gap_probe_s"]))
 
 
 @dataclass
@@ -67,6 +70,7 @@ class GapCounters:
     asked: int = 0  # seqs asked for
     filled: int = 0  # seqs that arrived after being asked for (resent)
     lost: int = 0  # seqs the devices no longer held
+    probes: int = 0  # resends past a device's newest stored seq (tail losses)
 
 
 def covered_ranges(seqs: list[int], lost: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -114,6 +118,9 @@ class GapFiller:
         self._dirty: dict[str, int] = {}  # device -> when it first needed a look
         self._contig: dict[str, int] = {}  # device -> every seq up to here is in or lost
         self._asked: dict[str, set[int]] = {}  # device -> seqs asked for (to count fills)
+        self._probe_at: int | None = None  # when to probe every device (see probe_all)
+        self._probe_queue: list[str] = []
+        self._probe_last = 0
         with store.lock:  # executescript commits: not inside a transaction
             store.db.executescript(SCHEMA)
         self._dirty_from_asks()
@@ -158,7 +165,11 @@ class GapFiller:
         stage = body.get("stage")
         if stage == "done":
             detail = body.get("detail") if isinstance(body.get("detail"), dict) else {}
-            self._record_lost(device, lo, hi, detail.get("missing"), now_ms)
+            last = as_int(detail.get("last_seq"))
+            if last is not None:
+                hi = min(hi, last)  # past the device's end nothing is lost
+            if lo <= hi:
+                self._record_lost(device, lo, hi, detail.get("missing"), now_ms)
         elif stage in ("rejected", "failed", "expired"):
             log.warning("%s: resend %d..%d %s (%s)", device, lo, hi, stage, body.get("reason"))
         return True
@@ -202,6 +213,7 @@ class GapFiller:
                 self._sync(device, now_ms)
         with self.store.tx():
             self._send_due(now_ms)
+        self._probe(now_ms)
 
     def _sync(self, device: str, now_ms: int) -> None:
         """Make ``seq_asks`` match what is missing now for ``device``."""
@@ -264,11 +276,51 @@ class GapFiller:
                              now_ms, device, r["lo"])
                 self._ask(device, r["lo"], r["hi"], now_ms)
 
-    def _ask(self, device: str, lo: int, hi: int, now_ms: int) -> None:
+    # --- tail losses ---------------------------------------------------------------------
+
+    def probe_all(self, now_ms: int) -> None:
+        """The relay (re)connected, so it may have missed a device's newest events, which no
+        later event would reveal: after the settle time, ask each device for the seqs past the
+        newest one stored (it sends what it has there; nothing is missing past its end)."""
+        with self._lock:
+            self._probe_at = now_ms + int(self.settings.wait_s * 1000)
+
+    def _probe(self, now_ms: int) -> None:
+        if self.publish is None or self.sign is None:
+            return
+        every = int(self.settings.probe_s * 1000)
+        with self._lock:
+            if not self._probe_last:
+                self._probe_last = now_ms
+            if self._probe_at is None and every and now_ms - self._probe_last >= every:
+                self._probe_at = now_ms
+            start = self._probe_at is not None and now_ms >= self._probe_at
+            if start:
+                self._probe_at = None
+                self._probe_last = now_ms
+        if start:
+            with self.store.lock:
+                rows = self.store.q("SELECT device FROM devices WHERE max_seq IS NOT NULL"
+                                    " AND (online IS NULL OR online != 0)")
+            self._probe_queue = [r["device"] for r in rows]
+        batch, self._probe_queue = (self._probe_queue[:self.settings.probe_rate],
+                                    self._probe_queue[self.settings.probe_rate:])
+        for device in batch:
+            with self.store.lock:
+                row = self.store.one("SELECT MAX(seq) AS top FROM events WHERE device=?",
+                                     device)
+            if row is None or row["top"] is None:
+                continue
+            self._ask(device, row["top"] + 1, row["top"] + SPAN, now_ms, probe=True)
+
+    def _ask(self, device: str, lo: int, hi: int, now_ms: int, probe: bool = False) -> None:
         env = {"v": 1, "id": f"rs-{lo}-{hi}-{secrets.token_hex(3)}", "type": "resend",
                "target": f"dev/{device}", "ts": now_ms, "exp": now_ms + TTL_MS,
                "args": {"from_seq": lo, "to_seq": hi}}
         self.publish(f"{self.prefix}/dev/{device}/cmd", canonical(self.sign(env)))
+        if probe:
+            self.counters.probes += 1
+            return
         self.counters.resends += 1
         self.counters.asked += hi - lo + 1
         with self._lock:

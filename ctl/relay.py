@@ -109,6 +109,8 @@ class Relay:
     def connected(self, now_ms: int) -> None:
         """The link to the broker is (back) up: silence before now is not the devices' fault."""
         self.watch_since_ms = now_ms
+        if self.gaps is not None:  # what was lost while away shows no gap yet: ask
+            self.gaps.probe_all(now_ms)
 
     def handle(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
         """One MQTT message; anything malformed is counted in ``dropped`` and ignored."""
@@ -424,7 +426,8 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
                  c.notices, c.batches)
         g = gaps.counters
         log.info("relay seq gaps: %d resend(s) asking %d seq(s), %d filled, %d lost;"
-                 " %d status re-read(s)", g.resends, g.asked, g.filled, g.lost, reread.reread)
+                 " %d tail probe(s); %d status re-read(s)", g.resends, g.asked, g.filled,
+                 g.lost, g.probes, reread.reread)
         for handler in logging.getLogger().handlers:
             handler.flush()
     return 0

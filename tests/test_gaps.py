@@ -119,6 +119,28 @@ def test_ranges_the_device_no_longer_holds_are_recorded_lost(tmp_path):
     assert n + r.gaps.lost_total() == 2500  # every seq present or recorded lost
 
 
+def test_after_a_reconnect_every_device_is_asked_past_its_newest_seq(tmp_path):
+    r = Rig(tmp_path / "r.db", wait_s=2)
+    for seq in (1, 2, 3):
+        r.event(T0, seq)
+    r.event(T0, 7, device="krongpa-other-c01")
+    r.relay.connected(T0 + 10 * S)  # back after an outage: the tails may be lost
+    r.gaps.tick(T0 + 11 * S)
+    assert r.sent == []  # the backlog settles first
+    r.gaps.tick(T0 + 12 * S)
+    assert sorted((c["target"], c["args"]["from_seq"], c["args"]["to_seq"]) for c in r.sent) \
+        == [("dev/krongpa-other-c01", 8, 1007), (f"dev/{DEV}", 4, 1003)]
+    probe = next(c for c in r.sent if c["target"] == f"dev/{DEV}")
+    r.event(T0 + 13 * S, 4, resent=True)
+    r.event(T0 + 13 * S, 5, resent=True)
+    body = {"v": 1, "id": probe["id"], "stage": "done", "ts": T0,
+            "detail": {"sent": 2, "missing": [], "last_seq": 5}}
+    r.relay.handle(f"ttcs/dev/{DEV}/ack", json.dumps(body).encode(), False, T0 + 13 * S)
+    r.gaps.tick(T0 + 20 * S)
+    assert r.gaps.lost_total() == 0 and r.gaps.open_asks() == 0
+    assert r.gaps.counters.probes == 2
+
+
 def test_duplicates_are_dropped_by_device_and_seq(tmp_path):
     r = Rig(tmp_path / "r.db", wait_s=1)
     r.event(T0, 1)
@@ -246,6 +268,27 @@ def test_events_dropped_by_the_broker_are_asked_for_and_every_seq_arrives(
     rdb.close()
     assert len(resent) >= 10  # most of 3..17 came back through resend
     assert "relay seq gaps:" in log and ", 0 lost" in log
+
+
+def test_events_lost_at_the_tail_are_found_when_the_relay_reconnects(
+        tmp_path, small_queue_broker, agent_factory):
+    """The last events before the relay came back were dropped and nothing came after them:
+    no gap shows, but the relay asks each device past its newest seq when it connects."""
+    keys = Keys()
+    dev = "krongpa-phutuc-c03"
+    agent, relay, db = _rig(tmp_path, small_queue_broker, agent_factory, keys)
+    try:
+        _events(agent, 2)
+        wait_until(lambda: _seqs(db, dev) == [1, 2], 10, what="events 1, 2")
+        relay.stop()
+        _events(agent, 12)  # 3..5 queued for the relay, 6..14 dropped
+        wait_until(lambda: "dropped" in small_queue_broker.log(), 5, what="broker drops")
+        relay.start().wait_connected(2)
+        wait_until(lambda: _seqs(db, dev) == list(range(1, 15)), 30,
+                   what=f"every seq (have {_seqs(db, dev)})")
+    finally:
+        relay.stop()
+    assert "1 tail probe(s)" in relay.log()
 
 
 def test_seqs_past_the_keep_window_are_reported_missing_and_recorded_lost(

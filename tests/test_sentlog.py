@@ -48,7 +48,7 @@ def test_resend_republishes_the_same_bodies_flagged_resent(tmp_path):
     first = {e["seq"]: e for e in core.link.json("/event")}
     acks = _send(core, keys, {"from_seq": 2, "to_seq": 4})
     assert [a["stage"] for a in acks] == ["received", "done"]
-    assert acks[-1]["detail"] == {"sent": 3, "missing": []}
+    assert acks[-1]["detail"] == {"sent": 3, "missing": [], "last_seq": 5}
     again = [e for e in core.link.json("/event") if e.get("resent")]
     assert [e["seq"] for e in again] == [2, 3, 4]
     for e in again:
@@ -67,7 +67,10 @@ def test_resend_reports_what_it_no_longer_holds(tmp_path):
     core.run_pending()
     log.prune()
     acks = _send(core, keys, {"from_seq": 1, "to_seq": 5})
-    assert acks[-1]["detail"] == {"sent": 1, "missing": [[1, 1], [3, 5]]}
+    # 3..5 are not made yet: not missing
+    assert acks[-1]["detail"] == {"sent": 1, "missing": [[1, 1]], "last_seq": 2}
+    acks = _send(core, keys, {"from_seq": 3, "to_seq": 1002})  # past the end: nothing
+    assert acks[-1]["detail"] == {"sent": 0, "missing": [], "last_seq": 2}
 
 
 def test_kept_events_are_bounded_by_size_oldest_first(tmp_path):

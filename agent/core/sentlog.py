@@ -5,8 +5,10 @@ as the event's outbox row: no extra write to the card). A controller that finds 
 device's ``seq`` sends ``resend`` with ``{"from_seq", "to_seq"}``; the device publishes again,
 through the outbox, each event of that range it still holds, with ``"resent": true`` added
 (otherwise the same body), and answers ``done`` with ``detail: {"sent": n, "missing": [[lo,
-hi], ...]}``: the ranges it no longer holds (pruned after ``outbox.keep_days`` or above
-``outbox.keep_max_mb``).
+hi], ...], "last_seq": N}``: the ranges it no longer holds (pruned after
+``outbox.keep_days`` or above ``outbox.keep_max_mb``) and the last seq it has given. Seqs above
+``last_seq`` are not made yet: neither sent nor missing (so a controller may ask past the end
+to find events lost at the tail).
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ class SentLog:
             body = {**json.loads(payload), "resent": True}
             self.core.outbox.add(topic, body, kind=kind)
         self.resent += len(rows)
-        missing = missing_ranges(lo, hi, [r[0] for r in rows])
+        last = self.store.last_seq  # seqs above it are not made yet: neither sent nor missing
+        missing = missing_ranges(lo, min(hi, last), [r[0] for r in rows]) if lo <= last else []
         if missing:
             log.info("resend %d..%d: %d sent, no longer held: %s", lo, hi, len(rows), missing)
-        self.core.ack(env.id, "done", detail={"sent": len(rows), "missing": missing})
+        self.core.ack(env.id, "done", detail={"sent": len(rows), "missing": missing,
+                                              "last_seq": last})
 
     def prune(self) -> None:
         dropped = self.store.kept_prune(self.core.clock.now_ms() - self.keep_ms, self.max_bytes)

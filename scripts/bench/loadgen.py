@@ -127,7 +127,7 @@ class Device:
         c.publish(self.topic("ack"), _enc({**ack, "stage": "received",
                                             "detail": {"type": "resend"}}), 1)
         sent, missing = 0, []
-        for seq in range(lo, hi + 1):
+        for seq in range(lo, min(hi, self.seq) + 1):  # past its end: not made yet
             payload = self.sent.get(seq)
             if payload is None:
                 if missing and missing[-1][1] == seq - 1:
@@ -139,7 +139,8 @@ class Device:
             sent += 1
         self.resends += 1
         c.publish(self.topic("ack"), _enc({**ack, "stage": "done",
-                                            "detail": {"sent": sent, "missing": missing}}), 1)
+                                            "detail": {"sent": sent, "missing": missing,
+                                                       "last_seq": self.seq}}), 1)
 
 
 class Fleet:
@@ -489,6 +490,9 @@ def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends,
                           " AND reason='lost' GROUP BY device"))
     notice = [offline[d] - at for d, at in killed.items() if d in offline]
     asks = _q(db, "SELECT COUNT(*), COALESCE(SUM(attempts), 0) FROM seq_asks") or [(0, 0)]
+    log = (db.parent / "relay.log").read_text(errors="replace")
+    probes = sum(int(x.split(" tail probe")[0].rsplit(" ", 1)[-1])
+                 for x in log.splitlines() if " tail probe" in x)
     gaps = (_q(db, "SELECT COUNT(*), COALESCE(SUM(last_seq - first_seq + 1), 0) FROM gaps")
             or [(0, 0)])[0]
     out = {
@@ -508,7 +512,7 @@ def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends,
         "clients_connected_peak": sysc.peak,
         "gaps_noticed": {"ranges": gaps[0], "seqs": gaps[1]},
         "resend": {"commands_answered": resends, "events_resent_stored": resent,
-                   "asks_open": asks[0][0]},
+                   "asks_open": asks[0][0], "tail_probes_logged_at_stop": probes},
         "devices_online_unknown": unknown,
         "offline_notice_ms": {"n": len(notice), "p50": percentile(notice, 50),
                               "max": max(notice, default=0)},
