@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS seq_asks (
     attempts INTEGER NOT NULL DEFAULT 0, next_ms INTEGER NOT NULL, sent_ms INTEGER,
     PRIMARY KEY (device, lo));
 CREATE INDEX IF NOT EXISTS seq_asks_due ON seq_asks(next_ms);
+CREATE TABLE IF NOT EXISTS seq_top (device TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_lost (
     device TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, recorded_ms INTEGER NOT NULL,
     PRIMARY KEY (device, lo));
@@ -168,11 +169,21 @@ class GapFiller:
             last = as_int(detail.get("last_seq"))
             if last is not None:
                 hi = min(hi, last)  # past the device's end nothing is lost
+                self._learn_top(device, last, now_ms)
             if lo <= hi:
                 self._record_lost(device, lo, hi, detail.get("missing"), now_ms)
         elif stage in ("rejected", "failed", "expired"):
             log.warning("%s: resend %d..%d %s (%s)", device, lo, hi, stage, body.get("reason"))
         return True
+
+    def _learn_top(self, device: str, last: int, now_ms: int) -> None:
+        """The device's newest seq, as it said: everything up to it is expected (what it
+        resends may be dropped on the way again; then it is asked for like any gap)."""
+        with self.store.tx():
+            self.store.x("INSERT INTO seq_top(device, last_seq) VALUES(?, ?) ON CONFLICT(device)"
+                         " DO UPDATE SET last_seq=MAX(last_seq, excluded.last_seq)", device, last)
+        with self._lock:
+            self._dirty.setdefault(device, now_ms)
 
     def _record_lost(self, device: str, lo: int, hi: int, missing, now_ms: int) -> None:
         if not isinstance(missing, list):
@@ -228,7 +239,11 @@ class GapFiller:
         lost = [(r["lo"], r["hi"]) for r in self.store.q(
             "SELECT lo, hi FROM seq_lost WHERE device=? AND hi > ?", device, start)]
         covered = covered_ranges(seqs, lost)
-        missing = holes(start, covered)
+        row = self.store.one("SELECT last_seq FROM seq_top WHERE device=?", device)
+        top = row["last_seq"] if row else 0
+        end = covered[-1][1] if covered else start
+        # up to the device's newest seq as it told us (a resend answer): its tail too
+        missing = holes(start, [*covered, (top + 1, top + 1)] if top > end else covered)
         with self._lock:
             if missing:
                 self._contig[device] = missing[0][0] - 1

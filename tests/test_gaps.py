@@ -141,6 +141,25 @@ def test_after_a_reconnect_every_device_is_asked_past_its_newest_seq(tmp_path):
     assert r.gaps.counters.probes == 2
 
 
+def test_a_tail_the_device_resent_but_that_was_dropped_again_is_asked_for(tmp_path):
+    r = Rig(tmp_path / "r.db", wait_s=2)
+    for seq in (1, 2, 3):
+        r.event(T0, seq)
+    r.relay.connected(T0)
+    r.gaps.tick(T0 + 2 * S)
+    probe = r.sent[0]
+    body = {"v": 1, "id": probe["id"], "stage": "done", "ts": T0,
+            "detail": {"sent": 3, "missing": [], "last_seq": 6}}
+    r.relay.handle(f"ttcs/dev/{DEV}/ack", json.dumps(body).encode(), False, T0 + 3 * S)
+    r.event(T0 + 3 * S, 5, resent=True)  # 4 and 6 were dropped on the way once more
+    r.gaps.tick(T0 + 6 * S)
+    assert r.asks()[1:] == [(4, 4), (6, 6)]
+    r.event(T0 + 7 * S, 4, resent=True)
+    r.event(T0 + 7 * S, 6, resent=True)
+    r.gaps.tick(T0 + 10 * S)
+    assert r.gaps.open_asks() == 0
+
+
 def test_duplicates_are_dropped_by_device_and_seq(tmp_path):
     r = Rig(tmp_path / "r.db", wait_s=1)
     r.event(T0, 1)
