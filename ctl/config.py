@@ -44,8 +44,9 @@ CTL_SCHEMA = Section(fields={
         "gap_retry_s": Num(default=30, min=1, max=86400, integer=False,
                            doc="first retry of an unanswered resend; doubles each time"),
         "gap_retry_max_s": Num(default=600, min=1, max=86400, integer=False),
-        "gap_backfill": Num(default=0, min=0, max=1_000_000,
-                            doc="seqs below a device's first stored one also asked for"),
+        "gap_backfill": Num(default=None, nullable=True, min=0, max=1_000_000_000,
+                            doc="seqs below a device's first stored one asked for (null: all,"
+                                " from seq 1)"),
         "gap_probe_s": Num(default=3600, min=0, max=864000, integer=False,
                            doc="ask every device past its newest stored seq this often"),
         "status_reread_s": Num(default=60, min=0, max=86400, integer=False,

@@ -53,7 +53,7 @@ class GapSettings:
     wait_s: float = 10.0
     retry_s: float = 30.0
     retry_max_s: float = 600.0
-    backfill: int = 0  # seqs below the first one the relay has for a device that are asked for
+    backfill: int | None = None  # seqs below a device's first stored one asked for (None: all)
     probe_s: float = 3600.0  # each device asked past its newest seq this often (0: at connect)
     probe_rate: int = 100  # probes per tick at most
 
@@ -61,7 +61,8 @@ class GapSettings:
     def from_config(cls, relay: dict) -> GapSettings:
         return cls(wait_s=float(relay["gap_wait_s"]), retry_s=float(relay["gap_retry_s"]),
                    retry_max_s=float(relay["gap_retry_max_s"]),
-                   backfill=int(relay["gap_backfill"]),
+                   backfill=None if relay["gap_backfill"] is None
+                   else int(relay["gap_backfill"]),
                    probe_s=float(relay["gap_probe_s"]))
 
 
@@ -233,7 +234,8 @@ class GapFiller:
             row = self.store.one("SELECT MIN(seq) AS lo FROM events WHERE device=?", device)
             if row is None or row["lo"] is None:
                 return
-            start = max(0, row["lo"] - 1 - self.settings.backfill)
+            back = self.settings.backfill
+            start = 0 if back is None else max(0, row["lo"] - 1 - back)
         seqs = [r["seq"] for r in self.store.q(
             "SELECT seq FROM events WHERE device=? AND seq > ? ORDER BY seq", device, start)]
         lost = [(r["lo"], r["hi"]) for r in self.store.q(

@@ -123,7 +123,8 @@ def test_after_a_reconnect_every_device_is_asked_past_its_newest_seq(tmp_path):
     r = Rig(tmp_path / "r.db", wait_s=2)
     for seq in (1, 2, 3):
         r.event(T0, seq)
-    r.event(T0, 7, device="krongpa-other-c01")
+    for seq in range(1, 8):
+        r.event(T0, seq, device="krongpa-other-c01")
     r.relay.connected(T0 + 10 * S)  # back after an outage: the tails may be lost
     r.gaps.tick(T0 + 11 * S)
     assert r.sent == []  # the backlog settles first
@@ -158,6 +159,19 @@ def test_a_tail_the_device_resent_but_that_was_dropped_again_is_asked_for(tmp_pa
     r.event(T0 + 7 * S, 6, resent=True)
     r.gaps.tick(T0 + 10 * S)
     assert r.gaps.open_asks() == 0
+
+
+def test_seqs_below_the_first_stored_are_asked_for_from_seq_1_unless_limited(tmp_path):
+    r = Rig(tmp_path / "r.db", wait_s=1)
+    r.event(T0, 5)
+    r.event(T0, 6)
+    r.gaps.tick(T0 + 2 * S)
+    assert r.asks() == [(1, 4)]  # the device's first events were lost
+    limited = Rig(tmp_path / "l.db", wait_s=1, backfill=0)
+    limited.event(T0, 5)
+    limited.event(T0, 7)
+    limited.gaps.tick(T0 + 2 * S)
+    assert limited.asks() == [(6, 6)]
 
 
 def test_duplicates_are_dropped_by_device_and_seq(tmp_path):

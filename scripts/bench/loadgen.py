@@ -284,6 +284,7 @@ class SysCounters:
     def __init__(self, port: int) -> None:
         self.values: dict[str, str] = {}
         self.peak = 0  # clients connected at most
+        self.before_outage: int | None = None  # drops up to the relay's outage (the burst)
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"loadgen-sys-{os.getpid()}",
                         protocol=mqtt.MQTTv5)
         c.on_connect = lambda c, u, f, rc, p: c.subscribe("$SYS/broker/#", 0)
@@ -423,6 +424,7 @@ def controller(args, p) -> int:
     while time.monotonic() < t0 + args.run_s:
         now = time.monotonic()
         if down_at and now >= down_at and outage is None:
+            sysc.before_outage = sysc.get("publish/messages/dropped")
             relay.send_signal(signal.SIGTERM)
             relay.wait(30)
             outage = (_now_ms(), None)
@@ -510,6 +512,7 @@ def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends,
             "publish/messages/dropped", "messages/received", "messages/sent",
             "store/messages/count")},
         "clients_connected_peak": sysc.peak,
+        "broker_dropped_before_outage": sysc.before_outage,
         "gaps_noticed": {"ranges": gaps[0], "seqs": gaps[1]},
         "resend": {"commands_answered": resends, "events_resent_stored": resent,
                    "asks_open": asks[0][0], "tail_probes_logged_at_stop": probes},
