@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS seq_asks (
     PRIMARY KEY (device, lo));
 CREATE INDEX IF NOT EXISTS seq_asks_due ON seq_asks(next_ms);
 CREATE TABLE IF NOT EXISTS seq_top (device TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seq_probe (device TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_lost (
     device TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, recorded_ms INTEGER NOT NULL,
     PRIMARY KEY (device, lo));
@@ -322,11 +323,16 @@ class GapFiller:
             self._probe_queue = [r["device"] for r in rows]
         batch, self._probe_queue = (self._probe_queue[:self.settings.probe_rate],
                                     self._probe_queue[self.settings.probe_rate:])
+        recent = now_ms - int(self.settings.wait_s * 1000)
         for device in batch:
-            with self.store.lock:
+            with self.store.tx():  # claimed, so relay processes sharing the load probe once
+                self.store.x("INSERT OR IGNORE INTO seq_probe(device, at_ms) VALUES(?, 0)",
+                             device)
+                claimed = self.store.x("UPDATE seq_probe SET at_ms=? WHERE device=? AND"
+                                       " at_ms < ?", now_ms, device, recent).rowcount
                 row = self.store.one("SELECT MAX(seq) AS top FROM events WHERE device=?",
                                      device)
-            if row is None or row["top"] is None:
+            if not claimed or row is None or row["top"] is None:
                 continue
             self._ask(device, row["top"] + 1, row["top"] + SPAN, now_ms, probe=True)
 

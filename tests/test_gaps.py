@@ -428,6 +428,8 @@ def test_two_relay_processes_share_the_load_and_together_store_everything(
         log = p.log()
         assert "resend" not in log.replace("0 resend(s)", "")
         counts.append(int(log.split("relay stopped: ")[1].split(" messages")[0]))
+    probes = [int(p.log().split(" tail probe")[0].rsplit(" ", 1)[-1]) for p in procs]
+    assert sum(probes) <= 1, probes  # a device is probed by one of them (claimed)
     # each got a share of the 200 events; both got the retained status (not shared)
     assert all(c >= 20 for c in counts), counts
     assert sum(counts) == 200 + 2, counts
