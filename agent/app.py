@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from agent import __version__, config
 from agent.audio import service as audio_service
 from agent.board import service as board_service
+from agent.core import sentlog
 from agent.core.clock import ClockTrust, SystemClock
 from agent.core.loop import Core
 from agent.core.store import Store
@@ -61,6 +62,7 @@ def install_services(core: Core, cfg: dict) -> Services:
     schedule = schedule_service.install(core, cfg, audio=audio)
     health = health_service.install(core, cfg, gpio=gpio)
     update = update_service.install(core, cfg, audio=audio)  # after health: docs/UPDATE.md
+    sentlog.install(core, cfg)  # resend of kept events (no collaborators)
     return Services(gpio=gpio, board=board, audio=audio, schedule=schedule, health=health,
                     update=update)
 

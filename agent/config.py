@@ -440,6 +440,10 @@ SCHEMA = Section(fields={
         "max_rows": Num(default=100_000, min=100, max=10_000_000,
                         doc="above this, the oldest health samples, then acks, are dropped"),
         "inflight": Num(default=20, min=1, max=1000),
+        "keep_days": Num(default=30, min=0, max=3660, integer=False,
+                         doc="events are kept this long after they were made, for resend"),
+        "keep_max_mb": Num(default=64, min=1, max=100_000, integer=False,
+                           doc="kept events take at most this (payloads); the oldest go first"),
     }),
     "state": Section(fields={
         "min_interval_s": Num(default=1.0, min=0, max=3600, integer=False),

@@ -29,8 +29,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctl import notify
+from ctl import notify, subs
 from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
+from ctl.gaps import GapFiller
+from ctl.gaps import from_config as gaps_from_config
 from ctl.sanitize import (
     CODE_MAX,
     KEY_MAX,
@@ -92,10 +94,12 @@ class Counters:
 class Relay:
     """What the relay does with each message and each tick; ``now_ms`` is always passed in."""
 
-    def __init__(self, store: RelayStore, settings: RelaySettings, prefix: str = "ttcs") -> None:
+    def __init__(self, store: RelayStore, settings: RelaySettings, prefix: str = "ttcs",
+                 gaps: GapFiller | None = None) -> None:
         self.store = store
         self.settings = settings
         self.prefix = prefix
+        self.gaps = gaps  # resend of missing seqs (ctl/gaps.py)
         self.counters = Counters()
         self.watch_since_ms = 0  # the relay could not hear anything before this (see connected)
         self.last_prune_ms = 0
@@ -105,10 +109,14 @@ class Relay:
     def connected(self, now_ms: int) -> None:
         """The link to the broker is (back) up: silence before now is not the devices' fault."""
         self.watch_since_ms = now_ms
+        if self.gaps is not None:  # what was lost while away shows no gap yet: ask
+            self.gaps.probe_all(now_ms)
 
     def handle(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
         """One MQTT message; anything malformed is counted in ``dropped`` and ignored."""
         self.counters.messages += 1
+        if self.gaps is not None and self.gaps.handle_ack(topic, payload, now_ms):
+            return
         parsed = self._parse(topic, payload)
         if parsed is None:
             self.counters.dropped += 1
@@ -214,6 +222,8 @@ class Relay:
         if cur.rowcount == 0:
             self.counters.duplicates += 1
             return
+        if self.gaps is not None:
+            self.gaps.seen(device, seq, now_ms)
         self._track_seq(device, row["max_seq"], seq, now_ms)
         if typ == "alert":
             self._alert(device, body, ts, flags, now_ms)
@@ -386,9 +396,12 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
     store = RelayStore(cfg["relay"]["db_path"])
     channels = notify.channels_from_config(cfg["alerts"])
     settings = RelaySettings.from_config(cfg, [c.name for c in channels])
-    relay = Relay(store, settings, cfg["mqtt"]["topic_prefix"])
+    gaps = gaps_from_config(cfg, store, lambda topic, body: client.publish(topic, body, qos=1))
+    relay = Relay(store, settings, cfg["mqtt"]["topic_prefix"], gaps=gaps)
     dispatcher = notify.Dispatcher(store, channels, cfg["alerts"]["retry"], cfg["relay"])
     client = _connect(cfg, relay)
+    reread = subs.StatusReread(store, cfg["mqtt"]["topic_prefix"],
+                               float(cfg["relay"]["status_reread_s"]))
     log.info("relay: %d channel(s): %s; a new group waits %g s, changes to it %g s",
              len(channels), ", ".join(settings.channels) or "none", settings.group_wait_s,
              settings.group_interval_s)
@@ -399,6 +412,7 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):
             _step(relay, dispatcher)
+            _step_ingest(gaps, reread, client)
             stop.wait(float(cfg["relay"]["tick_s"]))
         why = f"{signal.Signals(signals[0]).name} received" if signals else "--once time is up"
         log.info("relay: %s, stopping", why)
@@ -410,6 +424,10 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
         log.info("relay stopped: %d messages, %d dropped, %d duplicates, %d notices,"
                  " %d batches; database closed", c.messages, c.dropped, c.duplicates,
                  c.notices, c.batches)
+        g = gaps.counters
+        log.info("relay seq gaps: %d resend(s) asking %d seq(s), %d filled, %d lost;"
+                 " %d tail probe(s); %d status re-read(s)", g.resends, g.asked, g.filled,
+                 g.lost, g.probes, reread.reread)
         for handler in logging.getLogger().handlers:
             handler.flush()
     return 0
@@ -422,6 +440,15 @@ def _step(relay: Relay, dispatcher: Any) -> None:
         dispatcher.run_due(now)
     except Exception:  # the relay keeps running; the next tick retries
         log.exception("relay tick failed")
+
+
+def _step_ingest(gaps: GapFiller, reread: subs.StatusReread, client: Any) -> None:
+    now = _now_ms()
+    try:
+        gaps.tick(now)
+        reread.tick(client, now)
+    except Exception:  # the relay keeps running; the next tick retries
+        log.exception("relay gap/status step failed")
 
 
 def _now_ms() -> int:
@@ -445,7 +472,8 @@ def _connect(cfg: dict, relay: Relay) -> Any:
             log.error("broker refused the relay: %s", reason_code)
             return
         relay.connected(_now_ms())
-        c.subscribe([(f"{prefix}/dev/+/{leaf}", 1) for leaf in LEAVES])
+        c.subscribe(subs.topics(prefix, cfg["relay"]["shared_group"],
+                                acks=relay.gaps is not None and relay.gaps.sign is not None))
         log.info("relay connected to %s:%s", m["host"], m["port"])
 
     def on_message(c, userdata, msg) -> None:

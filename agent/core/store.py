@@ -41,6 +41,14 @@ def encode(body: dict) -> bytes:
     return _ENCODER.encode(body).encode()
 
 
+# Events as sent, kept for ``resend`` (agent/core/sentlog.py): written with the event's own
+# outbox row, in its transaction (no extra fsync); pruned by age and size by the sentlog.
+KEPT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kept (
+    seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, kind TEXT NOT NULL,
+    created INTEGER NOT NULL);
+"""
+
 # What the outbox may drop when full, first to last. Play records and alerts are never dropped.
 DROPPABLE = ("health", "ack")
 
@@ -67,6 +75,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self.db.executescript(KEPT_SCHEMA)
         self._wal_fd: int | None = None
         self._synced_changes = -1
         self.dropped = 0
@@ -206,6 +215,8 @@ class Store:
                 "INSERT INTO outbox(topic, payload, qos, kind, created) VALUES (?,?,?,?,?)",
                 (topic, payload, qos, kind, now_ms))
             self._depth += 1
+            if event:
+                self._keep(seq, topic, payload, kind, now_ms)
             self._bound()
         return body
 
@@ -251,6 +262,42 @@ class Store:
 
     def open_list(self) -> list[tuple[str, str, int]]:
         return self.db.execute("SELECT id, type, since FROM open_cmds ORDER BY since").fetchall()
+
+    # --- kept events (resend; agent/core/sentlog.py) -------------------------------------
+    # A separate block: the table ``kept`` holds every event as first stored, by ``seq``.
+
+    def _keep(self, seq: int, topic: str, payload: bytes, kind: str, now_ms: int) -> None:
+        self._write("INSERT OR REPLACE INTO kept(seq, topic, payload, kind, created)"
+                    " VALUES (?,?,?,?,?)", (seq, topic, payload, kind, now_ms))
+
+    def kept_range(self, lo: int, hi: int) -> list[tuple[int, str, bytes, str]]:
+        """The kept events with ``lo <= seq <= hi``: (seq, topic, payload, kind), by seq."""
+        return self.db.execute("SELECT seq, topic, payload, kind FROM kept"
+                               " WHERE seq BETWEEN ? AND ? ORDER BY seq", (lo, hi)).fetchall()
+
+    def kept_size(self) -> tuple[int, int]:
+        """(rows, payload bytes) kept."""
+        n, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0)"
+                                  " FROM kept").fetchone()
+        return n, size
+
+    def kept_prune(self, older_than_ms: int, max_bytes: int) -> int:
+        """Drop kept events created before ``older_than_ms``, then the oldest until the
+        payloads take at most ``max_bytes``. Returns how many were dropped."""
+        with self.transaction():
+            dropped = self._write("DELETE FROM kept WHERE created < ?",
+                                  (older_than_ms,)).rowcount
+            _, size = self.kept_size()
+            while size > max_bytes:
+                over = self.db.execute(
+                    "SELECT seq, SUM(LENGTH(payload)) OVER (ORDER BY seq) FROM kept"
+                    " ORDER BY seq LIMIT 5000").fetchall()
+                cut = next((seq for seq, run in over if run >= size - max_bytes), None)
+                if cut is None:
+                    cut = over[-1][0]
+                dropped += self._write("DELETE FROM kept WHERE seq <= ?", (cut,)).rowcount
+                _, size = self.kept_size()
+        return dropped
 
     # --- tables added after SCHEMA, made at their first use -------------------------------
 
