@@ -1,12 +1,14 @@
 """``ttcs-ctl relay``: the controller-side watcher of the fleet (SPEC §10, docs/CTL.md).
 
 It subscribes to every device's ``status``, ``state``, ``health`` and ``event`` topics and keeps
-what it learns in SQLite:
+what it learns in its store (SQLite, or PostgreSQL: :mod:`ctl.store`), written in batches by a
+writer thread (:mod:`ctl.ingest`):
 
 - events deduplicated by (device, ``seq``), with gaps in ``seq`` noticed (and marked filled
   when the missing events arrive late);
-- health samples (pruned after ``relay.health_keep_days``), and each device's heartbeat
-  interval, learned from the gap between consecutive live samples;
+- the latest health sample of each device and 5-minute aggregates of its numbers (pruned
+  after ``relay.health_keep_days``), and each device's heartbeat interval, learned from the gap
+  between consecutive live samples;
 - online/offline transitions (for uptime): offline on the device's will or clean shutdown, or
   after ``relay.missed_beats`` heartbeats without a word from it;
 - notices (offline, recovered, alert raised/cleared), gathered into batches and handed to
@@ -23,13 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctl import notify
+from agent.protocol import Priority
+from ctl import ingest, notify
 from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
 from ctl.sanitize import (
     CODE_MAX,
@@ -44,11 +46,12 @@ from ctl.sanitize import (
     parse_object,
     quote,
 )
-from ctl.store import TS_FLAG, RelayStore
+from ctl.store import TS_FLAG, RelayStore, open_store
 
 log = logging.getLogger(__name__)
 
 LEAVES = ("status", "state", "health", "event")
+Row = Any  # a row of the store (sqlite3.Row or a dict), read by column name
 MAX_INTERVAL_MS = 86_400_000
 MIN_INTERVAL_MS = 1_000
 
@@ -108,18 +111,34 @@ class Relay:
 
     def handle(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
         """One MQTT message; anything malformed is counted in ``dropped`` and ignored."""
-        self.counters.messages += 1
-        parsed = self._parse(topic, payload)
-        if parsed is None:
-            self.counters.dropped += 1
+        self.handle_batch([(topic, payload, retained, now_ms)])
+
+    def handle_batch(self, messages: list[tuple[str, bytes, bool, int]]) -> None:
+        """Messages ``(topic, payload, retained, now_ms)`` in one transaction, each in its own
+        savepoint: a message that is not understood leaves nothing behind and the others
+        are kept. A device's messages stay in their order (they are taken device by device
+        so that two relays sharing a PostgreSQL lock device rows in the same order)."""
+        parsed = []
+        for topic, payload, retained, now_ms in messages:
+            self.counters.messages += 1
+            p = self._parse(topic, payload)
+            if p is None:
+                self.counters.dropped += 1
+            else:
+                parsed.append((*p, retained, now_ms))
+        if not parsed:
             return
-        device, leaf, body = parsed
-        try:
-            with self.store.tx():
-                getattr(self, f"_on_{leaf}")(device, body, retained, now_ms)
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
-            self.counters.dropped += 1
-            log.warning("dropped %s from %s: %s", leaf, device, e)
+        if self.store.pg:
+            parsed.sort(key=lambda m: m[0])  # stable: each device's order is kept
+        with self.store.tx():
+            for device, leaf, body, retained, now_ms in parsed:
+                try:
+                    with self.store.savepoint():
+                        getattr(self, f"_on_{leaf}")(device, body, retained, now_ms)
+                except (TypeError, ValueError, KeyError, AttributeError, OverflowError,
+                        *self.store.errors) as e:
+                    self.counters.dropped += 1
+                    log.warning("dropped %s from %s: %s", leaf, device, e)
 
     def _parse(self, topic: str, payload: bytes) -> tuple[str, str, dict] | None:
         head = f"{self.prefix}/dev/"
@@ -131,17 +150,29 @@ class Relay:
         body = parse_object(payload)
         return None if body is None else (rest[0], rest[1], body)
 
-    def _device(self, device: str, now_ms: int) -> sqlite3.Row:
+    def _device(self, device: str, now_ms: int) -> Row:
         self.store.x("INSERT OR IGNORE INTO devices(device, first_seen_ms) VALUES(?, ?)",
                      device, now_ms)
-        return self.store.one("SELECT * FROM devices WHERE device=?", device)
+        return self.store.one("SELECT * FROM devices WHERE device=?" +
+                              (" FOR UPDATE" if self.store.pg else ""), device)
 
-    def _alive(self, device: str, row: sqlite3.Row, body: dict, retained: bool,
+    def _limit_sql(self) -> str:
+        """SQL: how long a device may stay silent (``missed_beats`` intervals)."""
+        return (f"{int(self.settings.missed_beats)} * COALESCE(interval_ms,"
+                f" {int(self.settings.heartbeat_default_s * 1000)})")
+
+    def _seen(self, device: str, now_ms: int) -> None:
+        """Heard from it now: its heartbeat check is due ``missed_beats`` intervals later
+        (the ``devices_due`` index: ticks read only the devices due)."""
+        self.store.x(f"UPDATE devices SET last_seen_ms=?, next_check_ms=CASE WHEN online=1"
+                     f" THEN ? + {self._limit_sql()} END WHERE device=?", now_ms, now_ms, device)
+
+    def _alive(self, device: str, row: Row, body: dict, retained: bool,
                now_ms: int) -> None:
         """A live message proves the device is up (a historical or retained one does not)."""
         if retained or body.get("historical") is True:
             return
-        self.store.x("UPDATE devices SET last_seen_ms=? WHERE device=?", now_ms, device)
+        self._seen(device, now_ms)
         if row["online"] == 0:
             self._transition(device, True, now_ms, "heard", row, now_ms)
 
@@ -156,7 +187,7 @@ class Relay:
             self.store.x("UPDATE devices SET session=? WHERE device=?", session, device)
         if state == "online":
             if row["last_seen_ms"] is None or not retained:
-                self.store.x("UPDATE devices SET last_seen_ms=? WHERE device=?", now_ms, device)
+                self._seen(device, now_ms)
             if row["online"] != 1:
                 self._transition(device, True, now_ms, "online", row, now_ms)
             return
@@ -184,13 +215,13 @@ class Relay:
     def _on_health(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
-        self.store.x("INSERT INTO health(device, ts, received_ms, body, flags)"
-                     " VALUES(?, ?, ?, ?, ?)", device, ts, now_ms, _dumps(body), flags)
+        self.store.set_latest_health(device, ts, now_ms, _dumps(body), flags)
+        self.store.add_health_sample(device, ts, body)
         if body.get("historical") is not True and not retained:
             self._learn_interval(device, row, ts)
         self._alive(device, row, body, retained, now_ms)
 
-    def _learn_interval(self, device: str, row: sqlite3.Row, ts: int) -> None:
+    def _learn_interval(self, device: str, row: Row, ts: int) -> None:
         prev = row["health_ts"]
         if prev is not None and MIN_INTERVAL_MS <= ts - prev <= MAX_INTERVAL_MS:
             self.store.x("UPDATE devices SET interval_ms=? WHERE device=?", ts - prev, device)
@@ -215,6 +246,8 @@ class Relay:
             self.counters.duplicates += 1
             return
         self._track_seq(device, row["max_seq"], seq, now_ms)
+        if typ == "play":
+            _store_play(self.store, device, seq, body)
         if typ == "alert":
             self._alert(device, body, ts, flags, now_ms)
         self._alive(device, row, body, retained, now_ms)
@@ -250,6 +283,9 @@ class Relay:
         if not code or (self.settings.alert_codes and code not in self.settings.alert_codes):
             return
         key = clean(body["key"], KEY_MAX) or None if isinstance(body.get("key"), str) else None
+        self.store.x("INSERT OR IGNORE INTO alerts(device, seq, ts, state, code, key, flags)"
+                     " VALUES(?, ?, ?, ?, ?, ?, ?)", device, body["seq"], ts, state, code, key,
+                     flags)
         detail = {"historical": body.get("historical") is True}
         if flags == TS_FLAG:
             detail["device_time_invalid"] = True
@@ -262,10 +298,11 @@ class Relay:
     # --- transitions and notices -----------------------------------------------------------
 
     def _transition(self, device: str, online: bool, ts: int, reason: str,
-                    row: sqlite3.Row, now_ms: int) -> None:
+                    row: Row, now_ms: int) -> None:
         """Record the change at ``ts`` (when it happened) and a notice (made at ``now_ms``)."""
-        self.store.x("UPDATE devices SET online=?, since_ms=?, reason=? WHERE device=?",
-                     int(online), ts, None if online else reason, device)
+        due = f"COALESCE(last_seen_ms, 0) + {self._limit_sql()}" if online else "NULL"
+        self.store.x(f"UPDATE devices SET online=?, since_ms=?, reason=?, next_check_ms={due}"
+                     " WHERE device=?", int(online), ts, None if online else reason, device)
         if not online:  # learn afresh after it: the gap across an outage is not a heartbeat
             self.store.x("UPDATE devices SET health_ts=NULL WHERE device=?", device)
         self.store.x("INSERT INTO transitions(device, ts, online, reason) VALUES(?, ?, ?, ?)",
@@ -285,7 +322,7 @@ class Relay:
 
     # --- time ----------------------------------------------------------------------------
 
-    def interval_ms(self, row: sqlite3.Row) -> int:
+    def interval_ms(self, row: Row) -> int:
         return row["interval_ms"] or int(self.settings.heartbeat_default_s * 1000)
 
     def tick(self, now_ms: int) -> int | None:
@@ -300,11 +337,22 @@ class Relay:
         return batch
 
     def _check_heartbeats(self, now_ms: int) -> None:
-        for row in self.store.q("SELECT * FROM devices WHERE online=1"):
+        """Only the devices whose check is due (``next_check_ms``, indexed): silent ones go
+        offline, the others (heard since, or the relay reconnected) are rescheduled."""
+        for row in self.store.q("SELECT * FROM devices WHERE next_check_ms < ?"
+                                " ORDER BY next_check_ms LIMIT 5000", now_ms):
+            if row["online"] != 1:
+                self.store.x("UPDATE devices SET next_check_ms=NULL WHERE device=?",
+                             row["device"])
+                continue
             heard = max(row["last_seen_ms"] or 0, self.watch_since_ms)
-            if now_ms - heard > self.settings.missed_beats * self.interval_ms(row):
+            limit = self.settings.missed_beats * self.interval_ms(row)
+            if now_ms - heard > limit:
                 log.info("%s: no heartbeat for %d s", row["device"], (now_ms - heard) // 1000)
                 self._transition(row["device"], False, heard, "heartbeat", row, now_ms)
+            else:
+                self.store.x("UPDATE devices SET next_check_ms=? WHERE device=?",
+                             heard + limit, row["device"])
 
     def _maybe_batch(self, now_ms: int) -> int | None:
         """Alertmanager's grouping, a group being a device's link or one of its alerts
@@ -332,9 +380,8 @@ class Relay:
                 "group_wait_s": self.settings.group_wait_s,
                 "group_interval_s": self.settings.group_interval_s,
                 "items": notify.summarise(taken)}
-        cur = self.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", now_ms,
-                           _dumps(body))
-        batch = cur.lastrowid
+        batch = self.store.insert_id("INSERT INTO batches(created_ms, body) VALUES(?, ?)",
+                                     now_ms, _dumps(body))
         ids = [n["id"] for n in taken]
         for i in range(0, len(ids), 500):  # SQLite bounds the variables of one statement
             chunk = ids[i:i + 500]
@@ -360,12 +407,34 @@ class Relay:
     def _prune(self, now_ms: int) -> None:
         self.last_prune_ms = now_ms
         horizon = now_ms - self.settings.health_keep_days * 86_400_000
-        with self.store.tx():
-            self.store.x("DELETE FROM health WHERE received_ms < ?", horizon)
+        with self.store.tx():  # by the bucket_ms index
+            self.store.x("DELETE FROM health_5m WHERE bucket_ms < ?", horizon)
 
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else None
+
+
+def _segment(v: Any) -> int:
+    """A record's ``segment``; -1 for a value that is not a number (never a first segment)."""
+    return -1 if _int(v) is None else v
+
+
+def _store_play(store: RelayStore, device: str, seq: int, body: dict) -> None:
+    """A play record's numbers in ``plays`` (what reports read), when they make sense."""
+    started, ended, played = (_int(body.get(k)) for k in ("started", "ended", "played_ms"))
+    if started is None or ended is None or played is None or ended < started or played < 0:
+        return
+    segments = body.get("segments")
+    store.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms, requested_ms,"
+            " segment, emergency, segments) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)", device, seq,
+            started, ended, played, _int(body.get("requested_ms")),
+            _segment(body.get("segment", 0)), int(body.get("priority") == Priority.EMERGENCY),
+            _dumps(segments) if isinstance(segments, list) and segments else None)
 
 
 # --- the process -------------------------------------------------------------------------
@@ -383,12 +452,13 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    store = RelayStore(cfg["relay"]["db_path"])
+    store = open_store(cfg["relay"])
     channels = notify.channels_from_config(cfg["alerts"])
     settings = RelaySettings.from_config(cfg, [c.name for c in channels])
     relay = Relay(store, settings, cfg["mqtt"]["topic_prefix"])
     dispatcher = notify.Dispatcher(store, channels, cfg["alerts"]["retry"], cfg["relay"])
-    client = _connect(cfg, relay)
+    writer = ingest.Writer(relay)
+    client = _connect(cfg, relay, writer)
     log.info("relay: %d channel(s): %s; a new group waits %g s, changes to it %g s",
              len(channels), ", ".join(settings.channels) or "none", settings.group_wait_s,
              settings.group_interval_s)
@@ -404,7 +474,8 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
         log.info("relay: %s, stopping", why)
     finally:
         client.disconnect()
-        client.loop_stop()  # no message is handled after this
+        client.loop_stop()  # no message comes in after this
+        writer.stop()  # what came in is stored
         store.close()
         c = relay.counters
         log.info("relay stopped: %d messages, %d dropped, %d duplicates, %d notices,"
@@ -418,6 +489,8 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
 def _step(relay: Relay, dispatcher: Any) -> None:
     now = _now_ms()
     try:
+        if not relay.store.leader():
+            return  # another relay on this PostgreSQL ticks and notifies
         relay.tick(now)
         dispatcher.run_due(now)
     except Exception:  # the relay keeps running; the next tick retries
@@ -428,7 +501,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _connect(cfg: dict, relay: Relay) -> Any:
+def _connect(cfg: dict, relay: Relay, writer: ingest.Writer) -> Any:
     """A persistent MQTT session (the broker queues QoS 1 messages while the relay is away)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
@@ -448,11 +521,8 @@ def _connect(cfg: dict, relay: Relay) -> Any:
         c.subscribe([(f"{prefix}/dev/+/{leaf}", 1) for leaf in LEAVES])
         log.info("relay connected to %s:%s", m["host"], m["port"])
 
-    def on_message(c, userdata, msg) -> None:
-        try:
-            relay.handle(msg.topic, bytes(msg.payload), bool(msg.retain), _now_ms())
-        except Exception:  # never let a device's message kill the relay
-            log.exception("relay: message on %s", msg.topic)
+    def on_message(c, userdata, msg) -> None:  # paho's thread: only enqueue
+        writer.put(msg.topic, bytes(msg.payload), bool(msg.retain), _now_ms())
 
     client.on_connect = on_connect
     client.on_message = on_message

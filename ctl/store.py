@@ -1,37 +1,61 @@
-"""The relay's SQLite database (``relay.db_path``): its schema, the columns added since the
-first release (added to an older database when it is opened), and a read-only look at the
-devices it knows. Written by ``ttcs-ctl relay``; read by ``report`` and ``send`` (docs/CTL.md).
+"""The relay's database (``relay.db_path``, SQLite; or ``relay.db_url``, PostgreSQL): its
+schema, made for the queries that read it, the migration of an older SQLite file (done when it
+is opened), what gap tracking needs, and a read-only look at the devices it knows. Written by
+``ttcs-ctl relay``; read by ``report`` and ``send`` (docs/CTL.md).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import secrets
-import sqlite3
-import threading
-import urllib.parse
 from typing import Any
 
+from ctl.db import Database, driver_errors, is_url
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, online INTEGER, since_ms INTEGER, reason TEXT, session INTEGER,
     last_seen_ms INTEGER, health_ts INTEGER, interval_ms INTEGER, max_seq INTEGER,
-    state TEXT, first_seen_ms INTEGER NOT NULL);
+    state TEXT, first_seen_ms INTEGER NOT NULL, next_check_ms INTEGER);
 CREATE TABLE IF NOT EXISTS events (
     device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, type TEXT NOT NULL,
     historical INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL, flags TEXT,
     PRIMARY KEY (device, seq));
 CREATE INDEX IF NOT EXISTS events_by_type ON events(type, ts);
+CREATE TABLE IF NOT EXISTS plays (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, started INTEGER NOT NULL,
+    ended INTEGER NOT NULL, played_ms INTEGER NOT NULL, requested_ms INTEGER,
+    segment INTEGER NOT NULL, emergency INTEGER NOT NULL, segments TEXT,
+    PRIMARY KEY (device, seq));
+CREATE INDEX IF NOT EXISTS plays_by_end ON plays(ended);
+CREATE TABLE IF NOT EXISTS alerts (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, state TEXT NOT NULL,
+    code TEXT NOT NULL, key TEXT, flags TEXT, PRIMARY KEY (device, seq));
+CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(ts);
 CREATE TABLE IF NOT EXISTS gaps (
     device TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    noticed_ms INTEGER NOT NULL, filled_ms INTEGER, PRIMARY KEY (device, first_seq));
-CREATE TABLE IF NOT EXISTS health (
-    device TEXT NOT NULL, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL,
-    flags TEXT);
-CREATE INDEX IF NOT EXISTS health_by_device ON health(device, ts);
+    noticed_ms INTEGER NOT NULL, filled_ms INTEGER, lost_ms INTEGER,
+    PRIMARY KEY (device, first_seq));
+CREATE TABLE IF NOT EXISTS health_latest (
+    device TEXT PRIMARY KEY, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+    body TEXT NOT NULL, flags TEXT);
+CREATE TABLE IF NOT EXISTS health_5m (
+    device TEXT NOT NULL, bucket_ms INTEGER NOT NULL, n INTEGER NOT NULL,
+    cpu_temp_sum REAL NOT NULL, cpu_temp_n INTEGER NOT NULL, cpu_temp_max REAL,
+    load1_max REAL, mem_avail_min INTEGER, disk_state_min INTEGER, disk_cache_min INTEGER,
+    signal_sum REAL NOT NULL, signal_n INTEGER NOT NULL, signal_min INTEGER,
+    outbox_max INTEGER, mains_off_n INTEGER NOT NULL, door_open_n INTEGER NOT NULL,
+    PRIMARY KEY (device, bucket_ms));
+CREATE INDEX IF NOT EXISTS health_5m_by_time ON health_5m(bucket_ms);
 CREATE TABLE IF NOT EXISTS transitions (
-    device TEXT NOT NULL, ts INTEGER NOT NULL, online INTEGER NOT NULL, reason TEXT);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, ts INTEGER NOT NULL,
+    online INTEGER NOT NULL, reason TEXT);
 CREATE INDEX IF NOT EXISTS transitions_by_device ON transitions(device, ts);
 CREATE TABLE IF NOT EXISTS notices (
     id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, kind TEXT NOT NULL,
@@ -46,95 +70,227 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
     parts_sent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch, channel));
 """
+INDEXES_AFTER_COLUMNS = "CREATE INDEX IF NOT EXISTS devices_due ON devices(next_check_ms)"
 # columns added since the first release: added to an older database when it is opened
-COLUMNS = {"events": {"flags": "TEXT"}, "health": {"flags": "TEXT"},
-           "deliveries": {"parts_sent": "INTEGER NOT NULL DEFAULT 0"}}
+COLUMNS = {"events": {"flags": "TEXT"},
+           "deliveries": {"parts_sent": "INTEGER NOT NULL DEFAULT 0"},
+           "devices": {"next_check_ms": "INTEGER"}, "gaps": {"lost_ms": "INTEGER"}}
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
+BUCKET_MS = 300_000  # health history: 5-minute aggregates
+
+# health_5m: (column, path in the health payload, how it is folded: sum/max/min/count-if)
+HEALTH_FIELDS = (
+    ("cpu_temp", ("system", "cpu_temp_c"), "avg_max"),
+    ("load1", ("system", "load", 0), "max"),
+    ("mem_avail", ("system", "mem_available_mb"), "min"),
+    ("disk_state", ("disk_free_mb", "state"), "min"),
+    ("disk_cache", ("disk_free_mb", "cache"), "min"),
+    ("signal", ("modem", "signal_dbm"), "avg_min"),
+    ("outbox", ("mqtt", "outbox"), "max"),
+    ("mains_off", ("cabinet", "mains_present"), False),
+    ("door_open", ("cabinet", "door_open"), True),
+)
 
 
-class RelayStore:
-    """The relay's SQLite database (WAL, ``synchronous=FULL``), shared by relay and report."""
+def _pick(body: Any, path: tuple) -> Any:
+    for step in path:
+        if isinstance(step, int):
+            body = body[step] if isinstance(body, list) and len(body) > step else None
+        else:
+            body = body.get(step) if isinstance(body, dict) else None
+    return body
 
-    def __init__(self, path: str) -> None:
-        self.path = os.path.expanduser(path)
-        if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self._add_columns()
-        self.lock = threading.RLock()
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
+        and abs(v) < 1e12 else None
+
+
+def health_aggregate(body: dict) -> dict[str, Any]:
+    """One health sample as a ``health_5m`` row's values (n = 1)."""
+    row: dict[str, Any] = {"n": 1}
+    for name, path, how in HEALTH_FIELDS:
+        v = _pick(body, path)
+        if isinstance(how, bool):
+            row[f"{name}_n"] = int(v is how)
+            continue
+        v = _number(v)
+        if how.startswith("avg"):
+            row[f"{name}_sum"], row[f"{name}_n"] = (v or 0.0), int(v is not None)
+            how = how[4:]
+        if v is not None and name not in ("cpu_temp", "load1"):
+            v = int(v)  # an INTEGER column
+        row[f"{name}_{how}"] = v
+    return row
+
+
+def _fold(col: str) -> str:
+    t = "health_5m"
+    if col.endswith(("_sum", "_n")) or col == "n":
+        return f"{col} = {t}.{col} + excluded.{col}"
+    op = ">" if col.endswith("_max") else "<"
+    return (f"{col} = CASE WHEN excluded.{col} IS NOT NULL AND ({t}.{col} IS NULL OR"
+            f" excluded.{col} {op} {t}.{col}) THEN excluded.{col} ELSE {t}.{col} END")
+
+
+HEALTH_COLUMNS = tuple(health_aggregate({}))
+HEALTH_UPSERT = (
+    f"INSERT INTO health_5m(device, bucket_ms, {', '.join(HEALTH_COLUMNS)}) VALUES(?, ?"
+    f"{', ?' * len(HEALTH_COLUMNS)}) ON CONFLICT (device, bucket_ms) DO UPDATE SET "
+    + ", ".join(_fold(c) for c in HEALTH_COLUMNS))
+
+
+class RelayStore(Database):
+    """The relay's database, shared by relay and report: SQLite (WAL, ``synchronous=FULL``)
+    for a path, PostgreSQL for a ``postgresql://`` URL."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.path = self.target
+        self.db = self.conn  # the driver's own connection
+        self._leader = False
+        with self.lock:
+            old = not self.pg and "devices" in self.tables() and "health" in self.tables()
+            for statement in self.ddl(SCHEMA):
+                self.x(statement)
+            self._add_columns()
+            self.x(INDEXES_AFTER_COLUMNS)
+            if old:
+                with self.tx():
+                    self._migrate_v1()
+            self._set_meta("schema", str(SCHEMA_VERSION))
 
     def _add_columns(self) -> None:
         for table, columns in COLUMNS.items():
-            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            have = self.columns(table)
             for name, decl in columns.items():
                 if name not in have:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    self.x(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
-    def close(self) -> None:
-        """Checkpoint the write-ahead log into the database file, then close."""
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:  # another connection still reading: close anyway
-            pass
-        self.db.close()
+    def _migrate_v1(self) -> None:
+        """A version-1 SQLite file: play records and alerts into their typed tables, the raw
+        health samples into the latest per device and 5-minute aggregates; heartbeat checks
+        due at once (they reschedule themselves)."""
+        log.info("relay store %s: migrating to schema %d", self.path, SCHEMA_VERSION)
+        ok = " AND ".join(f"json_type(body, '$.{k}') = 'integer'"
+                          for k in ("started", "ended", "played_ms"))
+        self.x("INSERT OR IGNORE INTO plays SELECT device, seq, json_extract(body, '$.started'),"
+               " json_extract(body, '$.ended'), json_extract(body, '$.played_ms'),"
+               " CASE WHEN json_type(body, '$.requested_ms') = 'integer'"
+               " THEN json_extract(body, '$.requested_ms') END,"
+               " CASE WHEN json_type(body, '$.segment') = 'integer'"
+               " THEN json_extract(body, '$.segment') ELSE 0 END,"
+               " json_extract(body, '$.priority') IS 'emergency',"
+               " CASE WHEN json_type(body, '$.segments') = 'array'"
+               " THEN json_extract(body, '$.segments') END"
+               f" FROM events WHERE type = 'play' AND json_valid(body) AND {ok}"
+               " AND json_extract(body, '$.ended') >= json_extract(body, '$.started')"
+               " AND json_extract(body, '$.played_ms') >= 0")
+        self.x("INSERT OR IGNORE INTO alerts SELECT device, seq, ts,"
+               " json_extract(body, '$.state'), substr(json_extract(body, '$.code'), 1, 40),"
+               " substr(json_extract(body, '$.key'), 1, 64), flags FROM events"
+               " WHERE type = 'alert' AND json_valid(body)"
+               " AND json_type(body, '$.code') = 'text'"
+               " AND json_extract(body, '$.state') IN ('raised', 'cleared')")
+        self.x("INSERT OR REPLACE INTO health_latest SELECT device, ts, received_ms, body, flags"
+               " FROM health h WHERE rowid = (SELECT rowid FROM health WHERE device = h.device"
+               " ORDER BY ts DESC, rowid DESC LIMIT 1)")
+        n = 0
+        for r in self.q("SELECT device, ts, body FROM health"):
+            try:
+                body = json.loads(r["body"])
+            except ValueError:
+                continue
+            self.add_health_sample(r["device"], r["ts"], body if isinstance(body, dict) else {})
+            n += 1
+        self.x("DROP TABLE health")
+        self.x("UPDATE devices SET next_check_ms = 0 WHERE online = 1")
+        log.info("relay store %s: %d health samples folded into 5-minute aggregates",
+                 self.path, n)
 
-    def tx(self) -> _Tx:
-        return _Tx(self)
-
-    def q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        return self.db.execute(sql, args).fetchall()
-
-    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        return self.db.execute(sql, args).fetchone()
-
-    def x(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        return self.db.execute(sql, args)
+    def _set_meta(self, key: str, value: str) -> None:
+        self.x("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT (key)"
+               " DO UPDATE SET value = excluded.value", key, value)
 
     def instance_id(self) -> str:
         """A random id made once per database: with a batch id it names a notification
         uniquely (the webhook's ``Idempotency-Key``)."""
-        row = self.one("SELECT value FROM meta WHERE key='instance'")
-        if row:
-            return row["value"]
-        value = secrets.token_hex(8)
-        self.x("INSERT INTO meta(key, value) VALUES('instance', ?)", value)
-        return value
+        self.x("INSERT OR IGNORE INTO meta(key, value) VALUES('instance', ?)",
+               secrets.token_hex(8))
+        return self.one("SELECT value FROM meta WHERE key='instance'")["value"]
+
+    # --- health --------------------------------------------------------------------------
+
+    def add_health_sample(self, device: str, ts: int, body: dict) -> None:
+        """Fold one sample into its device's 5-minute aggregate (two writers add up)."""
+        agg = health_aggregate(body)
+        self.x(HEALTH_UPSERT, device, ts - ts % BUCKET_MS, *agg.values())
+
+    def set_latest_health(self, device: str, ts: int, received_ms: int, body: str,
+                          flags: str | None) -> None:
+        """Keep the newest sample (by ``ts``) of each device, whoever writes it first."""
+        self.x("INSERT INTO health_latest(device, ts, received_ms, body, flags)"
+               " VALUES(?, ?, ?, ?, ?) ON CONFLICT (device) DO UPDATE SET ts = excluded.ts,"
+               " received_ms = excluded.received_ms, body = excluded.body,"
+               " flags = excluded.flags WHERE excluded.ts >= health_latest.ts",
+               device, ts, received_ms, body, flags)
+
+    # --- gap tracking ----------------------------------------------------------------------
+
+    def seq_gaps(self, device: str) -> list[tuple[int, int]]:
+        """The missing ``seq`` ranges of ``device`` (first, last), neither filled nor given up."""
+        return [(r["first_seq"], r["last_seq"]) for r in self.q(
+            "SELECT first_seq, last_seq FROM gaps WHERE device=? AND filled_ms IS NULL"
+            " AND lost_ms IS NULL ORDER BY first_seq", device)]
+
+    def contiguous_seq(self, device: str) -> int | None:
+        """The highest ``seq`` below which nothing is missing (given-up gaps do not count)."""
+        row = self.one("SELECT max_seq FROM devices WHERE device=?", device)
+        if row is None or row["max_seq"] is None:
+            return None
+        gaps = self.seq_gaps(device)
+        return gaps[0][0] - 1 if gaps else row["max_seq"]
+
+    def mark_gap_lost(self, device: str, lo: int, hi: int, now_ms: int) -> int:
+        """Give up on the open gaps of ``device`` inside [lo, hi]; how many were."""
+        with self.tx():
+            return self.x("UPDATE gaps SET lost_ms=? WHERE device=? AND first_seq>=?"
+                          " AND last_seq<=? AND filled_ms IS NULL AND lost_ms IS NULL",
+                          now_ms, device, lo, hi).rowcount
+
+    # --- several relays on one PostgreSQL ----------------------------------------------------
+
+    def leader(self) -> bool:
+        """Whether this process runs the ticks and notifications: always on SQLite; on
+        PostgreSQL the one holding a session advisory lock (another takes over when it
+        goes)."""
+        if not self.pg or self._leader:
+            return True
+        with self.lock:
+            self._leader = bool(self.one("SELECT pg_try_advisory_lock(1919) AS ok")["ok"])
+        return self._leader
 
 
-def read_devices(path: str) -> dict[str, bool | None] | None:
-    """The devices the relay's store at ``path`` knows, each online (True/False, None when
-    unknown), read-only; None when there is no such store."""
-    path = os.path.expanduser(path)
-    if not path or not os.path.isfile(path):
+def open_store(relay_cfg: dict) -> RelayStore:
+    """The store the config names: ``relay.db_url`` when set, else ``relay.db_path``."""
+    return RelayStore(relay_cfg.get("db_url") or relay_cfg["db_path"])
+
+
+def read_devices(target: str) -> dict[str, bool | None] | None:
+    """The devices the relay's store at ``target`` (path or URL) knows, each online
+    (True/False, None when unknown), read-only; None when there is no such store."""
+    if not target:
+        return None
+    if not is_url(target) and not os.path.isfile(os.path.expanduser(target)):
         return None
     try:
-        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT device, online FROM devices").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error:
+        db = Database(target, read_only=True)
+    except (OSError, ImportError, *driver_errors()):  # no store there: the caller says so
         return None
-    return {d: None if online is None else bool(online) for d, online in rows}
-
-
-class _Tx:
-    """``with store.tx():`` one IMMEDIATE transaction under the store's lock."""
-
-    def __init__(self, store: RelayStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> RelayStore:
-        self.store.lock.acquire()
-        self.store.db.execute("BEGIN IMMEDIATE")
-        return self.store
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        finally:
-            self.store.lock.release()
+    try:
+        rows = db.q("SELECT device, online FROM devices")
+    except db.errors:
+        return None
+    finally:
+        db.conn.close()
+    return {r["device"]: None if r["online"] is None else bool(r["online"]) for r in rows}
