@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from agent.protocol import Priority
 from ctl.config import groups_of
 from ctl.store import RelayStore
 
@@ -119,85 +118,118 @@ def _fmt(v: float | None) -> str:
 
 def compute(store: RelayStore, period: Period, groups: dict[str, list[str]],
             now_ms: int) -> list[Stats]:
-    """Per-device rows (sorted), then per-group rows, then the ``all`` row."""
-    devices = sorted({r["device"] for r in store.q("SELECT device FROM devices")} |
-                     {r["device"] for r in store.q("SELECT DISTINCT device FROM events"
-                                                   " WHERE type='play'")})
-    rows = {d: Stats("device", d) for d in devices}
-    spans: dict[str, list[tuple[int, int]]] = {d: [] for d in devices}
-    for device, rec in _play_records(store, period):
-        _add_play(rows[device], rec, period)
-        a, b = max(rec["started"], period.start_ms), min(rec["ended"], period.end_ms)
-        if b > a:
-            spans[device].append((a, b))
-    for d, st in rows.items():
-        covered = _union(spans[d])
-        if st.aired_ms > covered + PLAY_SLACK_MS:
+    """Per-device rows (sorted), then per-group rows, then the ``all`` row. The database adds
+    up the play records and transitions (one pass over the period's records each, grouped by
+    device); Python only shares out the few records that cross a boundary and adds devices
+    up into their groups, each device's groups resolved once."""
+    rows: dict[str, Stats] = {r["device"]: Stats("device", r["device"])
+                              for r in store.q("SELECT device FROM devices")}
+    covered: dict[str, int] = {}
+    for r in store.stream(_plays_sql(period)):
+        st = rows.setdefault(r["device"], Stats("device", r["device"]))
+        st.aired_ms, st.played_ms = float(r["aired"]), float(r["played"])
+        st.capped, st.bulletins = int(r["capped"]), int(r["bulletins"])
+        st.emergencies, st.requested_ms = int(r["emergencies"]), int(r["requested"])
+        covered[r["device"]] = int(r["covered"])
+    for r in store.q(_crossing_sql(period)):
+        st = rows[r["device"]]
+        aired = _aired(_record(r), period)
+        st.aired_ms += aired
+        st.played_ms += aired if (r["requested_ms"] or 0) > 0 else 0
+    for st in rows.values():
+        cover = covered.get(st.name, 0)
+        if st.aired_ms > cover + PLAY_SLACK_MS:
             st.capped += 1
-        st.aired_ms = min(st.aired_ms, covered)
+        st.aired_ms = min(st.aired_ms, cover)
         st.played_ms = min(st.played_ms, st.aired_ms)
-        st.online_ms, st.observed_ms = uptime(store, d, period.start_ms,
-                                              min(period.end_ms, now_ms))
-    out = [rows[d] for d in devices]
-    for g in sorted(groups):
-        gs = Stats("group", g)
-        for d in devices:
-            if g in groups_of(d, groups):
-                gs.add(rows[d])
-        out.append(gs)
+    for r in store.q(_uptime_sql(period.start_ms, min(period.end_ms, now_ms))):
+        if r["device"] in rows:
+            rows[r["device"]].online_ms = int(r["online"])
+            rows[r["device"]].observed_ms = int(r["observed"])
+    devices = sorted(rows)
+    by_group: dict[str, Stats] = {g: Stats("group", g) for g in sorted(groups)}
     total = Stats("group", "all")
     for d in devices:
+        for g in groups_of(d, groups):
+            by_group[g].add(rows[d])
         total.add(rows[d])
-    return [*out, total]
+    return [*(rows[d] for d in devices), *by_group.values(), total]
 
 
-def _play_records(store: RelayStore, period: Period):
-    # ``ts`` is when the record was made (the item's end); a day's margin catches long items
-    for r in store.q("SELECT device, body FROM events WHERE type='play' AND ts >= ? AND ts < ?",
-                     period.start_ms - DAY_MS, period.end_ms + DAY_MS):
+def _plays_sql(period: Period) -> str:
+    """Per device over the records that overlap the period: aired and played time of those
+    wholly inside it (each at most its own span), bulletins, emergencies, requested time,
+    records claiming more than their span, and the length of the union of their spans (a
+    running maximum of the ends: one output airs one item at a time). The values are our
+    own integers, written into the SQL."""
+    s, e = period.start_ms, period.end_ms
+    return f"""
+SELECT device,
+  SUM(CASE WHEN inside = 1 THEN pl ELSE 0 END) AS aired,
+  SUM(CASE WHEN inside = 1 AND requested_ms > 0 THEN pl ELSE 0 END) AS played,
+  SUM(CASE WHEN played_ms > ended - started + {PLAY_SLACK_MS} THEN 1 ELSE 0 END) AS capped,
+  SUM(bulletin) AS bulletins,
+  SUM(CASE WHEN bulletin = 1 AND emergency = 1 THEN 1 ELSE 0 END) AS emergencies,
+  SUM(CASE WHEN bulletin = 1 AND requested_ms > 0 THEN requested_ms ELSE 0 END) AS requested,
+  SUM(CASE WHEN m IS NULL THEN CASE WHEN b > a THEN b - a ELSE 0 END
+           WHEN b > m AND b > a THEN b - CASE WHEN m > a THEN m ELSE a END
+           ELSE 0 END) AS covered
+FROM (
+  SELECT device, started, ended, played_ms, requested_ms, emergency,
+    CASE WHEN played_ms < ended - started THEN played_ms ELSE ended - started END AS pl,
+    CASE WHEN started >= {s} AND ended <= {e} THEN 1 ELSE 0 END AS inside,
+    CASE WHEN segment = 0 AND played_ms > 0 AND started >= {s} AND started < {e}
+         THEN 1 ELSE 0 END AS bulletin,
+    CASE WHEN started > {s} THEN started ELSE {s} END AS a,
+    CASE WHEN ended < {e} THEN ended ELSE {e} END AS b,
+    MAX(CASE WHEN ended < {e} THEN ended ELSE {e} END) OVER (PARTITION BY device
+        ORDER BY started ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS m
+  FROM plays WHERE ended >= {s} AND ended < {e + DAY_MS} AND started < {e}
+) AS p
+GROUP BY device"""
+
+
+def _crossing_sql(period: Period) -> str:
+    """The records that cross a boundary of the period (shared out in Python). A record is
+    looked for up to a day from the boundary it crosses."""
+    s, e = period.start_ms, period.end_ms
+    cols = "device, started, ended, played_ms, requested_ms, segments"
+    return (f"SELECT {cols} FROM plays WHERE ended >= {s} AND ended < {s + DAY_MS}"
+            f" AND started < {s} UNION ALL SELECT {cols} FROM plays WHERE ended > {e}"
+            f" AND ended < {e + DAY_MS} AND started < {e} AND started >= {s}")
+
+
+def _record(r) -> dict:
+    rec = {"started": r["started"], "ended": r["ended"], "played_ms": r["played_ms"]}
+    if r["segments"]:
         try:
-            rec = json.loads(r["body"])
+            rec["segments"] = json.loads(r["segments"])
         except ValueError:
-            continue
-        if _valid_play(rec):
-            yield r["device"], rec
+            pass
+    return rec
+
+
+def _uptime_sql(start_ms: int, end_ms: int) -> str:
+    """Per device: online and observed ms within [start, end), observed from the first
+    transition; each transition lasts until the next (by time, then by arrival)."""
+    return f"""
+SELECT device,
+  SUM(CASE WHEN b > a THEN b - a ELSE 0 END) AS observed,
+  SUM(CASE WHEN b > a AND online = 1 THEN b - a ELSE 0 END) AS online
+FROM (
+  SELECT device, online, CASE WHEN ts > {start_ms} THEN ts ELSE {start_ms} END AS a,
+    CASE WHEN nxt IS NULL OR nxt > {end_ms} THEN {end_ms} ELSE nxt END AS b
+  FROM (SELECT device, online, ts,
+          LEAD(ts) OVER (PARTITION BY device ORDER BY ts, rowid) AS nxt
+        FROM transitions WHERE ts < {end_ms}) AS t
+) AS u
+GROUP BY device"""
 
 
 def _valid_play(rec: dict) -> bool:
     ints = [rec.get(k) for k in ("started", "ended", "played_ms")]
     return all(isinstance(v, int) and not isinstance(v, bool) for v in ints) and \
         rec["ended"] >= rec["started"] and rec["played_ms"] >= 0
-
-
-def _union(spans: list[tuple[int, int]]) -> int:
-    """The length of the union of the intervals."""
-    total, end = 0, None
-    for a, b in sorted(spans):
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
-
-
-def _add_play(st: Stats, rec: dict, period: Period) -> None:
-    started, played = rec["started"], rec["played_ms"]
-    if played > rec["ended"] - started + PLAY_SLACK_MS:
-        st.capped += 1
-    aired = _aired(rec, period)
-    st.aired_ms += aired
-    requested = rec.get("requested_ms")
-    known = isinstance(requested, int) and not isinstance(requested, bool) and requested > 0
-    if known:
-        st.played_ms += aired
-    first = rec.get("segment", 0) == 0
-    if first and played > 0 and period.start_ms <= started < period.end_ms:
-        st.bulletins += 1
-        st.emergencies += rec.get("priority") == Priority.EMERGENCY
-        if known:
-            st.requested_ms += requested
 
 
 def _aired(rec: dict, period: Period) -> float:
@@ -221,20 +253,6 @@ def _share(started: int, ended: int, played: int, period: Period) -> float:
         return float(played) if period.start_ms <= started < period.end_ms else 0.0
     overlap = min(ended, period.end_ms) - max(started, period.start_ms)
     return played * max(0, overlap) / span
-
-
-def uptime(store: RelayStore, device: str, start_ms: int, end_ms: int) -> tuple[int, int]:
-    """(online ms, observed ms) within [start, end): observed begins at the first transition."""
-    rows = store.q("SELECT ts, online FROM transitions WHERE device=? ORDER BY ts, rowid",
-                   device)
-    online = observed = 0
-    for i, r in enumerate(rows):
-        nxt = rows[i + 1]["ts"] if i + 1 < len(rows) else end_ms
-        a, b = max(r["ts"], start_ms), min(nxt, end_ms)
-        if b > a:
-            observed += b - a
-            online += (b - a) if r["online"] else 0
-    return online, observed
 
 
 # --- output ------------------------------------------------------------------------------
