@@ -117,8 +117,8 @@ class Database:
     def stream(self, sql: str, *args: Any, size: int = 2000):
         """Rows one at a time without holding them all (a server-side cursor on PostgreSQL)."""
         if self.pg:
-            with self.conn.cursor(name="stream") as cur:  # named: rows come in chunks
-                cur.itersize = size
+            with self.conn.transaction(), self.conn.cursor(name="stream") as cur:
+                cur.itersize = size  # a named cursor: rows come in chunks
                 cur.execute(self.sql(sql), args)
                 yield from cur
         else:

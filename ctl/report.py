@@ -165,8 +165,9 @@ def _plays_sql(period: Period) -> str:
     s, e = period.start_ms, period.end_ms
     return f"""
 SELECT device,
-  SUM(CASE WHEN inside = 1 THEN pl ELSE 0 END) AS aired,
-  SUM(CASE WHEN inside = 1 AND requested_ms > 0 THEN pl ELSE 0 END) AS played,
+  SUM(CASE WHEN inside = 1 AND segments IS NULL THEN pl ELSE 0 END) AS aired,
+  SUM(CASE WHEN inside = 1 AND segments IS NULL AND requested_ms > 0 THEN pl ELSE 0 END)
+    AS played,
   SUM(CASE WHEN played_ms > ended - started + {PLAY_SLACK_MS} THEN 1 ELSE 0 END) AS capped,
   SUM(bulletin) AS bulletins,
   SUM(CASE WHEN bulletin = 1 AND emergency = 1 THEN 1 ELSE 0 END) AS emergencies,
@@ -175,7 +176,7 @@ SELECT device,
            WHEN b > m AND b > a THEN b - CASE WHEN m > a THEN m ELSE a END
            ELSE 0 END) AS covered
 FROM (
-  SELECT device, started, ended, played_ms, requested_ms, emergency,
+  SELECT device, started, ended, played_ms, requested_ms, emergency, segments,
     CASE WHEN played_ms < ended - started THEN played_ms ELSE ended - started END AS pl,
     CASE WHEN started >= {s} AND ended <= {e} THEN 1 ELSE 0 END AS inside,
     CASE WHEN segment = 0 AND played_ms > 0 AND started >= {s} AND started < {e}
@@ -190,13 +191,17 @@ GROUP BY device"""
 
 
 def _crossing_sql(period: Period) -> str:
-    """The records that cross a boundary of the period (shared out in Python). A record is
-    looked for up to a day from the boundary it crosses."""
+    """The records shared out in Python: those that cross a boundary of the period (looked
+    for up to a day from it) and those listing their segments (few: one per preempted
+    item)."""
     s, e = period.start_ms, period.end_ms
     cols = "device, started, ended, played_ms, requested_ms, segments"
-    return (f"SELECT {cols} FROM plays WHERE ended >= {s} AND ended < {s + DAY_MS}"
-            f" AND started < {s} UNION ALL SELECT {cols} FROM plays WHERE ended > {e}"
-            f" AND ended < {e + DAY_MS} AND started < {e} AND started >= {s}")
+    plain = "segments IS NULL AND"
+    return (f"SELECT {cols} FROM plays WHERE {plain} ended >= {s} AND ended < {s + DAY_MS}"
+            f" AND started < {s} UNION ALL SELECT {cols} FROM plays WHERE {plain} ended > {e}"
+            f" AND ended < {e + DAY_MS} AND started < {e} AND started >= {s}"
+            f" UNION ALL SELECT {cols} FROM plays WHERE segments IS NOT NULL AND ended >= {s}"
+            f" AND ended < {e + DAY_MS} AND started < {e}")
 
 
 def _record(r) -> dict:
@@ -257,12 +262,17 @@ def _share(started: int, ended: int, played: int, period: Period) -> float:
 
 # --- output ------------------------------------------------------------------------------
 
-def to_csv(stats: list[Stats]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+def write_csv(stats: list[Stats], out) -> None:
+    """The CSV, row by row, to the text file ``out``."""
+    w = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     for s in stats:
         w.writerow(s.row())
+
+
+def to_csv(stats: list[Stats]) -> str:
+    buf = io.StringIO()
+    write_csv(stats, buf)
     return buf.getvalue()
 
 
@@ -281,14 +291,41 @@ def chart_problem() -> str | None:
     return None
 
 
+CHART_ALL_DEVICES = 30  # up to this many devices, the chart shows each; above, a summary
+CHART_GROUPS = 40  # groups shown at most (those with the most devices)
+CHART_WORST = 10  # devices shown in each "worst" list
+
+
+def chart_rows(stats: list[Stats]) -> tuple[list[Stats], list[str]]:
+    """What the chart shows, and its labels. A district (up to ``CHART_ALL_DEVICES``
+    devices): every device, then the groups and the total. Larger: the groups and the total,
+    then the devices that aired least and those online least — what an officer acts on; every
+    device is in the CSV."""
+    devices = [s for s in stats if s.scope == "device"]
+    groups = [s for s in stats if s.scope == "group" and s.name != "all"]
+    total = [s for s in stats if s.scope == "group" and s.name == "all"]
+    if len(groups) > CHART_GROUPS:
+        groups = sorted(sorted(groups, key=lambda g: -len(g.devices))[:CHART_GROUPS],
+                        key=lambda g: g.name)
+    names = [f"Nhóm {g.name}" for g in groups] + ["Toàn bộ" for _ in total]
+    if len(devices) <= CHART_ALL_DEVICES:
+        return [*devices, *groups, *total], [d.name for d in devices] + names
+    least_aired = sorted(devices, key=lambda d: (d.aired_ms, d.name))[:CHART_WORST]
+    seen = [d for d in devices if d.observed_ms]
+    least_up = sorted(seen, key=lambda d: (d.uptime_pct or 0.0, d.name))[:CHART_WORST]
+    return ([*groups, *total, *least_aired, *least_up],
+            names + [f"{d.name} (phát ít)" for d in least_aired] +
+            [f"{d.name} (hoạt động kém)" for d in least_up])
+
+
 def chart(stats: list[Stats], period: Period, path: str) -> None:
-    """A PNG: aired hours, bulletins/emergencies, uptime and played %, in Vietnamese."""
+    """A PNG: aired hours, bulletins/emergencies, uptime and played %, in Vietnamese, for
+    :func:`chart_rows` (its height bounded whatever the fleet's size)."""
     from matplotlib import font_manager, rc_context
     from matplotlib.figure import Figure
 
     font_manager.findfont(font_manager.FontProperties(family=FONT), fallback_to_default=False)
-    names = [s.name if s.scope == "device" else
-             "Toàn bộ" if s.name == "all" else f"Nhóm {s.name}" for s in stats]
+    stats, names = chart_rows(stats)
     y = list(range(len(stats)))
     with rc_context({"font.family": FONT, "font.size": 9}):
         fig = Figure(figsize=(12, 1.6 + 0.38 * len(stats)), layout="constrained")

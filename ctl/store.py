@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS plays (
     segment INTEGER NOT NULL, emergency INTEGER NOT NULL, segments TEXT,
     PRIMARY KEY (device, seq));
 CREATE INDEX IF NOT EXISTS plays_by_end ON plays(ended);
+CREATE INDEX IF NOT EXISTS plays_segmented ON plays(ended) WHERE segments IS NOT NULL;
 CREATE TABLE IF NOT EXISTS alerts (
     device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, state TEXT NOT NULL,
     code TEXT NOT NULL, key TEXT, flags TEXT, PRIMARY KEY (device, seq));
