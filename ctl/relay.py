@@ -51,6 +51,8 @@ from ctl.store import TS_FLAG, RelayStore, open_store
 log = logging.getLogger(__name__)
 
 LEAVES = ("status", "state", "health", "event")
+# what a message the relay does not understand raises (counted in ``dropped``)
+HANDLER_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError)
 Row = Any  # a row of the store (sqlite3.Row or a dict), read by column name
 MAX_INTERVAL_MS = 86_400_000
 MIN_INTERVAL_MS = 1_000
@@ -102,6 +104,7 @@ class Relay:
         self.counters = Counters()
         self.watch_since_ms = 0  # the relay could not hear anything before this (see connected)
         self.last_prune_ms = 0
+        self._raw = ""  # the payload of the message being handled
 
     # --- input ---------------------------------------------------------------------------
 
@@ -114,10 +117,12 @@ class Relay:
         self.handle_batch([(topic, payload, retained, now_ms)])
 
     def handle_batch(self, messages: list[tuple[str, bytes, bool, int]]) -> None:
-        """Messages ``(topic, payload, retained, now_ms)`` in one transaction, each in its own
-        savepoint: a message that is not understood leaves nothing behind and the others
-        are kept. A device's messages stay in their order (they are taken device by device
-        so that two relays sharing a PostgreSQL lock device rows in the same order)."""
+        """Messages ``(topic, payload, retained, now_ms)`` in one transaction. A message that
+        is not understood leaves nothing behind and the others are kept: when one fails, the
+        batch is rolled back and done again with each message in its own savepoint (two
+        statements a message saved in the usual case). A device's messages stay in their
+        order (on PostgreSQL they are taken device by device, so that two relays sharing it
+        lock device rows in the same order)."""
         parsed = []
         for topic, payload, retained, now_ms in messages:
             self.counters.messages += 1
@@ -125,20 +130,33 @@ class Relay:
             if p is None:
                 self.counters.dropped += 1
             else:
-                parsed.append((*p, retained, now_ms))
+                parsed.append((*p, retained, now_ms, payload))
         if not parsed:
             return
         if self.store.pg:
             parsed.sort(key=lambda m: m[0])  # stable: each device's order is kept
+        errors = (*HANDLER_ERRORS, *self.store.errors)
+        before = dict(vars(self.counters))
+        try:
+            with self.store.tx():
+                for m in parsed:
+                    self._apply(*m)
+            return
+        except errors:
+            vars(self.counters).update(before)  # counted again below
         with self.store.tx():
-            for device, leaf, body, retained, now_ms in parsed:
+            for m in parsed:
                 try:
                     with self.store.savepoint():
-                        getattr(self, f"_on_{leaf}")(device, body, retained, now_ms)
-                except (TypeError, ValueError, KeyError, AttributeError, OverflowError,
-                        *self.store.errors) as e:
+                        self._apply(*m)
+                except errors as e:
                     self.counters.dropped += 1
-                    log.warning("dropped %s from %s: %s", leaf, device, e)
+                    log.warning("dropped %s from %s: %s", m[1], m[0], e)
+
+    def _apply(self, device: str, leaf: str, body: dict, retained: bool, now_ms: int,
+               payload: bytes) -> None:
+        self._raw = payload.decode()  # stored as received (JSON, checked by _parse)
+        getattr(self, f"_on_{leaf}")(device, body, retained, now_ms)
 
     def _parse(self, topic: str, payload: bytes) -> tuple[str, str, dict] | None:
         head = f"{self.prefix}/dev/"
@@ -151,14 +169,18 @@ class Relay:
         return None if body is None else (rest[0], rest[1], body)
 
     def _device(self, device: str, now_ms: int) -> Row:
+        select = "SELECT * FROM devices WHERE device=?" + (" FOR UPDATE" if self.store.pg
+                                                           else "")
+        row = self.store.one(select, device)
+        if row is not None:
+            return row
         self.store.x("INSERT OR IGNORE INTO devices(device, first_seen_ms) VALUES(?, ?)",
                      device, now_ms)
-        return self.store.one("SELECT * FROM devices WHERE device=?" +
-                              (" FOR UPDATE" if self.store.pg else ""), device)
+        return self.store.one(select, device)
 
-    def _limit_sql(self) -> str:
+    def _limit_sql(self, interval: str = "interval_ms") -> str:
         """SQL: how long a device may stay silent (``missed_beats`` intervals)."""
-        return (f"{int(self.settings.missed_beats)} * COALESCE(interval_ms,"
+        return (f"{int(self.settings.missed_beats)} * COALESCE({interval},"
                 f" {int(self.settings.heartbeat_default_s * 1000)})")
 
     def _seen(self, device: str, now_ms: int) -> None:
@@ -215,21 +237,24 @@ class Relay:
     def _on_health(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
-        self.store.set_latest_health(device, ts, now_ms, _dumps(body), flags)
+        self.store.set_latest_health(device, ts, now_ms, self._raw, flags)
         self.store.add_health_sample(device, ts, body)
-        if body.get("historical") is not True and not retained:
-            self._learn_interval(device, row, ts)
-        self._alive(device, row, body, retained, now_ms)
-
-    def _learn_interval(self, device: str, row: Row, ts: int) -> None:
+        if body.get("historical") is True or retained:
+            return
+        # a live sample: learn the interval, and it is a sign of life (one statement)
         prev = row["health_ts"]
-        if prev is not None and MIN_INTERVAL_MS <= ts - prev <= MAX_INTERVAL_MS:
-            self.store.x("UPDATE devices SET interval_ms=? WHERE device=?", ts - prev, device)
-        self.store.x("UPDATE devices SET health_ts=? WHERE device=?", ts, device)
+        interval = ts - prev if prev is not None and \
+            MIN_INTERVAL_MS <= ts - prev <= MAX_INTERVAL_MS else None
+        self.store.x("UPDATE devices SET interval_ms=COALESCE(?, interval_ms), health_ts=?,"
+                     " last_seen_ms=?, next_check_ms=CASE WHEN online=1 THEN ? +"
+                     f" {self._limit_sql('COALESCE(?, interval_ms)')} END WHERE device=?",
+                     interval, ts, now_ms, now_ms, interval, device)
+        if row["online"] == 0:
+            self._transition(device, True, now_ms, "heard", row, now_ms)
 
     def _on_state(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         row = self._device(device, now_ms)
-        self.store.x("UPDATE devices SET state=? WHERE device=?", _dumps(body), device)
+        self.store.x("UPDATE devices SET state=? WHERE device=?", self._raw, device)
         self._alive(device, row, body, retained, now_ms)
 
     def _on_event(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
@@ -241,7 +266,7 @@ class Relay:
         cur = self.store.x(
             "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body,"
             " flags) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ,
-            int(body.get("historical") is True), now_ms, _dumps(body), flags)
+            int(body.get("historical") is True), now_ms, self._raw, flags)
         if cur.rowcount == 0:
             self.counters.duplicates += 1
             return

@@ -79,50 +79,35 @@ COLUMNS = {"events": {"flags": "TEXT"},
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
 BUCKET_MS = 300_000  # health history: 5-minute aggregates
 
-# health_5m: (column, path in the health payload, how it is folded: sum/max/min/count-if)
-HEALTH_FIELDS = (
-    ("cpu_temp", ("system", "cpu_temp_c"), "avg_max"),
-    ("load1", ("system", "load", 0), "max"),
-    ("mem_avail", ("system", "mem_available_mb"), "min"),
-    ("disk_state", ("disk_free_mb", "state"), "min"),
-    ("disk_cache", ("disk_free_mb", "cache"), "min"),
-    ("signal", ("modem", "signal_dbm"), "avg_min"),
-    ("outbox", ("mqtt", "outbox"), "max"),
-    ("mains_off", ("cabinet", "mains_present"), False),
-    ("door_open", ("cabinet", "door_open"), True),
-)
+def _get(d: Any, key: str) -> Any:
+    return d.get(key) if isinstance(d, dict) else None
 
 
-def _pick(body: Any, path: tuple) -> Any:
-    for step in path:
-        if isinstance(step, int):
-            body = body[step] if isinstance(body, list) and len(body) > step else None
-        else:
-            body = body.get(step) if isinstance(body, dict) else None
-    return body
-
-
-def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
-        and abs(v) < 1e12 else None
+def _num(v: Any, kind: type = float) -> Any:
+    """A number from a device (bounded), else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and -1e12 < v < 1e12:
+        return kind(v)
+    return None
 
 
 def health_aggregate(body: dict) -> dict[str, Any]:
-    """One health sample as a ``health_5m`` row's values (n = 1)."""
-    row: dict[str, Any] = {"n": 1}
-    for name, path, how in HEALTH_FIELDS:
-        v = _pick(body, path)
-        if isinstance(how, bool):
-            row[f"{name}_n"] = int(v is how)
-            continue
-        v = _number(v)
-        if how.startswith("avg"):
-            row[f"{name}_sum"], row[f"{name}_n"] = (v or 0.0), int(v is not None)
-            how = how[4:]
-        if v is not None and name not in ("cpu_temp", "load1"):
-            v = int(v)  # an INTEGER column
-        row[f"{name}_{how}"] = v
-    return row
+    """One health sample as a ``health_5m`` row's values (``n`` = 1): averages as sum and
+    count, extremes, and counts of samples with the mains off or the door open."""
+    system, disk, cabinet = _get(body, "system"), _get(body, "disk_free_mb"), \
+        _get(body, "cabinet")
+    temp = _num(_get(system, "cpu_temp_c"))
+    load = _get(system, "load")
+    signal = _num(_get(_get(body, "modem"), "signal_dbm"), int)
+    return {"n": 1, "cpu_temp_sum": temp or 0.0, "cpu_temp_n": int(temp is not None),
+            "cpu_temp_max": temp,
+            "load1_max": _num(load[0]) if isinstance(load, list) and load else None,
+            "mem_avail_min": _num(_get(system, "mem_available_mb"), int),
+            "disk_state_min": _num(_get(disk, "state"), int),
+            "disk_cache_min": _num(_get(disk, "cache"), int),
+            "signal_sum": float(signal or 0), "signal_n": int(signal is not None),
+            "signal_min": signal, "outbox_max": _num(_get(_get(body, "mqtt"), "outbox"), int),
+            "mains_off_n": int(_get(cabinet, "mains_present") is False),
+            "door_open_n": int(_get(cabinet, "door_open") is True)}
 
 
 def _fold(col: str) -> str:
