@@ -88,6 +88,7 @@ class Database:
             script = script.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
             script = re.sub(r"\bINTEGER\b", "BIGINT", script)
             script = re.sub(r"\bREAL\b", "DOUBLE PRECISION", script)
+            script = script.replace(" WITHOUT ROWID", "")
         return [s.strip() for s in script.split(";") if s.strip()]
 
     # --- statements ----------------------------------------------------------------------

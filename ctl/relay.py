@@ -455,11 +455,11 @@ def _store_play(store: RelayStore, device: str, seq: int, body: dict) -> None:
     if started is None or ended is None or played is None or ended < started or played < 0:
         return
     segments = body.get("segments")
-    store.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms, requested_ms,"
-            " segment, emergency, segments) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)", device, seq,
-            started, ended, played, _int(body.get("requested_ms")),
-            _segment(body.get("segment", 0)), int(body.get("priority") == Priority.EMERGENCY),
-            _dumps(segments) if isinstance(segments, list) and segments else None)
+    store.add_play(device, seq, started, ended, played, _int(body.get("requested_ms")),
+                   _segment(body.get("segment", 0)),
+                   body.get("priority") == Priority.EMERGENCY,
+                   _dumps(segments) if isinstance(segments, list) and segments else None)
+
 
 
 # --- the process -------------------------------------------------------------------------

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS plays (
     device TEXT NOT NULL, seq INTEGER NOT NULL, started INTEGER NOT NULL,
     ended INTEGER NOT NULL, played_ms INTEGER NOT NULL, requested_ms INTEGER,
     segment INTEGER NOT NULL, emergency INTEGER NOT NULL, segments TEXT,
-    PRIMARY KEY (device, seq));
+    overlap INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, started, seq), UNIQUE (device, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS plays_by_end ON plays(ended);
 CREATE INDEX IF NOT EXISTS plays_segmented ON plays(ended) WHERE segments IS NOT NULL;
 CREATE TABLE IF NOT EXISTS alerts (
@@ -160,7 +161,9 @@ class RelayStore(Database):
         log.info("relay store %s: migrating to schema %d", self.path, SCHEMA_VERSION)
         ok = " AND ".join(f"json_type(body, '$.{k}') = 'integer'"
                           for k in ("started", "ended", "played_ms"))
-        self.x("INSERT OR IGNORE INTO plays SELECT device, seq, json_extract(body, '$.started'),"
+        self.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms,"
+               " requested_ms, segment, emergency, segments)"
+               " SELECT device, seq, json_extract(body, '$.started'),"
                " json_extract(body, '$.ended'), json_extract(body, '$.played_ms'),"
                " CASE WHEN json_type(body, '$.requested_ms') = 'integer'"
                " THEN json_extract(body, '$.requested_ms') END,"
@@ -172,6 +175,11 @@ class RelayStore(Database):
                f" FROM events WHERE type = 'play' AND json_valid(body) AND {ok}"
                " AND json_extract(body, '$.ended') >= json_extract(body, '$.started')"
                " AND json_extract(body, '$.played_ms') >= 0")
+        self.x("UPDATE plays SET overlap = 1 WHERE (device, seq) IN (SELECT device, seq FROM"
+               " (SELECT device, seq, started, ended,"
+               " LAG(ended) OVER (PARTITION BY device ORDER BY started, seq) AS before,"
+               " LEAD(started) OVER (PARTITION BY device ORDER BY started, seq) AS after"
+               " FROM plays) WHERE before > started OR after < ended)")
         self.x("INSERT OR IGNORE INTO alerts SELECT device, seq, ts,"
                " json_extract(body, '$.state'), substr(json_extract(body, '$.code'), 1, 40),"
                " substr(json_extract(body, '$.key'), 1, 64), flags FROM events"
@@ -204,6 +212,37 @@ class RelayStore(Database):
         self.x("INSERT OR IGNORE INTO meta(key, value) VALUES('instance', ?)",
                secrets.token_hex(8))
         return self.one("SELECT value FROM meta WHERE key='instance'")["value"]
+
+    # --- play records -----------------------------------------------------------------------
+
+    def add_play(self, device: str, seq: int, started: int, ended: int, played_ms: int,
+                 requested_ms: int | None, segment: int, emergency: bool,
+                 segments: str | None) -> None:
+        """Store a play record (once per device and seq). A record overlapping the one
+        before or after it (by ``started``) is marked with it: a device's records overlap
+        somewhere only if two neighbours do, so a report computes the exact union of spans
+        only for the devices with a marked record (docs/CTL.md)."""
+        if self.one("SELECT 1 AS x FROM plays WHERE device=? AND seq=?", device, seq):
+            return
+        marks = []
+        before = self.one("SELECT seq, ended FROM plays WHERE device=? AND started<=?"
+                          " ORDER BY started DESC, seq DESC LIMIT 1", device, started)
+        if before is not None and before["ended"] > started and ended > started:
+            marks.append(before["seq"])
+        after = self.one("SELECT seq, started FROM plays WHERE device=? AND started>=?"
+                         " ORDER BY started, seq LIMIT 1" if before is None else
+                         "SELECT seq, started FROM plays WHERE device=? AND started>=?"
+                         " AND seq<>? ORDER BY started, seq LIMIT 1",
+                         *((device, started) if before is None else
+                           (device, started, before["seq"])))
+        if after is not None and after["started"] < ended and ended > started:
+            marks.append(after["seq"])
+        self.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms,"
+               " requested_ms, segment, emergency, segments, overlap)"
+               " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", device, seq, started, ended, played_ms,
+               requested_ms, segment, int(emergency), segments, int(bool(marks)))
+        for other in marks:
+            self.x("UPDATE plays SET overlap=1 WHERE device=? AND seq=?", device, other)
 
     # --- health --------------------------------------------------------------------------
 
