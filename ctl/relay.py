@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import Priority
 from ctl import ingest, notify
 from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
 from ctl.sanitize import (
@@ -272,7 +271,7 @@ class Relay:
             return
         self._track_seq(device, row["max_seq"], seq, now_ms)
         if typ == "play":
-            _store_play(self.store, device, seq, body)
+            self.store.add_play_record(device, seq, body)
         if typ == "alert":
             self._alert(device, body, ts, flags, now_ms)
         self._alive(device, row, body, retained, now_ms)
@@ -438,28 +437,6 @@ class Relay:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else None
-
-
-def _segment(v: Any) -> int:
-    """A record's ``segment``; -1 for a value that is not a number (never a first segment)."""
-    return -1 if _int(v) is None else v
-
-
-def _store_play(store: RelayStore, device: str, seq: int, body: dict) -> None:
-    """A play record's numbers in ``plays`` (what reports read), when they make sense."""
-    started, ended, played = (_int(body.get(k)) for k in ("started", "ended", "played_ms"))
-    if started is None or ended is None or played is None or ended < started or played < 0:
-        return
-    segments = body.get("segments")
-    store.add_play(device, seq, started, ended, played, _int(body.get("requested_ms")),
-                   _segment(body.get("segment", 0)),
-                   body.get("priority") == Priority.EMERGENCY,
-                   _dumps(segments) if isinstance(segments, list) and segments else None)
-
 
 
 # --- the process -------------------------------------------------------------------------

@@ -31,13 +31,12 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from ctl.config import groups_of
-from ctl.store import RelayStore
+from ctl.store import PLAY_SLACK_MS, RelayStore
 
 FONT = "DejaVu Sans"
 CSV_FIELDS = ("scope", "name", "devices", "aired_minutes", "aired_hours", "bulletins",
               "emergencies", "played_minutes", "requested_minutes", "played_pct", "uptime_pct")
 DAY_MS = 86_400_000
-PLAY_SLACK_MS = 2_000  # audio and wall clocks differ a little: more than this is a false claim
 LEGEND = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncols": 2, "frameon": False}
 
 
@@ -134,16 +133,21 @@ def compute(store: RelayStore, period: Period, groups: dict[str, list[str]],
         covered[r["device"]] = int(r["spans"])  # without overlaps, the union is the sum
         if r["overlap"]:
             overlapping.append(r["device"])
+    for r in store.q(_crossing_sql(period)):
+        st = rows.setdefault(r["device"], Stats("device", r["device"]))
+        aired = _aired(_record(r), period)
+        if r["started"] >= period.start_ms:  # crosses the end: summed whole above
+            aired -= r["aired_ms"]
+            covered[st.name] = covered.get(st.name, 0) - (r["ended"] - period.end_ms)
+        else:  # crosses the start: not summed above
+            st.capped += r["claim"]
+            covered[st.name] = covered.get(st.name, 0) + \
+                min(r["ended"], period.end_ms) - period.start_ms
+        st.aired_ms += aired
+        st.played_ms += aired * r["known"]
     for i in range(0, len(overlapping), 200):
         for r in store.q(_union_sql(period, overlapping[i:i + 200])):
             covered[r["device"]] = int(r["covered"])
-    for r in store.q(_crossing_sql(period)):
-        st = rows[r["device"]]
-        aired = _aired(_record(r), period)
-        if period.start_ms <= r["started"] and r["ended"] <= period.end_ms:  # summed above
-            aired -= min(r["played_ms"], r["ended"] - r["started"])  # by its span, not segments
-        st.aired_ms += aired
-        st.played_ms += aired if (r["requested_ms"] or 0) > 0 else 0
     for st in rows.values():
         cover = covered.get(st.name, 0)
         if st.aired_ms > cover + PLAY_SLACK_MS:
@@ -171,39 +175,27 @@ def _clip(s: int, e: int) -> tuple[str, str]:
 
 
 def _plays_sql(period: Period) -> str:
-    """Per device over the records that overlap the period: aired and played time of those
-    wholly inside it (each at most its own span), bulletins, emergencies, requested time,
-    records claiming more than their span, the sum of their clipped spans, and whether any
-    of them overlaps another (``overlap``, marked when stored). One pass, no sort: SQLite
-    reads the table in its own order (device, started; ``+ended`` keeps it off the
-    ``ended`` index). The values are our own integers, written into the SQL."""
+    """Per device over the records that started in the period (and ended less than a day
+    after it): their aired and played time (each at most its span, precomputed when
+    stored), bulletins, emergencies, requested time, records claiming more than their span,
+    the sum of their spans, and whether any overlaps a neighbour (``overlap``). One pass of
+    plain sums, no sort: SQLite reads the table in its own order (device, started;
+    ``+ended`` keeps it off the ``ended`` index). Records crossing a boundary are corrected
+    in Python. The values are our own integers, written into the SQL."""
     s, e = period.start_ms, period.end_ms
-    a, b = _clip(s, e)
     return f"""
-SELECT device,
-  SUM(CASE WHEN inside = 1 THEN pl ELSE 0 END) AS aired,
-  SUM(CASE WHEN inside = 1 AND requested_ms > 0 THEN pl ELSE 0 END) AS played,
-  SUM(CASE WHEN played_ms > ended - started + {PLAY_SLACK_MS} THEN 1 ELSE 0 END) AS capped,
-  SUM(bulletin) AS bulletins,
-  SUM(CASE WHEN bulletin = 1 AND emergency = 1 THEN 1 ELSE 0 END) AS emergencies,
-  SUM(CASE WHEN bulletin = 1 AND requested_ms > 0 THEN requested_ms ELSE 0 END) AS requested,
-  SUM(CASE WHEN b > a THEN b - a ELSE 0 END) AS spans,
+SELECT device, SUM(aired_ms) AS aired, SUM(aired_ms * known) AS played, SUM(claim) AS capped,
+  SUM(first) AS bulletins, SUM(first * emergency) AS emergencies,
+  COALESCE(SUM(first * known * requested_ms), 0) AS requested, SUM(ended - started) AS spans,
   MAX(overlap) AS overlap
-FROM (
-  SELECT device, started, ended, played_ms, requested_ms, emergency, overlap,
-    CASE WHEN played_ms < ended - started THEN played_ms ELSE ended - started END AS pl,
-    CASE WHEN started >= {s} AND ended <= {e} THEN 1 ELSE 0 END AS inside,
-    CASE WHEN segment = 0 AND played_ms > 0 AND started >= {s} AND started < {e}
-         THEN 1 ELSE 0 END AS bulletin,
-    {a} AS a, {b} AS b
-  FROM plays WHERE +ended >= {s} AND +ended < {e + DAY_MS} AND started < {e}
-) AS p
+FROM plays WHERE started >= {s} AND started < {e} AND +ended < {e + DAY_MS}
 GROUP BY device"""
 
 
 def _union_sql(period: Period, devices: list[str]) -> str:
     """The length of the union of the clipped spans of each of ``devices`` (those whose
-    records overlap): a running maximum of the ends, in ``started`` order."""
+    records overlap; the records :func:`_plays_sql` and :func:`_crossing_sql` read): a
+    running maximum of the ends, in ``started`` order."""
     s, e = period.start_ms, period.end_ms
     a, b = _clip(s, e)
     names = ", ".join("'" + d.replace("'", "''") + "'" for d in devices)
@@ -216,24 +208,20 @@ FROM (
   SELECT device, {a} AS a, {b} AS b,
     MAX({b}) OVER (PARTITION BY device ORDER BY started, seq
                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS m
-  FROM plays WHERE device IN ({names}) AND ended >= {s} AND ended < {e + DAY_MS}
-    AND started < {e}
+  FROM plays WHERE device IN ({names}) AND ((started >= {s} AND started < {e}
+    AND ended < {e + DAY_MS}) OR (started < {s} AND ended > {s} AND ended < {s + DAY_MS}))
 ) AS u
 GROUP BY device"""
 
 
 def _crossing_sql(period: Period) -> str:
-    """The records shared out in Python: those that cross a boundary of the period (looked
-    for up to a day from it) and those listing their segments (few: one per preempted
-    item)."""
+    """The records that cross a boundary of the period (looked for up to a day from it)."""
     s, e = period.start_ms, period.end_ms
-    cols = "device, started, ended, played_ms, requested_ms, segments"
-    plain = "segments IS NULL AND"
-    return (f"SELECT {cols} FROM plays WHERE {plain} ended >= {s} AND ended < {s + DAY_MS}"
-            f" AND started < {s} UNION ALL SELECT {cols} FROM plays WHERE {plain} ended > {e}"
-            f" AND ended < {e + DAY_MS} AND started < {e} AND started >= {s}"
-            f" UNION ALL SELECT {cols} FROM plays WHERE segments IS NOT NULL AND ended >= {s}"
-            f" AND ended < {e + DAY_MS} AND started < {e}")
+    cols = ("device, started, ended, played_ms, requested_ms, segments, aired_ms, known,"
+            " claim")
+    return (f"SELECT {cols} FROM plays WHERE ended > {s} AND ended < {s + DAY_MS}"
+            f" AND started < {s} UNION ALL SELECT {cols} FROM plays WHERE ended > {e}"
+            f" AND ended < {e + DAY_MS} AND started < {e} AND started >= {s}")
 
 
 def _record(r) -> dict:

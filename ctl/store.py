@@ -12,6 +12,7 @@ import os
 import secrets
 from typing import Any
 
+from agent.protocol import Priority
 from ctl.db import Database, driver_errors, is_url
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ CREATE TABLE IF NOT EXISTS plays (
     device TEXT NOT NULL, seq INTEGER NOT NULL, started INTEGER NOT NULL,
     ended INTEGER NOT NULL, played_ms INTEGER NOT NULL, requested_ms INTEGER,
     segment INTEGER NOT NULL, emergency INTEGER NOT NULL, segments TEXT,
-    overlap INTEGER NOT NULL DEFAULT 0,
+    overlap INTEGER NOT NULL DEFAULT 0, aired_ms INTEGER NOT NULL, known INTEGER NOT NULL,
+    first INTEGER NOT NULL, claim INTEGER NOT NULL,
     PRIMARY KEY (device, started, seq), UNIQUE (device, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS plays_by_end ON plays(ended);
 CREATE INDEX IF NOT EXISTS plays_segmented ON plays(ended) WHERE segments IS NOT NULL;
@@ -79,6 +81,19 @@ COLUMNS = {"events": {"flags": "TEXT"},
            "devices": {"next_check_ms": "INTEGER"}, "gaps": {"lost_ms": "INTEGER"}}
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
 BUCKET_MS = 300_000  # health history: 5-minute aggregates
+PLAY_SLACK_MS = 2_000  # audio and wall clocks differ a little: more than this is a false claim
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else None
+
+
+def _segment_ok(g: Any, started: int, ended: int) -> bool:
+    if not isinstance(g, dict):
+        return False
+    a, b, p = (_int(g.get(k)) for k in ("started", "ended", "played_ms"))
+    return a is not None and b is not None and p is not None and started <= a <= b <= ended \
+        and p >= 0
 
 def _get(d: Any, key: str) -> Any:
     return d.get(key) if isinstance(d, dict) else None
@@ -159,27 +174,14 @@ class RelayStore(Database):
         health samples into the latest per device and 5-minute aggregates; heartbeat checks
         due at once (they reschedule themselves)."""
         log.info("relay store %s: migrating to schema %d", self.path, SCHEMA_VERSION)
-        ok = " AND ".join(f"json_type(body, '$.{k}') = 'integer'"
-                          for k in ("started", "ended", "played_ms"))
-        self.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms,"
-               " requested_ms, segment, emergency, segments)"
-               " SELECT device, seq, json_extract(body, '$.started'),"
-               " json_extract(body, '$.ended'), json_extract(body, '$.played_ms'),"
-               " CASE WHEN json_type(body, '$.requested_ms') = 'integer'"
-               " THEN json_extract(body, '$.requested_ms') END,"
-               " CASE WHEN json_type(body, '$.segment') = 'integer'"
-               " THEN json_extract(body, '$.segment') ELSE 0 END,"
-               " json_extract(body, '$.priority') IS 'emergency',"
-               " CASE WHEN json_type(body, '$.segments') = 'array'"
-               " THEN json_extract(body, '$.segments') END"
-               f" FROM events WHERE type = 'play' AND json_valid(body) AND {ok}"
-               " AND json_extract(body, '$.ended') >= json_extract(body, '$.started')"
-               " AND json_extract(body, '$.played_ms') >= 0")
-        self.x("UPDATE plays SET overlap = 1 WHERE (device, seq) IN (SELECT device, seq FROM"
-               " (SELECT device, seq, started, ended,"
-               " LAG(ended) OVER (PARTITION BY device ORDER BY started, seq) AS before,"
-               " LEAD(started) OVER (PARTITION BY device ORDER BY started, seq) AS after"
-               " FROM plays) WHERE before > started OR after < ended)")
+        for r in self.q("SELECT device, seq, body FROM events WHERE type = 'play'"
+                        " ORDER BY device, seq"):
+            try:
+                rec = json.loads(r["body"])
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                self.add_play_record(r["device"], r["seq"], rec)
         self.x("INSERT OR IGNORE INTO alerts SELECT device, seq, ts,"
                " json_extract(body, '$.state'), substr(json_extract(body, '$.code'), 1, 40),"
                " substr(json_extract(body, '$.key'), 1, 64), flags FROM events"
@@ -215,9 +217,33 @@ class RelayStore(Database):
 
     # --- play records -----------------------------------------------------------------------
 
+    def add_play_record(self, device: str, seq: int, rec: dict) -> None:
+        """A play record event (docs/AUDIO.md) into ``plays``, when its numbers make sense:
+        with what a report sums precomputed (``aired_ms``: its played time, at most its
+        span, or its segments' when it lists them; ``known``: its requested length is known;
+        ``first``: it is an aired item's first segment; ``claim``: it claims more than its
+        span). Segments outside the record's own span are ignored."""
+        started, ended, played = (_int(rec.get(k)) for k in ("started", "ended", "played_ms"))
+        if started is None or ended is None or played is None or ended < started or played < 0:
+            return
+        segs = rec.get("segments")
+        aired = min(played, ended - started)
+        if isinstance(segs, list) and segs and all(_segment_ok(g, started, ended)
+                                                   for g in segs):
+            aired = sum(min(g["played_ms"], g["ended"] - g["started"]) for g in segs)
+            segments = json.dumps([{k: g[k] for k in ("started", "ended", "played_ms")}
+                                   for g in segs], separators=(",", ":"))
+        else:
+            segments = None
+        requested = _int(rec.get("requested_ms"))
+        segment = rec.get("segment", 0)
+        segment = segment if _int(segment) is not None else -1
+        self.add_play(device, seq, started, ended, played, requested, segment,
+                      rec.get("priority") == Priority.EMERGENCY, segments, aired)
+
     def add_play(self, device: str, seq: int, started: int, ended: int, played_ms: int,
                  requested_ms: int | None, segment: int, emergency: bool,
-                 segments: str | None) -> None:
+                 segments: str | None, aired_ms: int) -> None:
         """Store a play record (once per device and seq). A record overlapping the one
         before or after it (by ``started``) is marked with it: a device's records overlap
         somewhere only if two neighbours do, so a report computes the exact union of spans
@@ -237,10 +263,13 @@ class RelayStore(Database):
                            (device, started, before["seq"])))
         if after is not None and after["started"] < ended and ended > started:
             marks.append(after["seq"])
+        known = int(requested_ms is not None and requested_ms > 0)
         self.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms,"
-               " requested_ms, segment, emergency, segments, overlap)"
-               " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", device, seq, started, ended, played_ms,
-               requested_ms, segment, int(emergency), segments, int(bool(marks)))
+               " requested_ms, segment, emergency, segments, overlap, aired_ms, known, first,"
+               " claim) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", device, seq, started,
+               ended, played_ms, requested_ms, segment, int(emergency), segments,
+               int(bool(marks)), aired_ms, known, int(segment == 0 and played_ms > 0),
+               int(played_ms > ended - started + PLAY_SLACK_MS))
         for other in marks:
             self.x("UPDATE plays SET overlap=1 WHERE device=? AND seq=?", device, other)
 

@@ -35,7 +35,7 @@ MIN = 60_000
 SLOTS = (5 * 60, 6 * 60 + 30, 8 * 60, 11 * 60, 12 * 60, 14 * 60, 15 * 60 + 30, 17 * 60,
          19 * 60, 23 * 60 + 50)  # minutes after midnight; the last crosses midnight
 COLUMNS = ("device", "seq", "started", "ended", "played_ms", "requested_ms", "segment",
-           "emergency", "segments", "overlap")
+           "emergency", "segments", "overlap", "aired_ms", "known", "first", "claim")
 
 
 def device_name(i: int) -> str:
@@ -49,10 +49,18 @@ def rows(devices: int, per_day: int, seed: int = 7):
     for r in _rows(devices, per_day, seed):
         overlap = prev is not None and prev[0] == r[0] and prev[3] > r[2]
         if prev is not None:
-            yield (*prev[:9], int(prev[9] or overlap))
+            yield _derived((*prev[:9], int(prev[9] or overlap)))
         prev = (*r, int(overlap))
     if prev is not None:
-        yield prev
+        yield _derived(prev)
+
+
+def _derived(r: tuple) -> tuple:
+    """What ``RelayStore.add_play_record`` precomputes (segments here lie within the span)."""
+    started, ended, played, requested, segment = r[2], r[3], r[4], r[5], r[6]
+    aired = ended - started if r[8] else min(played, ended - started)  # segments: all aired
+    return (*r, aired, int(bool(requested)),
+            int(segment == 0 and played > 0), int(played > ended - started + 2000))
 
 
 def _rows(devices: int, per_day: int, seed: int):
@@ -66,7 +74,7 @@ def _rows(devices: int, per_day: int, seed: int):
                 seq += 1
                 started = base + slot * MIN + rnd.randrange(0, 60_000)
                 span = rnd.randrange(5, 31) * MIN
-                if rnd.random() < 0.0005:  # a rare double record: overlaps the next item
+                if rnd.random() < 0.00002:  # a rare double record: overlaps the next item
                     span = 3 * 60 * MIN
                 played = span if rnd.random() > 0.05 else rnd.randrange(0, span)
                 segs = None
@@ -112,9 +120,9 @@ def generate(target: str, devices: int, per_day: int) -> float:
             for r in rows(devices, per_day):
                 batch.append(r)
                 if len(batch) == 50_000:
-                    store.many(f"INSERT INTO plays VALUES({', '.join('?' * 10)})", batch)
+                    store.many(f"INSERT INTO plays VALUES({', '.join('?' * 14)})", batch)
                     batch.clear()
-            store.many(f"INSERT INTO plays VALUES({', '.join('?' * 10)})", batch)
+            store.many(f"INSERT INTO plays VALUES({', '.join('?' * 14)})", batch)
             store.many("INSERT INTO transitions(id, device, ts, online, reason)"
                        " VALUES(?, ?, ?, ?, ?)", list(transitions(devices)))
         store.x("ANALYZE")
