@@ -22,11 +22,12 @@ _STOP = object()
 class Writer:
     """A queue and the thread that empties it into ``relay.handle_batch``."""
 
-    def __init__(self, relay: Any, *, max_batch: int = 2000, max_queue: int = 200_000) -> None:
+    def __init__(self, relay: Any, *, max_batch: int = 2000, max_queue: int = 20_000) -> None:
         self.relay = relay
         self.max_batch = max_batch
         # bounded: when the store falls behind, paho's thread waits here and the broker keeps
-        # the QoS 1 messages (back-pressure instead of unbounded memory)
+        # the QoS 1 messages (back-pressure instead of unbounded memory); small enough to be
+        # stored within seconds when the relay stops (about 2 s on SQLite, 15 s on PostgreSQL)
         self.queue: queue.Queue = queue.Queue(max_queue)
         self.batches = 0
         self.thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
@@ -35,14 +36,16 @@ class Writer:
     def put(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
         self.queue.put((topic, payload, retained, now_ms))
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Store what is queued, then end the thread (idempotent)."""
+    def stop(self) -> None:
+        """Store what is queued, then end the thread (idempotent). It waits as long as that
+        takes: the store must not be closed under the writer (what is queued was already
+        acknowledged to the broker)."""
         if self.thread.is_alive():
+            if self.queue.qsize():
+                log.info("relay writer: storing the %d messages still queued",
+                         self.queue.qsize())
             self.queue.put(_STOP)
-            self.thread.join(timeout)
-            if self.thread.is_alive():
-                log.error("relay writer: %d messages still queued after %g s",
-                          self.queue.qsize(), timeout)
+            self.thread.join()
 
     def _run(self) -> None:
         stopping = False
