@@ -350,3 +350,31 @@ def test_the_chart_stays_readable_at_any_fleet_size(tmp_path, n_devices):
         assert names[-1] == "d009 (hoạt động kém)"
     period = report.parse_period("2025-11", None, "Asia/Ho_Chi_Minh")
     report.chart([*stats, *groups], period, str(tmp_path / "c.png"))
+
+
+def test_heartbeats_and_notices_on_postgresql(pg_url):
+    """The relay's logic on PostgreSQL: a missed heartbeat, a will, a batch with its
+    delivery row, the hourly prune."""
+    s = RelayStore(pg_url)
+    try:
+        relay = Relay(s, RelaySettings(heartbeat_default_s=60, missed_beats=3, group_wait_s=0,
+                                       group_interval_s=0, channels=["webhook"]))
+        t0 = local(2025, 11, 1, 8)
+        relay.handle_batch([
+            (topic(d, "status"), json.dumps({"v": 1, "state": "online", "ts": t0,
+                                             "session": 1}).encode(), False, t0)
+            for d in ("a", "b")])
+        relay.handle(topic("b", "health"), json.dumps({"v": 1, "ts": t0 + 60_000}).encode(),
+                     False, t0 + 60_000)
+        relay.handle(topic("b", "status"), json.dumps({"v": 1, "state": "offline", "ts": t0,
+                                                       "session": 1, "reason": "lost"}).encode(),
+                     False, t0 + 90_000)
+        batch = relay.tick(t0 + 181_000)
+        assert batch is not None
+        assert {r["device"]: r["online"] for r in s.q("SELECT device, online FROM devices")} \
+            == {"a": 0, "b": 0}
+        assert s.one("SELECT COUNT(*) AS n FROM deliveries WHERE batch=?", batch)["n"] == 1
+        relay.tick(t0 + 40 * 86_400_000)  # prunes health_5m older than 31 days
+        assert s.one("SELECT COUNT(*) AS n FROM health_5m")["n"] == 0
+    finally:
+        s.close()
