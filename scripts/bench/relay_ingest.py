@@ -13,7 +13,10 @@ Target: ≥ 8,000 msg/s on SQLite. On a shared machine the wall-clock rate follo
 the messages stored per CPU-second of the relay's process (both threads) are printed too.
 
     .venv/bin/python scripts/bench/relay_ingest.py [--messages 100000] [--devices 3000]
-        [--db postgresql://…] [--tick-devices 100000]
+        [--db postgresql://…] [--tick-devices 100000] [--mqtt]
+
+``--mqtt`` also runs the whole path: mosquitto, ``ttcs-ctl relay`` as a process, a publisher
+(QoS 1); timed from the first publish until every message is in the database.
 """
 
 from __future__ import annotations
@@ -98,6 +101,87 @@ def ingest(target: str, msgs: list) -> dict:
             "messages_per_batch": round(len(msgs) / max(1, writer.batches), 1)}
 
 
+def through_mqtt(wd, msgs: list, timeout_s: float = 600) -> dict:
+    """The whole path, as after an outage: a mosquitto, ``ttcs-ctl relay`` as its own process
+    (SQLite) started once for its persistent session and stopped, ``msgs`` published (QoS 1,
+    no status messages: each one leaves a row to count) and queued by the broker; then the
+    relay is started again and timed from its connection until every message is stored."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    import paho.mqtt.client as mqtt
+    import yaml
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from tests.conftest import MOSQUITTO, ROOT, free_port, wait_until
+
+    msgs = [m for m in msgs if not m[0].endswith("/status")]
+    port = free_port()
+    conf = wd / "mosquitto.conf"
+    user = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"max_queued_messages 0\nmax_inflight_messages 1000\n"
+                    f"log_dest file {wd / 'mosquitto.log'}\nlog_type error\n{user}")
+    broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    db = wd / "mqtt.db"
+    cfg = wd / "ctl.yaml"
+    cfg.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": port},
+                                   "relay": {"db_path": str(db), "tick_s": 1}}))
+    log = open(wd / "relay.log", "wb")
+    relay = None
+    try:
+        time.sleep(0.5)
+        def start_relay(times: int) -> subprocess.Popen:
+            proc = subprocess.Popen([sys.executable, "-m", "ctl", "--config", str(cfg),
+                                     "relay"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            wait_until(lambda: (wd / "relay.log").read_bytes().count(b"relay connected")
+                       >= times, 60, interval=0.005, what="relay connected")
+            return proc
+
+        relay = start_relay(1)
+        relay.terminate()
+        relay.wait(60)
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
+        pub.max_inflight_messages_set(1000)
+        pub.max_queued_messages_set(0)
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        pub_start = time.perf_counter()
+        infos = [pub.publish(t, p, qos=1) for t, p, _, _ in msgs]
+        for info in infos:
+            info.wait_for_publish(120)
+        published = time.perf_counter() - pub_start
+        relay = start_relay(2)
+        start = time.perf_counter()
+
+        def stored() -> int:
+            c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                return c.execute("SELECT (SELECT COUNT(*) FROM events) + (SELECT"
+                                 " COALESCE(SUM(n), 0) FROM health_5m)").fetchone()[0]
+            finally:
+                c.close()
+
+        while stored() < len(msgs) and time.perf_counter() - start < timeout_s:
+            time.sleep(0.1)
+        took = time.perf_counter() - start
+        pub.loop_stop()
+        n = stored()
+        fields = open(f"/proc/{relay.pid}/stat").read().rsplit(")", 1)[1].split()
+        relay_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    finally:
+        if relay:
+            relay.terminate()
+            relay.wait(60)
+        broker.terminate()
+        broker.wait(10)
+    return {"messages": len(msgs), "stored": n, "seconds": round(took, 2),
+            "msg_per_s": round(len(msgs) / took), "published_before_s": round(published, 2),
+            "relay_cpu_s": round(relay_cpu, 2)}
+
+
 def tick(target: str, n: int) -> dict:
     """The heartbeat check at ``n`` online devices: none due, then every one due."""
     store = RelayStore(target)
@@ -126,6 +210,8 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=3000)
     p.add_argument("--db", default=None, help="postgresql://… (default: SQLite in --workdir)")
     p.add_argument("--tick-devices", type=int, default=100_000)
+    p.add_argument("--mqtt", action="store_true",
+                   help="also through mosquitto and the relay process (SQLite)")
     a = p.parse_args()
     wd = workdir(a.workdir, "relay_ingest")
     target = a.db or str(wd / "relay.db")
@@ -138,6 +224,7 @@ def main() -> None:
         s.close()
     ticks = tick(tick_target, a.tick_devices) if a.tick_devices else {}
     ok = res["msg_per_s"] >= 8000 if not a.db else None
+    mq = through_mqtt(wd, msgs) if a.mqtt else None
     print_table(f"relay ingest ({'PostgreSQL' if a.db else 'SQLite'})", [
         ("sustained ingest", f"{res['msg_per_s']} msg/s ({res['messages']} in {res['seconds']} s,"
          f" {res['messages_per_batch']} per batch; load {res['load_before']:.1f})",
@@ -145,9 +232,16 @@ def main() -> None:
         ("per CPU-second of the relay", f"{res['msg_per_cpu_s']} msg", "", "-"),
         ("dropped", str(res["dropped"]), "0", verdict(res["dropped"] == 0)),
         *[(f"tick at {a.tick_devices} devices, {k[:-3].replace('_', ' ')}", f"{v} ms", "", "-")
-          for k, v in ticks.items()]])
+          for k, v in ticks.items()],
+        *([("through mosquitto: the relay catching up", f"{mq['msg_per_s']} msg/s"
+            f" ({mq['stored']} of {mq['messages']} queued by the broker, stored"
+            f" {mq['seconds']} s after the relay connected; relay CPU {mq['relay_cpu_s']} s)",
+            "",
+            verdict(mq["stored"] == mq["messages"]))]
+          if mq else [])])
     write_json(a.out, {"machine": machine(), "db": "postgresql" if a.db else "sqlite",
-                       "ingest": res, "tick": ticks, "tick_devices": a.tick_devices})
+                       "ingest": res, "tick": ticks, "tick_devices": a.tick_devices,
+                       "mqtt": mq})
 
 
 if __name__ == "__main__":
