@@ -304,12 +304,14 @@ class Relay:
         if not isinstance(code, str) or state not in ("raised", "cleared"):
             return
         code = clean(code, CODE_MAX)
-        if not code or (self.settings.alert_codes and code not in self.settings.alert_codes):
+        if not code:
             return
         key = clean(body["key"], KEY_MAX) or None if isinstance(body.get("key"), str) else None
         self.store.x("INSERT OR IGNORE INTO alerts(device, seq, ts, state, code, key, flags)"
                      " VALUES(?, ?, ?, ?, ?, ?, ?)", device, body["seq"], ts, state, code, key,
-                     flags)
+                     flags)  # every alert is kept; alert_codes filters what is notified
+        if self.settings.alert_codes and code not in self.settings.alert_codes:
+            return
         detail = {"historical": body.get("historical") is True}
         if flags == TS_FLAG:
             detail["device_time_invalid"] = True

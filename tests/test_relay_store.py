@@ -378,3 +378,18 @@ def test_heartbeats_and_notices_on_postgresql(pg_url):
         assert s.one("SELECT COUNT(*) AS n FROM health_5m")["n"] == 0
     finally:
         s.close()
+
+
+def test_every_alert_is_kept_whatever_is_notified(tmp_path):
+    s = RelayStore(str(tmp_path / "r.db"))
+    relay = Relay(s, RelaySettings(alert_codes=["door_open"]))
+    t0 = local(2025, 11, 1, 8)
+    relay.handle_batch([(topic("d1", "event"), json.dumps(
+        {"v": 1, "seq": q, "type": "alert", "ts": t0, "state": "raised", "code": c,
+         "key": "k\u202e"}).encode(), False, t0)
+        for q, c in ((1, "door_open"), (2, "disk_low"), (3, ""))])
+    rows = [dict(r) for r in s.q("SELECT seq, code, key FROM alerts ORDER BY seq")]
+    assert rows == [{"seq": 1, "code": "door_open", "key": "k"},
+                    {"seq": 2, "code": "disk_low", "key": "k"}]
+    assert [r["code"] for r in s.q("SELECT code FROM notices")] == ["door_open"]
+    s.close()
