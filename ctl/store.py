@@ -174,7 +174,7 @@ class RelayStore(Database):
         health samples into the latest per device and 5-minute aggregates; heartbeat checks
         due at once (they reschedule themselves)."""
         log.info("relay store %s: migrating to schema %d", self.path, SCHEMA_VERSION)
-        for r in self.q("SELECT device, seq, body FROM events WHERE type = 'play'"
+        for r in self.stream("SELECT device, seq, body FROM events WHERE type = 'play'"
                         " ORDER BY device, seq"):
             try:
                 rec = json.loads(r["body"])
@@ -188,11 +188,11 @@ class RelayStore(Database):
                " WHERE type = 'alert' AND json_valid(body)"
                " AND json_type(body, '$.code') = 'text'"
                " AND json_extract(body, '$.state') IN ('raised', 'cleared')")
-        self.x("INSERT OR REPLACE INTO health_latest SELECT device, ts, received_ms, body, flags"
-               " FROM health h WHERE rowid = (SELECT rowid FROM health WHERE device = h.device"
-               " ORDER BY ts DESC, rowid DESC LIMIT 1)")
+        self.x("INSERT OR REPLACE INTO health_latest SELECT h.device, h.ts, h.received_ms,"
+               " h.body, h.flags FROM health h JOIN (SELECT device, MAX(ts) AS ts FROM health"
+               " GROUP BY device) m ON m.device = h.device AND m.ts = h.ts ORDER BY h.rowid")
         n = 0
-        for r in self.q("SELECT device, ts, body FROM health"):
+        for r in self.stream("SELECT device, ts, body FROM health"):
             try:
                 body = json.loads(r["body"])
             except ValueError:
