@@ -29,7 +29,7 @@ setup(
         # On a Raspberry Pi: GPIO through lgpio, real SPI for MAX7219 boards.
         "pi": ["rpi-lgpio", "luma.core[spi]"],
         # Controller side extras (relay, reports).
-        "ctl": ["matplotlib", "rich"],
+        "ctl": ["matplotlib", "rich", "psycopg[binary]"],
         # amqtt: a broker that speaks only MQTT 3.1.1, for the protocol fallback tests.
         "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd", "amqtt"],
     },

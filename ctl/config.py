@@ -21,6 +21,8 @@ CTL_SCHEMA = Section(fields={
     }),
     "relay": Section(fields={
         "db_path": Str(default="~/.local/state/ttcs/relay.db"),
+        "db_url": Str(default=None, nullable=True, pattern=r"^postgres(ql)?://",
+                      doc="a PostgreSQL database instead of db_path (postgresql://…)"),
         "client_id": Str(default="ttcs-relay", pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
         "heartbeat_default_s": Num(default=60, min=1, max=86400, integer=False),
         "missed_beats": Num(default=3, min=1, max=100),

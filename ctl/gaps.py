@@ -124,8 +124,9 @@ class GapFiller:
         self._probe_at: int | None = None  # when to probe every device (see probe_all)
         self._probe_queue: list[str] = []
         self._probe_last = 0
-        with store.lock:  # executescript commits: not inside a transaction
-            store.db.executescript(SCHEMA)
+        with store.lock:  # outside a transaction (DDL)
+            for statement in store.ddl(SCHEMA):
+                store.conn.execute(statement)
         self._dirty_from_asks()
 
     def _dirty_from_asks(self) -> None:
@@ -358,11 +359,17 @@ class GapFiller:
         return self.store.one("SELECT COUNT(*) AS n FROM seq_asks")["n"]
 
 
-def from_config(cfg: dict, store, publish: Callable[[str, bytes], None]) -> GapFiller:
+def from_config(cfg: dict, store, publish: Callable[[str, bytes], None]) -> GapFiller | None:
     """The relay's gap filler; it signs with ``signing.kid``/``key_file`` (without them gaps
-    are logged and counted, nothing is asked)."""
+    are logged and counted, nothing is asked). None on PostgreSQL: its bookkeeping speaks
+    SQLite's dialect (docs/SCALE.md)."""
     from agent import protocol
     from ctl.keys import load_private_key
+
+    if store.pg:
+        log.warning("relay: seq gap filling (resend) is not available on PostgreSQL yet;"
+                    " gaps are recorded in the store, never asked for again")
+        return None
 
     sign = None
     kid, key_file = cfg["signing"].get("kid"), cfg["signing"].get("key_file")

@@ -105,8 +105,10 @@ def report(cfg: dict, month: str | None, year: str | None, out_dir: str, db: str
     if problem:
         print(f"ttcs-ctl report: {problem}", file=sys.stderr)
         return EXIT_FAILED
-    db_path = os.path.expanduser(db or cfg["relay"]["db_path"])
-    if not os.path.exists(db_path):
+    from ctl.db import is_url
+
+    db_path = db or cfg["relay"].get("db_url") or os.path.expanduser(cfg["relay"]["db_path"])
+    if not is_url(db_path) and not os.path.exists(os.path.expanduser(db_path)):
         print(f"no relay database at {db_path}", file=sys.stderr)
         return EXIT_FAILED
     store = RelayStore(db_path)
@@ -117,7 +119,7 @@ def report(cfg: dict, month: str | None, year: str | None, out_dir: str, db: str
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"ttcs-report-{period.label}.csv")
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
-        f.write(rep.to_csv(stats))
+        rep.write_csv(stats, f)
     print(rep.table_text(stats))
     print(f"CSV: {csv_path}")
     if chart:
@@ -182,7 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     period.add_argument("--month", metavar="YYYY-MM")
     period.add_argument("--year", metavar="YYYY")
     p.add_argument("--out", default=".", help="folder for the CSV and PNG (default .)")
-    p.add_argument("--db", help="relay database (default relay.db_path)")
+    p.add_argument("--db", help="relay database: a path or a postgresql:// URL (default"
+                   " relay.db_url, else relay.db_path)")
     p.add_argument("--no-chart", action="store_true",
                    help="CSV and table only (no PNG; matplotlib not needed)")
     for kind in ("schedule", "board"):

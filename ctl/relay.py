@@ -1,12 +1,14 @@
 """``ttcs-ctl relay``: the controller-side watcher of the fleet (SPEC §10, docs/CTL.md).
 
 It subscribes to every device's ``status``, ``state``, ``health`` and ``event`` topics and keeps
-what it learns in SQLite:
+what it learns in its store (SQLite, or PostgreSQL: :mod:`ctl.store`), written in batches by a
+writer thread (:mod:`ctl.ingest`):
 
 - events deduplicated by (device, ``seq``), with gaps in ``seq`` noticed (and marked filled
   when the missing events arrive late);
-- health samples (pruned after ``relay.health_keep_days``), and each device's heartbeat
-  interval, learned from the gap between consecutive live samples;
+- the latest health sample of each device and 5-minute aggregates of its numbers (pruned
+  after ``relay.health_keep_days``), and each device's heartbeat interval, learned from the gap
+  between consecutive live samples;
 - online/offline transitions (for uptime): offline on the device's will or clean shutdown, or
   after ``relay.missed_beats`` heartbeats without a word from it;
 - notices (offline, recovered, alert raised/cleared), gathered into batches and handed to
@@ -23,13 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctl import notify, subs
+from ctl import ingest, notify, subs
 from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
 from ctl.gaps import GapFiller
 from ctl.gaps import from_config as gaps_from_config
@@ -46,11 +47,14 @@ from ctl.sanitize import (
     parse_object,
     quote,
 )
-from ctl.store import TS_FLAG, RelayStore
+from ctl.store import TS_FLAG, RelayStore, open_store
 
 log = logging.getLogger(__name__)
 
 LEAVES = ("status", "state", "health", "event")
+# what a message the relay does not understand raises (counted in ``dropped``)
+HANDLER_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError)
+Row = Any  # a row of the store (sqlite3.Row or a dict), read by column name
 MAX_INTERVAL_MS = 86_400_000
 MIN_INTERVAL_MS = 1_000
 
@@ -103,6 +107,7 @@ class Relay:
         self.counters = Counters()
         self.watch_since_ms = 0  # the relay could not hear anything before this (see connected)
         self.last_prune_ms = 0
+        self._raw = ""  # the payload of the message being handled
 
     # --- input ---------------------------------------------------------------------------
 
@@ -114,20 +119,52 @@ class Relay:
 
     def handle(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
         """One MQTT message; anything malformed is counted in ``dropped`` and ignored."""
-        self.counters.messages += 1
-        if self.gaps is not None and self.gaps.handle_ack(topic, payload, now_ms):
+        self.handle_batch([(topic, payload, retained, now_ms)])
+
+    def handle_batch(self, messages: list[tuple[str, bytes, bool, int]]) -> None:
+        """Messages ``(topic, payload, retained, now_ms)`` in one transaction. A message that
+        is not understood leaves nothing behind and the others are kept: when one fails, the
+        batch is rolled back and done again with each message in its own savepoint (two
+        statements a message saved in the usual case). A device's messages stay in their
+        order (on PostgreSQL they are taken device by device, so that two relays sharing it
+        lock device rows in the same order). Acks of the relay's own ``resend`` commands go
+        to the gap filler."""
+        parsed = []
+        for topic, payload, retained, now_ms in messages:
+            self.counters.messages += 1
+            if self.gaps is not None and self.gaps.handle_ack(topic, payload, now_ms):
+                continue
+            p = self._parse(topic, payload)
+            if p is None:
+                self.counters.dropped += 1
+            else:
+                parsed.append((*p, retained, now_ms, payload))
+        if not parsed:
             return
-        parsed = self._parse(topic, payload)
-        if parsed is None:
-            self.counters.dropped += 1
-            return
-        device, leaf, body = parsed
+        if self.store.pg:
+            parsed.sort(key=lambda m: m[0])  # stable: each device's order is kept
+        errors = (*HANDLER_ERRORS, *self.store.errors)
+        before = dict(vars(self.counters))
         try:
             with self.store.tx():
-                getattr(self, f"_on_{leaf}")(device, body, retained, now_ms)
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
-            self.counters.dropped += 1
-            log.warning("dropped %s from %s: %s", leaf, device, e)
+                for m in parsed:
+                    self._apply(*m)
+            return
+        except errors:
+            vars(self.counters).update(before)  # counted again below
+        with self.store.tx():
+            for m in parsed:
+                try:
+                    with self.store.savepoint():
+                        self._apply(*m)
+                except errors as e:
+                    self.counters.dropped += 1
+                    log.warning("dropped %s from %s: %s", m[1], m[0], e)
+
+    def _apply(self, device: str, leaf: str, body: dict, retained: bool, now_ms: int,
+               payload: bytes) -> None:
+        self._raw = payload.decode()  # stored as received (JSON, checked by _parse)
+        getattr(self, f"_on_{leaf}")(device, body, retained, now_ms)
 
     def _parse(self, topic: str, payload: bytes) -> tuple[str, str, dict] | None:
         head = f"{self.prefix}/dev/"
@@ -139,17 +176,33 @@ class Relay:
         body = parse_object(payload)
         return None if body is None else (rest[0], rest[1], body)
 
-    def _device(self, device: str, now_ms: int) -> sqlite3.Row:
+    def _device(self, device: str, now_ms: int) -> Row:
+        select = "SELECT * FROM devices WHERE device=?" + (" FOR UPDATE" if self.store.pg
+                                                           else "")
+        row = self.store.one(select, device)
+        if row is not None:
+            return row
         self.store.x("INSERT OR IGNORE INTO devices(device, first_seen_ms) VALUES(?, ?)",
                      device, now_ms)
-        return self.store.one("SELECT * FROM devices WHERE device=?", device)
+        return self.store.one(select, device)
 
-    def _alive(self, device: str, row: sqlite3.Row, body: dict, retained: bool,
+    def _limit_sql(self, interval: str = "interval_ms") -> str:
+        """SQL: how long a device may stay silent (``missed_beats`` intervals)."""
+        return (f"{int(self.settings.missed_beats)} * COALESCE({interval},"
+                f" {int(self.settings.heartbeat_default_s * 1000)})")
+
+    def _seen(self, device: str, now_ms: int) -> None:
+        """Heard from it now: its heartbeat check is due ``missed_beats`` intervals later
+        (the ``devices_due`` index: ticks read only the devices due)."""
+        self.store.x(f"UPDATE devices SET last_seen_ms=?, next_check_ms=CASE WHEN online=1"
+                     f" THEN ? + {self._limit_sql()} END WHERE device=?", now_ms, now_ms, device)
+
+    def _alive(self, device: str, row: Row, body: dict, retained: bool,
                now_ms: int) -> None:
         """A live message proves the device is up (a historical or retained one does not)."""
         if retained or body.get("historical") is True:
             return
-        self.store.x("UPDATE devices SET last_seen_ms=? WHERE device=?", now_ms, device)
+        self._seen(device, now_ms)
         if row["online"] == 0:
             self._transition(device, True, now_ms, "heard", row, now_ms)
 
@@ -164,7 +217,7 @@ class Relay:
             self.store.x("UPDATE devices SET session=? WHERE device=?", session, device)
         if state == "online":
             if row["last_seen_ms"] is None or not retained:
-                self.store.x("UPDATE devices SET last_seen_ms=? WHERE device=?", now_ms, device)
+                self._seen(device, now_ms)
             if row["online"] != 1:
                 self._transition(device, True, now_ms, "online", row, now_ms)
             return
@@ -192,21 +245,24 @@ class Relay:
     def _on_health(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         ts, flags = self._ts(device, body, now_ms)
         row = self._device(device, now_ms)
-        self.store.x("INSERT INTO health(device, ts, received_ms, body, flags)"
-                     " VALUES(?, ?, ?, ?, ?)", device, ts, now_ms, _dumps(body), flags)
-        if body.get("historical") is not True and not retained:
-            self._learn_interval(device, row, ts)
-        self._alive(device, row, body, retained, now_ms)
-
-    def _learn_interval(self, device: str, row: sqlite3.Row, ts: int) -> None:
+        self.store.set_latest_health(device, ts, now_ms, self._raw, flags)
+        self.store.add_health_sample(device, ts, body)
+        if body.get("historical") is True or retained:
+            return
+        # a live sample: learn the interval, and it is a sign of life (one statement)
         prev = row["health_ts"]
-        if prev is not None and MIN_INTERVAL_MS <= ts - prev <= MAX_INTERVAL_MS:
-            self.store.x("UPDATE devices SET interval_ms=? WHERE device=?", ts - prev, device)
-        self.store.x("UPDATE devices SET health_ts=? WHERE device=?", ts, device)
+        interval = ts - prev if prev is not None and \
+            MIN_INTERVAL_MS <= ts - prev <= MAX_INTERVAL_MS else None
+        self.store.x("UPDATE devices SET interval_ms=COALESCE(?, interval_ms), health_ts=?,"
+                     " last_seen_ms=?, next_check_ms=CASE WHEN online=1 THEN ? +"
+                     f" {self._limit_sql('COALESCE(?, interval_ms)')} END WHERE device=?",
+                     interval, ts, now_ms, now_ms, interval, device)
+        if row["online"] == 0:
+            self._transition(device, True, now_ms, "heard", row, now_ms)
 
     def _on_state(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         row = self._device(device, now_ms)
-        self.store.x("UPDATE devices SET state=? WHERE device=?", _dumps(body), device)
+        self.store.x("UPDATE devices SET state=? WHERE device=?", self._raw, device)
         self._alive(device, row, body, retained, now_ms)
 
     def _on_event(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
@@ -218,13 +274,15 @@ class Relay:
         cur = self.store.x(
             "INSERT OR IGNORE INTO events(device, seq, ts, type, historical, received_ms, body,"
             " flags) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", device, seq, ts, typ,
-            int(body.get("historical") is True), now_ms, _dumps(body), flags)
+            int(body.get("historical") is True), now_ms, self._raw, flags)
         if cur.rowcount == 0:
             self.counters.duplicates += 1
             return
         if self.gaps is not None:
             self.gaps.seen(device, seq, now_ms)
         self._track_seq(device, row["max_seq"], seq, now_ms)
+        if typ == "play":
+            self.store.add_play_record(device, seq, body)
         if typ == "alert":
             self._alert(device, body, ts, flags, now_ms)
         self._alive(device, row, body, retained, now_ms)
@@ -257,9 +315,14 @@ class Relay:
         if not isinstance(code, str) or state not in ("raised", "cleared"):
             return
         code = clean(code, CODE_MAX)
-        if not code or (self.settings.alert_codes and code not in self.settings.alert_codes):
+        if not code:
             return
         key = clean(body["key"], KEY_MAX) or None if isinstance(body.get("key"), str) else None
+        self.store.x("INSERT OR IGNORE INTO alerts(device, seq, ts, state, code, key, flags)"
+                     " VALUES(?, ?, ?, ?, ?, ?, ?)", device, body["seq"], ts, state, code, key,
+                     flags)  # every alert is kept; alert_codes filters what is notified
+        if self.settings.alert_codes and code not in self.settings.alert_codes:
+            return
         detail = {"historical": body.get("historical") is True}
         if flags == TS_FLAG:
             detail["device_time_invalid"] = True
@@ -272,10 +335,11 @@ class Relay:
     # --- transitions and notices -----------------------------------------------------------
 
     def _transition(self, device: str, online: bool, ts: int, reason: str,
-                    row: sqlite3.Row, now_ms: int) -> None:
+                    row: Row, now_ms: int) -> None:
         """Record the change at ``ts`` (when it happened) and a notice (made at ``now_ms``)."""
-        self.store.x("UPDATE devices SET online=?, since_ms=?, reason=? WHERE device=?",
-                     int(online), ts, None if online else reason, device)
+        due = f"COALESCE(last_seen_ms, 0) + {self._limit_sql()}" if online else "NULL"
+        self.store.x(f"UPDATE devices SET online=?, since_ms=?, reason=?, next_check_ms={due}"
+                     " WHERE device=?", int(online), ts, None if online else reason, device)
         if not online:  # learn afresh after it: the gap across an outage is not a heartbeat
             self.store.x("UPDATE devices SET health_ts=NULL WHERE device=?", device)
         self.store.x("INSERT INTO transitions(device, ts, online, reason) VALUES(?, ?, ?, ?)",
@@ -295,7 +359,7 @@ class Relay:
 
     # --- time ----------------------------------------------------------------------------
 
-    def interval_ms(self, row: sqlite3.Row) -> int:
+    def interval_ms(self, row: Row) -> int:
         return row["interval_ms"] or int(self.settings.heartbeat_default_s * 1000)
 
     def tick(self, now_ms: int) -> int | None:
@@ -310,11 +374,22 @@ class Relay:
         return batch
 
     def _check_heartbeats(self, now_ms: int) -> None:
-        for row in self.store.q("SELECT * FROM devices WHERE online=1"):
+        """Only the devices whose check is due (``next_check_ms``, indexed): silent ones go
+        offline, the others (heard since, or the relay reconnected) are rescheduled."""
+        for row in self.store.q("SELECT * FROM devices WHERE next_check_ms < ?"
+                                " ORDER BY next_check_ms LIMIT 5000", now_ms):
+            if row["online"] != 1:
+                self.store.x("UPDATE devices SET next_check_ms=NULL WHERE device=?",
+                             row["device"])
+                continue
             heard = max(row["last_seen_ms"] or 0, self.watch_since_ms)
-            if now_ms - heard > self.settings.missed_beats * self.interval_ms(row):
+            limit = self.settings.missed_beats * self.interval_ms(row)
+            if now_ms - heard > limit:
                 log.info("%s: no heartbeat for %d s", row["device"], (now_ms - heard) // 1000)
                 self._transition(row["device"], False, heard, "heartbeat", row, now_ms)
+            else:
+                self.store.x("UPDATE devices SET next_check_ms=? WHERE device=?",
+                             heard + limit, row["device"])
 
     def _maybe_batch(self, now_ms: int) -> int | None:
         """Alertmanager's grouping, a group being a device's link or one of its alerts
@@ -342,9 +417,8 @@ class Relay:
                 "group_wait_s": self.settings.group_wait_s,
                 "group_interval_s": self.settings.group_interval_s,
                 "items": notify.summarise(taken)}
-        cur = self.store.x("INSERT INTO batches(created_ms, body) VALUES(?, ?)", now_ms,
-                           _dumps(body))
-        batch = cur.lastrowid
+        batch = self.store.insert_id("INSERT INTO batches(created_ms, body) VALUES(?, ?)",
+                                     now_ms, _dumps(body))
         ids = [n["id"] for n in taken]
         for i in range(0, len(ids), 500):  # SQLite bounds the variables of one statement
             chunk = ids[i:i + 500]
@@ -370,8 +444,8 @@ class Relay:
     def _prune(self, now_ms: int) -> None:
         self.last_prune_ms = now_ms
         horizon = now_ms - self.settings.health_keep_days * 86_400_000
-        with self.store.tx():
-            self.store.x("DELETE FROM health WHERE received_ms < ?", horizon)
+        with self.store.tx():  # by the bucket_ms index
+            self.store.x("DELETE FROM health_5m WHERE bucket_ms < ?", horizon)
 
 
 def _dumps(obj: Any) -> str:
@@ -393,13 +467,14 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    store = RelayStore(cfg["relay"]["db_path"])
+    store = open_store(cfg["relay"])
     channels = notify.channels_from_config(cfg["alerts"])
     settings = RelaySettings.from_config(cfg, [c.name for c in channels])
     gaps = gaps_from_config(cfg, store, lambda topic, body: client.publish(topic, body, qos=1))
     relay = Relay(store, settings, cfg["mqtt"]["topic_prefix"], gaps=gaps)
     dispatcher = notify.Dispatcher(store, channels, cfg["alerts"]["retry"], cfg["relay"])
-    client = _connect(cfg, relay)
+    writer = ingest.Writer(relay)
+    client = _connect(cfg, relay, writer)
     reread = subs.StatusReread(store, cfg["mqtt"]["topic_prefix"],
                                float(cfg["relay"]["status_reread_s"]))
     log.info("relay: %d channel(s): %s; a new group waits %g s, changes to it %g s",
@@ -418,16 +493,18 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
         log.info("relay: %s, stopping", why)
     finally:
         client.disconnect()
-        client.loop_stop()  # no message is handled after this
+        client.loop_stop()  # no message comes in after this
+        writer.stop()  # what came in is stored
         store.close()
         c = relay.counters
         log.info("relay stopped: %d messages, %d dropped, %d duplicates, %d notices,"
                  " %d batches; database closed", c.messages, c.dropped, c.duplicates,
                  c.notices, c.batches)
-        g = gaps.counters
-        log.info("relay seq gaps: %d resend(s) asking %d seq(s), %d filled, %d lost;"
-                 " %d tail probe(s); %d status re-read(s)", g.resends, g.asked, g.filled,
-                 g.lost, g.probes, reread.reread)
+        if gaps is not None:
+            g = gaps.counters
+            log.info("relay seq gaps: %d resend(s) asking %d seq(s), %d filled, %d lost;"
+                     " %d tail probe(s)", g.resends, g.asked, g.filled, g.lost, g.probes)
+        log.info("relay: %d status re-read(s)", reread.reread)
         for handler in logging.getLogger().handlers:
             handler.flush()
     return 0
@@ -436,16 +513,19 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
 def _step(relay: Relay, dispatcher: Any) -> None:
     now = _now_ms()
     try:
+        if not relay.store.leader():
+            return  # another relay on this PostgreSQL ticks and notifies
         relay.tick(now)
         dispatcher.run_due(now)
     except Exception:  # the relay keeps running; the next tick retries
         log.exception("relay tick failed")
 
 
-def _step_ingest(gaps: GapFiller, reread: subs.StatusReread, client: Any) -> None:
+def _step_ingest(gaps: GapFiller | None, reread: subs.StatusReread, client: Any) -> None:
     now = _now_ms()
     try:
-        gaps.tick(now)
+        if gaps is not None:
+            gaps.tick(now)
         reread.tick(client, now)
     except Exception:  # the relay keeps running; the next tick retries
         log.exception("relay gap/status step failed")
@@ -455,7 +535,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _connect(cfg: dict, relay: Relay) -> Any:
+def _connect(cfg: dict, relay: Relay, writer: ingest.Writer) -> Any:
     """A persistent MQTT session (the broker queues QoS 1 messages while the relay is away)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
@@ -476,11 +556,8 @@ def _connect(cfg: dict, relay: Relay) -> Any:
                                 acks=relay.gaps is not None and relay.gaps.sign is not None))
         log.info("relay connected to %s:%s", m["host"], m["port"])
 
-    def on_message(c, userdata, msg) -> None:
-        try:
-            relay.handle(msg.topic, bytes(msg.payload), bool(msg.retain), _now_ms())
-        except Exception:  # never let a device's message kill the relay
-            log.exception("relay: message on %s", msg.topic)
+    def on_message(c, userdata, msg) -> None:  # paho's thread: only enqueue
+        writer.put(msg.topic, bytes(msg.payload), bool(msg.retain), _now_ms())
 
     client.on_connect = on_connect
     client.on_message = on_message

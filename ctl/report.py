@@ -30,15 +30,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from agent.protocol import Priority
 from ctl.config import groups_of
-from ctl.store import RelayStore
+from ctl.store import PLAY_SLACK_MS, RelayStore
 
 FONT = "DejaVu Sans"
 CSV_FIELDS = ("scope", "name", "devices", "aired_minutes", "aired_hours", "bulletins",
               "emergencies", "played_minutes", "requested_minutes", "played_pct", "uptime_pct")
 DAY_MS = 86_400_000
-PLAY_SLACK_MS = 2_000  # audio and wall clocks differ a little: more than this is a false claim
 LEGEND = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncols": 2, "frameon": False}
 
 
@@ -119,85 +117,144 @@ def _fmt(v: float | None) -> str:
 
 def compute(store: RelayStore, period: Period, groups: dict[str, list[str]],
             now_ms: int) -> list[Stats]:
-    """Per-device rows (sorted), then per-group rows, then the ``all`` row."""
-    devices = sorted({r["device"] for r in store.q("SELECT device FROM devices")} |
-                     {r["device"] for r in store.q("SELECT DISTINCT device FROM events"
-                                                   " WHERE type='play'")})
-    rows = {d: Stats("device", d) for d in devices}
-    spans: dict[str, list[tuple[int, int]]] = {d: [] for d in devices}
-    for device, rec in _play_records(store, period):
-        _add_play(rows[device], rec, period)
-        a, b = max(rec["started"], period.start_ms), min(rec["ended"], period.end_ms)
-        if b > a:
-            spans[device].append((a, b))
-    for d, st in rows.items():
-        covered = _union(spans[d])
-        if st.aired_ms > covered + PLAY_SLACK_MS:
+    """Per-device rows (sorted), then per-group rows, then the ``all`` row. The database adds
+    up the play records and transitions (one pass over the period's records each, grouped by
+    device); Python only shares out the few records that cross a boundary and adds devices
+    up into their groups, each device's groups resolved once."""
+    rows: dict[str, Stats] = {r["device"]: Stats("device", r["device"])
+                              for r in store.q("SELECT device FROM devices")}
+    covered: dict[str, int] = {}
+    overlapping = []
+    for r in store.stream(_plays_sql(period)):
+        st = rows.setdefault(r["device"], Stats("device", r["device"]))
+        st.aired_ms, st.played_ms = float(r["aired"]), float(r["played"])
+        st.capped, st.bulletins = int(r["capped"]), int(r["bulletins"])
+        st.emergencies, st.requested_ms = int(r["emergencies"]), int(r["requested"])
+        covered[r["device"]] = int(r["spans"])  # without overlaps, the union is the sum
+        if r["overlap"]:
+            overlapping.append(r["device"])
+    for r in store.q(_crossing_sql(period)):
+        st = rows.setdefault(r["device"], Stats("device", r["device"]))
+        aired = _aired(_record(r), period)
+        if r["started"] >= period.start_ms:  # crosses the end: summed whole above
+            aired -= r["aired_ms"]
+            covered[st.name] = covered.get(st.name, 0) - (r["ended"] - period.end_ms)
+        else:  # crosses the start: not summed above
+            st.capped += r["claim"]
+            covered[st.name] = covered.get(st.name, 0) + \
+                min(r["ended"], period.end_ms) - period.start_ms
+        st.aired_ms += aired
+        st.played_ms += aired * r["known"]
+    for i in range(0, len(overlapping), 200):
+        for r in store.q(_union_sql(period, overlapping[i:i + 200])):
+            covered[r["device"]] = int(r["covered"])
+    for st in rows.values():
+        cover = covered.get(st.name, 0)
+        if st.aired_ms > cover + PLAY_SLACK_MS:
             st.capped += 1
-        st.aired_ms = min(st.aired_ms, covered)
+        st.aired_ms = min(st.aired_ms, cover)
         st.played_ms = min(st.played_ms, st.aired_ms)
-        st.online_ms, st.observed_ms = uptime(store, d, period.start_ms,
-                                              min(period.end_ms, now_ms))
-    out = [rows[d] for d in devices]
-    for g in sorted(groups):
-        gs = Stats("group", g)
-        for d in devices:
-            if g in groups_of(d, groups):
-                gs.add(rows[d])
-        out.append(gs)
+    for r in store.q(_uptime_sql(period.start_ms, min(period.end_ms, now_ms))):
+        if r["device"] in rows:
+            rows[r["device"]].online_ms = int(r["online"])
+            rows[r["device"]].observed_ms = int(r["observed"])
+    devices = sorted(rows)
+    by_group: dict[str, Stats] = {g: Stats("group", g) for g in sorted(groups)}
     total = Stats("group", "all")
     for d in devices:
+        for g in groups_of(d, groups):
+            by_group[g].add(rows[d])
         total.add(rows[d])
-    return [*out, total]
+    return [*(rows[d] for d in devices), *by_group.values(), total]
 
 
-def _play_records(store: RelayStore, period: Period):
-    # ``ts`` is when the record was made (the item's end); a day's margin catches long items
-    for r in store.q("SELECT device, body FROM events WHERE type='play' AND ts >= ? AND ts < ?",
-                     period.start_ms - DAY_MS, period.end_ms + DAY_MS):
+def _clip(s: int, e: int) -> tuple[str, str]:
+    """SQL: a record's span clipped to [s, e)."""
+    return (f"CASE WHEN started > {s} THEN started ELSE {s} END",
+            f"CASE WHEN ended < {e} THEN ended ELSE {e} END")
+
+
+def _plays_sql(period: Period) -> str:
+    """Per device over the records that started in the period (and ended less than a day
+    after it): their aired and played time (each at most its span, precomputed when
+    stored), bulletins, emergencies, requested time, records claiming more than their span,
+    the sum of their spans, and whether any overlaps a neighbour (``overlap``). One pass of
+    plain sums, no sort: SQLite reads the table in its own order (device, started;
+    ``+ended`` keeps it off the ``ended`` index). Records crossing a boundary are corrected
+    in Python. The values are our own integers, written into the SQL."""
+    s, e = period.start_ms, period.end_ms
+    return f"""
+SELECT device, SUM(aired_ms) AS aired, SUM(aired_ms * known) AS played, SUM(claim) AS capped,
+  SUM(first) AS bulletins, SUM(first * emergency) AS emergencies,
+  COALESCE(SUM(first * known * requested_ms), 0) AS requested, SUM(ended - started) AS spans,
+  MAX(overlap) AS overlap
+FROM plays WHERE started >= {s} AND started < {e} AND +ended < {e + DAY_MS}
+GROUP BY device"""
+
+
+def _union_sql(period: Period, devices: list[str]) -> str:
+    """The length of the union of the clipped spans of each of ``devices`` (those whose
+    records overlap; the records :func:`_plays_sql` and :func:`_crossing_sql` read): a
+    running maximum of the ends, in ``started`` order."""
+    s, e = period.start_ms, period.end_ms
+    a, b = _clip(s, e)
+    names = ", ".join("'" + d.replace("'", "''") + "'" for d in devices)
+    return f"""
+SELECT device,
+  SUM(CASE WHEN m IS NULL THEN CASE WHEN b > a THEN b - a ELSE 0 END
+           WHEN b > m AND b > a THEN b - CASE WHEN m > a THEN m ELSE a END
+           ELSE 0 END) AS covered
+FROM (
+  SELECT device, {a} AS a, {b} AS b,
+    MAX({b}) OVER (PARTITION BY device ORDER BY started, seq
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS m
+  FROM plays WHERE device IN ({names}) AND ((started >= {s} AND started < {e}
+    AND ended < {e + DAY_MS}) OR (started < {s} AND ended > {s} AND ended < {s + DAY_MS}))
+) AS u
+GROUP BY device"""
+
+
+def _crossing_sql(period: Period) -> str:
+    """The records that cross a boundary of the period (looked for up to a day from it)."""
+    s, e = period.start_ms, period.end_ms
+    cols = ("device, started, ended, played_ms, requested_ms, segments, aired_ms, known,"
+            " claim")
+    return (f"SELECT {cols} FROM plays WHERE ended > {s} AND ended < {s + DAY_MS}"
+            f" AND started < {s} UNION ALL SELECT {cols} FROM plays WHERE ended > {e}"
+            f" AND ended < {e + DAY_MS} AND started < {e} AND started >= {s}")
+
+
+def _record(r) -> dict:
+    rec = {"started": r["started"], "ended": r["ended"], "played_ms": r["played_ms"]}
+    if r["segments"]:
         try:
-            rec = json.loads(r["body"])
+            rec["segments"] = json.loads(r["segments"])
         except ValueError:
-            continue
-        if _valid_play(rec):
-            yield r["device"], rec
+            pass
+    return rec
+
+
+def _uptime_sql(start_ms: int, end_ms: int) -> str:
+    """Per device: online and observed ms within [start, end), observed from the first
+    transition; each transition lasts until the next (by time, then by arrival)."""
+    return f"""
+SELECT device,
+  SUM(CASE WHEN b > a THEN b - a ELSE 0 END) AS observed,
+  SUM(CASE WHEN b > a AND online = 1 THEN b - a ELSE 0 END) AS online
+FROM (
+  SELECT device, online, CASE WHEN ts > {start_ms} THEN ts ELSE {start_ms} END AS a,
+    CASE WHEN nxt IS NULL OR nxt > {end_ms} THEN {end_ms} ELSE nxt END AS b
+  FROM (SELECT device, online, ts,
+          LEAD(ts) OVER (PARTITION BY device ORDER BY ts, rowid) AS nxt
+        FROM transitions WHERE ts < {end_ms}) AS t
+) AS u
+GROUP BY device"""
 
 
 def _valid_play(rec: dict) -> bool:
     ints = [rec.get(k) for k in ("started", "ended", "played_ms")]
     return all(isinstance(v, int) and not isinstance(v, bool) for v in ints) and \
         rec["ended"] >= rec["started"] and rec["played_ms"] >= 0
-
-
-def _union(spans: list[tuple[int, int]]) -> int:
-    """The length of the union of the intervals."""
-    total, end = 0, None
-    for a, b in sorted(spans):
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
-
-
-def _add_play(st: Stats, rec: dict, period: Period) -> None:
-    started, played = rec["started"], rec["played_ms"]
-    if played > rec["ended"] - started + PLAY_SLACK_MS:
-        st.capped += 1
-    aired = _aired(rec, period)
-    st.aired_ms += aired
-    requested = rec.get("requested_ms")
-    known = isinstance(requested, int) and not isinstance(requested, bool) and requested > 0
-    if known:
-        st.played_ms += aired
-    first = rec.get("segment", 0) == 0
-    if first and played > 0 and period.start_ms <= started < period.end_ms:
-        st.bulletins += 1
-        st.emergencies += rec.get("priority") == Priority.EMERGENCY
-        if known:
-            st.requested_ms += requested
 
 
 def _aired(rec: dict, period: Period) -> float:
@@ -223,28 +280,19 @@ def _share(started: int, ended: int, played: int, period: Period) -> float:
     return played * max(0, overlap) / span
 
 
-def uptime(store: RelayStore, device: str, start_ms: int, end_ms: int) -> tuple[int, int]:
-    """(online ms, observed ms) within [start, end): observed begins at the first transition."""
-    rows = store.q("SELECT ts, online FROM transitions WHERE device=? ORDER BY ts, rowid",
-                   device)
-    online = observed = 0
-    for i, r in enumerate(rows):
-        nxt = rows[i + 1]["ts"] if i + 1 < len(rows) else end_ms
-        a, b = max(r["ts"], start_ms), min(nxt, end_ms)
-        if b > a:
-            observed += b - a
-            online += (b - a) if r["online"] else 0
-    return online, observed
-
-
 # --- output ------------------------------------------------------------------------------
 
-def to_csv(stats: list[Stats]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+def write_csv(stats: list[Stats], out) -> None:
+    """The CSV, row by row, to the text file ``out``."""
+    w = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     for s in stats:
         w.writerow(s.row())
+
+
+def to_csv(stats: list[Stats]) -> str:
+    buf = io.StringIO()
+    write_csv(stats, buf)
     return buf.getvalue()
 
 
@@ -263,14 +311,41 @@ def chart_problem() -> str | None:
     return None
 
 
+CHART_ALL_DEVICES = 30  # up to this many devices, the chart shows each; above, a summary
+CHART_GROUPS = 40  # groups shown at most (those with the most devices)
+CHART_WORST = 10  # devices shown in each "worst" list
+
+
+def chart_rows(stats: list[Stats]) -> tuple[list[Stats], list[str]]:
+    """What the chart shows, and its labels. A district (up to ``CHART_ALL_DEVICES``
+    devices): every device, then the groups and the total. Larger: the groups and the total,
+    then the devices that aired least and those online least — what an officer acts on; every
+    device is in the CSV."""
+    devices = [s for s in stats if s.scope == "device"]
+    groups = [s for s in stats if s.scope == "group" and s.name != "all"]
+    total = [s for s in stats if s.scope == "group" and s.name == "all"]
+    if len(groups) > CHART_GROUPS:
+        groups = sorted(sorted(groups, key=lambda g: -len(g.devices))[:CHART_GROUPS],
+                        key=lambda g: g.name)
+    names = [f"Nhóm {g.name}" for g in groups] + ["Toàn bộ" for _ in total]
+    if len(devices) <= CHART_ALL_DEVICES:
+        return [*devices, *groups, *total], [d.name for d in devices] + names
+    least_aired = sorted(devices, key=lambda d: (d.aired_ms, d.name))[:CHART_WORST]
+    seen = [d for d in devices if d.observed_ms]
+    least_up = sorted(seen, key=lambda d: (d.uptime_pct or 0.0, d.name))[:CHART_WORST]
+    return ([*groups, *total, *least_aired, *least_up],
+            names + [f"{d.name} (phát ít)" for d in least_aired] +
+            [f"{d.name} (hoạt động kém)" for d in least_up])
+
+
 def chart(stats: list[Stats], period: Period, path: str) -> None:
-    """A PNG: aired hours, bulletins/emergencies, uptime and played %, in Vietnamese."""
+    """A PNG: aired hours, bulletins/emergencies, uptime and played %, in Vietnamese, for
+    :func:`chart_rows` (its height bounded whatever the fleet's size)."""
     from matplotlib import font_manager, rc_context
     from matplotlib.figure import Figure
 
     font_manager.findfont(font_manager.FontProperties(family=FONT), fallback_to_default=False)
-    names = [s.name if s.scope == "device" else
-             "Toàn bộ" if s.name == "all" else f"Nhóm {s.name}" for s in stats]
+    stats, names = chart_rows(stats)
     y = list(range(len(stats)))
     with rc_context({"font.family": FONT, "font.size": 9}):
         fig = Figure(figsize=(12, 1.6 + 0.38 * len(stats)), layout="constrained")

@@ -69,7 +69,7 @@ class Group:
         groups = relay_cfg.get("groups") or {}
         if name != "all" and name not in groups:
             return cls(None, f"relay.groups has no entry for {name}")
-        rows = read_devices(relay_cfg.get("db_path") or "")
+        rows = read_devices(relay_cfg.get("db_url") or relay_cfg.get("db_path") or "")
         if rows is None:
             return cls(None, f"no relay store at {relay_cfg.get('db_path')}")
         members = {d: online for d, online in rows.items()

@@ -1,37 +1,65 @@
-"""The relay's SQLite database (``relay.db_path``): its schema, the columns added since the
-first release (added to an older database when it is opened), and a read-only look at the
-devices it knows. Written by ``ttcs-ctl relay``; read by ``report`` and ``send`` (docs/CTL.md).
+"""The relay's database (``relay.db_path``, SQLite; or ``relay.db_url``, PostgreSQL): its
+schema, made for the queries that read it, the migration of an older SQLite file (done when it
+is opened), what gap tracking needs, and a read-only look at the devices it knows. Written by
+``ttcs-ctl relay``; read by ``report`` and ``send`` (docs/CTL.md).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import secrets
-import sqlite3
-import threading
-import urllib.parse
 from typing import Any
 
+from agent.protocol import Priority
+from ctl.db import Database, driver_errors, is_url
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, online INTEGER, since_ms INTEGER, reason TEXT, session INTEGER,
     last_seen_ms INTEGER, health_ts INTEGER, interval_ms INTEGER, max_seq INTEGER,
-    state TEXT, first_seen_ms INTEGER NOT NULL);
+    state TEXT, first_seen_ms INTEGER NOT NULL, next_check_ms INTEGER);
 CREATE TABLE IF NOT EXISTS events (
     device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, type TEXT NOT NULL,
     historical INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL, flags TEXT,
     PRIMARY KEY (device, seq));
 CREATE INDEX IF NOT EXISTS events_by_type ON events(type, ts);
+CREATE TABLE IF NOT EXISTS plays (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, started INTEGER NOT NULL,
+    ended INTEGER NOT NULL, played_ms INTEGER NOT NULL, requested_ms INTEGER,
+    segment INTEGER NOT NULL, emergency INTEGER NOT NULL, segments TEXT,
+    overlap INTEGER NOT NULL DEFAULT 0, aired_ms INTEGER NOT NULL, known INTEGER NOT NULL,
+    first INTEGER NOT NULL, claim INTEGER NOT NULL,
+    PRIMARY KEY (device, started, seq), UNIQUE (device, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS plays_by_end ON plays(ended);
+CREATE INDEX IF NOT EXISTS plays_segmented ON plays(ended) WHERE segments IS NOT NULL;
+CREATE TABLE IF NOT EXISTS alerts (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, state TEXT NOT NULL,
+    code TEXT NOT NULL, key TEXT, flags TEXT, PRIMARY KEY (device, seq));
+CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(ts);
 CREATE TABLE IF NOT EXISTS gaps (
     device TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    noticed_ms INTEGER NOT NULL, filled_ms INTEGER, PRIMARY KEY (device, first_seq));
-CREATE TABLE IF NOT EXISTS health (
-    device TEXT NOT NULL, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL, body TEXT NOT NULL,
-    flags TEXT);
-CREATE INDEX IF NOT EXISTS health_by_device ON health(device, ts);
+    noticed_ms INTEGER NOT NULL, filled_ms INTEGER, lost_ms INTEGER,
+    PRIMARY KEY (device, first_seq));
+CREATE TABLE IF NOT EXISTS health_latest (
+    device TEXT PRIMARY KEY, ts INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+    body TEXT NOT NULL, flags TEXT);
+CREATE TABLE IF NOT EXISTS health_5m (
+    device TEXT NOT NULL, bucket_ms INTEGER NOT NULL, n INTEGER NOT NULL,
+    cpu_temp_sum REAL NOT NULL, cpu_temp_n INTEGER NOT NULL, cpu_temp_max REAL,
+    load1_max REAL, mem_avail_min INTEGER, disk_state_min INTEGER, disk_cache_min INTEGER,
+    signal_sum REAL NOT NULL, signal_n INTEGER NOT NULL, signal_min INTEGER,
+    outbox_max INTEGER, mains_off_n INTEGER NOT NULL, door_open_n INTEGER NOT NULL,
+    PRIMARY KEY (device, bucket_ms));
+CREATE INDEX IF NOT EXISTS health_5m_by_time ON health_5m(bucket_ms);
 CREATE TABLE IF NOT EXISTS transitions (
-    device TEXT NOT NULL, ts INTEGER NOT NULL, online INTEGER NOT NULL, reason TEXT);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, ts INTEGER NOT NULL,
+    online INTEGER NOT NULL, reason TEXT);
 CREATE INDEX IF NOT EXISTS transitions_by_device ON transitions(device, ts);
 CREATE TABLE IF NOT EXISTS notices (
     id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, kind TEXT NOT NULL,
@@ -46,95 +74,277 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
     parts_sent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch, channel));
 """
+INDEXES_AFTER_COLUMNS = "CREATE INDEX IF NOT EXISTS devices_due ON devices(next_check_ms)"
 # columns added since the first release: added to an older database when it is opened
-COLUMNS = {"events": {"flags": "TEXT"}, "health": {"flags": "TEXT"},
-           "deliveries": {"parts_sent": "INTEGER NOT NULL DEFAULT 0"}}
+COLUMNS = {"events": {"flags": "TEXT"},
+           "deliveries": {"parts_sent": "INTEGER NOT NULL DEFAULT 0"},
+           "devices": {"next_check_ms": "INTEGER"}, "gaps": {"lost_ms": "INTEGER"}}
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
+BUCKET_MS = 300_000  # health history: 5-minute aggregates
+PLAY_SLACK_MS = 2_000  # audio and wall clocks differ a little: more than this is a false claim
 
 
-class RelayStore:
-    """The relay's SQLite database (WAL, ``synchronous=FULL``), shared by relay and report."""
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else None
 
-    def __init__(self, path: str) -> None:
-        self.path = os.path.expanduser(path)
-        if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self._add_columns()
-        self.lock = threading.RLock()
+
+def _segment_ok(g: Any, started: int, ended: int) -> bool:
+    if not isinstance(g, dict):
+        return False
+    a, b, p = (_int(g.get(k)) for k in ("started", "ended", "played_ms"))
+    return a is not None and b is not None and p is not None and started <= a <= b <= ended \
+        and p >= 0
+
+def _get(d: Any, key: str) -> Any:
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def _num(v: Any, kind: type = float) -> Any:
+    """A number from a device (bounded), else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and -1e12 < v < 1e12:
+        return kind(v)
+    return None
+
+
+def health_aggregate(body: dict) -> dict[str, Any]:
+    """One health sample as a ``health_5m`` row's values (``n`` = 1): averages as sum and
+    count, extremes, and counts of samples with the mains off or the door open."""
+    system, disk, cabinet = _get(body, "system"), _get(body, "disk_free_mb"), \
+        _get(body, "cabinet")
+    temp = _num(_get(system, "cpu_temp_c"))
+    load = _get(system, "load")
+    signal = _num(_get(_get(body, "modem"), "signal_dbm"), int)
+    return {"n": 1, "cpu_temp_sum": temp or 0.0, "cpu_temp_n": int(temp is not None),
+            "cpu_temp_max": temp,
+            "load1_max": _num(load[0]) if isinstance(load, list) and load else None,
+            "mem_avail_min": _num(_get(system, "mem_available_mb"), int),
+            "disk_state_min": _num(_get(disk, "state"), int),
+            "disk_cache_min": _num(_get(disk, "cache"), int),
+            "signal_sum": float(signal or 0), "signal_n": int(signal is not None),
+            "signal_min": signal, "outbox_max": _num(_get(_get(body, "mqtt"), "outbox"), int),
+            "mains_off_n": int(_get(cabinet, "mains_present") is False),
+            "door_open_n": int(_get(cabinet, "door_open") is True)}
+
+
+def _fold(col: str) -> str:
+    t = "health_5m"
+    if col.endswith(("_sum", "_n")) or col == "n":
+        return f"{col} = {t}.{col} + excluded.{col}"
+    op = ">" if col.endswith("_max") else "<"
+    return (f"{col} = CASE WHEN excluded.{col} IS NOT NULL AND ({t}.{col} IS NULL OR"
+            f" excluded.{col} {op} {t}.{col}) THEN excluded.{col} ELSE {t}.{col} END")
+
+
+HEALTH_COLUMNS = tuple(health_aggregate({}))
+HEALTH_UPSERT = (
+    f"INSERT INTO health_5m(device, bucket_ms, {', '.join(HEALTH_COLUMNS)}) VALUES(?, ?"
+    f"{', ?' * len(HEALTH_COLUMNS)}) ON CONFLICT (device, bucket_ms) DO UPDATE SET "
+    + ", ".join(_fold(c) for c in HEALTH_COLUMNS))
+
+
+class RelayStore(Database):
+    """The relay's database, shared by relay and report: SQLite (WAL, ``synchronous=FULL``)
+    for a path, PostgreSQL for a ``postgresql://`` URL."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.path = self.target
+        self.db = self.conn  # the driver's own connection
+        self._leader = False
+        with self.lock:
+            old = not self.pg and "devices" in self.tables() and "health" in self.tables()
+            for statement in self.ddl(SCHEMA):
+                self.x(statement)
+            self._add_columns()
+            self.x(INDEXES_AFTER_COLUMNS)
+            if old:
+                with self.tx():
+                    self._migrate_v1()
+            self._set_meta("schema", str(SCHEMA_VERSION))
 
     def _add_columns(self) -> None:
         for table, columns in COLUMNS.items():
-            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            have = self.columns(table)
             for name, decl in columns.items():
                 if name not in have:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    self.x(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
-    def close(self) -> None:
-        """Checkpoint the write-ahead log into the database file, then close."""
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:  # another connection still reading: close anyway
-            pass
-        self.db.close()
+    def _migrate_v1(self) -> None:
+        """A version-1 SQLite file: play records and alerts into their typed tables, the raw
+        health samples into the latest per device and 5-minute aggregates; heartbeat checks
+        due at once (they reschedule themselves)."""
+        log.info("relay store %s: migrating to schema %d", self.path, SCHEMA_VERSION)
+        for r in self.stream("SELECT device, seq, body FROM events WHERE type = 'play'"
+                        " ORDER BY device, seq"):
+            try:
+                rec = json.loads(r["body"])
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                self.add_play_record(r["device"], r["seq"], rec)
+        self.x("INSERT OR IGNORE INTO alerts SELECT device, seq, ts,"
+               " json_extract(body, '$.state'), substr(json_extract(body, '$.code'), 1, 40),"
+               " substr(json_extract(body, '$.key'), 1, 64), flags FROM events"
+               " WHERE type = 'alert' AND json_valid(body)"
+               " AND json_type(body, '$.code') = 'text'"
+               " AND json_extract(body, '$.state') IN ('raised', 'cleared')")
+        self.x("INSERT OR REPLACE INTO health_latest SELECT h.device, h.ts, h.received_ms,"
+               " h.body, h.flags FROM health h JOIN (SELECT device, MAX(ts) AS ts FROM health"
+               " GROUP BY device) m ON m.device = h.device AND m.ts = h.ts ORDER BY h.rowid")
+        n = 0
+        for r in self.stream("SELECT device, ts, body FROM health"):
+            try:
+                body = json.loads(r["body"])
+            except ValueError:
+                continue
+            self.add_health_sample(r["device"], r["ts"], body if isinstance(body, dict) else {})
+            n += 1
+        self.x("DROP TABLE health")
+        self.x("UPDATE devices SET next_check_ms = 0 WHERE online = 1")
+        log.info("relay store %s: %d health samples folded into 5-minute aggregates",
+                 self.path, n)
 
-    def tx(self) -> _Tx:
-        return _Tx(self)
-
-    def q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        return self.db.execute(sql, args).fetchall()
-
-    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        return self.db.execute(sql, args).fetchone()
-
-    def x(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        return self.db.execute(sql, args)
+    def _set_meta(self, key: str, value: str) -> None:
+        self.x("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT (key)"
+               " DO UPDATE SET value = excluded.value", key, value)
 
     def instance_id(self) -> str:
         """A random id made once per database: with a batch id it names a notification
         uniquely (the webhook's ``Idempotency-Key``)."""
-        row = self.one("SELECT value FROM meta WHERE key='instance'")
-        if row:
-            return row["value"]
-        value = secrets.token_hex(8)
-        self.x("INSERT INTO meta(key, value) VALUES('instance', ?)", value)
-        return value
+        self.x("INSERT OR IGNORE INTO meta(key, value) VALUES('instance', ?)",
+               secrets.token_hex(8))
+        return self.one("SELECT value FROM meta WHERE key='instance'")["value"]
+
+    # --- play records -----------------------------------------------------------------------
+
+    def add_play_record(self, device: str, seq: int, rec: dict) -> None:
+        """A play record event (docs/AUDIO.md) into ``plays``, when its numbers make sense:
+        with what a report sums precomputed (``aired_ms``: its played time, at most its
+        span, or its segments' when it lists them; ``known``: its requested length is known;
+        ``first``: it is an aired item's first segment; ``claim``: it claims more than its
+        span). Segments outside the record's own span are ignored."""
+        started, ended, played = (_int(rec.get(k)) for k in ("started", "ended", "played_ms"))
+        if started is None or ended is None or played is None or ended < started or played < 0:
+            return
+        segs = rec.get("segments")
+        aired = min(played, ended - started)
+        if isinstance(segs, list) and segs and all(_segment_ok(g, started, ended)
+                                                   for g in segs):
+            aired = sum(min(g["played_ms"], g["ended"] - g["started"]) for g in segs)
+            segments = json.dumps([{k: g[k] for k in ("started", "ended", "played_ms")}
+                                   for g in segs], separators=(",", ":"))
+        else:
+            segments = None
+        requested = _int(rec.get("requested_ms"))
+        segment = rec.get("segment", 0)
+        segment = segment if _int(segment) is not None else -1
+        self.add_play(device, seq, started, ended, played, requested, segment,
+                      rec.get("priority") == Priority.EMERGENCY, segments, aired)
+
+    def add_play(self, device: str, seq: int, started: int, ended: int, played_ms: int,
+                 requested_ms: int | None, segment: int, emergency: bool,
+                 segments: str | None, aired_ms: int) -> None:
+        """Store a play record (once per device and seq). A record overlapping the one
+        before or after it (by ``started``) is marked with it: a device's records overlap
+        somewhere only if two neighbours do, so a report computes the exact union of spans
+        only for the devices with a marked record (docs/CTL.md)."""
+        if self.one("SELECT 1 AS x FROM plays WHERE device=? AND seq=?", device, seq):
+            return
+        marks = []
+        before = self.one("SELECT seq, ended FROM plays WHERE device=? AND started<=?"
+                          " ORDER BY started DESC, seq DESC LIMIT 1", device, started)
+        if before is not None and before["ended"] > started and ended > started:
+            marks.append(before["seq"])
+        after = self.one("SELECT seq, started FROM plays WHERE device=? AND started>=?"
+                         " ORDER BY started, seq LIMIT 1" if before is None else
+                         "SELECT seq, started FROM plays WHERE device=? AND started>=?"
+                         " AND seq<>? ORDER BY started, seq LIMIT 1",
+                         *((device, started) if before is None else
+                           (device, started, before["seq"])))
+        if after is not None and after["started"] < ended and ended > started:
+            marks.append(after["seq"])
+        known = int(requested_ms is not None and requested_ms > 0)
+        self.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms,"
+               " requested_ms, segment, emergency, segments, overlap, aired_ms, known, first,"
+               " claim) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", device, seq, started,
+               ended, played_ms, requested_ms, segment, int(emergency), segments,
+               int(bool(marks)), aired_ms, known, int(segment == 0 and played_ms > 0),
+               int(played_ms > ended - started + PLAY_SLACK_MS))
+        for other in marks:
+            self.x("UPDATE plays SET overlap=1 WHERE device=? AND seq=?", device, other)
+
+    # --- health --------------------------------------------------------------------------
+
+    def add_health_sample(self, device: str, ts: int, body: dict) -> None:
+        """Fold one sample into its device's 5-minute aggregate (two writers add up)."""
+        agg = health_aggregate(body)
+        self.x(HEALTH_UPSERT, device, ts - ts % BUCKET_MS, *agg.values())
+
+    def set_latest_health(self, device: str, ts: int, received_ms: int, body: str,
+                          flags: str | None) -> None:
+        """Keep the newest sample (by ``ts``) of each device, whoever writes it first."""
+        self.x("INSERT INTO health_latest(device, ts, received_ms, body, flags)"
+               " VALUES(?, ?, ?, ?, ?) ON CONFLICT (device) DO UPDATE SET ts = excluded.ts,"
+               " received_ms = excluded.received_ms, body = excluded.body,"
+               " flags = excluded.flags WHERE excluded.ts >= health_latest.ts",
+               device, ts, received_ms, body, flags)
+
+    # --- gap tracking ----------------------------------------------------------------------
+
+    def seq_gaps(self, device: str) -> list[tuple[int, int]]:
+        """The missing ``seq`` ranges of ``device`` (first, last), neither filled nor given up."""
+        return [(r["first_seq"], r["last_seq"]) for r in self.q(
+            "SELECT first_seq, last_seq FROM gaps WHERE device=? AND filled_ms IS NULL"
+            " AND lost_ms IS NULL ORDER BY first_seq", device)]
+
+    def contiguous_seq(self, device: str) -> int | None:
+        """The highest ``seq`` below which nothing is missing (given-up gaps do not count)."""
+        row = self.one("SELECT max_seq FROM devices WHERE device=?", device)
+        if row is None or row["max_seq"] is None:
+            return None
+        gaps = self.seq_gaps(device)
+        return gaps[0][0] - 1 if gaps else row["max_seq"]
+
+    def mark_gap_lost(self, device: str, lo: int, hi: int, now_ms: int) -> int:
+        """Give up on the open gaps of ``device`` inside [lo, hi]; how many were."""
+        with self.tx():
+            return self.x("UPDATE gaps SET lost_ms=? WHERE device=? AND first_seq>=?"
+                          " AND last_seq<=? AND filled_ms IS NULL AND lost_ms IS NULL",
+                          now_ms, device, lo, hi).rowcount
+
+    # --- several relays on one PostgreSQL ----------------------------------------------------
+
+    def leader(self) -> bool:
+        """Whether this process runs the ticks and notifications: always on SQLite; on
+        PostgreSQL the one holding a session advisory lock (another takes over when it
+        goes)."""
+        if not self.pg or self._leader:
+            return True
+        with self.lock:
+            self._leader = bool(self.one("SELECT pg_try_advisory_lock(1919) AS ok")["ok"])
+        return self._leader
 
 
-def read_devices(path: str) -> dict[str, bool | None] | None:
-    """The devices the relay's store at ``path`` knows, each online (True/False, None when
-    unknown), read-only; None when there is no such store."""
-    path = os.path.expanduser(path)
-    if not path or not os.path.isfile(path):
+def open_store(relay_cfg: dict) -> RelayStore:
+    """The store the config names: ``relay.db_url`` when set, else ``relay.db_path``."""
+    return RelayStore(relay_cfg.get("db_url") or relay_cfg["db_path"])
+
+
+def read_devices(target: str) -> dict[str, bool | None] | None:
+    """The devices the relay's store at ``target`` (path or URL) knows, each online
+    (True/False, None when unknown), read-only; None when there is no such store."""
+    if not target:
+        return None
+    if not is_url(target) and not os.path.isfile(os.path.expanduser(target)):
         return None
     try:
-        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT device, online FROM devices").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error:
+        db = Database(target, read_only=True)
+    except (OSError, ImportError, *driver_errors()):  # no store there: the caller says so
         return None
-    return {d: None if online is None else bool(online) for d, online in rows}
-
-
-class _Tx:
-    """``with store.tx():`` one IMMEDIATE transaction under the store's lock."""
-
-    def __init__(self, store: RelayStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> RelayStore:
-        self.store.lock.acquire()
-        self.store.db.execute("BEGIN IMMEDIATE")
-        return self.store
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        finally:
-            self.store.lock.release()
+    try:
+        rows = db.q("SELECT device, online FROM devices")
+    except db.errors:
+        return None
+    finally:
+        db.conn.close()
+    return {r["device"]: None if r["online"] is None else bool(r["online"]) for r in rows}

@@ -337,7 +337,7 @@ def test_device_times_out_of_window_are_replaced_and_flagged(h):
     assert json.loads(rows[1]["body"])["ts"] == year_33658  # the body as received
     assert (rows[2]["ts"], rows[2]["flags"]) == (T0 - 300 * 86_400 * S, None)
     assert (rows[3]["ts"], rows[3]["flags"]) == (T0 + 3 * S, "device_time")
-    health = h.store.one("SELECT ts, flags FROM health")
+    health = h.store.one("SELECT ts, flags FROM health_latest")
     assert (health["ts"], health["flags"]) == (T0 + S, "device_time")
     assert h.relay.counters.device_time == 3
     h.relay.tick(T0 + 100 * S)
@@ -624,5 +624,5 @@ def test_relay_process_logs_its_stop_on_sigterm_and_closes_cleanly(w, broker, tm
     wal = tmp_path / "relay.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # everything checkpointed
     store = RelayStore(str(tmp_path / "relay.db"))
-    assert store.one("SELECT COUNT(*) AS n FROM health")["n"] == 1
+    assert store.one("SELECT COUNT(*) AS n FROM health_latest")["n"] == 1
     store.close()
