@@ -12,6 +12,8 @@ from ctl.config import groups_of
 from ctl.sanitize import CODE_MAX, REASON_MAX, as_int, clean, device_id, parse_object, shown
 from ctl.session import Session
 
+VERSION_MAX = 32  # a device's version string as shown
+
 ALERTS_MAX = 20  # alert codes kept per device
 PLAYING_MAX = 40
 
@@ -33,7 +35,8 @@ class Fleet:
             return
         d = self.devices.setdefault(device, {"online": None, "last_seen": None, "playing": None,
                                              "alerts": {}, "volume": None,
-                                             "health_volume": None, "reason": None})
+                                             "health_volume": None, "reason": None,
+                                             "version": None})
         d["last_seen"] = now if now is not None else time.time()
         handler = getattr(self, f"_{leaf}", None)
         if handler is not None:
@@ -46,7 +49,14 @@ class Fleet:
         d["reason"] = clean(reason, REASON_MAX) if reason is not None else None
 
     @staticmethod
-    def _state(d: dict, body: dict) -> None:
+    def _version(d: dict, body: dict) -> None:
+        version = body.get("version")
+        if isinstance(version, str) and version:
+            d["version"] = clean(version, VERSION_MAX)
+
+    @classmethod
+    def _state(cls, d: dict, body: dict) -> None:
+        cls._version(d, body)
         playing = body.get("playing")
         if isinstance(playing, dict):
             playing = playing.get("id") or playing.get("source") or "yes"
@@ -59,8 +69,9 @@ class Fleet:
                      if isinstance(a, dict) and isinstance(a.get("code"), str)]
             d["alerts"] = {clean(c, CODE_MAX): True for c in codes}
 
-    @staticmethod
-    def _health(d: dict, body: dict) -> None:
+    @classmethod
+    def _health(cls, d: dict, body: dict) -> None:
+        cls._version(d, body)
         audio = body.get("audio")
         d["health_volume"] = _volume(audio.get("volume")) if isinstance(audio, dict) else None
 
@@ -97,8 +108,10 @@ class Fleet:
         now = now if now is not None else time.time()
         names = self.selected(group, alert)
         online = sum(1 for n in names if self.devices[n]["online"])
-        t = Table(title=f"ttcs fleet: {online}/{len(names)} online", title_justify="left")
-        for col in ("DEVICE", "GROUPS", "STATUS", "LAST SEEN", "PLAYING", "VOLUME", "ALERTS"):
+        t = Table(title=f"ttcs fleet: {online}/{len(names)} online{self._versions(names)}",
+                  title_justify="left")
+        for col in ("DEVICE", "GROUPS", "STATUS", "LAST SEEN", "PLAYING", "VOLUME", "VERSION",
+                    "ALERTS"):
             t.add_column(col, no_wrap=col in ("DEVICE", "STATUS"))
         for name in names:
             t.add_row(*self._row(name, now))
@@ -117,7 +130,20 @@ class Fleet:
         return [name, ",".join(self.groups_of(name)) or "-", status, seen,
                 _esc(shown(d["playing"], PLAYING_MAX)) if d["playing"] else "-",
                 "-" if volume is None else str(volume),
+                _esc(shown(d["version"], VERSION_MAX)) if d["version"] else "-",
                 f"[yellow]{_esc(alerts)}[/]" if alerts else "-"]
+
+    def _versions(self, names: list[str]) -> str:
+        """The fleet's versions with their counts (an update rolling out, or stuck)."""
+        counts: dict[str, int] = {}
+        for n in names:
+            v = self.devices[n]["version"]
+            if v:
+                counts[v] = counts.get(v, 0) + 1
+        if not counts:
+            return ""
+        return "; versions: " + ", ".join(f"{_esc(shown(v, VERSION_MAX))} ({c})"
+                                           for v, c in sorted(counts.items()))
 
 
 def _volume(value) -> int | None:

@@ -535,7 +535,8 @@ def test_watch_fleet_filters_by_group_and_alert():
     fleet.update("ttcs/dev/other-dev/status", b'{"state":"offline","reason":"lost"}', now=100)
     fleet.update("ttcs/dev/other-dev/event", b'{"type":"alert","state":"raised","code":"door_open"}',
                  now=101)
-    fleet.update(f"ttcs/dev/{DEV}/health", b'{"audio":{"volume":70}}', now=102)
+    fleet.update(f"ttcs/dev/{DEV}/health", b'{"audio":{"volume":70},"version":"0.2.0"}', now=102)
+    fleet.update("ttcs/dev/other-dev/state", b'{"version":"[red]0.1.0\\n"}', now=102)
     fleet.update(f"ttcs/dev/{DEV}/state", b"\xff garbage", now=103)
     assert fleet.selected() == [DEV, "other-dev"]
     assert fleet.selected(group="krongpa") == [DEV]
@@ -546,6 +547,8 @@ def test_watch_fleet_filters_by_group_and_alert():
     text = console.export_text()
     assert "1/2 online" in text and "OFFLINE lost" in text and "door_open" in text
     assert "krongpa" in text and " 70 " in text
+    # the fleet's versions (an update rolling out), device text shown as data
+    assert 'versions: 0.2.0 (1), "[red]0.1.0 " (1)' in text and " 0.2.0 " in text
 
 
 def test_watch_once_with_group_filter(broker, keys, tmp_path, agent_factory):
