@@ -118,8 +118,13 @@ class AiringJournal:
             for item_id, body, played_ms, updated in rows:
                 segments = list(body.get("segments") or [])
                 if body.get("open"):
-                    segments.append({**body["open"], "ended": updated, "played_ms": played_ms,
+                    # the position is counted on the monotonic clock: the segment ends where
+                    # it says (its start plus what played), whatever the wall clock did
+                    opened = body["open"]
+                    end = opened["started"] + played_ms if "started" in opened else updated
+                    segments.append({**opened, "ended": end, "played_ms": played_ms,
                                      "result": INTERRUPTED})
+                    updated = end
                 if segments:
                     log.warning("%s %s was on air when the agent stopped: recorded %s",
                                 body.get("origin"), item_id, INTERRUPTED)
