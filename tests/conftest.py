@@ -101,6 +101,30 @@ def broker(tmp_path):
     b.stop()
 
 
+def _nested_deeper_than(payload: bytes, limit: int) -> bool:
+    """Whether JSON ``payload`` nests deeper than ``limit`` (strings skipped). Decoding a
+    payload nested thousands deep hits the recursion limit, and the RecursionError it leaves
+    behind later surfaces as an unraisable exception in whichever test is running."""
+    depth, in_string, escaped = 0, False, False
+    for byte in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
 class Watcher:
     """A test client that records every message under a prefix."""
 
@@ -137,10 +161,12 @@ class Watcher:
     def _on_message(self, client, userdata, msg) -> None:
         now = time.monotonic()
         payload = bytes(msg.payload)
-        try:
-            body = json.loads(payload)
-        except (ValueError, RecursionError):
-            body = None
+        body = None
+        if not _nested_deeper_than(payload, 100):  # hostile test input: never near the limit
+            try:
+                body = json.loads(payload)
+            except (ValueError, RecursionError):
+                body = None
         if not isinstance(body, dict):
             body = None
         with self._lock:
