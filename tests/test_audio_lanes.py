@@ -28,8 +28,9 @@ PROMPT_S = 5.0  # "promptly": the normal downloads below would hold a worker for
 
 def test_jobs_run_most_urgent_first_then_in_arrival_order() -> None:
     lanes = Lanes(1, name="t", reserved=())
-    gate, order = threading.Event(), []
-    lanes.submit(gate.wait)  # holds the one worker while the others queue
+    gate, busy, order = threading.Event(), threading.Event(), []
+    lanes.submit(lambda: (busy.set(), gate.wait()))  # holds the one worker...
+    assert busy.wait(5)  # ...once it runs: before that, it would pick the most urgent of the rest
     done = [lanes.submit(order.append, name, lane=lane)
             for name, lane in [("n1", N), ("p1", P), ("e1", E), ("n2", N), ("p2", P)]]
     gate.set()
@@ -55,10 +56,10 @@ def test_kept_workers_run_urgent_jobs_while_normal_ones_hang() -> None:
 
 def test_shutdown_cancels_waiting_jobs_and_refuses_new_ones() -> None:
     lanes = Lanes(1, name="t", reserved=())
-    gate = threading.Event()
-    running = lanes.submit(gate.wait)
+    gate, busy = threading.Event(), threading.Event()
+    running = lanes.submit(lambda: (busy.set(), gate.wait())[1])
+    assert busy.wait(5)
     waiting = lanes.submit(lambda: None)
-    time.sleep(0.05)
     lanes.shutdown(wait=False, cancel_futures=True)
     assert waiting.cancelled() and not running.done()
     with pytest.raises(RuntimeError):
