@@ -9,9 +9,24 @@ from __future__ import annotations
 import os
 
 from agent import config
-from agent.config import ID_RE, Bool, List, Map, Num, Section, Str, TimeZone
+from agent.config import ID_RE, Bool, Field, List, Map, Num, Section, Str, TimeZone, type_name
 
 DEFAULT_CTL_PATH = "~/.config/ttcs/ctl.yaml"
+
+
+class LatLon(Field):
+    """``[latitude, longitude]`` in degrees (WGS 84), as CAP's polygons and circles are."""
+
+    def check(self, value, path, errors):
+        if (not isinstance(value, list) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+            errors.append((path, f"must be [latitude, longitude], not {type_name(value)}"))
+            return value
+        lat, lon = value
+        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+            errors.append((path, f"[{lat}, {lon}] is not a latitude (-90..90) and a longitude"
+                                 " (-180..180)"))
+        return [float(lat), float(lon)]
 
 CTL_SCHEMA = Section(fields={
     "mqtt": config.SCHEMA.fields["mqtt"],
@@ -56,6 +71,15 @@ CTL_SCHEMA = Section(fields={
         "shared_group": Str(default=None, nullable=True, pattern=r"^[A-Za-z0-9_-]{1,64}$",
                             doc="MQTT 5 shared subscription group: several relay processes"),
     }),
+    "media": Section(fields={
+        "dir": Str(default="~/.local/state/ttcs/media",
+                   doc="recordings kept by sha256 for the devices to fetch"),
+        "base_url": Str(default=None, nullable=True, pattern=r"^https?://",
+                        doc="where the devices fetch media.dir (its host in their media_hosts)"),
+        "max_bytes": Num(default=50 * 1024 * 1024, min=1024, max=2**31),
+    }),
+    "locations": Map(default={}, key_pattern=ID_RE, value=LatLon(),
+                     doc="device id or group -> [lat, lon]: CAP areas, the console's map"),
     "alerts": Section(fields={
         "webhook_url": Str(default=None, nullable=True, pattern=r"^https?://"),
         "telegram": Section(default=None, nullable=True, fields={
@@ -147,3 +171,15 @@ def groups_of(device: str, groups: dict[str, list[str]]) -> list[str]:
     return sorted(g for g, entries in groups.items()
                   if any(device == e or (e.endswith("*") and device.startswith(e[:-1]))
                          for e in entries))
+
+
+def location_of(device: str, cfg: dict) -> tuple[float, float] | None:
+    """Where ``device`` is (``locations``): its own entry, else the first of its
+    ``relay.groups`` (alphabetically) that has one, else None."""
+    locations = cfg.get("locations") or {}
+    if device in locations:
+        return tuple(locations[device])
+    for g in groups_of(device, cfg["relay"]["groups"]):
+        if g in locations:
+            return tuple(locations[g])
+    return None
