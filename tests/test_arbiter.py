@@ -441,3 +441,20 @@ def test_on_change_may_submit_and_its_errors_stay_with_the_listener() -> None:
     rig = Rig(on_change=follow_up)
     rig.arb.submit(file_item("a"))  # does not raise
     assert rig.stages("b") == ["queued"] and rig.changes == 2
+
+
+def test_most_urgent_covers_what_airs_and_what_waits() -> None:
+    rig = Rig()
+    assert rig.arb.most_urgent() is None
+    rig.arb.submit(file_item("news"))
+    assert rig.arb.most_urgent() == "normal"
+    rig.arb.submit(file_item("storm", "emergency"))       # preempts: news waits to resume
+    rig.arb.submit(file_item("notice", "priority"))
+    assert rig.arb.most_urgent() == "emergency"
+    rig.advance(1)
+    rig.end()                                             # the storm warning ends
+    assert rig.arb.most_urgent() == "priority"
+    rig.end()
+    assert rig.arb.most_urgent() == "normal"
+    rig.end()
+    assert rig.arb.most_urgent() is None

@@ -319,6 +319,14 @@ class Arbiter:
     def busy(self) -> bool:
         return self._current is not None
 
+    def most_urgent(self) -> Priority | None:
+        """The most urgent priority of what airs or waits (not timed items), or None."""
+        items = [e.item for e in self._queue]
+        if self._current is not None:
+            items.append(self._current.item)
+        found = [p for p in (Priority.parse(i.priority) for i in items) if p is not None]
+        return max(found) if found else None
+
     def snapshot(self) -> dict[str, Any]:
         """What airs and waits, for the ``state`` topic and ``ttcs-agent status``."""
         cur = self._current

@@ -69,7 +69,8 @@ from agent.audio.records import PlayRecords
 from agent.audio.tone import tone_variant
 from agent.audio.tts import TtsEngine
 from agent.audio.volume import SavedVolume
-from agent.core.loop import Core, FuncHandler
+from agent.core.inbound import FuncHandler
+from agent.core.loop import Core
 from agent.protocol import Envelope, Priority
 from drivers.audio.base import AudioOutput
 from drivers.gpio import open_gpio
@@ -268,6 +269,11 @@ class AudioService:
 
     def set_pinned(self, shas: Any) -> None:
         self.prep.set_pinned(shas)
+
+    def most_urgent(self) -> Priority | None:
+        """The most urgent priority airing or waiting to air, or None (an update waits for
+        nothing above normal)."""
+        return self.arbiter.most_urgent()
 
     def cancel(self, slot_id: str) -> bool:
         stopped = self.prep.cancel(slot_id, "schedule") or self.arbiter.stop_id(

@@ -388,6 +388,12 @@ class Core:
         if cmd_id is not None and stage in protocol.FINAL_STAGES:
             self.store.open_done(cmd_id)
 
+    def not_interrupted(self, cmd_id: str) -> None:
+        """``cmd_id`` is no longer open without its final ack being sent here: after a restart
+        it is not answered ``failed``/``interrupted`` (an update that switched version, which
+        the new version answers; a board message restored from the store)."""
+        self.store.open_done(cmd_id)
+
     def _fail_interrupted(self) -> None:
         """Commands received before a crash or stop that never reached a final stage: say so
         (they are not re-run: what they were doing is gone, and their moment has passed)."""

@@ -174,9 +174,8 @@ class UpdateService:
 
     def quiet(self) -> bool:
         """Nothing of priority or emergency airs or waits."""
-        snap = self.audio.arbiter.snapshot()
-        items = [snap["current"], *snap["queue"]]
-        return all(i is None or Priority.parse(i["priority"]) == Priority.NORMAL for i in items)
+        urgent = self.audio.most_urgent()
+        return urgent is None or urgent == Priority.NORMAL
 
     def _in_window(self) -> bool:
         if self.ucfg["window"] and not self.core.trust.trusted():
@@ -257,7 +256,7 @@ class UpdateService:
         log.warning("update: switched to %s; restarting", result)
         # Not an interrupted command: the new version answers it (or the old one after a
         # rollback).
-        self.core.store.open_done(env.id)
+        self.core.not_interrupted(env.id)
         self._event("switched", rec)
         self.core.request_stop()
 
