@@ -234,17 +234,21 @@ class Preparation:
         prepared (for at most ``hold_s``): then ``meta`` waits, so that commands sent together
         air in the order they were sent, whatever order their look-ups finish in."""
         now = self.clock.monotonic()
-        return any(o.arrival < meta.arrival and o.ready is None and not o.cancelled
+        return any(o.arrival < meta.arrival and self._preparing(o)
                    and o.rank >= meta.rank and now - o.since < self.hold_s
                    for o in self.items.values())
+
+    @staticmethod
+    def _preparing(meta: Meta) -> bool:
+        """Still being prepared: not ready, not handed to the arbiter, not stopped."""
+        return meta.ready is None and not meta.submitted and not meta.cancelled
 
     def hold_deadline(self) -> float | None:
         """Monotonic instant at which a held item may go, or None when none waits."""
         waiting = [m for m in self.items.values() if m.ready is not None]
         if not waiting:
             return None
-        pending = [o.since + self.hold_s for o in self.items.values()
-                   if o.ready is None and not o.cancelled]
+        pending = [o.since + self.hold_s for o in self.items.values() if self._preparing(o)]
         return min(pending) if pending else self.clock.monotonic()
 
     def release(self) -> None:
