@@ -25,16 +25,23 @@ pytestmark = pytest.mark.timeout(600)
 
 DEVICE = "krongpa-phutuc-c03"
 BASE = "0.1.0"  # this checkout's version: what the cabinet runs before each test
-CRASH = ("agent/app.py", "    cfg = config.load_or_report(config_path)\n",
-         "    raise RuntimeError('this version crashes at start')\n")
-NO_BROKER = ("agent/app.py", "    core = build(cfg)\n",
-             "    cfg['mqtt']['port'] = 9\n    core = build(cfg)\n")
-HANGS = ("agent/core/loop.py", "        self.mark_state_dirty()\n        self._fail_interrupted()\n",
-         "        self.mark_state_dirty()\n        self._fail_interrupted()\n"
-         "        self.call_later(1, threading.Event().wait)\n")
-REFUSES = ("agent/config.py",
-           '        errors += cross_checks(data, [p for p, m in errors if not m.startswith("unknown key")])\n',
-           '        errors.append(("device.id", "refused by this version"))\n')
+# Faulty versions: each appends to a module a wrapper of one of its public names (not an edit
+# of a source line, so the faults survive changes to the bodies they wrap).
+CRASH = ("agent/app.py", "def run(config_path):\n"
+                         "    raise RuntimeError('this version crashes at start')\n")
+NO_BROKER = ("agent/app.py", "_build = build\n\n\n"
+                             "def build(cfg):\n"
+                             "    cfg['mqtt']['port'] = 9\n"
+                             "    return _build(cfg)\n")
+HANGS = ("agent/core/loop.py", "_fail_interrupted = Core._fail_interrupted\n\n\n"
+                               "def _then_hang(self):\n"
+                               "    _fail_interrupted(self)\n"
+                               "    self.call_later(1, threading.Event().wait)\n\n\n"
+                               "Core._fail_interrupted = _then_hang\n")
+REFUSES = ("agent/config_checks.py", "_cross_checks = cross_checks\n\n\n"
+                                     "def cross_checks(data, bad):\n"
+                                     "    return [*_cross_checks(data, bad),"
+                                     " ('device.id', 'refused by this version')]\n")
 
 
 @pytest.fixture(scope="module")

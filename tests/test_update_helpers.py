@@ -41,18 +41,16 @@ def make_wheelhouse(folder: Path) -> Path:
 
 def make_bundle(out: Path, wheelhouse: Path, version: str, patches=()) -> Path:
     """A bundle of a temp copy of this checkout, its version set to ``version`` and each
-    ``(file, old, new)`` patch applied."""
+    ``(file, text)`` appended to that file (a test fault)."""
     src = out / f"src-{version}"
     src.mkdir(parents=True)
     release.source_snapshot(ROOT, src)
     init = src / "agent" / "__init__.py"
     init.write_text(re.sub(r'__version__ = "[^"]+"', f'__version__ = "{version}"',
                            init.read_text()))
-    for name, old, new in patches:
+    for name, text in patches:
         path = src / name
-        text = path.read_text()
-        assert old in text, (name, old)
-        path.write_text(text.replace(old, new, 1))
+        path.write_text(f"{path.read_text()}\n\n{text}")
     bundle, manifest = release.build(src, out / "bundles", platforms=["native"],
                                      index_args=["--no-index", f"--find-links={wheelhouse}"],
                                      log=lambda *a: None)
