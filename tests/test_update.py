@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -50,14 +51,13 @@ def site(tmp_path_factory):
     with the base version installed and current, the boot guard beside it."""
     top = tmp_path_factory.mktemp("update")
     wheelhouse = make_wheelhouse(top / "wheelhouse")
-    bundles = {
-        BASE: make_bundle(top, wheelhouse, BASE),
-        "0.2.0": make_bundle(top, wheelhouse, "0.2.0"),
-        "0.3.0": make_bundle(top, wheelhouse, "0.3.0", [CRASH]),
-        "0.4.0": make_bundle(top, wheelhouse, "0.4.0", [NO_BROKER]),
-        "0.5.0": make_bundle(top, wheelhouse, "0.5.0", [REFUSES]),
-        "0.6.0": make_bundle(top, wheelhouse, "0.6.0", [HANGS]),
-    }
+    faults = {BASE: [], "0.2.0": [], "0.3.0": [CRASH], "0.4.0": [NO_BROKER],
+              "0.5.0": [REFUSES], "0.6.0": [HANGS]}
+    # pip does the work in subprocesses: build them side by side.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {v: pool.submit(make_bundle, top, wheelhouse, v, patches)
+                   for v, patches in faults.items()}
+        bundles = {v: f.result() for v, f in futures.items()}
     prefix = top / "opt"
     layout = Layout(prefix)
     cfg = top / "base.yaml"
