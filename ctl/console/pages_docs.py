@@ -1,0 +1,3 @@
+"""Schedules and boards (filled in below)."""
+
+ROUTES: list = []

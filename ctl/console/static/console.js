@@ -1,0 +1,92 @@
+// The district console's live updates (server-sent events). Plain JavaScript, no build step.
+// Text from devices is set with textContent, never as HTML.
+"use strict";
+(function () {
+  const STATUS_VI = {playing: "đang phát", online: "trực tuyến", offline: "mất kết nối",
+                     unknown: "chưa rõ"};
+  const fleet = document.getElementById("fleet");
+  const devStatus = document.getElementById("dev-status");
+  const sent = document.querySelector("section.cmd");
+  if (!fleet && !devStatus && !sent) return;
+  const statuses = {};
+
+  function statusText(d) {
+    let t = STATUS_VI[d.status] || d.status;
+    if (d.status === "playing" && d.playing) t += ": " + d.playing;
+    else if (d.status === "offline" && d.reason) t += " (" + d.reason + ")";
+    return t;
+  }
+
+  function recount() {
+    const c = {total: 0, playing: 0, online: 0, offline: 0};
+    for (const s of Object.values(statuses)) {
+      c.total += 1;
+      if (s === "playing") { c.playing += 1; c.online += 1; }
+      else if (s in c) c[s] += 1;
+    }
+    for (const el of document.querySelectorAll("[data-count]")) {
+      el.textContent = String(c[el.dataset.count]);
+    }
+  }
+
+  function onDevice(d) {
+    statuses[d.device] = d.status;
+    const row = document.getElementById("dev-" + d.device);
+    if (row) {
+      row.className = "st-" + d.status;
+      const cell = row.querySelector(".status");
+      cell.textContent = statusText(d);
+      cell.dataset.status = d.status;
+      row.querySelector(".alerts").textContent = d.alerts.join(", ");
+      row.querySelector(".volume").textContent = d.volume === null ? "" : String(d.volume);
+      if (d.last_seen_ms) {
+        row.querySelector(".seen").textContent = new Date(d.last_seen_ms).toLocaleString("vi-VN");
+      }
+    }
+    for (const pt of document.querySelectorAll("circle.pt")) {
+      if (pt.dataset.device === d.device) pt.setAttribute("class", "pt st-" + d.status);
+    }
+    if (devStatus && devStatus.dataset.device === d.device) {
+      devStatus.className = "st-" + d.status;
+      devStatus.textContent = statusText(d);
+    }
+    if (fleet) recount();
+  }
+
+  function onAck(a) {
+    const body = document.getElementById("acks-" + a.cmd_id);
+    if (!body) return;
+    const tr = document.createElement("tr");
+    tr.className = "stage-" + a.stage;
+    const cells = [new Date(a.received_ms).toLocaleString("vi-VN"), a.device, a.stage,
+                   a.reason || ""];
+    cells.forEach(function (text, i) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (i === 2) td.className = "stage";
+      tr.appendChild(td);
+    });
+    body.appendChild(tr);
+    if (a.final) document.getElementById("final-" + a.cmd_id).textContent = a.final;
+  }
+
+  function connect() {
+    const es = new EventSource("/events");
+    const live = document.getElementById("live");
+    es.onopen = function () { if (live) live.classList.add("up"); };
+    es.onerror = function () { if (live) live.classList.remove("up"); };
+    es.addEventListener("device", function (e) { onDevice(JSON.parse(e.data)); });
+    es.addEventListener("ack", function (e) { onAck(JSON.parse(e.data)); });
+    es.addEventListener("reload", function () { window.location.reload(); });
+  }
+
+  if (fleet) {
+    fetch("/api/fleet", {credentials: "same-origin"}).then(function (r) { return r.json(); })
+      .then(function (body) {
+        for (const d of body.devices) statuses[d.device] = d.status;
+        connect();
+      });
+  } else {
+    connect();
+  }
+})();
