@@ -26,7 +26,7 @@ from tests.console_support import PASSWORD, ctl, ctl_config
 
 DEVICE, OTHER = "krongpa-phutuc-c03", "krongpa-chuse-c01"
 with warnings.catch_warnings():  # Starlette's TestClient says it will leave httpx
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
 

@@ -154,7 +154,10 @@ def guard(fn: Callable[[Console, Req], Response], *, stream: bool = False):
                                          " wrong)", 403)
         if stream:
             return await fn(c, req)
-        return await run_in_threadpool(fn, c, req)
+        t0 = time.perf_counter()
+        resp = await run_in_threadpool(fn, c, req)
+        resp.headers["server-timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.1f}"
+        return resp
     return endpoint
 
 

@@ -33,6 +33,16 @@ class Hub:
     def clients(self) -> int:
         return len(self._clients)
 
+    def close(self) -> None:
+        """End every page's stream (the server is stopping)."""
+        with self._lock:
+            clients = list(self._clients)
+        for c in clients:
+            try:
+                c.loop.call_soon_threadsafe(c.queue.put_nowait, None)
+            except RuntimeError:
+                pass
+
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         """From any thread: hand ``data`` to every page allowed to see it."""
         with self._lock:
@@ -45,7 +55,7 @@ class Hub:
                 self._drop(c)
 
     def _put(self, c: _Client, kind: str, data: dict) -> None:
-        if c.queue.full():
+        if c.queue.qsize() >= QUEUE_MAX - 1:  # one place kept for the stop
             c.overflowed = True
             return
         c.queue.put_nowait((kind, data))
@@ -64,12 +74,15 @@ class Hub:
             yield "retry: 1000\n\n"
             while True:
                 try:
-                    kind, data = await asyncio.wait_for(c.queue.get(), KEEPALIVE_S)
+                    item = await asyncio.wait_for(c.queue.get(), KEEPALIVE_S)
                 except TimeoutError:
                     if await disconnected():
                         return
                     yield ": keepalive\n\n"
                     continue
+                if item is None:  # the server is stopping
+                    return
+                kind, data = item
                 if c.overflowed:
                     yield "event: reload\ndata: {}\n\n"
                     return

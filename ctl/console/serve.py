@@ -90,6 +90,8 @@ def run(cfg: dict, listen: str | None = None, with_relay: bool = True) -> int:
         stop.wait()
         return 0
     finally:
+        if console is not None:
+            console.hub.close()  # open pages' streams end, so the server can stop
         if server is not None:
             server.should_exit = True
         if thread is not None:

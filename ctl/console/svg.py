@@ -23,10 +23,11 @@ def fleet_map(rows, width: int = 600, height: int = 400, pad: int = 20) -> list[
         return None
     lats = [loc[0] for _, loc in placed]
     lons = [loc[1] for _, loc in placed]
-    span = max(max(lats) - min(lats), max(lons) - min(lons), 1e-4)
+    north, west = max(lats), min(lons)
+    span = max(north - min(lats), max(lons) - west, 1e-4)
     scale = min(width - 2 * pad, height - 2 * pad) / span
-    return [Point(r.device, pad + (loc[1] - min(lons)) * scale,
-                  pad + (max(lats) - loc[0]) * scale, r.status) for r, loc in placed]
+    return [Point(r.device, pad + (loc[1] - west) * scale, pad + (north - loc[0]) * scale,
+                  r.status) for r, loc in placed]
 
 
 def health_chart(series: list[dict], start_ms: int, end_ms: int, width: int = 600,
