@@ -238,3 +238,33 @@ def test_fleet_shows_offline_within_2_s_of_sigkill(env):
     assert _text(d, "[data-count=offline]") == "1"
     assert "lost" in _text(d, row)
     _shot(d, "fleet-offline")
+
+
+def test_admin_sees_the_audit_with_final_stages_and_every_page(env):
+    from selenium.webdriver.common.by import By
+
+    d = env.driver
+    d.find_element(By.CSS_SELECTOR, "form.who button").click()  # log out (a CSRF'd POST)
+    wait_until(lambda: "/login" in d.current_url, 10, what="logged out")
+    d.get(env.base + "/audit")
+    assert "/login" in d.current_url  # the old session is gone
+    login(d, env.base, "admin")
+    wait_until(lambda: "admin" in _text(d, "#me"), 10, what="admin logged in")
+    d.get(env.base + "/audit")
+    rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "#audit tbody tr")]
+    say = [r for r in rows if "bulletin say" in r]
+    assert len(say) == 1 and "op-phutuc" in say[0] and "grp/phutuc" in say[0]
+    assert " ok done " in f" {say[0]} "  # outcome, then the command's final stage
+    assert any("logout" in r for r in rows) and any("refused" in r for r in rows)
+    _shot(d, "audit")
+    for path, heading in (("/alerts", "Cảnh báo"), ("/schedule", "Lịch phát"),
+                          ("/board", "Bảng tin"), ("/reports", "Thống kê"),
+                          ("/bulletins", "Gửi bản tin")):
+        d.get(env.base + path)
+        assert _text(d, "h1").startswith(heading), (path, _text(d, "h1"))
+        _shot(d, path.strip("/"))
+    d.set_window_size(390, 844)  # a phone
+    d.get(env.base + "/")
+    assert _text(d, "[data-count=total]") == "1"
+    _shot(d, "fleet-phone")
+    d.set_window_size(1280, 900)

@@ -101,7 +101,9 @@ def items_table(args: dict | None) -> list[dict]:
         if not isinstance(item, dict):
             continue
         if "media" in item:
-            content = "bản ghi " + json.dumps(item["media"], ensure_ascii=False)[:80]
+            media = item["media"] if isinstance(item["media"], list) else [item["media"]]
+            content = "bản ghi " + ", ".join(str(m.get("url", "")).rsplit("/", 1)[-1][:60]
+                                            for m in media if isinstance(m, dict))
         elif "say" in item:
             say = item["say"]
             content = "đọc: " + (say if isinstance(say, str) else str(say.get("text", "")))[:120]

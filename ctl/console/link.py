@@ -62,8 +62,10 @@ class Link:
             log.error("console: broker refused: %s", reason_code)
             return
         p = self.prefix
-        client.subscribe([(f"{p}/dev/+/ack", 1), (f"{p}/+/+/desired/schedule", 1),
-                          (f"{p}/+/+/desired/board", 1)])
+        # exactly the controller's ACL lines (docs/DEPLOY.md, "The console")
+        client.subscribe([(f"{p}/dev/+/ack", 1)] + [(f"{p}/{kind}/+/desired/{doc}", 1)
+                                                    for kind in ("dev", "grp")
+                                                    for doc in ("schedule", "board")])
         self.connected.set()
         log.info("console connected to the broker")
 
