@@ -158,6 +158,11 @@ def test_operator_sends_tts_bulletin_and_sees_done_and_proof_of_play(env):
                what="the agent's done ack shown live")
     stages = [e.text for e in d.find_elements(By.CSS_SELECTOR, f"#acks-{cmd_id} td.stage")]
     assert stages[0] == "received" and stages[-1] == "done", stages
+    from datetime import datetime
+
+    times = [datetime.strptime(e.text, "%H:%M:%S %d/%m/%Y") for e in d.find_elements(
+        By.CSS_SELECTOR, f"#acks-{cmd_id} td:first-child")]  # server- and browser-written
+    assert (max(times) - min(times)).total_seconds() < 60, times  # one zone: the district's
     _shot(d, "sent")
     sent = [json.loads(p) for t, p, _ in env.watcher.messages if t == "ttcs/grp/phutuc/cmd"]
     assert [m["id"] for m in sent] == [cmd_id]

@@ -55,6 +55,7 @@ class Console:
         self.env.globals["STATUS_VI"] = STATUS_VI
         self.env.globals["PRIORITY_VI"] = PRIORITY_VI
         self.env.globals["ROLE_VI"] = ROLE_VI
+        self.env.globals["TZ"] = self.cfg["relay"]["timezone"]  # live times: the same zone
 
     @property
     def groups(self) -> dict[str, list[str]]:

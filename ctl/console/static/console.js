@@ -9,6 +9,11 @@
   const sent = document.querySelector("section.cmd");
   if (!fleet && !devStatus && !sent) return;
   const statuses = {};
+  const tzMeta = document.querySelector("meta[name=tz]");
+  const tz = tzMeta ? tzMeta.content : undefined;  // the district's zone, as the server shows
+  function when(ms) {
+    return new Date(ms).toLocaleString("vi-VN", {timeZone: tz, hour12: false});
+  }
 
   function statusText(d) {
     let t = STATUS_VI[d.status] || d.status;
@@ -40,7 +45,7 @@
       row.querySelector(".alerts").textContent = d.alerts.join(", ");
       row.querySelector(".volume").textContent = d.volume === null ? "" : String(d.volume);
       if (d.last_seen_ms) {
-        row.querySelector(".seen").textContent = new Date(d.last_seen_ms).toLocaleString("vi-VN");
+        row.querySelector(".seen").textContent = when(d.last_seen_ms);
       }
     }
     for (const pt of document.querySelectorAll("circle.pt")) {
@@ -58,7 +63,7 @@
     if (!body) return;
     const tr = document.createElement("tr");
     tr.className = "stage-" + a.stage;
-    const cells = [new Date(a.received_ms).toLocaleString("vi-VN"), a.device, a.stage,
+    const cells = [when(a.received_ms), a.device, a.stage,
                    a.reason || ""];
     cells.forEach(function (text, i) {
       const td = document.createElement("td");
