@@ -35,6 +35,7 @@ from common import (
     parser,
     percentile,
     print_table,
+    rss_kb,
     verdict,
     wait_until,
     workdir,
@@ -113,7 +114,7 @@ def main() -> int:
     work = workdir(args.workdir, "console_fleet")
     broker = Broker(work / "broker").start()
     port = free_port()
-    config = ctl_config(work, broker.port, Keys(), port)
+    config = ctl_config(work, broker.port, Keys(), port, live_interval_s=0.5)  # the default
     add_user(config, work, "admin", "admin")
     serve = Serve(config, port, work / "serve.log").start()
     stop = threading.Event()
@@ -141,7 +142,7 @@ def main() -> int:
             "client_ms": {"p50": percentile(client_ms, 50), "p95": percentile(client_ms, 95)},
             "live_s": {"p50": percentile(live, 50), "p95": percentile(live, 95),
                        "max": max(live)},
-            "machine_after": machine()})
+            "serve_rss_mb": rss_kb(serve.proc.pid) / 1024, "machine_after": machine()})
     finally:
         stop.set()
         sim.join(5)
@@ -159,7 +160,8 @@ def main() -> int:
         ("page size", f"{results['page_bytes'] / 1024:.0f} KiB", "", ""),
         ("live update p50 / p95 / max", f"{results['live_s']['p50']:.2f} /"
          f" {results['live_s']['p95']:.2f} / {results['live_s']['max']:.2f} s", "≤ 2 s",
-         verdict(ok_live))])
+         verdict(ok_live)),
+        ("serve process RSS (relay + console)", f"{results['serve_rss_mb']:.0f} MB", "", "")])
     write_json(args.out, results)
     return 0 if ok_page and ok_live else 1
 
