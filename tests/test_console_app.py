@@ -191,6 +191,7 @@ def test_upload_checked_by_content_stored_by_sha256_and_served(env):
 
 def test_viewer_sends_nothing(env):
     client, csrf = _client(env, "xem")
+    assert client.get("/bulletins").status_code == 403
     r = client.post("/bulletins", data={"csrf": csrf, "mode": "tts", "text": "x",
                                         "target": "grp/phutuc"}, follow_redirects=False)
     assert r.status_code == 403
@@ -293,3 +294,31 @@ def test_user_command(env):
     assert ctl(env.path, "user", "del", "moi").returncode == 0
     assert ctl(env.path, "user", "del", "moi").returncode == 64
     assert yaml.safe_load(env.path.read_text())["console"]["lockout_after"] == 3
+
+
+def test_emergency_with_the_grant_and_admin_everywhere(env):
+    env.console.users.add("op-grant", "operator", PASSWORD, ["phutuc"], emergency=True)
+    client, csrf = _client(env, "op-grant")
+    assert 'value="emergency"' in client.get("/bulletins").text
+    before = len(env.watcher.messages)
+    r = client.post("/bulletins", data={"csrf": csrf, "mode": "tts", "text": "Bão số 3",
+                                        "target": "grp/phutuc", "priority": "emergency"},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    admin, acsrf = _client(env, "admin")
+    r = admin.post("/bulletins", data={"csrf": acsrf, "mode": "tts", "text": "Toàn huyện",
+                                       "target": ["grp/all", f"dev/{OTHER}"],
+                                       "priority": "emergency"}, follow_redirects=False)
+    assert r.status_code == 303
+    sent = wait_until(lambda: [(t, json.loads(p)) for t, p, _ in env.watcher.messages[before:]
+                               if t.endswith("/cmd")] if len(
+        [1 for t, _, _ in env.watcher.messages[before:] if t.endswith("/cmd")]) >= 3 else None,
+        5, what="three commands")
+    assert sorted(t for t, _ in sent) == ["ttcs/dev/krongpa-chuse-c01/cmd",
+                                          "ttcs/grp/all/cmd", "ttcs/grp/phutuc/cmd"]
+    assert all(m["args"]["priority"] == "emergency" and m["type"] == "say" for _, m in sent)
+    page = admin.get(r.headers["location"]).text  # the sent page lists both targets
+    assert "grp/all" in page and f"dev/{OTHER}" in page
+    bad = admin.post("/bulletins", data={"csrf": acsrf, "mode": "tts", "text": "x" * 5001,
+                                         "target": "grp/all"})
+    assert bad.status_code == 400 and "5000" in bad.text  # the agent's own limit

@@ -16,6 +16,9 @@ LANGS = {"vi": "Tiếng Việt", "en": "English", "km": "ខ្មែរ (Khmer)
 
 
 def form_page(c: Console, req: Req, **extra):
+    if not req.user.can_send:
+        return c.render(req, "message.html", code=403, title="Không có quyền",
+                        message="Tài khoản chỉ xem (viewer) không gửi được bản tin.")
     devices = [r.device for r in c.fleet.visible(req.user)]
     groups = ([] if not req.user.admin else ["all"]) + c.visible_groups(req.user)
     priorities = [p for p in ("normal", "priority", "emergency") if req.user.may_priority(p)]
