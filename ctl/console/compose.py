@@ -95,8 +95,8 @@ def check(b: Bulletin, user, groups: dict[str, list[str]], now_ms: int) -> tuple
     if not b.media and not (b.text or "").strip():
         raise Invalid(["nhập văn bản để đọc hoặc tải lên bản ghi âm"])
     if b.at_ms is not None and not b.media:
-        raise Invalid(["at: hẹn giờ phát (at) chỉ dùng được với bản ghi âm; văn bản đọc"
-                       " (say) phát ngay"])
+        raise Invalid(["at: hẹn giờ phát (at) cần bản ghi âm (văn bản đọc được chuyển"
+                       " thành bản ghi ở máy chủ)"])
     typ, args = b.command()
     problems = validate_play(args, now_ms) if typ == "play" else validate_say(args)
     if problems:
