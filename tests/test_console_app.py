@@ -349,3 +349,14 @@ def test_spoken_bulletin_at_a_time_becomes_a_recording(env):
     assert ref["lang"] == "vi" and ref["url"].endswith(f"/media/{ref['sha256']}.wav")
     wav = TestClient(env.app).get(f"/media/{ref['sha256']}.wav")
     assert wav.status_code == 200 and wav.content[:4] == b"RIFF"
+
+
+def test_serve_refuses_to_start_without_the_signing_key(env):
+    cfg = yaml.safe_load(env.path.read_text())
+    cfg["signing"] = {"kid": None, "key_file": None}
+    path = env.folder / "unsigned.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    r = ctl(path, "serve")
+    assert r.returncode == 64 and "the console signs every command" in r.stderr
+    r = ctl(env.path, "serve", "--listen", "nowhere")
+    assert r.returncode == 64 and "HOST:PORT" in r.stderr
