@@ -213,8 +213,9 @@ def test_schedule_validated_diffed_signed_and_retained(env):
     assert r.status_code == 200 and "+      &#34;times&#34;: [" in r.text  # the diff
     assert "05:30" in r.text and 'id="push"' in r.text
     rev = re.search(r'name="rev" value="(\d+)"', r.text).group(1)
+    time.sleep(1.1)  # with nothing live the rev is the time: the one shown is the one pushed
     r = client.post("/schedule/push", data={"csrf": csrf, "target": "grp/phutuc", "yaml": good,
-                                            "rev": rev}, follow_redirects=False)
+                                            "rev": rev, "live": ""}, follow_redirects=False)
     assert r.status_code == 303, r.text
     topic = "ttcs/grp/phutuc/desired/schedule"
     doc = wait_until(lambda: [json.loads(p) for t, p, _ in env.watcher.messages
@@ -239,7 +240,7 @@ def test_board_push_and_preview(env):
     assert r.status_code == 200, r.text
     rev = re.search(r'name="rev" value="(\d+)"', r.text).group(1)
     r = client.post("/board/push", data={"csrf": csrf, "target": "grp/krongpa", "yaml": text,
-                                         "rev": rev}, follow_redirects=False)
+                                         "rev": rev, "live": ""}, follow_redirects=False)
     assert r.status_code == 303
     wait_until(lambda: env.console.link.document("grp/krongpa", "board"), 5)
     page = client.get("/board?target=grp/krongpa")
@@ -247,7 +248,7 @@ def test_board_push_and_preview(env):
     img = client.get("/board/preview.png", params={"text": "Phòng chống bão số 3"})
     assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
     stale = client.post("/board/push", data={"csrf": csrf, "target": "grp/krongpa",
-                                             "yaml": text, "rev": rev})
+                                             "yaml": text, "rev": rev, "live": ""})
     assert stale.status_code == 409  # the live rev moved on since that diff
 
 

@@ -49,6 +49,8 @@ def env(tmp_path_factory):
     agent_yaml = agent_config(folder, broker.port, keys, DEVICE)
     cfg = yaml.safe_load(agent_yaml.read_text())
     cfg["device"]["groups"] = ["krongpa", "phutuc"]  # the commune it belongs to
+    cfg["board"] = {"driver": "image", "width": 64, "height": 16,
+                    "image_path": str(folder / "board.png")}  # the LED board, as a PNG
     agent_yaml.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     agent = AgentProcess(agent_yaml, folder / "agent.log").start()
     serve = Serve(config, port, folder / "serve.log").start()
@@ -227,24 +229,6 @@ def test_csrf_less_and_logged_out_posts_are_refused(env):
     assert len([r for r in _audit(env, "POST /bulletins", "refused")]) == 3
 
 
-def test_fleet_shows_offline_within_2_s_of_sigkill(env):
-    d = env.driver
-    d.get(env.base + "/")
-    row = f"#dev-{DEVICE} td.status"
-    wait_until(lambda: _attr(d, row, "data-status") in ("online", "playing"), 10,
-               what="online before the kill")
-    wait_until(lambda: "up" in (_attr(d, "#live", "class") or ""), 5, what="live stream open")
-    t0 = time.monotonic()
-    env.agent.kill()  # SIGKILL: the broker publishes its will
-    wait_until(lambda: _attr(d, row, "data-status") == "offline", 5, interval=0.05,
-               what="offline on the fleet page")
-    took = time.monotonic() - t0
-    assert took <= 2.0, f"offline shown after {took:.2f} s"
-    assert _text(d, "[data-count=offline]") == "1"
-    assert "lost" in _text(d, row)
-    _shot(d, "fleet-offline")
-
-
 def test_admin_sees_the_audit_with_final_stages_and_every_page(env):
     from selenium.webdriver.common.by import By
 
@@ -267,9 +251,70 @@ def test_admin_sees_the_audit_with_final_stages_and_every_page(env):
                           ("/bulletins", "Gửi bản tin")):
         d.get(env.base + path)
         assert _text(d, "h1").startswith(heading), (path, _text(d, "h1"))
-        _shot(d, path.strip("/"))
+        if path in ("/alerts", "/reports"):
+            _shot(d, path.strip("/"))
     d.set_window_size(390, 844)  # a phone
     d.get(env.base + "/")
     assert _text(d, "[data-count=total]") == "1"
     _shot(d, "fleet-phone")
     d.set_window_size(1280, 900)
+
+
+def _push(env, kind: str, target: str, text: str) -> None:
+    """Edit, check (diff), push through the page; wait for the agent's ``applied``."""
+    from selenium.webdriver.common.by import By
+
+    d = env.driver
+    d.get(f"{env.base}/{kind}?target={target}")
+    box = d.find_element(By.ID, "yaml")
+    box.clear()
+    box.send_keys(text)
+    d.find_element(By.ID, "check").click()
+    wait_until(lambda: _text(d, "#diff"), 10, what=f"the {kind} diff")
+    assert "+" in _text(d, "#diff")
+    d.find_element(By.ID, "push").click()
+
+    def applied():
+        d.get(f"{env.base}/{kind}?target={target}")
+        return DEVICE in _text(d, "#results") and "applied" in _text(d, "#results")
+
+    wait_until(applied, 20, interval=0.5, what=f"the agent's {kind} result")
+
+
+def test_admin_pushes_a_schedule_and_board_content_and_the_agent_applies_them(env):
+    _push(env, "schedule", "grp/phutuc", "items:\n- id: ban-tin-sang\n  say: Bản tin sáng của"
+          " xã Phú Túc\n  days: [mon, tue, wed, thu, fri, sat]\n  times: ['05:30']\n"
+          "  catch_up_s: 600\n- id: ban-tin-chieu\n  say: Bản tin chiều\n  days: [mon, tue, wed,"
+          " thu, fri, sat]\n  times: ['17:00']\n")
+    assert "ban-tin-sang" in _text(env.driver, "#items")
+    _shot(env.driver, "schedule")
+    _push(env, "board", "grp/phutuc", "messages:\n- id: chao\n  text: UBND xã Phú Túc kính chào"
+          " quý khách\n- id: bao\n  text: Phòng chống bão số 3\nrotate_s: 8\n")
+    from selenium.webdriver.common.by import By
+
+    imgs = env.driver.find_elements(By.CSS_SELECTOR, "#messages img.preview")
+    assert len(imgs) == 2
+    wait_until(lambda: all(env.driver.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth", i) for i in imgs), 10,
+        what="the previews rendered")
+    _shot(env.driver, "board")
+    trail = _audit(env, "% push", "ok")
+    assert {r["target"] for r in trail} == {"grp/phutuc"} and len(trail) == 2
+
+
+def test_fleet_shows_offline_within_2_s_of_sigkill(env):
+    d = env.driver
+    d.get(env.base + "/")
+    row = f"#dev-{DEVICE} td.status"
+    wait_until(lambda: _attr(d, row, "data-status") in ("online", "playing"), 10,
+               what="online before the kill")
+    wait_until(lambda: "up" in (_attr(d, "#live", "class") or ""), 5, what="live stream open")
+    t0 = time.monotonic()
+    env.agent.kill()  # SIGKILL: the broker publishes its will
+    wait_until(lambda: _attr(d, row, "data-status") == "offline", 5, interval=0.05,
+               what="offline on the fleet page")
+    took = time.monotonic() - t0
+    assert took <= 2.0, f"offline shown after {took:.2f} s"
+    assert _text(d, "[data-count=offline]") == "1"
+    assert "lost" in _text(d, row)
+    _shot(d, "fleet-offline")

@@ -60,9 +60,10 @@ def test_audit_commands_and_acks(store):
     audit.command(env, "b-1", "op")
     line = audit.record("op", "bulletin say", "ok", target="grp/phutuc", cmd_id="c-1")
     assert line > 0
-    assert audit.ack("c-1", "d1", {"stage": "received", "ts": 2}, 3) is None
-    assert audit.ack("c-1", "d1", {"stage": "done", "ts": 4}, 5) == "done"
-    assert audit.ack("c-1", "d2", {"stage": "failed", "reason": "audio_fault"}, 6) == \
+    first, final = audit.ack("c-1", "d1", {"stage": "received", "ts": 2}, 3)
+    assert final is None
+    assert audit.ack("c-1", "d1", {"stage": "done", "ts": 4}, 5) == (first + 1, "done")
+    assert audit.ack("c-1", "d2", {"stage": "failed", "reason": "audio_fault"}, 6)[1] == \
         "done 1, failed 1"
     trail = audit.trail()
     assert trail[0]["cmd_id"] == "c-1" and trail[0]["final"] == "done 1, failed 1"

@@ -43,18 +43,19 @@ class Audit:
             return {r["id"] for r in self.db.q("SELECT id FROM console_commands WHERE ts>?",
                                                since_ms)}
 
-    def ack(self, cmd_id: str, device: str, ack: dict, now_ms: int) -> str | None:
-        """Store a device's ack of one of our commands; returns the command's final summary
-        when it changed (``done``, or e.g. ``done 2, failed 1``)."""
+    def ack(self, cmd_id: str, device: str, ack: dict, now_ms: int) -> tuple[int, str | None]:
+        """Store a device's ack of one of our commands: (its row id, the command's final
+        summary when it changed: ``done``, or e.g. ``done 2, failed 1``)."""
         stage = ack["stage"]
         reason = ack.get("reason") if isinstance(ack.get("reason"), str) else None
         ts = ack.get("ts") if isinstance(ack.get("ts"), int) else None
         with self.db.tx():
-            self.db.x("INSERT INTO console_acks(cmd_id, device, stage, reason, ts, received_ms)"
-                      " VALUES(?, ?, ?, ?, ?, ?)", cmd_id, device, stage,
-                      reason[:40] if reason else None, ts, now_ms)
+            row = self.db.insert_id(
+                "INSERT INTO console_acks(cmd_id, device, stage, reason, ts, received_ms)"
+                " VALUES(?, ?, ?, ?, ?, ?)", cmd_id, device, stage,
+                reason[:40] if reason else None, ts, now_ms)
             if stage not in protocol.FINAL_STAGES:
-                return None
+                return row, None
             finals: dict[str, str] = {}
             for r in self.db.q("SELECT device, stage FROM console_acks WHERE cmd_id=? ORDER BY"
                                " id", cmd_id):
@@ -62,7 +63,7 @@ class Audit:
                     finals.setdefault(r["device"], r["stage"])
             summary = final_summary(finals)
             self.db.x("UPDATE console_commands SET final=? WHERE id=?", summary, cmd_id)
-        return summary
+        return row, summary
 
     # --- reading -------------------------------------------------------------------------
 
@@ -83,7 +84,7 @@ class Audit:
                                                " ORDER BY ts, id", batch)]
             for c in cmds:
                 c["acks"] = [dict(r) for r in self.db.q(
-                    "SELECT device, stage, reason, ts, received_ms FROM console_acks"
+                    "SELECT id, device, stage, reason, ts, received_ms FROM console_acks"
                     " WHERE cmd_id=? ORDER BY id", c["id"])]
         return cmds
 

@@ -102,8 +102,9 @@ class Link:
             if not isinstance(cmd_id, str) or cmd_id not in self._known:
                 return
         now = int(time.time() * 1000)
-        final = self.audit.ack(cmd_id, device, ack, now)
-        self.hub.publish("ack", {"cmd_id": cmd_id, "device": device, "stage": ack["stage"],
+        row, final = self.audit.ack(cmd_id, device, ack, now)
+        self.hub.publish("ack", {"id": row, "cmd_id": cmd_id, "device": device,
+                                 "stage": ack["stage"],
                                  "reason": ack.get("reason") if isinstance(ack.get("reason"),
                                                                            str) else None,
                                  "received_ms": now, "final": final})

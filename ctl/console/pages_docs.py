@@ -11,6 +11,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import FileResponse, RedirectResponse, Response
 
 from agent import protocol
+from ctl import push as push_mod
 from ctl.console import documents as docs
 from ctl.console.app import Console, Req, now_ms
 
@@ -78,9 +79,14 @@ def push(c: Console, req: Req):
     draft = docs.prepare(c.link, kind, target, str(req.form.get("yaml", "")))
     if draft.problems:
         return page(c, req, draft, 400)
-    if str(draft.rev) != str(req.form.get("rev", "")):  # changed since the diff was shown
+    seen = str(req.form.get("live", ""))
+    if seen != ("" if draft.live.rev is None else str(draft.live.rev)):
         return page(c, req, draft, 409, note="Tài liệu đã thay đổi từ khi xem khác biệt:"
-                                              " xem lại rồi đẩy lên.")
+                                              " xem lại rồi đẩy lên.")  # pushed by another
+    try:  # the rev shown with the diff (with nothing live it is the time: keep that one)
+        draft.rev = push_mod.next_rev(draft.live, int(str(req.form.get("rev", ""))), 0)
+    except (ValueError, push_mod.PushError):
+        return page(c, req, draft, 400, note="rev không hợp lệ")
     key, kid = c.signing()
     try:
         docs.publish(c.link, draft, key, kid, c.cfg["mqtt"]["topic_prefix"])

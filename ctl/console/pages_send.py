@@ -134,10 +134,23 @@ def _spoken(c: Console, req: Req, text: str, lang: str) -> dict:
 def sent_page(c: Console, req: Req):
     batch = req.params["batch"]
     cmds = c.audit.batch(batch)
-    if not cmds or (not req.user.admin and req.user.role == "operator"
+    if not cmds or (req.user.role == "operator"
                     and any(x["username"] != req.user.name for x in cmds)):
         return c.render(req, "message.html", code=404, title="Không tìm thấy", message=batch)
     return c.render(req, "sent.html", batch=batch, cmds=cmds)
+
+
+def sent_acks(c: Console, req: Req):
+    """The batch's acks so far, as JSON: the page reads them once its live stream is open,
+    so an ack that came between the page and the stream is not missed."""
+    import json
+
+    cmds = c.audit.batch(req.params["batch"])
+    if not cmds or (req.user.role == "operator"
+                    and any(x["username"] != req.user.name for x in cmds)):
+        return Response(status_code=404)
+    body = [{"cmd_id": x["id"], "final": x["final"], "acks": x["acks"]} for x in cmds]
+    return Response(json.dumps(body, ensure_ascii=False), media_type="application/json")
 
 
 async def media(request: Request) -> Response:
@@ -164,4 +177,5 @@ ROUTES = [
     ("/bulletins", form_page, ["GET"], {}),
     ("/bulletins", send, ["POST"], {}),
     ("/sent/{batch}", sent_page, ["GET"], {}),
+    ("/sent/{batch}/acks", sent_acks, ["GET"], {}),
 ]
