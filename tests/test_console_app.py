@@ -361,3 +361,18 @@ def test_serve_refuses_to_start_without_the_signing_key(env):
     assert r.returncode == 64 and "the console signs every command" in r.stderr
     r = ctl(env.path, "serve", "--listen", "nowhere")
     assert r.returncode == 64 and "HOST:PORT" in r.stderr
+
+
+def test_recordings_per_language_become_variants(env):
+    client, csrf = _client(env, "op")
+    before = len(env.watcher.messages)
+    r = client.post("/bulletins", data={"csrf": csrf, "mode": "file", "target": f"dev/{DEVICE}",
+                                        "lang1": "vi", "lang2": "jra", "repeat": "2"},
+                    files={"file1": ("vi.wav", _wav(0.1), "audio/wav"),
+                           "file2": ("jra.wav", _wav(0.3), "audio/wav")},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    cmd = wait_until(lambda: [json.loads(p) for t, p, _ in env.watcher.messages[before:]
+                              if t == f"ttcs/dev/{DEVICE}/cmd"], 5, what="the command")[0]
+    assert [m["lang"] for m in cmd["args"]["media"]] == ["vi", "jra"]
+    assert cmd["args"]["repeat"] == 2

@@ -12,7 +12,11 @@ from ctl.console import compose
 from ctl.console.app import Console, Req, now_ms
 from ctl.media import NAME_RE, MediaError
 
-LANGS = {"vi": "Tiếng Việt", "en": "English", "km": "ខ្មែរ (Khmer)", "ja": "Ja (Jrai)"}
+# Spoken by the devices' engine (espeak-ng has these voices); recordings may be in any
+# language the devices list in device.languages: Gia Lai's Jrai and Bahnar among them.
+TTS_LANGS = {"vi": "Tiếng Việt", "en": "English"}
+RECORDING_LANGS = {"vi": "Tiếng Việt", "jra": "Jrai", "bdq": "Bahnar", "km": "Khmer",
+                   "en": "English"}
 
 
 def form_page(c: Console, req: Req, **extra):
@@ -23,7 +27,8 @@ def form_page(c: Console, req: Req, **extra):
     groups = ([] if not req.user.admin else ["all"]) + c.visible_groups(req.user)
     priorities = [p for p in ("normal", "priority", "emergency") if req.user.may_priority(p)]
     return c.render(req, "bulletin.html", code=extra.pop("status", 200), groups=groups,
-                    devices=devices, priorities=priorities, langs=LANGS,
+                    devices=devices, priorities=priorities, langs=TTS_LANGS,
+                    recording_langs=RECORDING_LANGS,
                     form=extra.pop("form", {}), **extra)
 
 
