@@ -53,6 +53,9 @@ def env(tmp_path_factory):
     for dev in (DEVICE, OTHER):
         relay.handle(f"ttcs/dev/{dev}/status", json.dumps(
             {"v": 1, "state": "online", "ts": now, "session": 1}).encode(), False, now)
+    relay.handle(f"ttcs/dev/{DEVICE}/health", json.dumps(
+        {"v": 1, "ts": now, "system": {"cpu_temp_c": 51.5, "load": [0.4, 0.3, 0.2]},
+         "disk_free_mb": {"state": 900, "cache": "<script>"}}).encode(), False, now)
     relay.handle(f"ttcs/dev/{DEVICE}/event", json.dumps(
         {"v": 1, "seq": 1, "ts": now, "type": "alert", "state": "raised", "code": "door_open",
          "key": "cabinet"}).encode(), False, now)
@@ -273,7 +276,10 @@ def test_operator_sees_only_their_devices_and_reports(env):
     fleet = client.get("/api/fleet").json()
     assert [d["device"] for d in fleet["devices"]] == [DEVICE]
     assert client.get(f"/devices/{OTHER}").status_code == 403
-    assert client.get(f"/devices/{DEVICE}").status_code == 200
+    page = client.get(f"/devices/{DEVICE}")
+    assert page.status_code == 200
+    assert "CPU 51.5 °C" in page.text and "&lt;script&gt;" in page.text  # device data escaped
+    assert page.text.count('r="3" class="temp"/>') == 1  # the one sample, as a dot
     r = client.get("/reports", params={"month": "2026-11"})
     assert r.status_code == 200 and DEVICE in r.text and OTHER not in r.text
     csv = client.get("/reports/csv", params={"month": "2026-11"})

@@ -45,6 +45,10 @@ def health_chart(series: list[dict], start_ms: int, end_ms: int, width: int = 60
             pts.append(f"{x:.1f},{y:.1f}")
         return " ".join(pts)
 
+    def dots(key: str, top: float) -> list[tuple[str, str]]:  # so a few samples still show
+        return [tuple(p.split(",")) for p in line(key, top).split()] if len(series) < 48 else []
+
     return {"width": width, "height": height, "temp": line("temp", 100.0),
+            "temp_dots": dots("temp", 100.0), "load_dots": dots("load", 4.0),
             "load": line("load", 4.0), "samples": sum(s.get("n", 0) or 0 for s in series)
             if series and "n" in series[0] else len(series)}
