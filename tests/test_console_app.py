@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import time
 import warnings
@@ -195,6 +196,13 @@ def test_upload_checked_by_content_stored_by_sha256_and_served(env):
 def test_viewer_sends_nothing(env):
     client, csrf = _client(env, "xem")
     assert client.get("/bulletins").status_code == 403
+    stored = set(os.listdir(env.cfg["media"]["dir"])) if os.path.isdir(
+        env.cfg["media"]["dir"]) else set()
+    r = client.post("/bulletins", data={"csrf": csrf, "mode": "file", "target": "grp/phutuc"},
+                    files={"file1": ("x.wav", _wav(0.05), "audio/wav")})
+    assert r.status_code == 403
+    assert (set(os.listdir(env.cfg["media"]["dir"])) if os.path.isdir(
+        env.cfg["media"]["dir"]) else set()) == stored  # a refused upload is not kept
     r = client.post("/bulletins", data={"csrf": csrf, "mode": "tts", "text": "x",
                                         "target": "grp/phutuc"}, follow_redirects=False)
     assert r.status_code == 403

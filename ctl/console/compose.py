@@ -74,22 +74,28 @@ def parse_at(value: str, tz: str) -> int | None:
     return int(dt.timestamp() * 1000)
 
 
-def check(b: Bulletin, user, groups: dict[str, list[str]], now_ms: int) -> tuple[str, dict]:
-    """(type, args) when ``user`` may send ``b`` and it is valid; else Refused / Invalid."""
+def authorize(targets: list[str], priority: str, user, groups: dict[str, list[str]]) -> None:
+    """Refused unless ``user`` may send at ``priority`` to every target (checked before any
+    upload is stored or any text is spoken)."""
     if not user.can_send:
         raise Refused("tài khoản chỉ xem (viewer) không gửi được bản tin")
-    if not b.targets:
+    if not targets:
         raise Invalid(["targets: chọn ít nhất một nhóm hoặc cụm loa"])
-    if len(b.targets) > MAX_TARGETS:
+    if len(targets) > MAX_TARGETS:
         raise Invalid([f"targets: at most {MAX_TARGETS}"])
-    bad = [t for t in b.targets if not protocol.TARGET_RE.fullmatch(t)]
+    bad = [t for t in targets if not protocol.TARGET_RE.fullmatch(t)]
     if bad:
         raise Invalid([f"targets: not dev/ID or grp/G: {', '.join(bad[:5])}"])
-    refused = [t for t in b.targets if not user.may_target(t, groups)]
+    refused = [t for t in targets if not user.may_target(t, groups)]
     if refused:
         raise Refused(f"không có quyền gửi tới: {', '.join(refused[:10])}")
-    if not user.may_priority(b.priority):
-        raise Refused(f"không có quyền gửi bản tin mức {b.priority}")
+    if not user.may_priority(priority):
+        raise Refused(f"không có quyền gửi bản tin mức {priority}")
+
+
+def check(b: Bulletin, user, groups: dict[str, list[str]], now_ms: int) -> tuple[str, dict]:
+    """(type, args) when ``user`` may send ``b`` and it is valid; else Refused / Invalid."""
+    authorize(b.targets, b.priority, user, groups)
     if b.media and b.text:
         raise Invalid(["chọn văn bản đọc (TTS) hoặc bản ghi âm, không cả hai"])
     if not b.media and not (b.text or "").strip():

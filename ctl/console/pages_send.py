@@ -55,6 +55,7 @@ def send(c: Console, req: Req):
                              repeat=_int(values["repeat"], 1),
                              volume=_int(values["volume"], None),
                              board_text=values["board_text"].strip() or None)
+        compose.authorize(b.targets, b.priority, req.user, c.groups)  # before any upload
         if values["mode"] == "file":
             b.media = _recordings(c, req)
             b.at_ms = compose.parse_at(values["at"], c.cfg["relay"]["timezone"])
