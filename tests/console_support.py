@@ -64,8 +64,8 @@ def add_user(config: Path, folder: Path, name: str, role: str, *extra: str) -> N
 class Serve:
     """``ttcs-ctl serve`` in its own process."""
 
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log_path = config, port, log
+    def __init__(self, config: Path, port: int, log: Path, *args: str) -> None:
+        self.config, self.port, self.log_path, self.args = config, port, log, args
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -75,7 +75,7 @@ class Serve:
     def start(self) -> Serve:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "ctl", "--config", str(self.config),
-                                      "serve"], cwd=ROOT, stdout=self._log,
+                                      "serve", *self.args], cwd=ROOT, stdout=self._log,
                                      stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wait_until(self._up, 20, what=f"console on {self.url}")

@@ -390,3 +390,20 @@ def test_recordings_per_language_become_variants(env):
                               if t == f"ttcs/dev/{DEVICE}/cmd"], 5, what="the command")[0]
     assert [m["lang"] for m in cmd["args"]["media"]] == ["vi", "jra"]
     assert cmd["args"]["repeat"] == 2
+
+
+def test_serve_without_the_relay_and_a_clean_stop(env):
+    from tests.console_support import Serve
+
+    port = free_port()
+    serve = Serve(env.path, port, env.folder / "no-relay.log", "--no-relay",
+                  "--listen", f"127.0.0.1:{port}").start()
+    try:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{serve.url}/login", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        assert serve.stop() == 0, serve.log()[-2000:]
+    assert "relay not started: --no-relay" in serve.log()
+    assert "relay stopped" not in serve.log() and "console stopped" in serve.log()

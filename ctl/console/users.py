@@ -22,6 +22,7 @@ from ctl.db import Database
 ROLES = ("admin", "operator", "viewer")
 MIN_PASSWORD = 8
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,31}$"
+LOGINS_KEEP_MS = 86_400_000  # login attempts kept a day (the rate limit needs a minute)
 
 
 class UserError(ValueError):
@@ -196,6 +197,8 @@ class UserStore:
         with self.db.tx():
             self.db.x("INSERT INTO console_logins(ts, name, addr, ok) VALUES(?, ?, ?, ?)",
                       now, name[:64], addr, int(ok))
+            # attempts serve the rate limit (a minute); the audit keeps the history
+            self.db.x("DELETE FROM console_logins WHERE ts<?", now - LOGINS_KEEP_MS)
             if row is not None and ok:
                 self.db.x("UPDATE console_users SET failed=0, locked_until_ms=NULL WHERE name=?",
                           name)
