@@ -49,16 +49,19 @@ def ctl_config(folder: Path, broker_port: int, keys, http_port: int, **console) 
     return path
 
 
-def ctl(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctl", "--config", str(config), *args],
-                          cwd=ROOT, capture_output=True, text=True, input=stdin, timeout=60)
+def ctl_here(config: Path, *args: str) -> int:
+    """``ttcs-ctl ARGS`` in this process (the real command line, no interpreter start)."""
+    from ctl.main import main
+
+    return main(["--config", str(config), *args])
 
 
 def add_user(config: Path, folder: Path, name: str, role: str, *extra: str) -> None:
     pw = folder / f"{name}.pw"
     pw.write_text(PASSWORD + "\n")
-    r = ctl(config, "user", "add", name, "--role", role, "--password-file", str(pw), *extra)
-    assert r.returncode == 0, r.stderr
+    code = ctl_here(config, "user", "add", name, "--role", role, "--password-file", str(pw),
+                    *extra)
+    assert code == 0
 
 
 class Serve:

@@ -23,7 +23,7 @@ from ctl.console.routes import make_app
 from ctl.console.users import LoginRefused, UserError
 from ctl.relay import Relay, RelaySettings
 from tests.conftest import Broker, Keys, Watcher, free_port, wait_until
-from tests.console_support import PASSWORD, ctl, ctl_config
+from tests.console_support import PASSWORD, ctl_config, ctl_here
 
 DEVICE, OTHER = "krongpa-phutuc-c03", "krongpa-chuse-c01"
 with warnings.catch_warnings():  # Starlette's TestClient says it will leave httpx
@@ -295,21 +295,20 @@ def test_operator_sees_only_their_devices_and_reports(env):
     assert OTHER not in csv.text
 
 
-def test_user_command(env):
+def test_user_command(env, capsys):
     pw = env.folder / "pw"
     pw.write_text("một mật khẩu dài\n")
-    r = ctl(env.path, "user", "add", "moi", "--role", "operator", "--groups", "phutuc",
-            "--emergency", "--password-file", str(pw))
-    assert r.returncode == 0, r.stderr
-    assert ctl(env.path, "user", "add", "moi", "--role", "viewer", "--password-file",
-               str(pw)).returncode == 64
-    listed = ctl(env.path, "user", "list").stdout
-    assert "moi operator groups=phutuc emergency" in listed
-    assert ctl(env.path, "user", "passwd", "moi", "--password-file", str(pw)).returncode == 0
-    assert ctl(env.path, "user", "del", "moi").returncode == 0
-    assert ctl(env.path, "user", "del", "moi").returncode == 64
+    assert ctl_here(env.path, "user", "add", "moi", "--role", "operator", "--groups", "phutuc",
+                    "--emergency", "--password-file", str(pw)) == 0
+    assert ctl_here(env.path, "user", "add", "moi", "--role", "viewer", "--password-file",
+                    str(pw)) == 64
+    assert "exists" in capsys.readouterr().err
+    assert ctl_here(env.path, "user", "list") == 0
+    assert "moi operator groups=phutuc emergency" in capsys.readouterr().out
+    assert ctl_here(env.path, "user", "passwd", "moi", "--password-file", str(pw)) == 0
+    assert ctl_here(env.path, "user", "del", "moi") == 0
+    assert ctl_here(env.path, "user", "del", "moi") == 64
     assert yaml.safe_load(env.path.read_text())["console"]["lockout_after"] == 3
-
 
 def test_emergency_with_the_grant_and_admin_everywhere(env):
     env.console.users.add("op-grant", "operator", PASSWORD, ["phutuc"], emergency=True)
@@ -366,15 +365,15 @@ def test_spoken_bulletin_at_a_time_becomes_a_recording(env):
     assert wav.status_code == 200 and wav.content[:4] == b"RIFF"
 
 
-def test_serve_refuses_to_start_without_the_signing_key(env):
+def test_serve_refuses_to_start_without_the_signing_key(env, capsys):
     cfg = yaml.safe_load(env.path.read_text())
     cfg["signing"] = {"kid": None, "key_file": None}
     path = env.folder / "unsigned.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    r = ctl(path, "serve")
-    assert r.returncode == 64 and "the console signs every command" in r.stderr
-    r = ctl(env.path, "serve", "--listen", "nowhere")
-    assert r.returncode == 64 and "HOST:PORT" in r.stderr
+    assert ctl_here(path, "serve") == 64
+    assert "the console signs every command" in capsys.readouterr().err
+    assert ctl_here(env.path, "serve", "--listen", "nowhere") == 64
+    assert "HOST:PORT" in capsys.readouterr().err
 
 
 def test_recordings_per_language_become_variants(env):

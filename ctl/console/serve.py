@@ -29,6 +29,10 @@ from ctl.store import open_store
 log = logging.getLogger(__name__)
 
 
+class NoKey(Exception):
+    """``signing`` is not set up (``signing_key`` has said so): the console cannot sign."""
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); ValueError when it is not."""
     host, sep, port = value.rpartition(":")
@@ -45,7 +49,7 @@ def build(cfg: dict, store) -> Console:
     audit = Audit(store)
     key = signing_key(cfg, " in ctl.yaml: the console signs every command it sends")
     if key is None:
-        raise SystemExit(EXIT_USAGE)
+        raise NoKey()
     kid = cfg["signing"]["kid"]
     fleet = FleetWatcher(store, cfg, float(c["live_interval_s"]),
                          on_change=lambda rows: [hub.publish("device", r.public())
@@ -75,7 +79,10 @@ def run(cfg: dict, listen: str | None = None, with_relay: bool = True) -> int:
     console = None
     thread = None
     try:
-        console = build(cfg, store)
+        try:
+            console = build(cfg, store)
+        except NoKey:
+            return EXIT_USAGE
         server = uvicorn.Server(uvicorn.Config(
             make_app(console), host=host, port=port, log_level="warning",
             timeout_graceful_shutdown=2, proxy_headers=True))
