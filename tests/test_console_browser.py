@@ -49,6 +49,7 @@ def env(tmp_path_factory):
     agent_yaml = agent_config(folder, broker.port, keys, DEVICE)
     cfg = yaml.safe_load(agent_yaml.read_text())
     cfg["device"]["groups"] = ["krongpa", "phutuc"]  # the commune it belongs to
+    cfg["security"]["media_hosts"] = ["127.0.0.1"]  # the console hosts the uploads
     cfg["board"] = {"driver": "image", "width": 64, "height": 16,
                     "image_path": str(folder / "board.png")}  # the LED board, as a PNG
     agent_yaml.write_text(yaml.safe_dump(cfg, allow_unicode=True))
@@ -182,6 +183,37 @@ def test_operator_sends_tts_bulletin_and_sees_done_and_proof_of_play(env):
     _shot(d, "device")
     trail = _audit(env, "bulletin say", "ok")
     assert [r["cmd_id"] for r in trail] == [cmd_id] and trail[0]["username"] == "op-phutuc"
+
+
+def test_operator_uploads_a_recording_that_the_agent_fetches_from_the_console(env):
+    """The console is the media host: the agent downloads the upload from ``/media/`` (and
+    checks its sha256), airs it, and the operator sees ``done``."""
+    import wave
+
+    from selenium.webdriver.common.by import By
+
+    path = env.folder / "ban-tin.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\0\0" * 4000)  # half a second
+    d = env.driver
+    d.get(env.base + "/bulletins")
+    d.find_element(By.ID, "mode-file").click()
+    d.find_element(By.NAME, "file1").send_keys(str(path))
+    d.find_element(By.CSS_SELECTOR, "details summary").click()  # the list of devices
+    d.find_element(By.CSS_SELECTOR, f"input[name=target][value='dev/{DEVICE}']").click()
+    d.find_element(By.ID, "send").click()
+    wait_until(lambda: "/sent/" in d.current_url, 10, what="the sent page")
+    cmd_id = d.find_element(By.CSS_SELECTOR, "section.cmd").get_attribute("data-cmd")
+    wait_until(lambda: _text(d, f"#final-{cmd_id}") == "done", 30,
+               what="the recording aired (done)")
+    sent = [json.loads(p) for t, p, _ in env.watcher.messages if t == f"ttcs/dev/{DEVICE}/cmd"]
+    media = sent[-1]["args"]["media"]
+    assert media["url"].startswith(env.base + "/media/") and sent[-1]["type"] == "play"
+    assert (env.folder / "media" / media["url"].rsplit("/", 1)[1]).read_bytes() == \
+        path.read_bytes()
 
 
 def test_operator_cannot_reach_another_commune_even_by_crafted_post(env):
