@@ -152,9 +152,12 @@ class FleetWatcher:
         return changed
 
     def visible(self, user) -> list[DeviceRow]:
-        groups = self.cfg["relay"]["groups"]
-        return sorted((r for r in list(self.rows.values()) if user.sees_device(r.device, groups)),
-                      key=lambda r: r.device)
+        """The devices ``user`` sees (an operator: those in their groups), by name."""
+        rows = list(self.rows.values())
+        if user.role == "operator":
+            mine = set(user.groups)
+            rows = [r for r in rows if mine.intersection(r.groups)]  # groups resolved once
+        return sorted(rows, key=lambda r: r.device)
 
 
 # --- per device --------------------------------------------------------------------------
