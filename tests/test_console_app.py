@@ -406,3 +406,30 @@ def test_serve_without_the_relay_and_a_clean_stop(env):
         assert serve.stop() == 0, serve.log()[-2000:]
     assert "relay not started: --no-relay" in serve.log()
     assert "relay stopped" not in serve.log() and "console stopped" in serve.log()
+
+
+def test_schedule_table_edits_add_and_remove_items(env):
+    client, csrf = _client(env, "admin")
+    target = "grp/krongpa"
+    form = {"csrf": csrf, "target": target, "op": "add", "item_id": "sang", "times": "05:30",
+            "days": ["mon", "sat"], "say": "Bản tin sáng", "priority": "normal",
+            "catch_up_s": "600"}
+    r = client.post("/schedule/preview", data={**form, "times": "5h30"})
+    assert r.status_code == 400 and "times" in r.text  # the agent's rule, on a table edit too
+    r = client.post("/schedule/preview", data=form)
+    assert r.status_code == 200, r.text
+    draft = re.search(r'<textarea name="yaml" hidden>(.*?)</textarea>', r.text, re.S).group(1)
+    import html
+
+    args = yaml.safe_load(html.unescape(draft))
+    assert args == {"items": [{"id": "sang", "say": "Bản tin sáng", "days": ["mon", "sat"],
+                               "times": ["05:30"], "priority": "normal", "catch_up_s": 600}]}
+    rev = re.search(r'name="rev" value="(\d+)"', r.text).group(1)
+    r = client.post("/schedule/push", data={"csrf": csrf, "target": target, "rev": rev,
+                                            "live": "", "yaml": html.unescape(draft)},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    wait_until(lambda: env.console.link.document(target, "schedule"), 5)
+    r = client.post("/schedule/preview", data={"csrf": csrf, "target": target, "op": "remove",
+                                               "item_id": "sang"})
+    assert r.status_code == 200 and '-      &#34;id&#34;: &#34;sang&#34;' in r.text

@@ -292,18 +292,16 @@ def test_admin_sees_the_audit_with_final_stages_and_every_page(env):
     d.set_window_size(1280, 900)
 
 
-def _push(env, kind: str, target: str, text: str) -> None:
-    """Edit, check (diff), push through the page; wait for the agent's ``applied``."""
-    from selenium.webdriver.common.by import By
-
+def _push(env, kind: str, target: str, fill) -> None:
+    """Open the page, ``fill(driver)`` an edit and submit it, see the diff, push; wait for
+    the agent's ``applied``."""
     d = env.driver
     d.get(f"{env.base}/{kind}?target={target}")
-    box = d.find_element(By.ID, "yaml")
-    box.clear()
-    box.send_keys(text)
-    d.find_element(By.ID, "check").click()
+    fill(d)
     wait_until(lambda: _text(d, "#diff"), 10, what=f"the {kind} diff")
     assert "+" in _text(d, "#diff")
+    from selenium.webdriver.common.by import By
+
     d.find_element(By.ID, "push").click()
 
     def applied():
@@ -314,16 +312,33 @@ def _push(env, kind: str, target: str, text: str) -> None:
 
 
 def test_admin_pushes_a_schedule_and_board_content_and_the_agent_applies_them(env):
-    _push(env, "schedule", "grp/phutuc", "items:\n- id: ban-tin-sang\n  say: Bản tin sáng của"
-          " xã Phú Túc\n  days: [mon, tue, wed, thu, fri, sat]\n  times: ['05:30']\n"
-          "  catch_up_s: 600\n- id: ban-tin-chieu\n  say: Bản tin chiều\n  days: [mon, tue, wed,"
-          " thu, fri, sat]\n  times: ['17:00']\n")
-    assert "ban-tin-sang" in _text(env.driver, "#items")
-    _shot(env.driver, "schedule")
-    _push(env, "board", "grp/phutuc", "messages:\n- id: chao\n  text: UBND xã Phú Túc kính chào"
-          " quý khách\n- id: bao\n  text: Phòng chống bão số 3\nrotate_s: 8\n")
     from selenium.webdriver.common.by import By
 
+    def add_item(d, item_id: str, times: str, say: str) -> None:  # the table's form
+        d.find_element(By.CSS_SELECTOR, "details.add summary").click()
+        form = d.find_element(By.ID, "add-item")
+        form.find_element(By.NAME, "item_id").send_keys(item_id)
+        form.find_element(By.NAME, "times").send_keys(times)
+        form.find_element(By.NAME, "say").send_keys(say)
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+    _push(env, "schedule", "grp/phutuc",
+          lambda d: add_item(d, "ban-tin-sang", "05:30", "Bản tin sáng của xã Phú Túc"))
+    _push(env, "schedule", "grp/phutuc",
+          lambda d: add_item(d, "ban-tin-chieu", "17:00", "Bản tin chiều"))
+    items = _text(env.driver, "#items")
+    assert "ban-tin-sang" in items and "ban-tin-chieu" in items and "05:30" in items
+    _shot(env.driver, "schedule")
+
+    def yaml_edit(d) -> None:  # the whole document as YAML
+        d.find_element(By.CSS_SELECTOR, "details:not(.add) summary").click()
+        box = d.find_element(By.ID, "yaml")
+        box.clear()
+        box.send_keys("messages:\n- id: chao\n  text: UBND xã Phú Túc kính chào quý khách\n"
+                      "- id: bao\n  text: Phòng chống bão số 3\nrotate_s: 8\n")
+        d.find_element(By.ID, "check").click()
+
+    _push(env, "board", "grp/phutuc", yaml_edit)
     imgs = env.driver.find_elements(By.CSS_SELECTOR, "#messages img.preview")
     assert len(imgs) == 2
     wait_until(lambda: all(env.driver.execute_script(
@@ -331,7 +346,7 @@ def test_admin_pushes_a_schedule_and_board_content_and_the_agent_applies_them(en
         what="the previews rendered")
     _shot(env.driver, "board")
     trail = _audit(env, "% push", "ok")
-    assert {r["target"] for r in trail} == {"grp/phutuc"} and len(trail) == 2
+    assert {r["target"] for r in trail} == {"grp/phutuc"} and len(trail) == 3
 
 
 def test_fleet_shows_offline_within_2_s_of_sigkill(env):

@@ -17,6 +17,8 @@ from ctl.sanitize import clean, parse_object
 
 KINDS = ("schedule", "board")
 MAX_YAML = 64 * 1024
+DAY_VI = {"mon": "T2", "tue": "T3", "wed": "T4", "thu": "T5", "fri": "T6", "sat": "T7",
+          "sun": "CN"}
 EMPTY = {"schedule": {"items": []}, "board": {"messages": [], "rotate_s": 10}}
 
 
@@ -112,7 +114,35 @@ def items_table(args: dict | None) -> list[dict]:
         else:
             content = ""
         rows.append({"id": item.get("id", ""), "times": ", ".join(item.get("times", [])),
-                     "days": ", ".join(item.get("days", []) or item.get("dates", [])),
+                     "days": ", ".join([DAY_VI.get(d, d) for d in item.get("days", [])]
+                                       or item.get("dates", [])),
                      "content": content, "priority": item.get("priority", "normal"),
                      "catch_up_s": item.get("catch_up_s", 0)})
     return rows
+
+
+def edited(link, kind: str, target: str, form) -> str:
+    """The live document as YAML with one table edit applied (``op``: ``add`` an item or a
+    message from the form's fields, ``remove`` the one named ``item_id``). Not checked here:
+    the result goes through :func:`prepare` like typed YAML."""
+    args = dict(live(link, target, kind).args or EMPTY[kind])
+    key = "items" if kind == "schedule" else "messages"
+    entries = [e for e in args.get(key, []) if isinstance(e, dict)]
+    name = str(form.get("item_id", "")).strip()
+    if form.get("op") == "remove":
+        entries = [e for e in entries if e.get("id") != name]
+    elif kind == "schedule":
+        item: dict = {"id": name, "say": str(form.get("say", "")).strip(),
+                      "days": [str(d) for d in form.getlist("days")],
+                      "times": [t.strip() for t in str(form.get("times", "")).split(",")
+                                if t.strip()],
+                      "priority": str(form.get("priority", "normal"))}
+        catch_up = str(form.get("catch_up_s", "")).strip()
+        if catch_up:
+            item["catch_up_s"] = int(catch_up) if catch_up.isdigit() else catch_up
+        entries = [e for e in entries if e.get("id") != name] + [item]
+    else:
+        entries = [e for e in entries if e.get("id") != name] + [
+            {"id": name, "text": str(form.get("text", "")).strip()}]
+    args[key] = entries
+    return as_yaml(args, kind)

@@ -64,7 +64,9 @@ def preview(c: Console, req: Req):
                        addr=req.addr)
         return c.render(req, "message.html", code=403, title="Không có quyền",
                         message=f"Không gửi được tới {target}")
-    draft = docs.prepare(c.link, kind, target, str(req.form.get("yaml", "")))
+    text = docs.edited(c.link, kind, target, req.form) if req.form.get("op") else \
+        str(req.form.get("yaml", ""))
+    draft = docs.prepare(c.link, kind, target, text)
     return page(c, req, draft, 400 if draft.problems else 200)
 
 
