@@ -70,6 +70,9 @@ def test_audit_commands_and_acks(store):
     assert [a["stage"] for a in audit.batch("b-1")[0]["acks"]] == ["received", "done", "failed"]
     assert audit.known_commands(0) == {"c-1"}
     assert audit.trail(user="someone else") == []
+    audit.command({**env, "id": "c-2"}, "b-2", "op")
+    audit.unsent("c-2", "the console is not connected to the broker")
+    assert audit.batch("b-2")[0]["final"].startswith("not sent: the console is not connected")
 
 
 def test_open_alerts_and_fleet(store):

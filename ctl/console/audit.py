@@ -38,6 +38,12 @@ class Audit:
                       " VALUES(?, ?, ?, ?, ?, ?, ?)", env["id"], batch, env["ts"], user,
                       env["target"], env["type"], json.dumps(env["args"], ensure_ascii=False))
 
+    def unsent(self, cmd_id: str, why: str) -> None:
+        """The broker did not take the command: that is its final word."""
+        with self.db.tx():
+            self.db.x("UPDATE console_commands SET final=? WHERE id=?",
+                      f"not sent: {why}"[:200], cmd_id)
+
     def known_commands(self, since_ms: int) -> set[str]:
         with self.db.lock:
             return {r["id"] for r in self.db.q("SELECT id FROM console_commands WHERE ts>?",

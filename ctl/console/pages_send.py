@@ -86,6 +86,7 @@ def send(c: Console, req: Req):
             outcome, why = "ok", None
         except ConnectionError as e:
             outcome, why = "failed", str(e)
+            c.audit.unsent(env["id"], why)
         c.audit.record(req.user.name, f"bulletin {typ}", outcome, target=env["target"],
                        cmd_id=env["id"], detail={"batch": batch, "priority": b.priority,
                                                  **({"why": why} if why else {})},
