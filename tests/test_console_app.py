@@ -433,3 +433,19 @@ def test_schedule_table_edits_add_and_remove_items(env):
     r = client.post("/schedule/preview", data={"csrf": csrf, "target": target, "op": "remove",
                                                "item_id": "sang"})
     assert r.status_code == 200 and '-      &#34;id&#34;: &#34;sang&#34;' in r.text
+
+
+def test_board_preview_of_a_long_text_is_bounded_and_kept(env):
+    from ctl.console import pages_docs
+
+    client, _ = _client(env, "xem")  # reading: a viewer may look
+    text = "Thông báo lịch cắt điện toàn xã " * 30  # ~1,000 characters: a long scroll
+    first = client.get("/board/preview.png", params={"text": text})
+    assert first.status_code == 200 and first.content[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(first.content))
+    assert im.n_frames <= pages_docs.PREVIEW_MAX_S * 50
+    assert any(key[1] == text for key in pages_docs._previews)  # kept for the next page
+    again = client.get("/board/preview.png", params={"text": text})
+    assert again.content == first.content

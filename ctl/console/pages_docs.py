@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from starlette.background import BackgroundTask
-from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 
 from agent import protocol
 from ctl import push as push_mod
@@ -101,20 +100,39 @@ def push(c: Console, req: Req):
     return RedirectResponse(f"/{kind}?target={target}", 303)
 
 
+PREVIEW_MAX_S = 20  # an animated preview shows at most this much of a long scroll
+_previews: dict[tuple, bytes] = {}  # (geometry, text) -> PNG: the same messages are asked for
+_PREVIEWS_KEPT = 64
+
+
 def board_image(c: Console, req: Req):
-    """A PNG of ``text`` as the board shows it (the agent's renderer; APNG when it scrolls)."""
+    """A PNG of ``text`` as the board shows it (the agent's renderer; an animated PNG of at
+    most ``PREVIEW_MAX_S`` when it scrolls), kept for the next page that shows it."""
     from agent.board.preview import PreviewError
     from agent.board.preview import preview as render
+    from agent.board.render import RenderConfig, TextRender
 
     text = req.query.get("text", "")[:1000]
-    fd, path = tempfile.mkstemp(suffix=".png")
-    os.close(fd)
-    try:
-        render(dict(c.cfg["console"]["board"]), text, path, scale=4)
-    except PreviewError:
-        os.unlink(path)
-        return Response(status_code=400)
-    return FileResponse(path, media_type="image/png", background=BackgroundTask(os.unlink, path))
+    geometry = dict(c.cfg["console"]["board"])
+    key = (tuple(sorted(geometry.items())), text)
+    png = _previews.get(key)
+    if png is None:
+        fd, path = tempfile.mkstemp(suffix=".png")
+        os.close(fd)
+        try:
+            loop = TextRender(text, RenderConfig.from_options(geometry), "auto")
+            seconds = min(loop.period_s, PREVIEW_MAX_S) if loop.scrolling else None
+            render(geometry, text, path, seconds, scale=4)
+            with open(path, "rb") as f:
+                png = f.read()
+        except (PreviewError, OSError):  # OSError: the font (PreviewError wraps it too)
+            return Response(status_code=400)
+        finally:
+            os.unlink(path)
+        if len(_previews) >= _PREVIEWS_KEPT:
+            _previews.pop(next(iter(_previews)))
+        _previews[key] = png
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 def _for(kind: str, fn):
