@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 
 from starlette.responses import RedirectResponse, Response
 
@@ -102,6 +103,7 @@ def push(c: Console, req: Req):
 
 PREVIEW_MAX_S = 20  # an animated preview shows at most this much of a long scroll
 _previews: dict[tuple, bytes] = {}  # (geometry, text) -> PNG: the same messages are asked for
+_previews_lock = threading.Lock()
 _PREVIEWS_KEPT = 64
 
 
@@ -129,9 +131,10 @@ def board_image(c: Console, req: Req):
             return Response(status_code=400)
         finally:
             os.unlink(path)
-        if len(_previews) >= _PREVIEWS_KEPT:
-            _previews.pop(next(iter(_previews)))
-        _previews[key] = png
+        with _previews_lock:
+            while len(_previews) >= _PREVIEWS_KEPT:
+                _previews.pop(next(iter(_previews)))
+            _previews[key] = png
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
