@@ -449,3 +449,13 @@ def test_board_preview_of_a_long_text_is_bounded_and_kept(env):
     assert any(key[1] == text for key in pages_docs._previews)  # kept for the next page
     again = client.get("/board/preview.png", params={"text": text})
     assert again.content == first.content
+
+
+def test_serve_exits_when_it_cannot_listen(env):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert ctl_here(env.path, "serve", "--no-relay", "--listen", f"127.0.0.1:{port}") == 1

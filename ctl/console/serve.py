@@ -23,7 +23,7 @@ from ctl.console.sessions import SessionStore
 from ctl.console.users import LoginPolicy, UserStore
 from ctl.keys import signing_key
 from ctl.media import MediaStore
-from ctl.session import EXIT_USAGE
+from ctl.session import EXIT_FAILED, EXIT_USAGE
 from ctl.store import open_store
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,14 @@ def build(cfg: dict, store) -> Console:
         tts=EspeakEngine(os.path.join(os.path.expanduser(cfg["media"]["dir"]), ".tts-cache")))
 
 
+def _http(server) -> None:
+    """uvicorn's loop; it ends with SystemExit when it cannot listen (it has logged why)."""
+    try:
+        server.run()
+    except SystemExit:
+        pass
+
+
 def run(cfg: dict, listen: str | None = None, with_relay: bool = True) -> int:
     import uvicorn
 
@@ -88,8 +96,14 @@ def run(cfg: dict, listen: str | None = None, with_relay: bool = True) -> int:
             timeout_graceful_shutdown=2, proxy_headers=True))
         console.fleet.start()
         console.link.start()
-        thread = threading.Thread(target=server.run, name="console-http", daemon=True)
+        thread = threading.Thread(target=_http, args=(server,), name="console-http",
+                                  daemon=True)
         thread.start()
+        while not server.started:  # listening, or it could not (uvicorn logs why)
+            if not thread.is_alive():
+                log.error("console: cannot listen on %s:%d; not started", host, port)
+                return EXIT_FAILED
+            thread.join(0.05)
         log.info("console: http://%s:%d/ (relay %s)", host, port,
                  "in this process" if with_relay else "not started: --no-relay")
         if with_relay:
