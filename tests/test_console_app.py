@@ -60,6 +60,7 @@ def env(tmp_path_factory):
     relay.handle(f"ttcs/dev/{DEVICE}/event", json.dumps(
         {"v": 1, "seq": 1, "ts": now, "type": "alert", "state": "raised", "code": "door_open",
          "key": "cabinet"}).encode(), False, now)
+    console.fleet.refresh()  # the fleet as the relay just stored it (then every 0.3 s)
     watcher = Watcher(broker.port, ["ttcs/#"])
     ns = type("Env", (), {})()
     ns.cfg, ns.path, ns.store, ns.console, ns.keys, ns.watcher, ns.folder = \
