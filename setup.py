@@ -28,10 +28,12 @@ setup(
     extras_require={
         # On a Raspberry Pi: GPIO through lgpio, real SPI for MAX7219 boards.
         "pi": ["rpi-lgpio", "luma.core[spi]"],
-        # Controller side extras (relay, reports).
-        "ctl": ["matplotlib", "rich", "psycopg[binary]"],
+        # Controller side extras (relay, reports, the web console of `ttcs-ctl serve`).
+        "ctl": ["matplotlib", "rich", "psycopg[binary]", "starlette>=0.37", "uvicorn>=0.29",
+                "jinja2>=3.1", "python-multipart>=0.0.9", "argon2-cffi>=23.1"],
         # amqtt: a broker that speaks only MQTT 3.1.1, for the protocol fallback tests.
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd", "amqtt"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd", "amqtt",
+                 "selenium>=4.15", "httpx"],
     },
     entry_points={"console_scripts": [
         "ttcs-agent=agent.cli:main",

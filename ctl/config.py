@@ -78,6 +78,23 @@ CTL_SCHEMA = Section(fields={
                         doc="where the devices fetch media.dir (its host in their media_hosts)"),
         "max_bytes": Num(default=50 * 1024 * 1024, min=1024, max=2**31),
     }),
+    "console": Section(fields={
+        "listen": Str(default="127.0.0.1:8080",
+                      pattern=r"^(\[[0-9A-Fa-f:]+\]|[^\s:\[\]]+):\d{1,5}$",
+                      doc="ttcs-ctl serve: HOST:PORT (keep 127.0.0.1 behind a TLS proxy)"),
+        "secure_cookies": Bool(default=False, doc="true when served over HTTPS (the proxy)"),
+        "session_hours": Num(default=12, min=0.1, max=720, integer=False),
+        "lockout_after": Num(default=5, min=1, max=100,
+                             doc="failed logins in a row that lock a name"),
+        "lockout_s": Num(default=900, min=1, max=604800, integer=False),
+        "login_per_minute": Num(default=10, min=1, max=1000, doc="login attempts per address"),
+        "live_interval_s": Num(default=0.5, min=0.1, max=60, integer=False,
+                               doc="how often the fleet is re-read for live updates"),
+        "board": Section(fields={  # the geometry of board previews (the agent's board keys)
+            "width": Num(default=64, min=8, max=1024),
+            "height": Num(default=16, min=7, max=256),
+        }),
+    }),
     "locations": Map(default={}, key_pattern=ID_RE, value=LatLon(),
                      doc="device id or group -> [lat, lon]: CAP areas, the console's map"),
     "alerts": Section(fields={

@@ -12,6 +12,7 @@ import time
 from agent import __version__, protocol
 from agent.config import ConfigError
 from ctl import config, release
+from ctl.console import cli as console_cli
 from ctl.keys import keygen, pubkey, signing_key
 from ctl.sanitize import shown
 from ctl.send import send
@@ -89,6 +90,16 @@ def relay(cfg: dict, once: float | None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return relay_mod.run(cfg, once_s=once)
+
+
+def serve(cfg: dict, listen: str | None, with_relay: bool) -> int:
+    import logging
+
+    from ctl.console import serve as serve_mod
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve_mod.run(cfg, listen, with_relay)
 
 
 def report(cfg: dict, month: str | None, year: str | None, out_dir: str, db: str | None,
@@ -202,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
         pp.add_argument("--devices", type=int, help="for a group: results to wait for")
     command("version", "print the version")
     release.add_parser(sub)
+    p = command("serve", "the district console (web) with the relay, in one process")
+    p.add_argument("--listen", metavar="HOST:PORT", help="default console.listen"
+                   " (127.0.0.1:8080)")
+    p.add_argument("--no-relay", action="store_true",
+                   help="console only (a relay runs elsewhere on the same store)")
+    console_cli.add_parser(sub, command)
     return parser
 
 
@@ -251,6 +268,10 @@ def _dispatch(cfg: dict, args: argparse.Namespace) -> int:
                     as_json=args.json, devices=args.devices)
     if args.cmd == "relay":
         return relay(cfg, args.once)
+    if args.cmd == "serve":
+        return serve(cfg, args.listen, not args.no_relay)
+    if args.cmd == "user":
+        return console_cli.main(cfg, args)
     if args.cmd == "report":
         return report(cfg, args.month, args.year, args.out, args.db, not args.no_chart)
     if args.cmd in ("schedule", "board"):

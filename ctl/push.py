@@ -54,23 +54,29 @@ def load_args(path: str, kind: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         raise PushError([f"{where}: (yaml): {getattr(e, 'problem', None) or e}"]) from None
-    args = _jsonable(args)
-    problems = VALIDATORS[kind](args)
-    if not problems and protocol._has_float(args):
-        problems = ["v1 documents hold no floating-point numbers: write whole numbers"]
+    args = jsonable(args)
+    problems = validate(args, kind)
     if problems:
         raise PushError([f"{path}: {p}" for p in problems])
     return args
 
 
-def _jsonable(value):
+def validate(args, kind: str) -> list[str]:
+    """Every problem of a document's args, by the agent's own validator (and float-free)."""
+    problems = VALIDATORS[kind](args)
+    if not problems and protocol._has_float(args):
+        problems = ["v1 documents hold no floating-point numbers: write whole numbers"]
+    return problems
+
+
+def jsonable(value):
     """YAML dates and times become the strings the documents use."""
     import datetime as dt
 
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dt.date):
         return value.isoformat()
     return value

@@ -1,6 +1,8 @@
 """The demo behind scripts/demo: a broker, an agent on simulated hardware, a controller.
 
-Everything runs in a temporary folder on free ports and is stopped at the end.
+Everything runs in a temporary folder on free ports and is stopped at the end. With
+``--console [HOST:PORT]`` it then leaves the district console (``ttcs-ctl serve``: relay and web
+page) running on the demo's broker and device until Ctrl-C, with an ``admin`` login it prints.
 """
 
 from __future__ import annotations
@@ -102,7 +104,41 @@ def agent_config(folder: Path, port: int, kid: str, pub: str) -> Path:
     return path
 
 
+def console(folder: Path, ctl_cfg: Path, listen: str, procs: list) -> None:
+    """``ttcs-ctl serve`` on the demo's broker and device, until Ctrl-C."""
+    import secrets
+
+    cfg = yaml.safe_load(ctl_cfg.read_text())
+    cfg["relay"] = {"db_path": str(folder / "relay.db"),
+                    "groups": {"krongpa": ["krongpa-*"], "phutuc": ["krongpa-phutuc-*"]}}
+    cfg["media"] = {"dir": str(folder / "console-media"), "base_url": f"http://{listen}/media"}
+    cfg["locations"] = {DEVICE: [13.1935, 108.6880]}
+    cfg["console"] = {"listen": listen}
+    ctl_cfg.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    password = secrets.token_urlsafe(9)
+    pw = folder / "admin.password"
+    pw.write_text(password + "\n")
+    pw.chmod(0o600)
+    ctl = [PY, "-m", "ctl", "--config", str(ctl_cfg)]
+    run([*ctl, "user", "add", "admin", "--role", "admin", "--password-file", str(pw)])
+    log = open(folder / "serve.log", "wb")
+    procs.append(subprocess.Popen([*ctl, "serve"], cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT))
+    print(f"\nThe district console: http://{listen}/  (user admin, password {password})")
+    print(f"its log: {folder / 'serve.log'}; Ctrl-C stops everything")
+    try:
+        while procs[-1].poll() is None:
+            time.sleep(0.5)
+        print(f"ttcs-ctl serve exited; see {folder / 'serve.log'}")
+    except KeyboardInterrupt:
+        print()
+
+
 def main() -> int:
+    listen = None
+    if "--console" in sys.argv:
+        i = sys.argv.index("--console")
+        listen = sys.argv[i + 1] if len(sys.argv) > i + 1 else "127.0.0.1:8080"
     folder = Path(tempfile.mkdtemp(prefix="ttcs-demo-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -192,7 +228,12 @@ def main() -> int:
         run([*ctl, "watch", "--once", "2"])
         run([PY, "-m", "agent", "status", "--config", str(cfg_path)])
 
-        banner("10. Stop the agent cleanly (offline/shutdown)")
+        if listen:
+            banner("10. The district console, on this broker and device")
+            console(folder, ctl_cfg, listen, procs)
+
+        banner("11. Stop the agent cleanly (offline/shutdown)" if listen else
+               "10. Stop the agent cleanly (offline/shutdown)")
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
         aired = folder / "aired.wav"
