@@ -4,6 +4,7 @@ pages (golden images, sizes from an LED wall to an LCD); image decoding within a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -193,13 +194,19 @@ def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+@functools.cache
+def bomb_png() -> bytes:
+    """16000x16000 of zeros: ~260 KB of PNG, 768 MB as RGB."""
+    return encoded(Image.new("1", (16000, 16000)), "PNG")
+
+
 def test_decode_fits_the_region_and_refuses_hostile_files(tmp_path) -> None:
     good = tmp_path / "photo.jpg"
     good.write_bytes(encoded(picture((1600, 1200)), "JPEG", quality=90))
     img = decode(str(good), 12_000_000, (320, 180))
     assert img.mode == "RGB" and img.width <= 320 and img.height <= 180
-    bomb = tmp_path / "bomb.png"  # 16000x16000 of zeros: ~260 KB of PNG, 768 MB as RGB
-    bomb.write_bytes(encoded(Image.new("1", (16000, 16000)), "PNG"))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png())
     assert bomb.stat().st_size < 2_000_000
     with pytest.raises(MediaError) as refused:
         decode(str(bomb), 12_000_000, (320, 180))
@@ -216,3 +223,37 @@ def test_decode_fits_the_region_and_refuses_hostile_files(tmp_path) -> None:
     text.write_text("not an image")
     with pytest.raises(MediaError, match="cannot decode"):
         decode(str(text), 12_000_000, (320, 180))
+
+
+# --- the technician's preview --------------------------------------------------------------
+
+
+def test_board_preview_renders_the_pages_of_a_page_board(tmp_path, capsys) -> None:
+    from agent import cli
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        "device: {id: dev-1}\n"
+        f"paths: {{state_dir: {tmp_path}/state, cache_dir: {tmp_path}/cache}}\n"
+        "board:\n  driver: framebuffer\n"
+        "  framebuffer: {region: [0, 0, 320, 180], title: UBND xã Phú Túc}\n",
+        encoding="utf-8")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(encoded(picture((800, 600)), "JPEG"))
+    out = tmp_path / "page.png"
+    assert cli.main(["board-preview", "Lũ trên sông Ba", "--config", str(cfg), "--priority",
+                     "emergency", "--image", str(photo), "--out", str(out)]) == 0
+    with Image.open(out) as page:
+        assert page.size == (320, 180)
+        assert page.convert("RGB").getpixel((160, 175)) == PALETTES["emergency"].background
+    doc = tmp_path / "doc.json"
+    doc.write_text('{"args": {"messages": [{"id": "a", "text": "Tin một"}, '
+                   '{"id": "b", "text": "Tin hai", "layout": "text"}]}}', encoding="utf-8")
+    assert cli.main(["board-preview", "--document", str(doc), "--config", str(cfg),
+                     "--out", str(tmp_path / "doc.png")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("doc-*.png")) == ["doc-1.png", "doc-2.png"]
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png())
+    assert cli.main(["board-preview", "x", "--config", str(cfg), "--image", str(bomb),
+                     "--out", str(tmp_path / "bomb-page.png")]) == 2
+    assert "decompression bomb" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from agent.core.clock import FakeClock
 from drivers.board.framebuffer import from_raw, make_standin, to_raw
 from tests.conftest import Keys
 from tests.fakes import make_core
-from tests.test_board_framebuffer import assert_golden, encoded, picture
+from tests.test_board_framebuffer import assert_golden, bomb_png, encoded, picture
 
 TZ = "Asia/Ho_Chi_Minh"
 DEV = "dev/dev-1"
@@ -255,7 +255,7 @@ def test_hostile_images_are_refused_with_the_reason_and_the_page_stays(rig: FbRi
     jpeg = encoded(picture((640, 480)), "JPEG", quality=85)
     cases = {
         "media_checksum": rig.files.add("wrong.jpg", jpeg, sha256="0" * 64),
-        "bad_image": rig.files.add("bomb.png", encoded(Image.new("1", (16000, 16000)), "PNG")),
+        "bad_image": rig.files.add("bomb.png", bomb_png()),
         "bad_image ": rig.files.add("cut.jpg", jpeg[: len(jpeg) * 2 // 3]),
         "media_host": {"url": "http://example.invalid/a.png", "sha256": "1" * 64},
     }
