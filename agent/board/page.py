@@ -181,7 +181,7 @@ class TextLayout:
     gap: int
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)  # each layout holds a font: ~0.4 MB at large sizes
 def fit_text(text: str, font_path: str, width: int, height: int) -> TextLayout:
     """The largest size at which ``text``, wrapped at spaces (a word wider than ``width``
     broken where it must), fits ``width`` × ``height``; bisection over the font size."""
@@ -199,7 +199,7 @@ def fit_text(text: str, font_path: str, width: int, height: int) -> TextLayout:
 
 
 def _wrap(text: str, font_path: str, size: int, width: int) -> TextLayout:
-    font = _font(font_path, size)
+    font = ImageFont.truetype(font_path, size)  # not cached: the bisection tries many sizes
     _, top, _, bottom = font.getbbox(_PROBE)
     line_h = int(bottom - top)
     lines: list[str] = []
@@ -223,7 +223,7 @@ def _wrap(text: str, font_path: str, size: int, width: int) -> TextLayout:
     return TextLayout(font, tuple(lines), line_h, -int(top), round(line_h * LINE_GAP))
 
 
-@lru_cache(maxsize=128)
+@lru_cache(maxsize=8)
 def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 

@@ -50,6 +50,7 @@ class Proof:
 
 
 def thumbnail(image: Image.Image) -> str:
+    """``image`` (already small, or scaled down here) as base64 JPEG."""
     small = image.copy()
     small.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
@@ -103,7 +104,7 @@ class PageScreen:
         sha = back.sha256
         matches = written == sha
         return Proof(sha, back.width, back.height, back.format, matches,
-                     thumbnail(back.image()), now_ms)
+                     thumbnail(back.thumbnail(THUMB_PX)), now_ms)
 
 
 def open_screen(core, driver: BoardDriver,

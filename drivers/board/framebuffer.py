@@ -36,6 +36,7 @@ DEFAULT_DEVICE = "/dev/fb0"
 DEFAULT_SYSFS = "/sys/class/graphics/fb0"
 FORMATS = {16: "RGB565", 32: "XRGB8888"}
 MIN_SIDE = 8
+BAND_ROWS = 64  # pages are converted and written this many rows at a time (small buffers)
 MAX_SIDE = 16384
 
 # RGB565 packing: two lookup tables per byte (bit fields that never overlap, so adding them
@@ -81,6 +82,20 @@ class Readback:
     def image(self) -> Image.Image:
         """The region as an RGB image."""
         return from_raw(self.data, self.width, self.height, self.bpp)
+
+    def thumbnail(self, longest: int) -> Image.Image:
+        """The region scaled down (box filter) to at most ``longest`` pixels on its longer
+        side, decoded band by band: no full-size copy of the screen is made."""
+        factor = max(1, -(-max(self.width, self.height) // longest))
+        line = self.width * self.bpp // 8
+        band = factor * max(1, BAND_ROWS // factor)
+        out = Image.new("RGB", (-(-self.width // factor), -(-self.height // factor)))
+        view = memoryview(self.data)
+        for top in range(0, self.height, band):
+            rows = min(band, self.height - top)
+            part = from_raw(view[top * line:(top + rows) * line], self.width, rows, self.bpp)
+            out.paste(part.reduce(factor), (0, top // factor))
+        return out
 
 
 def read_geometry(sysfs: str) -> Geometry:
@@ -234,20 +249,24 @@ class FramebufferBoard(BoardDriver):
             raise BoardLinkError(f"page is {frame.size[0]}x{frame.size[1]}, the region is "
                                  f"{self.width}x{self.height}")
         g, (x, y, w, h) = self.geometry, self.region
-        data = to_raw(frame, g.bpp)
         line = w * g.bytes_per_pixel
+        digest = hashlib.sha256()
         try:
-            if x == 0 and line == g.stride:
-                self._write(fd, data, y * g.stride)
-            else:
-                for row in range(h):
+            for top in range(0, h, BAND_ROWS):  # a band at a time: no full-screen buffers
+                rows = min(BAND_ROWS, h - top)
+                data = to_raw(frame.crop((0, top, w, top + rows)), g.bpp)
+                digest.update(data)
+                if x == 0 and line == g.stride:
+                    self._write(fd, data, (y + top) * g.stride)
+                    continue
+                for row in range(rows):
                     self._write(fd, data[row * line:(row + 1) * line],
-                                (y + row) * g.stride + x * g.bytes_per_pixel)
+                                (y + top + row) * g.stride + x * g.bytes_per_pixel)
         except OSError as exc:
             self._drop()
             self.last_error = f"cannot write {self.device}: {exc}"
             raise BoardLinkError(self.last_error) from exc
-        self.written_sha256 = hashlib.sha256(data).hexdigest()
+        self.written_sha256 = digest.hexdigest()
         self.pages += 1
 
     @staticmethod
