@@ -202,7 +202,7 @@ def test_vietnamese_text_lands_in_the_region_and_the_proof_is_the_screen(rig: Fb
     assert proof["sha256"] == on_screen and proof["matches"] is True
     assert (proof["width"], proof["height"], proof["format"]) == (320, 180, "XRGB8888")
     with Image.open(io.BytesIO(base64.b64decode(proof["thumb"]))) as thumb:
-        assert thumb.format == "JPEG" and max(thumb.size) == 96
+        assert thumb.format == "JPEG" and 64 <= max(thumb.size) <= 96
         # the thumbnail is of the page: navy where the page is navy
         r, g, b = thumb.convert("RGB").getpixel((2, 40))
         assert abs(r - 11) + abs(g - 37) + abs(b - 69) < 40

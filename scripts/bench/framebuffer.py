@@ -182,7 +182,7 @@ def agent_run(base: Path, broker: Broker, keys: Keys, args) -> dict:
             takeovers.append((time.monotonic() - t0) * 1000)
             wait_until(lambda env=env, before=before: any(
                 a["id"] == env["id"] and a["stage"] == "started"
-                                           for _, a in acks[before:]), 10, what="started")
+                for _, a in acks[before:]), 10, what="started")
             started.append(next((t - t0) * 1000 for t, a in acks[before:]
                                 if a["id"] == env["id"] and a["stage"] == "started"))
             stop = keys.command(f"dev/{DEV}", "stop", {"all": True})
