@@ -16,11 +16,13 @@ Pure: no I/O but font files, no clock (the caller passes the local time), no thr
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from agent.args import PAGE_LAYOUTS
 from agent.board.render import DEJAVU_SANS, normalize_text
@@ -31,6 +33,7 @@ _PROBE = "ỆỖẶẤỸÁÉÝĐ|gjpqyỵ"  # the glyphs that reach highest and
 WEEKDAYS = ("Thứ Hai", "Thứ Ba", "Thứ Tư", "Thứ Năm", "Thứ Sáu", "Thứ Bảy", "Chủ Nhật")
 EMERGENCY_HEADING = "KHẨN CẤP"
 MIN_FONT = 6
+_FITTED_LOCK = threading.Lock()
 NARROW = 480  # regions narrower than this show the time and the day only
 LINE_GAP = 0.12  # of the line height, between wrapped lines
 
@@ -145,16 +148,40 @@ def _split(body: tuple[int, int, int, int], gap: int):
     return (x0, y0, x1, cut), (x0, cut + gap, x1, y1)
 
 
+_FITTED: OrderedDict[tuple[int, int, int], tuple[Image.Image, Image.Image]] = OrderedDict()
+_FITTED_KEEP = 4  # the same image comes back at the same size at every turn of a playlist
+
+
 def _paste_fitted(canvas: Image.Image, image: Image.Image,
                   box: tuple[int, int, int, int]) -> None:
     """``image`` scaled to fit ``box`` (aspect kept), centred; transparency over the page."""
     w, h = box[2] - box[0], box[3] - box[1]
     if w < 1 or h < 1:
         return
-    fitted = image if image.size == (w, h) else ImageOps.contain(
-        image, (w, h), Image.Resampling.BILINEAR)
+    fitted = _fitted(image, w, h)
     at = (box[0] + (w - fitted.width) // 2, box[1] + (h - fitted.height) // 2)
     canvas.paste(fitted, at, fitted if fitted.mode == "RGBA" else None)
+
+
+def _fitted(image: Image.Image, w: int, h: int) -> Image.Image:
+    """``image`` contained in ``w`` × ``h``; the last few kept (by identity of the image)."""
+    key = (id(image), w, h)
+    with _FITTED_LOCK:
+        held = _FITTED.get(key)
+        if held is not None and held[0] is image:
+            _FITTED.move_to_end(key)
+            return held[1]
+    if image.width * h > w * image.height:  # wider than the box: its width fills it
+        size = (w, max(1, round(image.height * w / image.width)))
+    else:
+        size = (max(1, round(image.width * h / image.height)), h)
+    fitted = image if size == image.size else image.resize(
+        size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    with _FITTED_LOCK:
+        _FITTED[key] = (image, fitted)
+        while len(_FITTED) > _FITTED_KEEP:
+            _FITTED.popitem(last=False)
+    return fitted
 
 
 def _text(draw: ImageDraw.ImageDraw, text: str, box: tuple[int, int, int, int], font_path: str,

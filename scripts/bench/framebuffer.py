@@ -12,7 +12,8 @@ page stands (no redraw loop); memory for this driver <= 40 MB above the agent's 
    baseline: RSS and CPU), then one on the framebuffer stand-in with a standing page carrying
    the photo (fetched through the media cache from a local HTTP server). Its RSS and idle CPU
    are compared with the baseline's; then emergency ``board`` commands are published and the
-   time until the screen file's strip turns emergency yellow is measured (the bench polls the
+   time until the screen file's last row turns emergency yellow (the page is
+   written top to bottom: it is then whole) is measured (the bench polls the
    file every millisecond), with the ``started`` ack's arrival beside it.
 
     .venv/bin/python scripts/bench/framebuffer.py [--draws 30] [--takeovers 10] [--idle-s 30]
@@ -56,7 +57,7 @@ from tests.test_board_framebuffer_service import Files
 
 SIZE = (1920, 1080)
 DEV = "bench-fb"
-YELLOW = (255, 214, 10)  # the emergency strip (agent.board.page.PALETTES)
+YELLOW = (255, 214, 10)  # the emergency frame (agent.board.page.PALETTES)
 TEXTS = ["Lịch tiêm chủng: thứ Bảy {n} giờ 30 tại trạm y tế xã Phú Túc",
          "Đường dây nóng phòng chống thiên tai: 0269 3821 {n:03d}",
          "Họp dân thôn {n} về kế hoạch nạo vét kênh mương, 19 giờ tại nhà văn hoá"]
@@ -124,8 +125,11 @@ def idle(pid: int, settle_s: float, idle_s: float) -> dict:
             "idle_s": round(t1 - t0, 1)}
 
 
-def strip_pixel(device: str) -> tuple[int, int, int]:
+def corner_pixel(device: str) -> tuple[int, int, int]:
+    """The bottom-left pixel of the screen (32 bpp, no padding): the last band written, so
+    the whole page is on the framebuffer when it changes (emergency: the yellow frame)."""
     with open(device, "rb") as f:
+        f.seek((SIZE[1] - 1) * SIZE[0] * 4)
         b, g, r, _ = f.read(4)
     return (r, g, b)
 
@@ -165,7 +169,7 @@ def agent_run(base: Path, broker: Broker, keys: Keys, args) -> dict:
         normal = hashlib.sha256(Path(fb["device"]).read_bytes()).hexdigest()
         wait_until(lambda: hashlib.sha256(Path(fb["device"]).read_bytes()).hexdigest()
                    != normal, 30, what="the standing page with its photo")
-        standing = strip_pixel(fb["device"])
+        standing = corner_pixel(fb["device"])
         fb_idle = idle(agent.proc.pid, args.settle_s, args.idle_s)
         takeovers, started = [], []
         for n in range(args.takeovers):
@@ -175,7 +179,7 @@ def agent_run(base: Path, broker: Broker, keys: Keys, args) -> dict:
             before = len(acks)
             t0 = time.monotonic()
             rec.publish(f"ttcs/dev/{DEV}/cmd", protocol.canonical(env))
-            while strip_pixel(fb["device"]) != YELLOW:
+            while corner_pixel(fb["device"]) != YELLOW:
                 if time.monotonic() - t0 > 10:
                     raise RuntimeError("no emergency page within 10 s")
                 time.sleep(0.001)
@@ -187,7 +191,7 @@ def agent_run(base: Path, broker: Broker, keys: Keys, args) -> dict:
                                 if a["id"] == env["id"] and a["stage"] == "started"))
             stop = keys.command(f"dev/{DEV}", "stop", {"all": True})
             rec.publish(f"ttcs/dev/{DEV}/cmd", protocol.canonical(stop))
-            wait_until(lambda: strip_pixel(fb["device"]) == standing, 10,
+            wait_until(lambda: corner_pixel(fb["device"]) == standing, 10,
                        interval=0.005, what="the standing page back")
             time.sleep(0.5)
         peak = rss_kb(agent.proc.pid) / 1024
