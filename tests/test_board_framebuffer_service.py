@@ -339,3 +339,63 @@ def test_something_else_drawing_over_the_page_shows_in_the_proof(rig: FbRig) -> 
     [event] = rig.events()
     assert event["screen"]["matches"] is False
     assert event["screen"]["sha256"] != driver.written_sha256
+
+
+# --- a real agent, a real mosquitto ----------------------------------------------------------
+
+
+def test_process_emergency_takeover_on_the_screen_with_its_proof(broker, keys, tmp_path,
+                                                                 agent_factory) -> None:
+    """The agent as it runs on a cabinet: a standing page with a photo fetched through the
+    media cache, an emergency over it until its ``exp``, the standing page back, and a show
+    record whose proof is the hash of what the screen file held."""
+    from tests.conftest import Watcher, agent_config, wait_online, wait_until
+
+    device = "krongpa-phutuc-c03"
+    fb = make_standin(str(tmp_path / "fb"), 320, 180, 16)
+    files = Files(tmp_path / "www")
+    photo = files.add("photo.jpg", encoded(picture((640, 480)), "JPEG"))
+    config = agent_config(tmp_path, broker.port, keys, device=device,
+                          security={"trusted_keys": {keys.kid: keys.public_b64},
+                                    "media_hosts": ["127.0.0.1"]},
+                          board={"driver": "framebuffer", "framebuffer": fb})
+    watcher = Watcher(broker.port, ["ttcs/#"])
+    try:
+        agent = agent_factory(config)
+        wait_online(watcher, device)
+        doc = protocol.sign({"v": 1, "type": "board", "target": f"dev/{device}", "rev": 1,
+                             "ts": int(time.time() * 1000), "args": {"messages": [
+                                 {"id": "anh", "text": TEXT, "image": photo}]}},
+                            keys.private, keys.kid)
+        watcher.publish(f"ttcs/dev/{device}/desired/board", doc, retain=True)
+
+        def screen() -> Image.Image:
+            return from_raw(Path(fb["device"]).read_bytes(), 320, 180, 16)
+
+        def near(pixel, colour) -> bool:  # RGB565 and JPEG: within a few levels
+            return all(abs(a - b) <= 12 for a, b in zip(pixel, colour, strict=True))
+
+        wait_until(lambda: all(near(screen().getpixel((x, 130)), (40, 150, 60))
+                               for x in range(10, 140, 8)), 20,
+                   what="the standing page with its photo (its green field)")
+        standing = Path(fb["device"]).read_bytes()
+        exp = int(time.time() * 1000) + 4000
+        alert = keys.command(f"dev/{device}", "board", {"text": ALERT, "priority": "emergency"},
+                             exp=exp)
+        watcher.publish(f"ttcs/dev/{device}/cmd", alert)
+        watcher.wait_ack(alert["id"], "started")
+        wait_until(lambda: near(screen().getpixel((1, 178)), PALETTES["emergency"].frame), 5,
+                   what="the emergency page (its yellow frame)")
+        emergency = hashlib.sha256(Path(fb["device"]).read_bytes()).hexdigest()
+        watcher.wait_ack(alert["id"], "done", timeout=10)
+        assert time.time() * 1000 >= exp - 100, "it stayed until its exp"
+        wait_until(lambda: Path(fb["device"]).read_bytes() == standing, 5,
+                   what="the standing page back, as it was")
+        [record] = [e for e in watcher.json(f"dev/{device}/event")
+                    if e.get("type") == "board" and e.get("id") == alert["id"]]
+        assert record["result"] == "done" and record["priority"] == "emergency"
+        assert record["screen"]["sha256"] == emergency and record["screen"]["matches"]
+        assert agent.alive()
+    finally:
+        watcher.close()
+        files.close()

@@ -295,6 +295,12 @@ class BoardService:
                                   "detail": error.message})
         self.update()
 
+    def _image_back(self, sha: str, error: MediaError | None) -> None:
+        shown = self.content.current()
+        if not self._stopped and shown is not None and shown.image \
+                and shown.image["sha256"] == sha:
+            self._want_page(shown)
+
     def _image_ready(self, sha: str) -> bool:
         return self.images is None or self.images.ready(sha)
 
@@ -351,6 +357,9 @@ class BoardService:
             back = self.content.restore(kept)
             for cmd_id in back:
                 self.core.store.open_done(cmd_id)
+            for msg in kept:  # their images, decoded again (drawn again once ready)
+                if msg.get("image") and self.images is not None and msg["id"] in back:
+                    self.images.prepare(msg["image"], self._image_back)
         except Exception:  # a damaged row must not keep the board from starting
             log.exception("board: ad-hoc messages kept before the restart not restored")
             return
