@@ -257,3 +257,21 @@ def test_board_preview_renders_the_pages_of_a_page_board(tmp_path, capsys) -> No
     assert cli.main(["board-preview", "x", "--config", str(cfg), "--image", str(bomb),
                      "--out", str(tmp_path / "bomb-page.png")]) == 2
     assert "decompression bomb" in capsys.readouterr().err
+
+
+def test_doctor_checks_the_screen_and_the_region(tmp_path) -> None:
+    from agent.doctor import check_board
+
+    fb = make_standin(str(tmp_path), 320, 180, 16)
+
+    def finding(region, **over):
+        board = {"driver": "framebuffer", "framebuffer": {**fb, "region": region, **over}}
+        [found] = check_board({"board": board})
+        return found
+
+    good = finding([0, 0, 200, 100])
+    assert good.level == "ok" and "320x180 at 16 bpp, pages of 200x100" in good.message
+    outside = finding([200, 0, 200, 100])
+    assert outside.level == "FAIL" and "does not fit the 320x180 screen" in outside.message
+    gone = finding([], sysfs=str(tmp_path / "none"))
+    assert gone.level == "FAIL" and "HDMI screens" in gone.fix
