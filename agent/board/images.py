@@ -26,12 +26,13 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from PIL import Image, ImageOps
 
 from agent.audio.hosts import MediaError
 from agent.audio.media import MediaCache
+from agent.protocol import Priority
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,12 @@ class BoardImages:
     def refused(self, sha: str) -> MediaError | None:
         return self._refused.get(sha.lower())
 
-    def prepare(self, image: dict, then: Callable[[str, MediaError | None], None]) -> None:
-        """Fetch and decode ``image`` in a worker; ``then(sha, error)`` runs on the core
-        thread (error None: ready). A ready image answers at once, on this thread."""
+    def prepare(self, image: dict, then: Callable[[str, MediaError | None], None],
+                lane: Priority = Priority.NORMAL) -> None:
+        """Fetch ``image`` in the media cache's ``lane`` (an emergency's image never waits
+        behind normal downloads), then decode it in a worker; ``then(sha, error)`` runs on
+        the core thread (error None: ready). A ready image answers at once, on this
+        thread."""
         sha = image["sha256"].lower()
         if sha in self._ready:
             then(sha, None)
@@ -117,17 +121,24 @@ class BoardImages:
         except MediaError as exc:
             self._finish(sha, exc)
             return
-        self._pool.submit(self._work, image["url"], sha)
+        fetched = self.cache.submit(image["url"], sha, lane)
+        fetched.add_done_callback(lambda fut: self._decode_later(fut, sha))
 
-    def _work(self, url: str, sha: str) -> None:
+    def _decode_later(self, fetched: Future, sha: str) -> None:
         try:
-            path = self.cache.fetch(url, sha)
+            self._pool.submit(self._work, fetched, sha)
+        except RuntimeError:  # closed: the agent is stopping
+            log.debug("board image %s not decoded: stopping", sha)
+
+    def _work(self, fetched: Future, sha: str) -> None:
+        try:
+            path = fetched.result()
             decoded = decode(path, self.max_pixels, self._size())
             self._keep_decoded(sha, decoded)
             error = None
         except MediaError as exc:
             error = exc
-        except Exception as exc:  # a worker must answer, whatever happened
+        except Exception as exc:  # a worker must answer, whatever happened (a cancelled fetch)
             log.exception("board image %s", sha)
             error = MediaError("media_unavailable", f"{type(exc).__name__}: {exc}")
         self._post(self._finish, sha, error)

@@ -262,7 +262,7 @@ class BoardService:
             self.update()
             return
         self.images.prepare(args["image"], lambda sha, error: self._command_image(
-            env.id, args, error))
+            env.id, args, error), lane=env.priority)
 
     def _command_image(self, cmd_id: str, args: dict, error: MediaError | None) -> None:
         """A command's image is ready, or refused: then the command fails with the reason and
