@@ -83,8 +83,9 @@ class BoardImages:
 
     def __init__(self, cache: MediaCache, *, max_pixels: int,
                  size: Callable[[], tuple[int, int]], post: Callable[..., None],
-                 keep: int = KEEP, workers: int = 2) -> None:
+                 keep: int = KEEP, workers: int = 2, own_cache: bool = False) -> None:
         self.cache = cache
+        self._own_cache = own_cache  # opened for the board alone: closed with it
         self.max_pixels = max_pixels
         self._size = size
         self._post = post
@@ -185,3 +186,5 @@ class BoardImages:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_cache:
+            self.cache.close()

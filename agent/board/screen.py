@@ -113,6 +113,7 @@ def open_screen(core, driver: BoardDriver,
     media cache; one is opened from the config when none is handed in)."""
     cfg = core.cfg
     fb = cfg["board"]["framebuffer"]
+    own = cache is None
     if cache is None:
         from agent.audio.parts import open_cache
 
@@ -123,7 +124,8 @@ def open_screen(core, driver: BoardDriver,
     images = None
     if cache is not None:
         images = BoardImages(cache, max_pixels=int(fb["max_image_pixels"]),
-                             size=lambda: (driver.width, driver.height), post=core.post)
+                             size=lambda: (driver.width, driver.height), post=core.post,
+                             own_cache=own)
     screen = PageScreen(driver, images, PageStyle(title=fb["title"]),
                         ZoneInfo(cfg["device"]["timezone"]), core.clock.now_ms)
     return screen, images
