@@ -520,8 +520,9 @@ class BoardService:
         else:
             if op[0] == "text" and op[-1] == self._current_key():
                 self._note_sign_text()
-            if op[0] == "page" and op[-1] == self._current_key():
-                self._show_extra.setdefault("screen", result.to_dict())  # the first drawing
+            if op[0] == "page" and op[-1] == self._current_key():  # proof: the first drawing
+                proof = self._show_extra.setdefault("screen", result.to_dict())
+                proof["matches"] = proof["matches"] and result.matches  # and every one since
             self._link_restored()
         self._kick()
 
