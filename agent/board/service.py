@@ -32,7 +32,6 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -50,6 +49,7 @@ from agent.board.content import (
     validate_command_args,
     validate_document_args,
 )
+from agent.board.docstore import BoardDocStore
 from agent.board.driverthread import DriverThread
 from agent.board.images import BoardImages
 from agent.board.render import (
@@ -61,12 +61,10 @@ from agent.board.render import (
 from agent.board.screen import PageScreen, open_screen
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope, Rejected
-from agent.schedule.store import ScheduleStore
 from drivers.board.base import BoardDriver
 
 log = logging.getLogger(__name__)
 
-DOC_FOLDER = "board-docs"
 FPS = 20.0  # frame-rate cap for LED matrices
 IMAGE_FPS = 4.0  # the image driver writes a PNG (fsync) per frame: spare the SD card
 MINUTE_S = 60.0
@@ -79,14 +77,6 @@ def install(core: Core, cfg: dict, *, cache: MediaCache | None = None) -> BoardS
     service = BoardService(core, cfg, cache=cache)
     service.start()
     return service
-
-
-class BoardDocStore(ScheduleStore):
-    """The last applied board document of each topic, kept as received (re-verified at boot)."""
-
-    def __init__(self, state_dir: str) -> None:
-        super().__init__(state_dir)
-        self.dir = Path(state_dir) / DOC_FOLDER
 
 
 class _DocHandler:
