@@ -88,14 +88,16 @@ def draw_times(draws: int, bpp: int, photo: Image.Image) -> dict:
     board = FramebufferBoard({"framebuffer": fb})
     style = PageStyle(title="UBND xã Phú Túc")
     now = datetime(2025, 11, 26, 16, 40)
-    totals, renders, writes, proofs = [], [], [], []
+    totals, drawn, renders, writes, proofs, cpu = [], [], [], [], [], []
     for n in range(draws):
         text = TEXTS[n % len(TEXTS)].format(n=n)
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         page = render_page(Page(text, "normal", "beside", photo), SIZE, now, style)
         t1 = time.perf_counter()
         board.show(page)
         t2 = time.perf_counter()
+        c2 = time.thread_time()
         back = board.read_back()
         _ = back.sha256, thumbnail(back.thumbnail(96))
         t3 = time.perf_counter()
@@ -103,6 +105,8 @@ def draw_times(draws: int, bpp: int, photo: Image.Image) -> dict:
         writes.append((t2 - t1) * 1000)
         proofs.append((t3 - t2) * 1000)
         totals.append((t3 - t0) * 1000)
+        drawn.append((t2 - t0) * 1000)
+        cpu.append((c2 - c0) * 1000)
     board.close()
     for p in folder.rglob("*"):
         if p.is_file():
@@ -110,8 +114,11 @@ def draw_times(draws: int, bpp: int, photo: Image.Image) -> dict:
     return {"bpp": bpp, "draws": draws,
             "render_ms_p50": percentile(renders, 50), "write_ms_p50": percentile(writes, 50),
             "proof_ms_p50": percentile(proofs, 50),
+            "drawn_ms_p50": percentile(drawn, 50), "drawn_ms_p95": percentile(drawn, 95),
+            "drawn_ms_max": max(drawn),
             "total_ms_p50": percentile(totals, 50), "total_ms_p95": percentile(totals, 95),
-            "total_ms_max": max(totals)}
+            "total_ms_max": max(totals), "drawn_cpu_ms_p50": percentile(cpu, 50),
+            "drawn_cpu_ms_max": max(cpu)}
 
 
 # --- 2. the agent ----------------------------------------------------------------------------
@@ -234,8 +241,12 @@ def report(args, draws: list[dict], run: dict) -> None:
                   f"{d['render_ms_p50']:.0f} / {d['write_ms_p50']:.1f} / {d['proof_ms_p50']:.0f}",
                   "", ""),
                  (f"{d['bpp']} bpp page drawn + on fb, p50 / p95 / max (ms)",
-                  f"{d['total_ms_p50']:.0f} / {d['total_ms_p95']:.0f} / {d['total_ms_max']:.0f}",
-                  "<= 150", verdict(d["total_ms_p95"] <= 150))]
+                  f"{d['drawn_ms_p50']:.0f} / {d['drawn_ms_p95']:.0f} / {d['drawn_ms_max']:.0f}",
+                  "<= 150", verdict(d["drawn_ms_p95"] <= 150)),
+                 (f"{d['bpp']} bpp  ... and its proof read back, p50 / p95 (ms)",
+                  f"{d['total_ms_p50']:.0f} / {d['total_ms_p95']:.0f}", "", ""),
+                 (f"{d['bpp']} bpp page render + write, CPU p50 / max (ms)",
+                  f"{d['drawn_cpu_ms_p50']:.0f} / {d['drawn_cpu_ms_max']:.0f}", "", "")]
     t = run["takeover_ms"]
     rows.append(("emergency on the fb from the command, p50 / max (ms)",
                  f"{percentile(t, 50):.0f} / {max(t):.0f}", "<= 250", verdict(max(t) <= 250)))
