@@ -275,3 +275,21 @@ def test_doctor_checks_the_screen_and_the_region(tmp_path) -> None:
     assert outside.level == "FAIL" and "does not fit the 320x180 screen" in outside.message
     gone = finding([], sysfs=str(tmp_path / "none"))
     assert gone.level == "FAIL" and "HDMI screens" in gone.fix
+
+
+def test_config_refuses_a_malformed_region_with_its_position() -> None:
+    from agent import config
+
+    text = ("device: {id: dev-1}\nboard:\n  driver: framebuffer\n"
+            "  framebuffer: {region: [0, 0, 4], titel: x}\n")
+    with pytest.raises(config.ConfigError) as bad:
+        config.parse(text, "agent.yaml")
+    assert bad.value.problems == [
+        "agent.yaml:4:17: board.framebuffer.region: must be [x, y, width, height] (width and "
+        "height at least 8), or empty for the whole screen, not [0, 0, 4]",
+        "agent.yaml:4:36: board.framebuffer.titel: unknown key (did you mean 'title'?)"]
+    good = config.parse("device: {id: dev-1}\nboard:\n  driver: framebuffer\n"
+                        "  framebuffer: {region: [0, 0, 192, 96]}\n")
+    assert good["board"]["framebuffer"] == {
+        "device": "/dev/fb0", "sysfs": "/sys/class/graphics/fb0", "region": [0, 0, 192, 96],
+        "title": "", "max_image_pixels": 12_000_000}
