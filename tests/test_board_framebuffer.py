@@ -293,3 +293,12 @@ def test_config_refuses_a_malformed_region_with_its_position() -> None:
     assert good["board"]["framebuffer"] == {
         "device": "/dev/fb0", "sysfs": "/sys/class/graphics/fb0", "region": [0, 0, 192, 96],
         "title": "", "max_image_pixels": 12_000_000}
+
+
+def test_text_too_long_for_the_region_is_cut_inside_the_body() -> None:
+    long = render_page(Page("Đường dây nóng phòng chống thiên tai " * 30), (192, 96), NOW, STYLE)
+    short = render_page(Page("Họp"), (192, 96), NOW, STYLE)
+    strip = (0, 0, 192, 12)
+    assert long.crop(strip).tobytes() == short.crop(strip).tobytes(), "the strip untouched"
+    bottom = long.crop((0, 94, 192, 96))
+    assert set(bottom.getdata()) == {PALETTES["normal"].background}, "nothing below the body"

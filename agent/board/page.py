@@ -190,9 +190,14 @@ def _text(draw: ImageDraw.ImageDraw, text: str, box: tuple[int, int, int, int], 
     if not text or w < 4 or h < 4:
         return
     layout = fit_text(text, font_path, w, h)
-    total = layout.line_h * len(layout.lines) + layout.gap * (len(layout.lines) - 1)
+    lines = list(layout.lines)
+    room = max(1, (h + layout.gap) // (layout.line_h + layout.gap))
+    if len(lines) > room:  # too long even at the smallest size: cut, and say so
+        lines = lines[:room]
+        lines[-1] = _cut(lines[-1] + "…", layout.font, w)
+    total = layout.line_h * len(lines) + layout.gap * (len(lines) - 1)
     y = box[1] + (h - total) // 2
-    for line in layout.lines:
+    for line in lines:
         line_w = layout.font.getlength(line)
         draw.text((box[0] + (w - line_w) / 2, y + layout.offset), line, font=layout.font,
                   fill=colour)
