@@ -39,7 +39,8 @@ WAIT_S = 10.0
 
 
 class Files:
-    """A local HTTP server for page images (``security.media_hosts: [127.0.0.1]``)."""
+    """A local HTTP server for page images (``security.media_hosts: [127.0.0.1]``); a name
+    starting with ``slow`` is answered after 1 s."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -56,6 +57,8 @@ class Files:
                     self.send_error(404)
                     return
                 data = path.read_bytes()
+                if path.name.startswith("slow"):
+                    time.sleep(1.0)
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -273,6 +276,19 @@ def test_hostile_images_are_refused_with_the_reason_and_the_page_stays(rig: FbRi
     assert "cannot decode" in messages["bad_image "]
     assert rig.region_bytes() == standing, "the standing page stayed on screen"
     assert rig.svc.link is True
+
+
+def test_a_command_stopped_while_its_image_comes_is_never_shown(rig: FbRig) -> None:
+    photo = rig.files.add("slow-photo.png", encoded(picture(), "PNG"))
+    before = rig.region_bytes()
+    cmd = rig.command({"text": TEXT, "image": photo})
+    assert rig.stages(cmd) == ["received"], "queued once its image is ready"
+    assert rig.svc.stop_id(cmd) is True
+    assert rig.stages(cmd) == ["received", "stopped"]
+    rig.wait(lambda: rig.svc.images.ready(photo["sha256"]), "the image")
+    rig.pump()
+    assert rig.stages(cmd) == ["received", "stopped"]
+    assert rig.svc.state()["showing"] is None and rig.region_bytes() == before
 
 
 def test_a_document_page_with_a_bad_image_is_recorded_and_never_shown(rig: FbRig) -> None:

@@ -1,15 +1,15 @@
-"""The LED board as a service of the core: content, frames, driver supervision, proof.
+"""The LED board or screen as a service of the core: content, output, supervision, proof.
 
 Wires the building blocks together (SPEC §9, docs/BOARD.md):
 
 - :class:`agent.board.content.BoardContent` decides what shows: ``desired/board`` documents
-  (persisted per topic in ``<state_dir>/board-docs`` and restored at boot, before any broker
-  is reachable) and ad-hoc ``board`` commands. Its command stages become acks, its show
-  records become ``board`` events.
+  (persisted per topic, :mod:`agent.board.docstore`, restored at boot before any broker is
+  reachable) and ad-hoc ``board`` commands. Its stages become acks, its records events.
 - :class:`agent.board.render.TextRender` draws pixel boards; frames are pushed when the scroll
   moves (from the core's clock, at most ``FPS`` a second, fewer for the ``image`` driver, and
   only when the frame changed). Text boards (the serial sign) get ``show_text`` once per
-  message.
+  message; page boards (HDMI screens, :mod:`agent.board.screen`) a page per showing, with
+  its images (:mod:`agent.board.images`) and the proof read back from the screen.
 - The driver runs on a thread of its own (:class:`DriverThread`): a serial write may block for
   seconds and must not stall the core. At most one driver call is in flight; newer output
   replaces output not yet sent. A failure raises the ``board_link`` alert and retries every
@@ -19,14 +19,12 @@ The service is installed even with ``board.driver: none``: commands and document
 accepted, tracked and recorded (events carry ``"driver": "none"``), so a group-wide board
 message or document does not make every speaker-only cabinet reject it at each reconnect.
 
-Other services find it with :func:`get` (``agent.board.service.get(core)``) and call
-:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all` and
-:meth:`BoardService.show_audio_text` on the core thread.
+Other services are handed it (``agent.app.install_services``) and call :meth:`~BoardService.
+stop_id`, :meth:`~BoardService.stop_all` and :meth:`~BoardService.show_audio_text` (core thread).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -57,6 +55,7 @@ from agent.board.render import (
     TextRender,
     brightness_at,
     parse_brightness_schedule,
+    render_or_fallback,
 )
 from agent.board.screen import PageScreen, open_screen
 from agent.core.loop import Core, FuncHandler
@@ -102,6 +101,7 @@ class BoardService:
                                     has_image=self._image_ready)
         self._cache = cache
         self.images: BoardImages | None = None  # a page board's images (when it opens)
+        self._awaiting: set[str] = set()  # commands whose image is being fetched
         self.screen: PageScreen | None = None
         self.store = BoardDocStore(cfg["paths"]["state_dir"])
         groups = set(cfg["device"]["groups"]) | {"all"}
@@ -194,6 +194,10 @@ class BoardService:
         gets the ``stopped`` ack (unless it came from :meth:`show_audio_text`)."""
         if self._stopped:
             return False
+        if cmd_id in self._awaiting:  # its image not ready yet: never queued
+            self._awaiting.discard(cmd_id)
+            self.core.ack(cmd_id, "stopped")
+            return True
         removed = self.content.remove(cmd_id)
         if removed:
             self.update()
@@ -203,7 +207,11 @@ class BoardService:
         """Withdraw every ad-hoc message; returns their ids. Standing content stays."""
         if self._stopped:
             return []
-        ids = self.content.clear_commands()
+        ids = sorted(self._awaiting)  # waiting for their images: never queued
+        self._awaiting.clear()
+        for cmd_id in ids:
+            self.core.ack(cmd_id, "stopped")
+        ids += self.content.clear_commands()
         if ids:
             self.update()
         return ids
@@ -251,14 +259,16 @@ class BoardService:
             self.content.add_message(env.id, args)
             self.update()
             return
+        self._awaiting.add(env.id)
         self.images.prepare(args["image"], lambda sha, error: self._command_image(
             env.id, args, error), lane=env.priority)
 
     def _command_image(self, cmd_id: str, args: dict, error: MediaError | None) -> None:
         """A command's image is ready, or refused: then the command fails with the reason and
-        what was on screen stays."""
-        if self._stopped:
+        what was on screen stays. Nothing when it was stopped meanwhile."""
+        if self._stopped or cmd_id not in self._awaiting:
             return
+        self._awaiting.discard(cmd_id)
         if error is not None:
             self.core.ack(cmd_id, "failed", error.reason, {"error": error.message})
             return
@@ -287,8 +297,7 @@ class BoardService:
 
     def _image_back(self, sha: str, error: MediaError | None) -> None:
         shown = self.content.current()
-        if not self._stopped and shown is not None and shown.image \
-                and shown.image["sha256"] == sha:
+        if not self._stopped and shown and shown.image and shown.image["sha256"] == sha:
             self._want_page(shown)
 
     def _image_ready(self, sha: str) -> bool:
@@ -411,22 +420,10 @@ class BoardService:
         if self.driver.kind == "page":
             self._want_page(shown)
             return
-        self._render = self._make_render(shown) if shown is not None else None
+        self._render = render_or_fallback(shown.text, self.render_cfg, shown.effect) \
+            if shown is not None else None
         self._shown_mono = self.clock.monotonic()
         self._frame_tick()
-
-    def _make_render(self, shown: Shown) -> TextRender | None:
-        effect = shown.effect
-        try:
-            return TextRender(shown.text, self.render_cfg, effect)
-        except OSError as exc:  # a configured font that cannot be read: fall back
-            log.error("board font %s unusable (%s); using the default", self.render_cfg.font, exc)
-        try:
-            fallback = dataclasses.replace(self.render_cfg, font=None)
-            return TextRender(shown.text, fallback, effect)
-        except OSError:
-            log.exception("no usable font: the board stays blank")
-            return None
 
     # --- output --------------------------------------------------------------------------
 
