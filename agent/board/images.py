@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 BAD_IMAGE = "bad_image"
 FORMATS = ("PNG", "JPEG")
-KEEP = 3  # decoded images kept (each at most the region's size: 6 MB at 1920x1080)
+KEEP = 2  # decoded images kept (each at most the region's size: up to 8 MB at 1920x1080)
 
 
 def decode(path: str, max_pixels: int, fit: tuple[int, int]) -> Image.Image:

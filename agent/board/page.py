@@ -149,7 +149,7 @@ def _split(body: tuple[int, int, int, int], gap: int):
 
 
 _FITTED: OrderedDict[tuple[int, int, int], tuple[Image.Image, Image.Image]] = OrderedDict()
-_FITTED_KEEP = 4  # the same image comes back at the same size at every turn of a playlist
+_FITTED_KEEP = 2  # the same image comes back at the same size at each turn; a page is MBs
 
 
 def _paste_fitted(canvas: Image.Image, image: Image.Image,
