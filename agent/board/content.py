@@ -547,19 +547,9 @@ class BoardContent:
         prev = self._shown
         if prev is not None:
             result = self._end_result(prev, finished, target)
-            changes.records.append(
-                ShowRecord(
-                    prev.message_id,
-                    prev.text,
-                    prev.source,
-                    prev.priority,
-                    prev.since_ms,
-                    now_ms,
-                    result,
-                    prev.topic,
-                    prev.image,
-                )
-            )
+            changes.records.append(ShowRecord(prev.message_id, prev.text, prev.source,
+                                              prev.priority, prev.since_ms, now_ms, result,
+                                              prev.topic, prev.image))
             if prev.source == "command" and result in ("done", "preempted"):
                 changes.stages.append(CommandStage(prev.message_id, result, now_ms))
         self._shown = self._shown_for(target, now_ms, changes) if target else None
