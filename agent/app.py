@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from agent import __version__, config
 from agent.audio import service as audio_service
+from agent.audio.parts import open_cache
 from agent.board import service as board_service
 from agent.core import sentlog
 from agent.core.clock import ClockTrust, SystemClock
@@ -50,15 +51,17 @@ def build(cfg: dict) -> Core:
 def install_services(core: Core, cfg: dict) -> Services:
     """The services, in their one start-up order; each gets its collaborators here.
 
-    GPIO first (the amplifier relay and the cabinet inputs share it), then the board (the
-    audio service shows an item's board text while it airs), audio, the scheduler (hands
+    GPIO first (the amplifier relay and the cabinet inputs share it), the media cache (audio
+    media and board images; audio closes it), then the board (the audio service shows an
+    item's board text while it airs), audio, the scheduler (hands
     slots to audio) and health (the only sampler). The core runs stop hooks in reverse, so
     health stops first and GPIO is released last.
     """
     gpio = open_gpio(cfg["gpio"]["backend"])
     core.stop_hooks.append(gpio.close)
-    board = board_service.install(core, cfg)
-    audio = audio_service.install(core, cfg, board=board, gpio=gpio)
+    cache = open_cache(cfg)  # one verified media cache: audio media and board page images
+    board = board_service.install(core, cfg, cache=cache)
+    audio = audio_service.install(core, cfg, board=board, gpio=gpio, cache=cache)
     schedule = schedule_service.install(core, cfg, audio=audio)
     health = health_service.install(core, cfg, gpio=gpio)
     update = update_service.install(core, cfg, audio=audio)  # after health: docs/UPDATE.md

@@ -316,6 +316,10 @@ BOARD_MESSAGE = Text(max_len=1000, fold=True)  # a board message: a command or s
 MEDIA = OneOrList(noun="media objects", min=1, max=8, item=Obj(
     shape="{url, sha256, lang?}", required=("url", "sha256"),
     fields={"url": MEDIA_URL, "sha256": SHA256, "lang": LANG}))
+IMAGE = Obj(shape="{url, sha256}", required=("url", "sha256"),  # a board page's picture
+            fields={"url": MEDIA_URL, "sha256": SHA256})
+PAGE_LAYOUTS = ("text", "beside", "image")  # a page board's body: text, image and text, image
+LAYOUT = Choice(choices=PAGE_LAYOUTS)
 BACKUPS = ListOf(item=STREAM_URL, noun="URLs", max=8)
 LIVE = {"url": STREAM_URL, "backups": BACKUPS, "fallback": MEDIA}  # a live source's keys
 

@@ -45,12 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     command("doctor", "check audio, board, GPIO, modem, broker, clock and disk; say how to fix")
     p = command("board-preview", "draw a text as the board shows it, into a PNG or GIF file "
                 "(with no config: the default 64x16 board)")
-    p.add_argument("text", help="the message (Vietnamese with diacritics is fine)")
+    p.add_argument("text", nargs="?", help="the message (Vietnamese with diacritics is fine)")
     p.add_argument("--out", default="board-preview.png",
                    help="the file to write, .png or .gif (a scrolling text in a .png is an "
                         "animated PNG; viewers without APNG show its first frame)")
     p.add_argument("--effect", choices=("auto", "scroll", "static"), default="auto")
     p.add_argument("--scale", type=_scale, default=8, help="pixels per LED in the picture, 1-32")
+    page = p.add_argument_group("page boards (board.driver: framebuffer): a PNG per page")
+    page.add_argument("--priority", choices=("normal", "priority", "emergency"),
+                      default="normal", help="the page's colours")
+    page.add_argument("--image", help="a PNG or JPEG file shown with the text")
+    page.add_argument("--layout", choices=("text", "beside", "image"),
+                      help="text alone, the image beside the text (default with --image), "
+                           "or the image alone")
+    page.add_argument("--document", help="a desired/board document (JSON: the envelope or "
+                      "its args): each message as a page, OUT-1.png, OUT-2.png...; images from "
+                      "the media cache when it holds them")
     command("version", "print the version")
     return parser
 
@@ -98,9 +108,19 @@ def check_config(path: str | None) -> int:
 def board_preview(args) -> int:
     from agent.board.preview import PreviewError, preview
 
-    board = _preview_board(args.config)
-    if board is None:
+    cfg = _preview_config(args.config)
+    if cfg is None:
         return 1
+    board = cfg["board"]
+    if board["driver"] == "framebuffer":
+        return _page_preview(args, cfg)
+    if args.document or args.image or args.layout or args.priority != "normal":
+        print("board-preview: --priority, --image, --layout and --document are for page "
+              "boards (board.driver: framebuffer)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.text is None:
+        print("board-preview: the text to show is missing", file=sys.stderr)
+        return EXIT_USAGE
     try:
         result = preview(board, args.text, args.out, effect=args.effect, scale=args.scale)
     except PreviewError as e:
@@ -117,20 +137,67 @@ def board_preview(args) -> int:
     return 0
 
 
-def _preview_board(path: str | None) -> dict | None:
-    """The ``board:`` section to preview with: the config named (``--config`` or
-    $TTCS_AGENT_CONFIG) must be valid; with neither, the device's config when this user can
-    read it, else the defaults (a note says so on stderr)."""
+def _preview_config(path: str | None) -> dict | None:
+    """The config to preview with (``board``, ``device.timezone``, ``media.dir``): the one
+    named (``--config`` or $TTCS_AGENT_CONFIG) must be valid; with neither, the device's
+    config when this user can read it, else the defaults (a note says so on stderr)."""
     named = path or os.environ.get("TTCS_AGENT_CONFIG")
     if named or os.access(config.DEFAULT_CONFIG_PATH, os.R_OK):
-        cfg = config.load_or_report(named or config.DEFAULT_CONFIG_PATH)
-        return None if cfg is None else cfg["board"]
+        return config.load_or_report(named or config.DEFAULT_CONFIG_PATH)
     board = config.defaults("board")
     why = "no" if not os.path.exists(config.DEFAULT_CONFIG_PATH) else "cannot read the"
     print(f"board-preview: {why} device config {config.DEFAULT_CONFIG_PATH}: the default "
           f"{board['width']}x{board['height']} board (--config FILE for another)",
           file=sys.stderr)
-    return board
+    return {"board": board, "device": {"timezone": "Asia/Ho_Chi_Minh"}, "media": {"dir": None}}
+
+
+def _page_preview(args, cfg: dict) -> int:
+    """A page board: the text (or each message of ``--document``) as a PNG page."""
+    from agent.board.preview import PreviewError, page_size, preview_pages
+
+    if args.document:
+        try:
+            with open(args.document, encoding="utf-8") as f:
+                doc = json.load(f)
+            body = doc.get("args", doc) if isinstance(doc, dict) else doc
+        except (OSError, ValueError) as e:
+            print(f"board-preview: {args.document}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        from agent.board.content import validate_document_args
+
+        errors = validate_document_args(body)
+        if errors:
+            print(f"board-preview: {args.document}: not a board document: "
+                  f"{'; '.join(errors[:5])}", file=sys.stderr)
+            return EXIT_USAGE
+        pages = [{"text": m["text"], "layout": m.get("layout"), "image": m.get("image")}
+                 for m in body["messages"]]
+        for spec in pages:
+            if spec["layout"] is None:
+                del spec["layout"]
+    elif args.text is not None:
+        pages = [{"text": args.text, "priority": args.priority, "image_file": args.image}]
+        if args.layout:
+            pages[0]["layout"] = args.layout
+    else:
+        print("board-preview: give the text to show, or --document FILE", file=sys.stderr)
+        return EXIT_USAGE
+    import time
+
+    try:
+        written = preview_pages(cfg["board"], pages, args.out, tz=cfg["device"]["timezone"],
+                                now_ms=int(time.time() * 1000), cache_dir=cfg["media"]["dir"])
+    except PreviewError as e:
+        print(f"board-preview: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"board-preview: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    width, height = page_size(cfg["board"])
+    for path in written:
+        print(f"{path}: PNG page, {width}x{height}")
+    return 0
 
 
 def status(path: str | None, raw: bool) -> int:

@@ -381,6 +381,14 @@ SCHEMA = Section(fields={
         "sign_address": Str(default="00", pattern=r"^[0-9A-Fa-f]{2}$"),
         "file_label": Str(default="A", pattern=r"^.$"),
         "sign_columns": Num(default=0, min=0, max=10000),
+        "framebuffer": Section(fields={
+            "device": Str(default="/dev/fb0"),
+            "sysfs": Str(default="/sys/class/graphics/fb0"),
+            "region": List(default=[], max_items=4, item=Num(min=0, max=16384),
+                           doc="[x, y, width, height]; empty: the whole screen"),
+            "title": Str(default="", max_len=120, doc="the commune's name, on every page"),
+            "max_image_pixels": Num(default=12_000_000, min=10_000, max=100_000_000),
+        }),
     }),
     "schedule": Section(fields={
         "catch_up_default_s": Num(default=0, min=0, max=86400),

@@ -200,6 +200,16 @@ def _max7219(cfg: dict) -> list[Problem]:
     return out
 
 
+def _fb_region(cfg: dict) -> list[Problem]:
+    """``[x, y, width, height]`` or empty; whether it fits the screen is known only when the
+    framebuffer is opened (the ``board_link`` alert says so)."""
+    region = cfg["board"]["framebuffer"]["region"]
+    if region and (len(region) != 4 or region[2] < 8 or region[3] < 8):
+        return [("board.framebuffer.region", "must be [x, y, width, height] (width and height "
+                 f"at least 8), or empty for the whole screen, not {region}")]
+    return []
+
+
 # (keys a rule reads, the rule)
 RULES: tuple[tuple[tuple[str, ...], Callable[[dict], list[Problem]]], ...] = (
     (("alerts", "health.disk_min_free_mb"), _alerts),
@@ -211,4 +221,5 @@ RULES: tuple[tuple[tuple[str, ...], Callable[[dict], list[Problem]]], ...] = (
     (("board.font",), _font),
     (("board.driver", "board.width", "board.height", "board.cascaded", "board.rotate",
       "board.block_orientation", "board.spi_speed_hz"), _max7219),
+    (("board.framebuffer.region",), _fb_region),
 )

@@ -342,7 +342,28 @@ def check_board(cfg: dict) -> list[Finding]:
                          "plug the sign's USB-serial adapter in (`ls /dev/ttyUSB*`) and set "
                          "board.serial_port")]
         return [ok("board", f"serial sign port {port} present")]
+    if driver == "framebuffer":
+        return _check_framebuffer(b["framebuffer"])
     return _check_max7219(b)
+
+
+def _check_framebuffer(fb: dict) -> list[Finding]:
+    """The screen's geometry, the region inside it, the device writable by this user."""
+    from drivers.board.base import BoardLinkError
+    from drivers.board.framebuffer import check_region, read_geometry
+
+    hdmi = ("use Raspberry Pi OS with the KMS driver and a fixed HDMI mode (docs/DEPLOY.md, "
+            "\"HDMI screens\")")
+    try:
+        g = read_geometry(fb["sysfs"])
+        x, y, w, h = check_region(fb["region"], g)
+    except (BoardLinkError, ValueError) as e:
+        return [fail("board", f"framebuffer: {e}", f"{hdmi}; check board.framebuffer")]
+    if not os.access(fb["device"], os.R_OK | os.W_OK):
+        return [fail("board", f"framebuffer: {fb['device']} missing or not writable",
+                     f"{hdmi}; the agent's user must be in the group video")]
+    return [ok("board", f"framebuffer {fb['device']}: {g.width}x{g.height} at {g.bpp} bpp, "
+                        f"pages of {w}x{h} at ({x}, {y})")]
 
 
 def _check_max7219(b: dict) -> list[Finding]:

@@ -32,6 +32,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         "max7219": "drivers.board.max7219:Max7219Board",
         "serial": "drivers.board.alpha:SerialSignBoard",
         "image": "drivers.board.base:ImageBoard",
+        "framebuffer": "drivers.board.framebuffer:FramebufferBoard",
     },
     "modem": {
         "at": "drivers.modem.at:AtModem",

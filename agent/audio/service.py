@@ -443,10 +443,12 @@ def _nfc(text: str | None) -> str | None:
 
 
 def install(core: Core, cfg: dict, *, board: Board | None = None,
-            gpio: Any = None) -> AudioService:
+            gpio: Any = None, cache: MediaCache | None = None) -> AudioService:
     """Make and start the audio service. ``board``: the board service, installed before this
     one (None: no board, item texts are not shown). ``gpio``: the agent's GPIO backend
-    (None: opened from ``cfg`` and closed with the service)."""
-    svc = AudioService(core, cfg, board=board, gpio=gpio)
+    (None: opened from ``cfg`` and closed with the service). ``cache``: the agent's media
+    cache, shared with the board's page images (None: opened from ``cfg``); the audio service
+    closes it when it stops."""
+    svc = AudioService(core, cfg, board=board, gpio=gpio, cache=cache)
     svc.start()
     return svc

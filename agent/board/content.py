@@ -60,6 +60,8 @@ class Shown:
     priority: str
     since_ms: int
     topic: str | None = None  # the document's topic, for standing content
+    image: dict | None = None  # {"url", "sha256"}: a page board shows it (``layout``)
+    layout: str = "text"
 
     @property
     def key(self) -> tuple[str, str | None, str]:
@@ -76,6 +78,8 @@ class Shown:
         }
         if self.topic is not None:
             d["topic"] = self.topic
+        if self.image is not None:
+            d.update(image=self.image, layout=self.layout)
         return d
 
 
@@ -96,6 +100,7 @@ class ShowRecord:
     ended_ms: int
     result: str
     topic: str | None = None
+    image: dict | None = None
 
     def to_event(self) -> dict:
         event = {
@@ -110,6 +115,8 @@ class ShowRecord:
         }
         if self.topic is not None:
             event["topic"] = self.topic
+        if self.image is not None:
+            event["image"] = self.image
         return event
 
 
@@ -143,6 +150,8 @@ class StandingMessage:
     until_date: date | None = None
     days: frozenset[int] | None = None
     times: tuple[tuple[int, int], ...] = ()
+    image: dict | None = None
+    layout: str = "text"
 
     @property
     def windowed(self) -> bool:
@@ -191,6 +200,8 @@ class _AdHoc:
     seq: int
     started: bool = False
     front: bool = False  # an airing audio item's text: ahead of the rest of its priority
+    image: dict | None = None
+    layout: str = "text"
 
     @property
     def order(self) -> tuple[int, bool, int]:
@@ -199,8 +210,10 @@ class _AdHoc:
 
 # --- validation ----------------------------------------------------------------------------
 
+PAGE = {"image": a.IMAGE, "layout": a.LAYOUT}  # what page boards show beside or for the text
 MESSAGE = Obj(required=("id", "text"), rules=(a.from_until,), fields={
-    "id": a.ID, "text": a.BOARD_MESSAGE, **a.WINDOW,
+    "id": a.ID, "text": a.BOARD_MESSAGE, **a.WINDOW, **PAGE,
+    "rotate_s": a.Int(lo=1, hi=MAX_ROTATE_S),
     "times": a.ListOf(noun="time spans", item=a.Pattern(
         regex=_SPAN, what="a time span HH:MM-HH:MM"))})
 DOCUMENT = Obj(required=("messages",), fields={
@@ -208,7 +221,7 @@ DOCUMENT = Obj(required=("messages",), fields={
     "rotate_s": a.Int(lo=1, hi=MAX_ROTATE_S)})
 COMMAND = Obj(required=("text",), fields={
     "text": a.BOARD_MESSAGE, "priority": a.PRIORITY, "duration_s": a.DURATION,
-    "effect": a.Choice(choices=EFFECTS)})
+    "effect": a.Choice(choices=EFFECTS), **PAGE})
 
 
 def validate_document_args(args) -> list[str]:
@@ -226,17 +239,30 @@ def _minutes(hhmm: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
+def _image(args: dict) -> tuple[dict | None, str]:
+    """The page image ``{"url", "sha256"}`` (sha256 lower-case) and its layout: ``beside``
+    by default with an image, ``text`` without one."""
+    image = args.get("image")
+    if image is None:
+        return None, "text"
+    image = {"url": image["url"], "sha256": image["sha256"].lower()}
+    return image, args.get("layout", "beside")
+
+
 def _parse_message(msg: dict, topic: str, rotate_s: float) -> StandingMessage:
     spans = tuple(
         (_minutes(span.split("-")[0]), _minutes(span.split("-")[1]))
         for span in msg.get("times", [])
     )
     days = frozenset(DAY_NAMES.index(d) for d in msg["days"]) if "days" in msg else None
+    image, layout = _image(msg)
     return StandingMessage(
         id=msg["id"],
         text=clean_text(msg["text"]),
         topic=topic,
-        rotate_s=float(rotate_s),
+        rotate_s=float(msg.get("rotate_s", rotate_s)),
+        image=image,
+        layout=layout,
         from_date=date.fromisoformat(msg["from"]) if "from" in msg else None,
         until_date=date.fromisoformat(msg["until"]) if "until" in msg else None,
         days=days,
@@ -255,11 +281,14 @@ class BoardContent:
     """Decides what the board shows. See the module docstring for the rules.
 
     ``tz``: a zoneinfo name (``device.timezone``). ``trusted``: whether the wall clock can be
-    believed (``ClockTrust.trusted``); windowed standing messages wait for it.
+    believed (``ClockTrust.trusted``); windowed standing messages wait for it. ``has_image``:
+    whether a page image (by sha256) is ready to show; a standing message with an image
+    waits for it (by default every image is: boards that show no images show the text).
     """
 
     def __init__(
-        self, clock: Clock, tz: str = "Asia/Ho_Chi_Minh", trusted: Callable[[], bool] | None = None
+        self, clock: Clock, tz: str = "Asia/Ho_Chi_Minh", trusted: Callable[[], bool] | None = None,
+        has_image: Callable[[str], bool] | None = None,
     ) -> None:
         try:
             self._tz = ZoneInfo(tz)
@@ -267,6 +296,7 @@ class BoardContent:
             raise ValueError(f"unknown timezone {tz!r}") from exc
         self._clock = clock
         self._trusted = trusted or (lambda: True)
+        self._has_image = has_image or (lambda sha: True)
         self._layers: dict[str, _Layer] = {}
         self._adhoc: list[_AdHoc] = []
         self._seq = 0
@@ -303,6 +333,7 @@ class BoardContent:
         if errors:
             raise ValueError("; ".join(errors))
         self._seq += 1
+        image, layout = _image(args)
         self._adhoc.append(
             _AdHoc(
                 cmd_id=cmd_id,
@@ -312,6 +343,8 @@ class BoardContent:
                 remaining_s=float(args.get("duration_s", DEFAULT_DURATION_S)),
                 seq=self._seq,
                 front=front,
+                image=image,
+                layout=layout,
             )
         )
         self._adhoc.sort(key=lambda a: a.order)
@@ -334,7 +367,8 @@ class BoardContent:
             out.append({"id": item.cmd_id, "text": item.text, "priority": item.priority,
                         "effect": item.effect, "started": item.started,
                         "remaining_s": round(remaining, 3),
-                        "end": now_ms + round(remaining * 1000) if on_show else None})
+                        "end": now_ms + round(remaining * 1000) if on_show else None,
+                        "image": item.image, "layout": item.layout})
         return out
 
     def restore(self, kept: list[dict]) -> list[str]:
@@ -354,7 +388,8 @@ class BoardContent:
             self._seq += 1
             self._adhoc.append(_AdHoc(msg["id"], msg["text"], Priority(msg["priority"]),
                                       msg["effect"], remaining, self._seq,
-                                      started=bool(msg["started"])))
+                                      started=bool(msg["started"]), image=msg.get("image"),
+                                      layout=msg.get("layout", "text")))
             back.append(msg["id"])
         self._adhoc.sort(key=lambda a: a.order)
         return back
@@ -462,7 +497,8 @@ class BoardContent:
         union = self._standing()
         local = datetime.fromtimestamp(self._clock.now_ms() / 1000.0, self._tz)
         trusted = self._trusted()
-        active = [m for m in union if (trusted or not m.windowed) and m.active_at(local)]
+        active = [m for m in union if (trusted or not m.windowed) and m.active_at(local)
+                  and (m.image is None or self._has_image(m.image["sha256"]))]
         return union, active
 
     def _target(self, now_mono: float):
@@ -511,18 +547,9 @@ class BoardContent:
         prev = self._shown
         if prev is not None:
             result = self._end_result(prev, finished, target)
-            changes.records.append(
-                ShowRecord(
-                    prev.message_id,
-                    prev.text,
-                    prev.source,
-                    prev.priority,
-                    prev.since_ms,
-                    now_ms,
-                    result,
-                    prev.topic,
-                )
-            )
+            changes.records.append(ShowRecord(prev.message_id, prev.text, prev.source,
+                                              prev.priority, prev.since_ms, now_ms, result,
+                                              prev.topic, prev.image))
             if prev.source == "command" and result in ("done", "preempted"):
                 changes.stages.append(CommandStage(prev.message_id, result, now_ms))
         self._shown = self._shown_for(target, now_ms, changes) if target else None
@@ -552,5 +579,7 @@ class BoardContent:
                 CommandStage(item.cmd_id, "resumed" if item.started else "started", now_ms)
             )
             item.started = True
-            return Shown(item.cmd_id, item.text, item.effect, "command", item.priority, now_ms)
-        return Shown(item.id, item.text, "auto", "standing", "normal", now_ms, topic)
+            return Shown(item.cmd_id, item.text, item.effect, "command", item.priority, now_ms,
+                         image=item.image, layout=item.layout)
+        return Shown(item.id, item.text, "auto", "standing", "normal", now_ms, topic,
+                     image=item.image, layout=item.layout)

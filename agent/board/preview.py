@@ -90,3 +90,67 @@ def _led_look(frame: Image.Image, scale: int) -> Image.Image:
     black = Image.new("RGB", big.size, (0, 0, 0))
     amber = Image.new("RGB", big.size, (255, 176, 0))
     return Image.composite(amber, black, big).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+
+
+# --- page boards (board.driver: framebuffer) -------------------------------------------------
+
+DEFAULT_SCREEN = (1920, 1080)  # when neither a region nor the screen's sysfs tells the size
+
+
+def page_size(board: dict) -> tuple[int, int]:
+    """The size pages are drawn at: ``board.framebuffer.region``'s, else the screen's (from its
+    sysfs folder, when this machine has it), else 1920×1080."""
+    from drivers.board.base import BoardLinkError
+    from drivers.board.framebuffer import read_geometry
+
+    fb = board["framebuffer"]
+    if fb["region"]:
+        return int(fb["region"][2]), int(fb["region"][3])
+    try:
+        g = read_geometry(fb["sysfs"])
+    except BoardLinkError:
+        return DEFAULT_SCREEN
+    return g.width, g.height
+
+
+def preview_pages(board: dict, pages: list[dict], out_path: str, *, tz: str,
+                  now_ms: int, cache_dir: str | None = None) -> list[str]:
+    """Render ``pages`` (each ``{"text", "priority"?, "layout"?, "image"?: {"sha256"} or
+    "image_file"?: a local file}``) as the page board configured in ``board`` shows them: one
+    PNG per page, ``out_path`` itself for one page, ``STEM-N.png`` beside it for several.
+    Images come from a local file or the media cache folder (``cache_dir``/sha256) and are
+    decoded within ``board.framebuffer.max_image_pixels`` as on the device. Returns the
+    files written. Raises :class:`PreviewError` (an image refused, a bad file name)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from agent.audio.hosts import MediaError
+    from agent.board.images import decode
+    from agent.board.page import Page, PageStyle, render_page
+
+    out = Path(out_path)
+    if out.suffix.lower() != ".png":
+        raise PreviewError(f"{out_path}: a page board preview is a PNG: the name must end in "
+                           ".png")
+    fb = board["framebuffer"]
+    size = page_size(board)
+    now = datetime.fromtimestamp(now_ms / 1000, ZoneInfo(tz))
+    written = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n, spec in enumerate(pages, 1):
+        image_file = spec.get("image_file")
+        if image_file is None and spec.get("image") and cache_dir:
+            candidate = Path(cache_dir) / str(spec["image"]["sha256"]).lower()
+            image_file = str(candidate) if candidate.is_file() else None
+        picture = None
+        if image_file is not None:
+            try:
+                picture = decode(image_file, int(fb["max_image_pixels"]), size)
+            except MediaError as e:
+                raise PreviewError(f"page {n}: image {image_file} refused: {e.message}") from e
+        page = Page(spec["text"], spec.get("priority", "normal"),
+                    spec.get("layout", "beside" if picture is not None else "text"), picture)
+        path = out if len(pages) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
+        render_page(page, size, now, PageStyle(title=fb["title"])).save(path, format="PNG")
+        written.append(str(path))
+    return written

@@ -13,6 +13,8 @@ thresholded to 16 px loses the marks.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import re
 import unicodedata
@@ -22,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+log = logging.getLogger(__name__)
 
 DEJAVU_SANS = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 UNIFONT_CANDIDATES = (
@@ -211,6 +215,20 @@ class TextRender:
                 frame.paste(self.strip, (x, 0))
             x += self.period_px
         return frame
+
+
+def render_or_fallback(text: str, cfg: RenderConfig, effect: str) -> TextRender | None:
+    """``TextRender`` with the configured font; a font that cannot be read falls back to the
+    default (logged); None when no font works (the board stays blank)."""
+    try:
+        return TextRender(text, cfg, effect)
+    except OSError as exc:  # a configured font that cannot be read: fall back
+        log.error("board font %s unusable (%s); using the default", cfg.font, exc)
+    try:
+        return TextRender(text, dataclasses.replace(cfg, font=None), effect)
+    except OSError:
+        log.exception("no usable font: the board stays blank")
+        return None
 
 
 def to_1bit(image: Image.Image, threshold: int = 128) -> Image.Image:

@@ -1,15 +1,15 @@
-"""The LED board as a service of the core: content, frames, driver supervision, proof.
+"""The LED board or screen as a service of the core: content, output, supervision, proof.
 
 Wires the building blocks together (SPEC §9, docs/BOARD.md):
 
 - :class:`agent.board.content.BoardContent` decides what shows: ``desired/board`` documents
-  (persisted per topic in ``<state_dir>/board-docs`` and restored at boot, before any broker
-  is reachable) and ad-hoc ``board`` commands. Its command stages become acks, its show
-  records become ``board`` events.
+  (persisted per topic, :mod:`agent.board.docstore`, restored at boot before any broker is
+  reachable) and ad-hoc ``board`` commands. Its stages become acks, its records events.
 - :class:`agent.board.render.TextRender` draws pixel boards; frames are pushed when the scroll
   moves (from the core's clock, at most ``FPS`` a second, fewer for the ``image`` driver, and
   only when the frame changed). Text boards (the serial sign) get ``show_text`` once per
-  message.
+  message; page boards (HDMI screens, :mod:`agent.board.screen`) a page per showing, with
+  its images (:mod:`agent.board.images`) and the proof read back from the screen.
 - The driver runs on a thread of its own (:class:`DriverThread`): a serial write may block for
   seconds and must not stall the core. At most one driver call is in flight; newer output
   replaces output not yet sent. A failure raises the ``board_link`` alert and retries every
@@ -19,27 +19,25 @@ The service is installed even with ``board.driver: none``: commands and document
 accepted, tracked and recorded (events carry ``"driver": "none"``), so a group-wide board
 message or document does not make every speaker-only cabinet reject it at each reconnect.
 
-Other services find it with :func:`get` (``agent.board.service.get(core)``) and call
-:meth:`BoardService.stop_id`, :meth:`BoardService.stop_all` and
-:meth:`BoardService.show_audio_text` on the core thread.
+Other services are handed it (``agent.app.install_services``) and call :meth:`~BoardService.
+stop_id`, :meth:`~BoardService.stop_all` and :meth:`~BoardService.show_audio_text` (core thread).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import queue
-import threading
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from PIL import Image
 
 from agent import protocol
+from agent.audio.hosts import MediaError
+from agent.audio.media import MediaCache
 from agent.board.content import (
     DEFAULT_DURATION_S,
     BoardContent,
@@ -49,76 +47,35 @@ from agent.board.content import (
     validate_command_args,
     validate_document_args,
 )
+from agent.board.docstore import BoardDocStore
+from agent.board.driverthread import DriverThread
+from agent.board.images import BoardImages
 from agent.board.render import (
     RenderConfig,
     TextRender,
     brightness_at,
     parse_brightness_schedule,
+    render_or_fallback,
 )
+from agent.board.screen import PageScreen, open_screen
 from agent.core.loop import Core, FuncHandler
 from agent.protocol import Envelope, Rejected
-from agent.schedule.store import ScheduleStore
 from drivers.board.base import BoardDriver
 
 log = logging.getLogger(__name__)
 
-DOC_FOLDER = "board-docs"
 FPS = 20.0  # frame-rate cap for LED matrices
 IMAGE_FPS = 4.0  # the image driver writes a PNG (fsync) per frame: spare the SD card
 MINUTE_S = 60.0
 MIN_RETRY_S = 1.0
-STOP_JOIN_S = 3.0
 ALERT = "board_link"
 
-def install(core: Core, cfg: dict) -> BoardService:
-    """Open the configured board, restore the stored documents and register everything."""
-    service = BoardService(core, cfg)
+def install(core: Core, cfg: dict, *, cache: MediaCache | None = None) -> BoardService:
+    """Open the configured board, restore the stored documents and register everything.
+    ``cache``: the agent's media cache, shared with audio (page images come through it)."""
+    service = BoardService(core, cfg, cache=cache)
     service.start()
     return service
-
-
-class BoardDocStore(ScheduleStore):
-    """The last applied board document of each topic, kept as received (re-verified at boot)."""
-
-    def __init__(self, state_dir: str) -> None:
-        super().__init__(state_dir)
-        self.dir = Path(state_dir) / DOC_FOLDER
-
-
-class DriverThread:
-    """One thread that owns the driver: calls run in order, each result (or the exception
-    raised) is handed to its callback on the core thread through ``post``."""
-
-    def __init__(self, post: Callable[..., None]) -> None:
-        self._post = post
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="board-driver", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], Any], then: Callable[[Any], None]) -> None:
-        self._queue.put((fn, then))
-
-    def drain(self) -> None:
-        """Block until every submitted call has run and its callback was posted (tests)."""
-        self._queue.join()
-
-    def stop(self, timeout: float = STOP_JOIN_S) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            fn, then = item
-            try:
-                result = fn()
-            except Exception as exc:  # noqa: BLE001 - every driver failure goes to the core
-                result = exc
-            self._post(then, result)
-            self._queue.task_done()
 
 
 class _DocHandler:
@@ -132,14 +89,20 @@ class _DocHandler:
 class BoardService:
     """See the module docstring. Every method runs on the core thread."""
 
-    def __init__(self, core: Core, cfg: dict, driver: BoardDriver | None = None) -> None:
+    def __init__(self, core: Core, cfg: dict, driver: BoardDriver | None = None, *,
+                 cache: MediaCache | None = None) -> None:
         self.core = core
         self.clock = core.clock
         self.options: dict = cfg["board"]
         self.driver_name: str = self.options["driver"]
         self.render_cfg = RenderConfig.from_options(self.options)
         self._tz = ZoneInfo(cfg["device"]["timezone"])
-        self.content = BoardContent(core.clock, cfg["device"]["timezone"], core.trust.trusted)
+        self.content = BoardContent(core.clock, cfg["device"]["timezone"], core.trust.trusted,
+                                    has_image=self._image_ready)
+        self._cache = cache
+        self.images: BoardImages | None = None  # a page board's images (when it opens)
+        self._awaiting: set[str] = set()  # commands whose image is being fetched
+        self.screen: PageScreen | None = None
         self.store = BoardDocStore(cfg["paths"]["state_dir"])
         groups = set(cfg["device"]["groups"]) | {"all"}
         self._topics = {f"dev/{core.device}"} | {f"grp/{g}" for g in groups}
@@ -197,6 +160,8 @@ class BoardService:
             return
         if self.driver_name != "none":
             self.link = True
+            if self.driver.kind == "page":  # pages with images from the media cache
+                self.screen, self.images = open_screen(self.core, self.driver, self._cache)
             if not self.driver.ok():
                 self._link_failed(self.driver.last_error or "not connected")
 
@@ -219,6 +184,8 @@ class BoardService:
         if driver is not None:
             self.io.submit(driver.close, lambda result: None)
         self.io.stop()
+        if self.images is not None:
+            self.images.close()
 
     # --- public API for other services -------------------------------------------------
 
@@ -227,6 +194,10 @@ class BoardService:
         gets the ``stopped`` ack (unless it came from :meth:`show_audio_text`)."""
         if self._stopped:
             return False
+        if cmd_id in self._awaiting:  # its image not ready yet: never queued
+            self._awaiting.discard(cmd_id)
+            self.core.ack(cmd_id, "stopped")
+            return True
         removed = self.content.remove(cmd_id)
         if removed:
             self.update()
@@ -236,7 +207,11 @@ class BoardService:
         """Withdraw every ad-hoc message; returns their ids. Standing content stays."""
         if self._stopped:
             return []
-        ids = self.content.clear_commands()
+        ids = sorted(self._awaiting)  # waiting for their images: never queued
+        self._awaiting.clear()
+        for cmd_id in ids:
+            self.core.ack(cmd_id, "stopped")
+        ids += self.content.clear_commands()
         if ids:
             self.update()
         return ids
@@ -275,8 +250,58 @@ class BoardService:
     # --- commands and documents --------------------------------------------------------
 
     def _execute(self, env: Envelope) -> None:
-        self.content.add_message(env.id, env.args)
+        args = dict(env.args)
+        if env.exp is not None and "duration_s" not in args \
+                and args.get("priority") == "emergency":  # an emergency stays until its exp
+            left = math.ceil((env.exp - self.clock.now_ms()) / 1000)
+            args["duration_s"] = min(max(1, left), 86_400)
+        if "image" not in args or self.images is None:
+            self.content.add_message(env.id, args)
+            self.update()
+            return
+        self._awaiting.add(env.id)
+        self.images.prepare(args["image"], lambda sha, error: self._command_image(
+            env.id, args, error), lane=env.priority)
+
+    def _command_image(self, cmd_id: str, args: dict, error: MediaError | None) -> None:
+        """A command's image is ready, or refused: then the command fails with the reason and
+        what was on screen stays. Nothing when it was stopped meanwhile."""
+        if self._stopped or cmd_id not in self._awaiting:
+            return
+        self._awaiting.discard(cmd_id)
+        if error is not None:
+            self.core.ack(cmd_id, "failed", error.reason, {"error": error.message})
+            return
+        self.content.add_message(cmd_id, args)
         self.update()
+
+    def _prepare_images(self, topic: str, rev: int, args: dict) -> None:
+        """Fetch a document's page images; a page waits for its image, and one refused is
+        recorded (``image_refused``) and never shown."""
+        if self.images is None:
+            return
+        for msg in args.get("messages", []):
+            if "image" in msg:
+                self.images.prepare(msg["image"], lambda sha, error, mid=msg["id"]:
+                                    self._document_image(topic, rev, mid, error))
+
+    def _document_image(self, topic: str, rev: int, msg_id: str,
+                        error: MediaError | None) -> None:
+        if self._stopped:
+            return
+        if error is not None:
+            self.core.emit_event({"type": "board", "topic": topic, "rev": rev, "id": msg_id,
+                                  "result": "image_refused", "reason": error.reason,
+                                  "detail": error.message})
+        self.update()
+
+    def _image_back(self, sha: str, error: MediaError | None) -> None:
+        shown = self.content.current()
+        if not self._stopped and shown and shown.image and shown.image["sha256"] == sha:
+            self._want_page(shown)
+
+    def _image_ready(self, sha: str) -> bool:
+        return self.images is None or self.images.ready(sha)
 
     def apply_document(self, target: str, env: Envelope, raw: bytes) -> tuple[str, str | None]:
         errors = validate_document_args(env.args)
@@ -295,6 +320,7 @@ class BoardService:
             self.store.save(target, env.rev, raw)
         except OSError as exc:
             log.error("board document %s rev %s applied but not stored: %s", target, env.rev, exc)
+        self._prepare_images(target, env.rev, env.args)
         self.update()
         return "applied", None
 
@@ -316,6 +342,7 @@ class BoardService:
                             r.message)
                 continue
             _, reason = self.content.apply_document(topic, env.rev, env.args)
+            self._prepare_images(topic, env.rev, env.args)
             log.info("board document %s rev %s restored: %s", topic, rev, reason)
 
     def _take_back(self) -> None:
@@ -329,6 +356,9 @@ class BoardService:
             back = self.content.restore(kept)
             for cmd_id in back:
                 self.core.store.open_done(cmd_id)
+            for msg in kept:  # their images, decoded again (drawn again once ready)
+                if msg.get("image") and self.images is not None and msg["id"] in back:
+                    self.images.prepare(msg["image"], self._image_back)
         except Exception:  # a damaged row must not keep the board from starting
             log.exception("board: ad-hoc messages kept before the restart not restored")
             return
@@ -387,27 +417,21 @@ class BoardService:
         if self.driver.kind == "text":
             self._want_text(shown)
             return
-        self._render = self._make_render(shown) if shown is not None else None
+        if self.driver.kind == "page":
+            self._want_page(shown)
+            return
+        self._render = render_or_fallback(shown.text, self.render_cfg, shown.effect) \
+            if shown is not None else None
         self._shown_mono = self.clock.monotonic()
         self._frame_tick()
-
-    def _make_render(self, shown: Shown) -> TextRender | None:
-        effect = shown.effect
-        try:
-            return TextRender(shown.text, self.render_cfg, effect)
-        except OSError as exc:  # a configured font that cannot be read: fall back
-            log.error("board font %s unusable (%s); using the default", self.render_cfg.font, exc)
-        try:
-            fallback = dataclasses.replace(self.render_cfg, font=None)
-            return TextRender(shown.text, fallback, effect)
-        except OSError:
-            log.exception("no usable font: the board stays blank")
-            return None
 
     # --- output --------------------------------------------------------------------------
 
     def _frame_tick(self, force: bool = False) -> None:
         self._timers.pop("frame", None)
+        if self.driver.kind == "page":  # a page stands: drawn again only when asked
+            self._want_page(self.content.current())
+            return
         render = self._render
         elapsed = self.clock.monotonic() - self._shown_mono
         if render is None:
@@ -426,6 +450,11 @@ class BoardService:
         self._last_frame = data
         self._pending["output"] = ("frame", frame, self._current_key())
         self._kick()
+
+    def _want_page(self, shown: Shown | None) -> None:
+        if self.screen is not None:
+            self._pending["output"] = ("page", self.screen.job(shown), self._current_key())
+            self._kick()
 
     def _want_text(self, shown: Shown | None) -> None:
         text = shown.text if shown is not None else ""
@@ -461,6 +490,9 @@ class BoardService:
                 driver.set_brightness(op[1])
             elif op[0] == "frame":
                 driver.show(op[1])
+            elif op[0] == "page":
+                proof = op[1]()
+                return proof if driver.ok() else False
             else:
                 driver.show_text(op[1], op[2])
             return driver.ok()
@@ -475,6 +507,9 @@ class BoardService:
         else:
             if op[0] == "text" and op[-1] == self._current_key():
                 self._note_sign_text()
+            if op[0] == "page" and op[-1] == self._current_key():  # proof: the first drawing
+                proof = self._show_extra.setdefault("screen", result.to_dict())
+                proof["matches"] = proof["matches"] and result.matches  # and every one since
             self._link_restored()
         self._kick()
 
@@ -509,7 +544,7 @@ class BoardService:
         self.core.set_alert(ALERT, False)
         self.core.mark_state_dirty()
         self._cancel("retry")
-        if self.driver.kind != "text":
+        if self.driver.kind == "pixel":
             self._frame_tick()
 
     def _retry(self) -> None:

@@ -1,6 +1,6 @@
 """Board backends: the interface the core drives, and the ``none`` and ``image`` boards.
 
-Two kinds of board exist. A *pixel* board (``kind = "pixel"``: MAX7219 matrices, the image
+Three kinds of board exist. A *pixel* board (``kind = "pixel"``: MAX7219 matrices, the image
 board) takes whole 1-bit frames through :meth:`BoardDriver.show`; the core renders text with
 ``agent.board.render`` and pushes a new frame each time the scroll moves. A *text* board
 (``kind = "text"``: a serial LED sign) draws and scrolls text itself and takes
@@ -40,7 +40,9 @@ class BoardDriver(ABC):  # noqa: B024 - show or show_text is required, by kind
     - ``last_error``: why the link is down (None while it works or the board cannot tell);
     - ``last_sent``: the text as a text board last got it (None for a pixel board);
     - ``transliterated``: whether ``last_sent`` lost characters or marks of the text given
-      (a sign without Vietnamese glyphs); always False for a pixel board.
+      (a sign without Vietnamese glyphs); always False for a pixel board;
+    - ``written_sha256``: a page board, the sha256 of the last page as written to the screen
+      (in its own pixel format, as :meth:`read_back` hashes it); None for the others.
     """
 
     name = "abstract"
@@ -54,6 +56,7 @@ class BoardDriver(ABC):  # noqa: B024 - show or show_text is required, by kind
         self.last_error: str | None = None
         self.last_sent: str | None = None
         self.transliterated = False
+        self.written_sha256: str | None = None
         self._closed = False
 
     def show(self, frame: Image.Image) -> None:
@@ -63,6 +66,12 @@ class BoardDriver(ABC):  # noqa: B024 - show or show_text is required, by kind
     def show_text(self, text: str, effect: str = "scroll") -> None:
         """Display ``text`` with ``effect`` (scroll | static) on a sign that renders it."""
         raise NotImplementedError(f"{self.name} board shows frames, not text")
+
+    def read_back(self):
+        """What the screen holds now (a page board: an object with ``data``, ``sha256``,
+        ``width``, ``height``, ``format`` and ``image()``), or None for a board that cannot
+        tell (LED matrices and signs take data and answer nothing)."""
+        return None
 
     def set_brightness(self, level: int) -> None:
         """0 (darkest the board allows) to 255 (full)."""
