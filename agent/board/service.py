@@ -58,7 +58,8 @@ from agent.board.render import (
     render_or_fallback,
 )
 from agent.board.screen import PageScreen, open_screen
-from agent.core.loop import Core, FuncHandler
+from agent.core.inbound import FuncHandler
+from agent.core.loop import Core
 from agent.protocol import Envelope, Rejected
 from drivers.board.base import BoardDriver
 
@@ -355,7 +356,7 @@ class BoardService:
             kept = self.core.store.board_messages()
             back = self.content.restore(kept)
             for cmd_id in back:
-                self.core.store.open_done(cmd_id)
+                self.core.not_interrupted(cmd_id)
             for msg in kept:  # their images, decoded again (drawn again once ready)
                 if msg.get("image") and self.images is not None and msg["id"] in back:
                     self.images.prepare(msg["image"], self._image_back)
