@@ -209,9 +209,11 @@ def test_operator_uploads_a_recording_that_the_agent_fetches_from_the_console(en
     cmd_id = d.find_element(By.CSS_SELECTOR, "section.cmd").get_attribute("data-cmd")
     wait_until(lambda: _text(d, f"#final-{cmd_id}") == "done", 30,
                what="the recording aired (done)")
-    sent = [json.loads(p) for t, p, _ in env.watcher.messages if t == f"ttcs/dev/{DEVICE}/cmd"]
-    media = sent[-1]["args"]["media"]
-    assert media["url"].startswith(env.base + "/media/") and sent[-1]["type"] == "play"
+    # The relay sends commands of its own (resend probes): find this one by its id.
+    [cmd] = [c for c in (json.loads(p) for t, p, _ in env.watcher.messages
+                         if t == f"ttcs/dev/{DEVICE}/cmd") if c.get("id") == cmd_id]
+    media = cmd["args"]["media"]
+    assert media["url"].startswith(env.base + "/media/") and cmd["type"] == "play"
     assert (env.folder / "media" / media["url"].rsplit("/", 1)[1]).read_bytes() == \
         path.read_bytes()
 
