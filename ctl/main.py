@@ -12,6 +12,7 @@ import time
 from agent import __version__, protocol
 from agent.config import ConfigError
 from ctl import config, release
+from ctl.cap import cli as cap_cli
 from ctl.keys import keygen, pubkey, signing_key
 from ctl.sanitize import shown
 from ctl.send import send
@@ -202,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
         pp.add_argument("--devices", type=int, help="for a group: results to wait for")
     command("version", "print the version")
     release.add_parser(sub)
+    cap_cli.add_parser(command)
     return parser
 
 
@@ -251,6 +253,8 @@ def _dispatch(cfg: dict, args: argparse.Namespace) -> int:
                     as_json=args.json, devices=args.devices)
     if args.cmd == "relay":
         return relay(cfg, args.once)
+    if args.cmd == "cap":
+        return cap_cli.main(cfg, args)
     if args.cmd == "report":
         return report(cfg, args.month, args.year, args.out, args.db, not args.no_chart)
     if args.cmd in ("schedule", "board"):

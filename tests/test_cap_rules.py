@@ -1,0 +1,342 @@
+"""CAP 1.2 ingest, the pure parts: reading (schema, hostile XML), each mapping rule, areas,
+the commands planned. The end-to-end paths with a real broker and agents are in
+test_cap_e2e.py."""
+
+from __future__ import annotations
+
+import string
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_file
+from agent.protocol import Priority
+from ctl.cap import mapping as m
+from ctl.cap import plan
+from ctl.cap.areas import distance_km, resolve
+from ctl.cap.parse import CapInvalid, parse
+from ctl.config import CTL_SCHEMA
+
+CAP_DIR = Path(__file__).parent / "cap"
+VN = timezone(timedelta(hours=7))
+
+
+def cap_time(dt: datetime) -> str:
+    return dt.astimezone(VN).replace(microsecond=0).isoformat()
+
+
+def fill(name: str, **values) -> bytes:
+    """A Vietnamese fixture with its times filled in (defaults: sent now, onset a minute ago,
+    expires in an hour)."""
+    now = datetime.now(VN)
+    defaults = {"SENT": cap_time(now), "ONSET": cap_time(now - timedelta(minutes=1)),
+                "EXPIRES": cap_time(now + timedelta(hours=1)), "REF_SENT": cap_time(now),
+                "REFERENCES": "a@b,c,2026-01-01T00:00:00+07:00"}
+    text = (CAP_DIR / "vn" / name).read_text(encoding="utf-8")
+    return string.Template(text).substitute({**defaults, **values}).encode()
+
+
+def config(tmp_path: Path, **cap) -> dict:
+    path = tmp_path / "ctl.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "mqtt": {"host": "127.0.0.1", "port": 1883},
+        "relay": {"db_path": str(tmp_path / "relay.db"),
+                  "groups": {"krongpa": ["krongpa-*"], "iarsai": ["krongpa-iarsai-*"]}},
+        "locations": {"krongpa-phutuc-c03": [13.20, 108.68],
+                      "krongpa-iarsai-c01": [13.05, 108.85]},
+        "cap": {"geocodes": {"VN-DISTRICT=0640": ["krongpa"]},
+                "area_names": {"Huyện Krông Pa, tỉnh Gia Lai": ["krongpa"]},
+                "languages": {"krongpa": ["vi", "en"]}, **cap},
+    }, allow_unicode=True))
+    return load_file(str(path), CTL_SCHEMA)
+
+
+NOW = int(time.time() * 1000)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CAP_DIR / "oasis").glob("*.xml")))
+def test_the_oasis_specification_examples_are_valid(name):
+    alert = parse((CAP_DIR / "oasis" / name).read_bytes())
+    assert alert.identifier and alert.sender and alert.infos
+    assert alert.status == "Actual"
+
+
+def test_oasis_examples_read_as_the_specification_says():
+    quake = parse((CAP_DIR / "oasis" / "a3-earthquake-update.xml").read_bytes())
+    assert quake.msg_type == "Update"
+    assert [(r.sender, r.identifier) for r in quake.references] == [
+        ("trinet@caltech.edu", "TRI13970876.1")]
+    assert quake.infos[0].areas[0].circles == [(32.9525, -115.5527, 0.0)]
+    storm = parse((CAP_DIR / "oasis" / "a2-thunderstorm.xml").read_bytes())
+    area = storm.infos[0].areas[0]
+    assert area.polygons[0][0] == (38.47, -120.14) and len(area.polygons[0]) == 5
+    assert ("SAME", "006109") in area.geocodes
+    amber = parse((CAP_DIR / "oasis" / "a4-amber-multilingual.xml").read_bytes())
+    assert [i.lang for i in amber.infos] == ["en", "es"]
+    assert parse((CAP_DIR / "oasis" / "a1-homeland-security.xml").read_bytes()).infos[0] \
+        .language == "en-US"  # the schema's default when absent
+
+
+def test_vietnamese_fixtures_are_valid():
+    for name in ("typhoon-krongpa.xml", "flood-ba-river.xml", "flood-ba-river-update.xml",
+                 "flood-ba-river-cancel.xml", "typhoon-test.xml"):
+        alert = parse(fill(name))
+        assert alert.infos[0].lang == "vi"
+    assert parse((CAP_DIR / "vn" / "expired.xml").read_bytes()).infos[0].expires.year == 2025
+
+
+def test_an_invalid_message_lists_every_problem_with_its_line():
+    with pytest.raises(CapInvalid) as e:
+        parse((CAP_DIR / "vn" / "malformed.xml").read_bytes())
+    problems = e.value.problems
+    assert any(p.startswith("line 6:") and "status" in p for p in problems), problems
+    # the schema stops at the first unexpected element of a sequence; the text rules are
+    # checked on a message that passes the schema:
+    text = fill("typhoon-krongpa.xml").replace(
+        b"13.15,108.62 13.25,108.62</polygon>", b"13.15,108.62</polygon>")
+    text = text.replace(b"</polygon>", b"</polygon>\n      <circle>13.2,108.6</circle>")
+    with pytest.raises(CapInvalid) as e:
+        parse(text)
+    lines = text.decode().splitlines()
+    poly_line = next(i for i, t in enumerate(lines, 1) if "<polygon>" in t)
+    assert f"line {poly_line}: polygon: must be at least four" in e.value.problems[0]
+    assert f"line {poly_line + 1}: circle:" in e.value.problems[1]
+
+
+def test_bad_enumeration_and_not_well_formed():
+    bad = fill("flood-ba-river.xml").replace(b"<urgency>Immediate", b"<urgency>Soon", 1)
+    with pytest.raises(CapInvalid) as e:
+        parse(bad)
+    line = next(i for i, t in enumerate(bad.decode().splitlines(), 1) if "Soon" in t)
+    assert "urgency" in e.value.problems[0] and e.value.problems[0].startswith(f"line {line}:")
+    with pytest.raises(CapInvalid) as e:
+        parse(b"<alert xmlns='urn:oasis:names:tc:emergency:cap:1.2'>\n<identifier>x</alert>")
+    assert e.value.problems[0].startswith("line 2: not well-formed")
+    with pytest.raises(CapInvalid):
+        parse(b"<alert xmlns='urn:oasis:names:tc:emergency:cap:1.1'/>")  # CAP 1.1: not ours
+
+
+@pytest.mark.parametrize("name", ["billion-laughs.xml", "xxe.xml"])
+def test_entity_attacks_are_refused_before_expansion(name):
+    started = time.monotonic()
+    with pytest.raises(CapInvalid) as e:
+        parse((CAP_DIR / "vn" / name).read_bytes())
+    assert "DTD or entity declaration is not allowed" in e.value.problems[0]
+    assert e.value.problems[0].startswith("line 2:")
+    assert time.monotonic() - started < 1  # nothing was expanded
+
+
+def test_an_oversized_message_is_refused():
+    with pytest.raises(CapInvalid, match="at most"):
+        parse(b"<a>" + b" " * (1024 * 1024) + b"</a>")
+
+
+# --- mapping rules ---------------------------------------------------------------------
+
+def test_status_rules(tmp_path):
+    cfg = config(tmp_path)
+    flood = parse(fill("flood-ba-river.xml"))
+    assert m.decide(flood, cfg["cap"], NOW).action == m.AIR
+    test = parse(fill("typhoon-test.xml"))
+    assert m.decide(test, cfg["cap"], NOW).action == m.RECORD  # no test group: recorded
+    with_group = config(tmp_path, test_group="thunghiem")
+    assert m.decide(test, with_group["cap"], NOW).action == m.TEST
+    exercise = parse(fill("typhoon-test.xml").replace(b"<status>Test", b"<status>Exercise"))
+    assert m.decide(exercise, with_group["cap"], NOW).action == m.TEST
+    for status in (b"System", b"Draft"):
+        other = parse(fill("flood-ba-river.xml").replace(b"<status>Actual",
+                                                          b"<status>" + status))
+        d = m.decide(other, with_group["cap"], NOW)
+        assert d.action == m.RECORD and "never aired" in d.why
+
+
+def test_msgtype_rules(tmp_path):
+    cfg = config(tmp_path)
+    for kind, action in ((b"Ack", m.RECORD), (b"Error", m.RECORD)):
+        a = parse(fill("flood-ba-river.xml").replace(b"<msgType>Alert", b"<msgType>" + kind))
+        assert m.decide(a, cfg["cap"], NOW).action == action
+    assert m.decide(parse(fill("flood-ba-river-update.xml")), cfg["cap"], NOW).action == m.AIR
+    assert m.decide(parse(fill("flood-ba-river-cancel.xml")), cfg["cap"], NOW).action \
+        == m.CANCEL
+
+
+def test_scope_rules(tmp_path):
+    text = fill("flood-ba-river.xml").replace(b"<scope>Public", b"<scope>Restricted")
+    restricted = parse(text)
+    d = m.decide(restricted, config(tmp_path)["cap"], NOW)
+    assert d.action == m.REFUSE and "cap.scopes.Restricted" in d.why
+    allowed = config(tmp_path, scopes={"Restricted": ["canhbao@kttv-gialai.gov.vn"]})
+    assert m.decide(restricted, allowed["cap"], NOW).action == m.AIR
+    private = parse(fill("flood-ba-river.xml").replace(b"<scope>Public", b"<scope>Private"))
+    assert m.decide(private, allowed["cap"], NOW).action == m.REFUSE
+
+
+def test_sender_allow_list(tmp_path):
+    flood = parse(fill("flood-ba-river.xml"))
+    assert m.decide(flood, config(tmp_path, senders=["other@x.vn"])["cap"], NOW).action \
+        == m.REFUSE
+    assert m.decide(flood, config(tmp_path, senders=[flood.sender])["cap"], NOW).action == m.AIR
+
+
+def test_expired_alert_is_refused(tmp_path):
+    old = parse((CAP_DIR / "vn" / "expired.xml").read_bytes())
+    d = m.decide(old, config(tmp_path)["cap"], NOW)
+    assert d.action == m.REFUSE and "expired" in d.why
+
+
+def test_priority_table_default_and_configured(tmp_path):
+    rules = config(tmp_path)["cap"]["priority"]
+    flood = parse(fill("flood-ba-river.xml")).infos[0]  # Immediate Severe Observed
+    assert m.priority_of(flood, rules) == Priority.EMERGENCY
+    from dataclasses import replace
+
+    assert m.priority_of(replace(flood, severity="Moderate"), rules) == Priority.PRIORITY
+    assert m.priority_of(replace(flood, urgency="Future"), rules) == Priority.NORMAL
+    assert m.priority_of(replace(flood, certainty="Possible"), rules) == Priority.NORMAL
+    own = config(tmp_path, priority=[{"severity": ["Severe"], "priority": "priority"}])
+    assert m.priority_of(flood, own["cap"]["priority"]) == Priority.PRIORITY
+
+
+def test_priority_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config(tmp_path, priority=[{"severity": ["Severee"], "priority": "urgent"}])
+    text = "\n".join(e.value.problems)
+    assert "cap.priority[0].severity[0]" in text and "did you mean 'Severe'" in text
+    assert "cap.priority[0].priority" in text
+
+
+def test_time_rules(tmp_path):
+    cap = config(tmp_path)["cap"]
+    now = datetime.now(VN)
+    info = parse(fill("typhoon-krongpa.xml", ONSET=cap_time(now + timedelta(minutes=30)),
+                      EXPIRES=cap_time(now + timedelta(hours=2)))).infos[0]
+    t = m.timing(info, cap, NOW)
+    assert abs(t.at_ms - (NOW + 30 * 60_000)) < 2000  # a future onset becomes `at`
+    assert abs(t.exp_ms - (NOW + 2 * 3600_000)) < 2000  # expires becomes exp
+    assert abs(t.board_s - 2 * 3600) < 3  # board text until expires
+    past_onset = parse(fill("typhoon-krongpa.xml")).infos[0]
+    assert m.timing(past_onset, cap, NOW).at_ms is None  # already begun: now
+    no_expiry = parse(fill("flood-ba-river.xml").replace(b"<expires>", b"<!--").replace(
+        b"</expires>", b"-->")).infos[0]
+    assert m.timing(no_expiry, cap, NOW).exp_ms == NOW + cap["default_ttl_s"] * 1000
+    far = parse(fill("typhoon-krongpa.xml", ONSET=cap_time(now + timedelta(days=8)),
+                     EXPIRES=cap_time(now + timedelta(days=9)))).infos[0]
+    assert m.timing(far, cap, NOW).too_far
+
+
+def test_language_order():
+    amber = parse((CAP_DIR / "oasis" / "a4-amber-multilingual.xml").read_bytes())
+    assert [i.lang for i in m.choose_infos(amber.infos, ["es", "en"])] == ["es", "en"]
+    assert [i.lang for i in m.choose_infos(amber.infos, ["vi"])] == ["en"]  # beats silence
+    flood = parse(fill("flood-ba-river.xml"))
+    assert [i.lang for i in m.choose_infos(flood.infos, ["vi", "jra"])] == ["vi"]
+
+
+def test_spoken_and_board_text():
+    info = parse(fill("flood-ba-river.xml")).infos[0]
+    said = m.spoken(info)
+    assert said.startswith("Lũ trên sông Ba vượt báo động 3. Mực nước")
+    assert said.endswith("Sơ tán ngay khỏi vùng trũng ven sông Ba.")
+    test = m.spoken(info, "Tin thử nghiệm")
+    assert test.startswith("Tin thử nghiệm. ") and test.endswith(" Tin thử nghiệm.")
+    assert m.board_text(info, 200) == ("Lũ trên sông Ba vượt báo động 3 — Sơ tán ngay khỏi"
+                                       " vùng trũng ven sông Ba.")
+    assert m.board_text(info, 40) == "Lũ trên sông Ba vượt báo động 3"  # no room
+    assert m.board_text(info, 200, "Tin thử nghiệm").startswith("[TIN THỬ NGHIỆM] Lũ")
+
+
+# --- areas -------------------------------------------------------------------------------
+
+DEVICES = ["krongpa-phutuc-c03", "krongpa-iarsai-c01"]
+
+
+def test_area_by_geocode_and_by_name(tmp_path):
+    cfg = config(tmp_path)
+    flood = parse(fill("flood-ba-river.xml"))
+    t = resolve(flood.infos[0].areas, cfg, DEVICES)
+    assert list(t) == ["grp/krongpa"]
+    assert "geocode VN-DISTRICT=0640" in t.why["grp/krongpa"]
+    assert "areaDesc 'Huyện Krông Pa, tỉnh Gia Lai'" in t.why["grp/krongpa"]
+    unknown = parse(fill("flood-ba-river.xml").replace(b"<value>0640", b"<value>9999")
+                    .replace(b"Huy\xe1\xbb\x87n Kr\xc3\xb4ng Pa", b"Huyen X"))
+    assert not resolve(unknown.infos[0].areas, cfg, DEVICES)
+
+
+def test_area_by_polygon_targets_exactly_the_devices_inside(tmp_path):
+    cfg = config(tmp_path)
+    typhoon = parse(fill("typhoon-krongpa.xml"))
+    assert list(resolve(typhoon.infos[0].areas, cfg, DEVICES)) == ["dev/krongpa-phutuc-c03"]
+
+
+def test_area_by_circle(tmp_path):
+    cfg = config(tmp_path)
+    assert 19 < distance_km((13.20, 108.68), (13.05, 108.85)) < 26
+    quake = parse((CAP_DIR / "oasis" / "a3-earthquake-update.xml").read_bytes()
+                  .replace(b"32.9525,-115.5527 0", b"13.06,108.84 5"))
+    assert list(resolve(quake.infos[0].areas, cfg, DEVICES)) == ["dev/krongpa-iarsai-c01"]
+    wide = parse((CAP_DIR / "oasis" / "a3-earthquake-update.xml").read_bytes()
+                 .replace(b"32.9525,-115.5527 0", b"13.06,108.84 30"))
+    assert len(list(resolve(wide.infos[0].areas, cfg, DEVICES))) == 2
+
+
+def test_a_device_placed_by_its_group(tmp_path):
+    cfg = config(tmp_path)
+    cfg["locations"] = {"iarsai": [13.20, 108.68]}  # the commune's point, not the device's
+    typhoon = parse(fill("typhoon-krongpa.xml"))
+    assert list(resolve(typhoon.infos[0].areas, cfg, DEVICES)) == ["dev/krongpa-iarsai-c01"]
+
+
+# --- the commands planned ----------------------------------------------------------------
+
+def test_plan_one_id_per_command_on_every_target_and_language_order(tmp_path):
+    cfg = config(tmp_path)
+    flood = parse(fill("flood-ba-river.xml"))
+    targets = [resolve(i.areas, cfg, DEVICES) for i in flood.infos]
+    targets[0].add("dev/krongpa-phutuc-c03", "test")
+    cmds = plan.airing(flood, targets, [None, None], cfg, NOW, test=False, base="cap-x")
+    by_target = {}
+    for c in cmds:
+        by_target.setdefault(c.target, []).append((c.cmd_id, c.type, c.lang))
+    assert by_target["grp/krongpa"] == [("cap-x-a0", "say", "vi"), ("cap-x-b0", "board", "vi"),
+                                        ("cap-x-a1", "say", "en")]
+    # the device through a second target: the same ids, so it airs them once
+    assert by_target["dev/krongpa-phutuc-c03"][0] == ("cap-x-a0", "say", "vi")
+    say = next(c for c in cmds if c.cmd_id == "cap-x-a0")
+    assert say.args["priority"] == "emergency" and say.args["repeat"] == 2
+    assert say.args["lang"] == "vi" and "at" not in say.args
+    board = next(c for c in cmds if c.cmd_id == "cap-x-b0")
+    assert board.args["priority"] == "emergency" and 3590 <= board.args["duration_s"] <= 3600
+    assert board.exp_ms == say.exp_ms
+
+
+def test_plan_a_test_is_marked_and_never_urgent(tmp_path):
+    cfg = config(tmp_path, test_group="thunghiem")
+    test = parse(fill("typhoon-test.xml"))
+    t = plan.airing(test, [resolve([], cfg, DEVICES)], [None], cfg, NOW, test=True,
+                    base="cap-t")
+    assert t == []  # no target: nothing
+    from ctl.cap.areas import Targets
+
+    tg = Targets()
+    tg.add("grp/thunghiem", "cap.test_group")
+    cmds = plan.airing(test, [tg], [None], cfg, NOW, test=True, base="cap-t")
+    say, board = cmds
+    assert say.args["priority"] == "normal" and board.args["priority"] == "normal"
+    assert say.args["text"].startswith("Tin thử nghiệm.")
+    assert board.args["text"].startswith("[TIN THỬ NGHIỆM]")
+
+
+def test_plan_stops_each_referenced_command_on_its_target():
+    rows = [{"cmd_id": "cap-a-a0", "target": "grp/krongpa", "type": "say"},
+            {"cmd_id": "cap-a-b0", "target": "grp/krongpa", "type": "board"},
+            {"cmd_id": "cap-a-a0", "target": "grp/krongpa", "type": "say"},
+            {"cmd_id": "cap-a-s0", "target": "grp/krongpa", "type": "stop"}]
+    stops = plan.stops(rows, "cap-b", NOW, 600)
+    assert [(s.target, s.type, s.args) for s in stops] == [
+        ("grp/krongpa", "stop", {"id": "cap-a-a0"}), ("grp/krongpa", "stop", {"id": "cap-a-b0"})]
