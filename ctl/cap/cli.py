@@ -129,14 +129,19 @@ def watch(handler: Handler, cfg: dict, record: CapRecord, sources: list[str],
     watcher = Watcher(sources, handle, record,
                       Fetcher(int(cfg["cap"]["feed_max_bytes"]),
                               cfg["cap"]["download_timeout_s"]), interval)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("cap watch: %d source(s) every %g s", len(sources), interval)
-    while not stop.is_set():
+    if once:
         watcher.tick()
-        if once:
-            break
-        stop.wait(min(1.0, interval))
+        return 0
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("cap watch: %d source(s) every %g s", len(sources), interval)
+    try:
+        while not stop.is_set():
+            watcher.tick()
+            stop.wait(min(1.0, interval))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     log.info("cap watch stopped")
     return 0

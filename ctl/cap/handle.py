@@ -89,7 +89,8 @@ class Handler:
                 commands += plan.airing(alert, targets, media, self.cfg, now_ms, test=test,
                                         base=base)
                 for t in sorted({t for ts in targets for t in ts}):
-                    why = "; ".join(r for ts in targets for r in ts.why.get(t, []))
+                    why = "; ".join(dict.fromkeys(r for ts in targets
+                                                  for r in ts.why.get(t, [])))
                     out.lines.append(f"  {t} ({why})")
         if not commands:
             save(decision.action, decision.why + "; nothing to send")
