@@ -340,3 +340,100 @@ def test_plan_stops_each_referenced_command_on_its_target():
     stops = plan.stops(rows, "cap-b", NOW, 600)
     assert [(s.target, s.type, s.args) for s in stops] == [
         ("grp/krongpa", "stop", {"id": "cap-a-a0"}), ("grp/krongpa", "stop", {"id": "cap-a-b0"})]
+
+
+# --- watch: feeds, folders, backoff ------------------------------------------------------
+
+class _Seen:
+    def __init__(self) -> None:
+        self.keys: set[tuple[str, str]] = set()
+
+    def seen(self, source, digest):
+        return (source, digest) in self.keys
+
+    def mark_seen(self, source, digest, now_ms):
+        self.keys.add((source, digest))
+
+
+def test_feed_entries_atom_rss_inline_and_hostile():
+    from ctl.cap.feed import SourceError, messages_in
+
+    alert = fill("flood-ba-river.xml")
+    got = {}
+    atom = (b'<feed xmlns="http://www.w3.org/2005/Atom"><entry><link rel="alternate"'
+            b' href="page.html"/><link type="application/cap+xml" href="a.xml"/></entry></feed>')
+    assert messages_in(atom, "https://kttv.vn/cap/feed", lambda u: got.setdefault(u, alert)) \
+        == [("https://kttv.vn/cap/a.xml", alert)]
+    rss = b"<rss><channel><item><link> https://kttv.vn/b.xml </link></item></channel></rss>"
+    assert messages_in(rss, "https://kttv.vn/rss", lambda u: alert)[0][0] == "https://kttv.vn/b.xml"
+    inline = b'<feed xmlns="http://www.w3.org/2005/Atom"><entry><content>' + \
+        alert.split(b"?>", 1)[1].split(b"-->", 1)[1] + b"</content></entry></feed>"
+    [(where, data)] = messages_in(inline, "https://kttv.vn/f", lambda u: b"")
+    assert where == "https://kttv.vn/f"
+    assert parse(data).identifier == "VN-KTTV-GL-2026-LU-SONGBA-014"
+    assert messages_in(alert, "https://kttv.vn/one.xml", lambda u: b"") == [
+        ("https://kttv.vn/one.xml", alert)]  # a CAP message itself
+    with pytest.raises(SourceError):
+        messages_in((CAP_DIR / "vn" / "billion-laughs.xml").read_bytes(), "u", lambda u: b"")
+
+
+def test_watch_backs_off_a_failing_source_and_goes_on_with_the_others(tmp_path):
+    from ctl.cap.feed import MAX_BACKOFF_S, SourceError, Watcher
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "a.xml").write_bytes(fill("flood-ba-river.xml"))
+    now = [1000.0]
+    calls = []
+
+    class Down:
+        def get(self, url):
+            calls.append(url)
+            raise SourceError("ConnectionError")
+
+    handled = []
+    w = Watcher(["https://down.example/feed", str(drop)],
+                lambda data, where: handled.append(where), _Seen(), Down(), 30,
+                clock=lambda: now[0])
+    assert w.tick() == 1 and handled == [str(drop / "a.xml")]  # the folder went on
+    assert w.sources[0].next_s == 1000 + 60  # interval * 2
+    assert w.tick() == 0 and len(calls) == 1  # not due yet; the folder: nothing new
+    for _ in range(10):
+        now[0] = w.sources[0].next_s
+        w.tick()
+    assert w.sources[0].next_s - now[0] == MAX_BACKOFF_S
+    (drop / "b.xml").write_bytes(fill("typhoon-test.xml"))
+    now[0] += 30
+    assert w.tick() == 1 and handled[-1] == str(drop / "b.xml")
+
+
+def test_watch_a_message_that_fails_to_be_handled_is_tried_again(tmp_path):
+    from ctl.cap.feed import Watcher
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "a.xml").write_bytes(fill("flood-ba-river.xml"))
+    attempts = []
+
+    def handle(data, where):
+        attempts.append(where)
+        if len(attempts) == 1:
+            raise ConnectionError("broker away")
+
+    now = [0.0]
+    w = Watcher([str(drop)], handle, _Seen(), None, 5, clock=lambda: now[0])
+    assert w.tick() == 0
+    now[0] += 5
+    assert w.tick() == 1 and len(attempts) == 2
+    now[0] += 5
+    assert w.tick() == 0 and len(attempts) == 2  # handled: not again
+
+
+def test_cap_config_keys_are_checked(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config(tmp_path, geocodes={"VN-DISTRICT 0640": ["krongpa"]}, repeat=0,
+               languages={"krongpa": ["Vietnamese"]}, test_group="Thu Nghiem")
+    text = "\n".join(e.value.problems)
+    for key in ("cap.geocodes.VN-DISTRICT 0640", "cap.repeat", "cap.languages.krongpa[0]",
+                "cap.test_group"):
+        assert key in text, text
