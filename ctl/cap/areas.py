@@ -14,8 +14,6 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 
-from shapely.geometry import Point, Polygon
-
 from ctl.cap.parse import Area
 from ctl.config import location_of
 from ctl.store import read_devices
@@ -62,8 +60,13 @@ def distance_km(a: tuple[float, float], b: tuple[float, float]) -> float:
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(h)))
 
 
+def has_geometry(areas: list[Area]) -> bool:
+    return any(a.polygons or a.circles for a in areas)
+
+
 def resolve(areas: list[Area], cfg: dict, devices: list[str]) -> Targets:
-    """The targets of ``areas``: groups by geocode and name, devices by polygon and circle."""
+    """The targets of ``areas``: groups by geocode and name, devices by polygon and circle
+    (``devices``: those known, :func:`known_devices`; read only when there is geometry)."""
     cap = cfg["cap"]
     names = {_name(k): v for k, v in cap["area_names"].items()}
     out = Targets()
@@ -76,6 +79,8 @@ def resolve(areas: list[Area], cfg: dict, devices: list[str]) -> Targets:
         for g in names.get(_name(area.desc), []):
             out.add(f"grp/{g}", f"areaDesc {area.desc!r}")
         for ring in area.polygons:
+            from shapely.geometry import Point, Polygon  # only when a polygon is given
+
             shape = Polygon([(lon, lat) for lat, lon in ring])
             if not shape.is_valid:
                 shape = shape.buffer(0)  # a self-crossing ring: its area, as drawn

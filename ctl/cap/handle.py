@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ctl.cap import mapping as m
 from ctl.cap import plan
-from ctl.cap.areas import Targets, known_devices, resolve
+from ctl.cap.areas import Targets, has_geometry, known_devices, resolve
 from ctl.cap.link import Expected, Link
 from ctl.cap.notice import Notifier
 from ctl.cap.parse import Alert, CapInvalid, parse
@@ -114,7 +114,8 @@ class Handler:
                 t.add(f"grp/{self.cfg['cap']['test_group']}", "cap.test_group")
                 out.append(t)
             return out
-        devices = known_devices(self.cfg)
+        geometry = any(has_geometry(i.areas) for i in alert.infos)
+        devices = known_devices(self.cfg) if geometry else []
         return [resolve(i.areas, self.cfg, devices) for i in alert.infos]
 
     def _recording(self, info, out: Outcome):
