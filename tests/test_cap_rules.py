@@ -439,3 +439,36 @@ def test_cap_config_keys_are_checked(tmp_path):
     for key in ("cap.geocodes.VN-DISTRICT 0640", "cap.repeat", "cap.languages.krongpa[0]",
                 "cap.test_group"):
         assert key in text, text
+
+
+def test_watch_records_the_acks_of_cap_commands_only(tmp_path):
+    import json
+    import queue
+
+    from ctl.cap.link import AckListener
+    from ctl.cap.record import CapRecord
+    from ctl.db import Database
+
+    record = CapRecord(Database(str(tmp_path / "relay.db")))
+    planned = plan.Planned("cap-abc-a0", "grp/krongpa", "say", {"text": "x"}, "vi",
+                           "emergency", None, NOW + 60_000)
+    record.add_commands(("s", "i", "t"), [planned], NOW)
+
+    class FakeSession:
+        messages: queue.Queue = queue.Queue()
+
+    session = FakeSession()
+    for topic, ack in (
+            ("ttcs/dev/krongpa-phutuc-c03/ack", {"id": "cap-abc-a0", "stage": "failed",
+                                                 "ts": NOW, "reason": "tts\x1b[2Jfailed"}),
+            ("ttcs/dev/krongpa-phutuc-c03/ack", {"id": "c-other", "stage": "done", "ts": NOW}),
+            ("ttcs/dev/krongpa-phutuc-c03/ack", {"id": "cap-zzz-a0", "stage": "done"}),
+            ("ttcs/dev/BAD ID/ack", {"id": "cap-abc-a0", "stage": "done", "ts": NOW}),
+            ("ttcs/dev/krongpa-iarsai-c01/ack", {"id": "cap-abc-a0", "stage": "nope"})):
+        session.messages.put((topic, json.dumps(ack).encode(), False))
+    listener = AckListener(session, record)
+    assert listener.drain() == 1
+    [row] = record.acks_of(["cap-abc-a0"])
+    assert (row["device"], row["stage"]) == ("krongpa-phutuc-c03", "failed")
+    assert "\x1b" not in row["reason"]  # device data, cleaned
+    record.close()

@@ -132,6 +132,12 @@ def watch(handler: Handler, cfg: dict, record: CapRecord, sources: list[str],
     if once:
         watcher.tick()
         return 0
+    from ctl.cap.link import AckListener
+    from ctl.session import Session
+
+    session = Session(cfg, [f"{cfg['mqtt']['topic_prefix']}/dev/+/ack"])
+    session.open()
+    listener = AckListener(session, record)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -139,9 +145,12 @@ def watch(handler: Handler, cfg: dict, record: CapRecord, sources: list[str],
     try:
         while not stop.is_set():
             watcher.tick()
+            listener.drain()
             stop.wait(min(1.0, interval))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        listener.drain()
+        session.close()
     log.info("cap watch stopped")
     return 0

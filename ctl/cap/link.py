@@ -120,3 +120,37 @@ class Link:
             last = time.monotonic()
             reason = clean(ack["reason"], 40) if ack.get("reason") else None
             rows.append((cmd_id, device, stage, as_int(ack.get("ts")) or 0, reason))
+
+
+class AckListener:
+    """For ``cap watch``, which stays connected: every ack of a CAP command, recorded, so
+    ``cap status`` also knows what happened after ``received`` (``failed``, ``expired``,
+    ``stopped``) when no play record tells it."""
+
+    def __init__(self, session: Session, record) -> None:
+        self.session, self.record = session, record
+        self._known: dict[str, bool] = {}
+
+    def drain(self) -> int:
+        rows: list[AckRow] = []
+        while True:
+            try:
+                topic, payload, _ = self.session.messages.get_nowait()
+            except queue.Empty:
+                break
+            parsed = _parse_ack(topic, payload)
+            if parsed is None:
+                continue
+            device, ack = parsed
+            cmd_id = ack.get("id")
+            if not isinstance(cmd_id, str) or not cmd_id.startswith("cap-"):
+                continue
+            if cmd_id not in self._known:
+                if len(self._known) > 10_000:
+                    self._known.clear()
+                self._known[cmd_id] = self.record.is_cap_command(cmd_id)
+            if self._known[cmd_id]:
+                reason = clean(ack["reason"], 40) if ack.get("reason") else None
+                rows.append((cmd_id, device, ack["stage"], as_int(ack.get("ts")) or 0, reason))
+        self.record.add_acks(rows)
+        return len(rows)
