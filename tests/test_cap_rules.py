@@ -445,7 +445,7 @@ def test_watch_records_the_acks_of_cap_commands_only(tmp_path):
     import json
     import queue
 
-    from ctl.cap.link import AckListener
+    from ctl.cap.link import AckListener, Link
     from ctl.cap.record import CapRecord
     from ctl.db import Database
 
@@ -458,6 +458,9 @@ def test_watch_records_the_acks_of_cap_commands_only(tmp_path):
         messages: queue.Queue = queue.Queue()
 
     session = FakeSession()
+    link = Link(session, None, "k", "ttcs", owned=False)
+    link.spill.append(("ttcs/dev/krongpa-iarsai-c01/ack",  # kept aside by a gather
+                       json.dumps({"id": "cap-abc-a0", "stage": "started", "ts": NOW}).encode()))
     for topic, ack in (
             ("ttcs/dev/krongpa-phutuc-c03/ack", {"id": "cap-abc-a0", "stage": "failed",
                                                  "ts": NOW, "reason": "tts\x1b[2Jfailed"}),
@@ -466,9 +469,10 @@ def test_watch_records_the_acks_of_cap_commands_only(tmp_path):
             ("ttcs/dev/BAD ID/ack", {"id": "cap-abc-a0", "stage": "done", "ts": NOW}),
             ("ttcs/dev/krongpa-iarsai-c01/ack", {"id": "cap-abc-a0", "stage": "nope"})):
         session.messages.put((topic, json.dumps(ack).encode(), False))
-    listener = AckListener(session, record)
-    assert listener.drain() == 1
-    [row] = record.acks_of(["cap-abc-a0"])
-    assert (row["device"], row["stage"]) == ("krongpa-phutuc-c03", "failed")
+    listener = AckListener(link, record)
+    assert listener.drain() == 2 and not link.spill
+    rows = {(r["device"], r["stage"]): r for r in record.acks_of(["cap-abc-a0"])}
+    assert set(rows) == {("krongpa-iarsai-c01", "started"), ("krongpa-phutuc-c03", "failed")}
+    row = rows["krongpa-phutuc-c03", "failed"]
     assert "\x1b" not in row["reason"]  # device data, cleaned
     record.close()

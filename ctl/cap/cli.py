@@ -40,7 +40,9 @@ def add_parser(command) -> None:
     s.add_argument("identifier", help="the alert's identifier")
 
 
-def make_handler(cfg: dict, record: CapRecord) -> Handler | None:
+def make_handler(cfg: dict, record: CapRecord, *, shared: bool = False):
+    """The :class:`Handler` of ``cap ingest`` (a connection per message), or with ``shared``,
+    of ``cap watch``: ``(handler, link)``, one connection kept open. None without a key."""
     from ctl.cap.handle import Handler
     from ctl.cap.link import Link
     from ctl.cap.notice import Notifier
@@ -51,8 +53,11 @@ def make_handler(cfg: dict, record: CapRecord) -> Handler | None:
     key = signing_key(cfg)
     if key is None:
         return None
-    return Handler(cfg, record, MediaStore.from_config(cfg), lambda: Link.open(cfg, key),
-                   Notifier(channels_from_config(cfg["alerts"]), cfg["relay"]["timezone"]))
+    link = Link.open(cfg, key, owned=False) if shared else None
+    handler = Handler(cfg, record, MediaStore.from_config(cfg),
+                      (lambda: link) if shared else (lambda: Link.open(cfg, key)),
+                      Notifier(channels_from_config(cfg["alerts"]), cfg["relay"]["timezone"]))
+    return (handler, link) if shared else handler
 
 
 def main(cfg: dict, args) -> int:
@@ -70,12 +75,12 @@ def main(cfg: dict, args) -> int:
             code, lines = report(record, args.identifier, cfg)
             print("\n".join(lines))
             return code
-        handler = make_handler(cfg, record)
-        if handler is None:
-            return EXIT_USAGE
         if args.action == "ingest":
+            handler = make_handler(cfg, record)
+            if handler is None:
+                return EXIT_USAGE
             return ingest(handler, cfg, args.source, wait=not args.no_wait, force=args.force)
-        return watch(handler, cfg, record, args.sources, args.interval, args.once)
+        return watch(cfg, record, args.sources, args.interval, args.once)
     finally:
         record.close()
 
@@ -109,9 +114,9 @@ def ingest(handler: Handler, cfg: dict, source: str, *, wait: bool, force: bool)
     return out.code
 
 
-def watch(handler: Handler, cfg: dict, record: CapRecord, sources: list[str],
-          interval: float, once: bool) -> int:
-    from ctl.cap.feed import Fetcher, Watcher
+def watch(cfg: dict, record: CapRecord, sources: list[str], interval: float,
+          once: bool) -> int:
+    from ctl.cap.link import AckListener
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -120,6 +125,19 @@ def watch(handler: Handler, cfg: dict, record: CapRecord, sources: list[str],
             print(f"ttcs-ctl cap watch: {s} is neither an http(s) URL nor a folder",
                   file=sys.stderr)
             return EXIT_USAGE
+    made = make_handler(cfg, record, shared=True)
+    if made is None:
+        return EXIT_USAGE
+    handler, link = made
+    try:
+        return _watch(handler, AckListener(link, record), cfg, record, sources, interval, once)
+    finally:
+        link.shut()
+
+
+def _watch(handler: Handler, listener, cfg: dict, record: CapRecord, sources: list[str],
+           interval: float, once: bool) -> int:
+    from ctl.cap.feed import Fetcher, Watcher
 
     def handle(data: bytes, where: str) -> None:
         out = handler.handle(data, where)
@@ -131,13 +149,8 @@ def watch(handler: Handler, cfg: dict, record: CapRecord, sources: list[str],
                               cfg["cap"]["download_timeout_s"]), interval)
     if once:
         watcher.tick()
+        listener.drain()
         return 0
-    from ctl.cap.link import AckListener
-    from ctl.session import Session
-
-    session = Session(cfg, [f"{cfg['mqtt']['topic_prefix']}/dev/+/ack"])
-    session.open()
-    listener = AckListener(session, record)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -151,6 +164,5 @@ def watch(handler: Handler, cfg: dict, record: CapRecord, sources: list[str],
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         listener.drain()
-        session.close()
     log.info("cap watch stopped")
     return 0

@@ -53,21 +53,32 @@ class Expected:
 
 
 class Link:
-    """One controller session for a message: publish, then gather acks."""
+    """A controller session: publish a message's commands, then gather their acks.
+
+    ``ingest`` opens one for its message (``owned``: closed after it); a running ``cap watch``
+    keeps one connected (``owned=False``: ``close`` leaves it open), so a message found is
+    sent without a new connection, and the acks ``gather`` does not want are kept in
+    ``spill`` for its :class:`AckListener`."""
 
     def __init__(self, session: Session, key, kid: str, prefix: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, owned: bool = True) -> None:
         self.session, self.key, self.kid, self.prefix = session, key, kid, prefix
-        self.clock = clock
+        self.clock, self.owned = clock, owned
+        self.spill: list[tuple[str, bytes]] = []
 
     @classmethod
-    def open(cls, cfg: dict, key) -> Link:
+    def open(cls, cfg: dict, key, owned: bool = True) -> Link:
         prefix = cfg["mqtt"]["topic_prefix"]
         session = Session(cfg, [f"{prefix}/dev/+/ack"])
         session.open()
-        return cls(session, key, cfg["signing"]["kid"], prefix)
+        return cls(session, key, cfg["signing"]["kid"], prefix, owned=owned)
 
     def close(self) -> None:
+        if self.owned:
+            self.session.close()
+
+    def shut(self) -> None:
+        """Close a shared link (at the end of ``cap watch``)."""
         self.session.close()
 
     def publish(self, commands: list[Planned]) -> None:
@@ -109,7 +120,11 @@ class Link:
             except queue.Empty:
                 continue
             parsed = _parse_ack(topic, payload)
-            if parsed is None or parsed[1].get("id") not in ids:
+            if parsed is None:
+                continue
+            if parsed[1].get("id") not in ids:
+                if not self.owned and len(self.spill) < 100_000:
+                    self.spill.append((topic, payload))
                 continue
             device, ack = parsed
             stage, cmd_id = ack["stage"], ack["id"]
@@ -127,17 +142,23 @@ class AckListener:
     ``cap status`` also knows what happened after ``received`` (``failed``, ``expired``,
     ``stopped``) when no play record tells it."""
 
-    def __init__(self, session: Session, record) -> None:
-        self.session, self.record = session, record
+    def __init__(self, link: Link, record) -> None:
+        self.link, self.record = link, record
         self._known: dict[str, bool] = {}
+
+    def _messages(self):
+        spill, self.link.spill = self.link.spill, []
+        yield from spill
+        while True:
+            try:
+                topic, payload, _ = self.link.session.messages.get_nowait()
+            except queue.Empty:
+                return
+            yield topic, payload
 
     def drain(self) -> int:
         rows: list[AckRow] = []
-        while True:
-            try:
-                topic, payload, _ = self.session.messages.get_nowait()
-            except queue.Empty:
-                break
+        for topic, payload in self._messages():
             parsed = _parse_ack(topic, payload)
             if parsed is None:
                 continue

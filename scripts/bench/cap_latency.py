@@ -51,6 +51,7 @@ from fleet import Fleet
 from agent import protocol
 
 VN = timezone(timedelta(hours=7))
+STAGES = ("received", "queued", "started")
 FIXTURE = ROOT / "tests" / "cap" / "vn" / "flood-ba-river.xml"
 
 
@@ -58,6 +59,7 @@ class Acks:
     def __init__(self) -> None:
         self.online: dict[str, float] = {}
         self.cmds: dict[str, float] = {}  # command id -> when the subscriber saw it published
+        self.split: dict[str, list[float]] = {}  # stage -> seconds after the publication
         self.stages: dict[tuple[str, str], dict[str, float]] = {}  # (id, stage) -> device -> t
 
     def on_message(self, t: float, topic: str, payload: bytes) -> None:
@@ -134,6 +136,9 @@ def ingest_round(cfg: Path, base: Path, acks: Acks, n: int, k: int,
     except AssertionError:
         pass  # reported as missing
     published = acks.cmds.get(say, float("nan")) - t0
+    for stage in STAGES if k else ():  # not the warm-up round (it renders the speech)
+        for t in acks.of(say, stage).values():
+            acks.split.setdefault(stage, []).append(t - t0 - published)
     return [t - t0 for t in acks.of(say, "started").values()], published
 
 
@@ -145,7 +150,8 @@ def in_process_handler(cfg_path: Path):
 
     cfg = load_file(str(cfg_path), CTL_SCHEMA)
     record = CapRecord.open(cfg)
-    return make_handler(cfg, record), record
+    handler, _link = make_handler(cfg, record, shared=True)  # one connection, as cap watch
+    return handler, record
 
 
 def stop_all(rec: Recorder, keys: Keys, acks: Acks, n: int, k: int) -> None:
@@ -221,6 +227,9 @@ def main() -> int:
         ("  handle -> started, p99 (s)", f"{w_p99:.3f}", "<= 3", verdict(w_p99 <= 3)),
         ("  of which: handle -> command published, p50 (s)", f"{percentile(w_pub, 50):.3f}",
          "", ""),
+        *[(f"  publication -> {st}, p50 / p99 (s)",
+           f"{percentile(acks.split.get(st, []), 50):.3f} /"
+           f" {percentile(acks.split.get(st, []), 99):.3f}", "", "") for st in STAGES],
         ("load average, 1 min, before / after the rounds",
          f"{load_before:.1f} / {load_after:.1f}", "", ""),
     ]
