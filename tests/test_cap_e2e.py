@@ -279,6 +279,9 @@ def test_refused_and_invalid_messages_send_nothing(clean):
     assert code == 3 and "no device in the alert's areas" in out
     code, out = rig.ctl("cap", "ingest", str(rig.tmp / "missing.xml"))
     assert code == 1 and "cannot read" in out
+    (rig.www / "agency" / "old.xml").write_bytes((CAP_DIR / "vn" / "expired.xml").read_bytes())
+    code, out = rig.ctl("cap", "ingest", f"{rig.base}/agency/old.xml")  # a URL
+    assert code == 1 and "expired" in out
     time.sleep(0.5)
     assert not [t for t, _, _ in rig.w.messages if t.endswith("/cmd")]
 

@@ -49,9 +49,11 @@ class Handler:
         head = (f"CAP {alert.identifier} from {alert.sender} ({alert.status} {alert.msg_type},"
                 f" scope {alert.scope})")
         before = self.record.handled(alert.key)
-        if before and not force:
-            return Outcome(EXIT_OK, [f"{head}: already handled ({before['action']}:"
-                                     f" {before['why']}); nothing sent"], alert)
+        if before and not force:  # the same answer as the first time, nothing sent again
+            code = {m.REFUSE: EXIT_REFUSED, "no_target": EXIT_NO_TARGET}.get(
+                before["action"], EXIT_OK)
+            return Outcome(code, [f"{head}: already handled ({before['action']}:"
+                                  f" {before['why']}); nothing sent"], alert)
         now_ms = int(self.clock() * 1000)
         decision = m.decide(alert, self.cfg["cap"], now_ms)
         out = Outcome(EXIT_OK, [f"{head}: {decision.action} — {decision.why}"], alert)
