@@ -98,8 +98,11 @@ class Handler:
             save(decision.action, decision.why + "; nothing to send")
             out.lines.append("nothing to send")
             return out
-        acks = self._send(commands, wait, out)
+        # the commands are recorded before they go out, so a Cancel finds them even if this
+        # process dies while waiting; the message itself is marked handled once they went out
+        # (a failed publish leaves it to be tried again)
         self.record.add_commands(alert.key, commands, now_ms)
+        acks = self._send(commands, wait, out)
         self.record.add_acks(acks)
         save(decision.action, decision.why, commands=[c.cmd_id for c in commands],
              targets=sorted({c.target for c in commands}))
