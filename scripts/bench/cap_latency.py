@@ -13,7 +13,8 @@ just before that process is started (or ``handle`` called) to the arrival of its
 ack at a subscriber on the same machine; the arrival of the command itself at that subscriber
 splits it into the controller's part and the fleet's. A warm-up round renders the spoken text
 on every agent first (each round is a new message with the same text: the TTS cache hit that
-"cached TTS aside" means). Between rounds every agent is stopped (``stop {"all": true}``).
+"cached TTS aside" means). Between rounds every agent is stopped (``stop {"all": true}``)
+and the fleet left alone for ``--gap-s``.
 
 Agents start in batches of ``--batch`` (a cold start of 200 Pythons on 2 CPUs would
 otherwise measure the scheduler), and the run waits ``--settle-s`` after the last one.
@@ -170,6 +171,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=10, help="agents started at a time")
     p.add_argument("--settle-s", type=float, default=15, help="wait after start-up")
+    p.add_argument("--gap-s", type=float, default=5,
+                   help="quiet time between rounds (the last round's stop, play records and"
+                        " state settle)")
     args = p.parse_args()
     base = workdir(args.workdir, "cap")
     broker = Broker(base / "broker",
@@ -189,7 +193,7 @@ def main() -> int:
         warm, _ = ingest_round(cfg, base, acks, args.agents, 0)  # renders the TTS once
         stop_all(rec, keys, acks, args.agents, 0)
         for k in range(1, 2 * args.rounds + 1):
-            time.sleep(1)
+            time.sleep(args.gap_s)
             mode = "process" if k % 2 else "watch"
             lat, pub = ingest_round(cfg, base, acks, args.agents, k,
                                     None if mode == "process" else handler)
