@@ -167,7 +167,8 @@ def board_text(w: Watcher, device: str) -> str | None:
 def test_typhoon_polygon_airs_and_shows_only_on_the_device_inside(clean):
     rig = clean
     started = time.monotonic()
-    message = fill("typhoon-krongpa.xml")
+    sent = cap_time(datetime.now(VN))
+    message = fill("typhoon-krongpa.xml", SENT=sent)
     code, out = rig.ingest(message)
     assert code == 0, out
     assert f"dev/{C03} (inside the polygon)" in out
@@ -192,6 +193,15 @@ def test_typhoon_polygon_airs_and_shows_only_on_the_device_inside(clean):
     assert code == 0 and "already handled" in again and "sent" not in again.split(":", 1)[0]
     time.sleep(0.3)
     assert not [t for t, _, _ in rig.w.messages if t.endswith("/cmd")]
+    # its Cancel: stopped on the device it went to, the board text withdrawn
+    code, out = rig.ingest(fill("typhoon-krongpa-cancel.xml", REF_SENT=sent))
+    assert code == 0, out
+    assert [c["args"] for c in rig.w.json(f"dev/{C03}/cmd")] == [{"id": say}, {"id": board}]
+    rig.w.wait_ack(say, "stopped", 10, device=C03)
+    rig.w.wait_ack(board, "stopped", 10, device=C03)
+    wait_until(lambda: "bão số 9" not in (board_text(rig.w, C03) or ""), 10,
+               what="the board cleared")
+    assert not rig.w.json(f"dev/{C01}/cmd") and not rig.w.json("grp/krongpa/cmd")
 
 
 def test_flood_by_geocode_then_update_then_cancel_and_status(clean):

@@ -84,8 +84,8 @@ def test_oasis_examples_read_as_the_specification_says():
 
 
 def test_vietnamese_fixtures_are_valid():
-    for name in ("typhoon-krongpa.xml", "flood-ba-river.xml", "flood-ba-river-update.xml",
-                 "flood-ba-river-cancel.xml", "typhoon-test.xml"):
+    for name in ("typhoon-krongpa.xml", "typhoon-krongpa-cancel.xml", "flood-ba-river.xml",
+                 "flood-ba-river-update.xml", "flood-ba-river-cancel.xml", "typhoon-test.xml"):
         alert = parse(fill(name))
         assert alert.infos[0].lang == "vi"
     assert parse((CAP_DIR / "vn" / "expired.xml").read_bytes()).infos[0].expires.year == 2025
@@ -476,3 +476,17 @@ def test_watch_records_the_acks_of_cap_commands_only(tmp_path):
     row = rows["krongpa-phutuc-c03", "failed"]
     assert "\x1b" not in row["reason"]  # device data, cleaned
     record.close()
+
+
+# --- the agent's side: say takes `at` (a future onset) ------------------------------------
+
+def test_say_at_is_checked_like_play_at():
+    from agent.audio.commands import validate_play, validate_say
+
+    now = NOW
+    assert validate_say({"text": "Bão", "at": now + 60_000}, now) == []
+    far = now + 8 * 86400 * 1000
+    problems = validate_say({"text": "Bão", "at": far}, now)
+    assert problems and problems == validate_play(
+        {"media": {"url": "http://h/a.mp3", "sha256": "0" * 64}, "at": far}, now)
+    assert validate_say({"text": "Bão", "at": "soon"}, now)
