@@ -4,6 +4,7 @@ test_cap_e2e.py."""
 
 from __future__ import annotations
 
+import re
 import string
 import time
 from datetime import datetime, timedelta, timezone
@@ -20,6 +21,7 @@ from ctl.cap.parse import CapInvalid, parse
 from ctl.config import CTL_SCHEMA
 
 CAP_DIR = Path(__file__).parent / "cap"
+SENDER = "canhbao@kttv-gialai.gov.vn"
 VN = timezone(timedelta(hours=7))
 
 
@@ -490,3 +492,79 @@ def test_say_at_is_checked_like_play_at():
     assert problems and problems == validate_play(
         {"media": {"url": "http://h/a.mp3", "sha256": "0" * 64}, "at": far}, now)
     assert validate_say({"text": "Bão", "at": "soon"}, now)
+
+
+# --- cap status: aired, or why not -------------------------------------------------------
+
+def test_status_says_who_aired_when_and_why_the_others_did_not(tmp_path):
+    import json
+
+    from ctl.cap.record import CapRecord
+    from ctl.cap.status import report
+    from ctl.store import RelayStore
+
+    cfg = config(tmp_path)
+    cfg["relay"]["groups"] = {"krongpa": ["krongpa-*"]}
+    store = RelayStore(str(tmp_path / "relay.db"))
+    record = CapRecord(store)
+    key = (SENDER, "VN-1", "2026-11-30T07:00:00+07:00")
+    record.save_alert(key, now_ms=NOW, source="f.xml", status="Actual", msg_type="Alert",
+                      scope="Public", action="air", why="status Actual", detail={}, xml=b"<a/>")
+    say = plan.Planned("cap-x-a0", "grp/krongpa", "say", {}, "vi", "emergency", None, None)
+    record.add_commands(key, [say, plan.Planned("cap-x-b0", "grp/krongpa", "board", {}, "vi",
+                                                "emergency", None, None)], NOW)
+    devices = {"krongpa-a": 1, "krongpa-b": 1, "krongpa-c": 0, "krongpa-d": 1, "krongpa-e": 1,
+               "other-z": 1}
+    with store.tx():
+        for d, online in devices.items():
+            store.x("INSERT INTO devices (device, online, since_ms, reason, first_seen_ms)"
+                    " VALUES (?,?,?,?,?)", d, online, NOW - 3600_000, None if online else "lost",
+                    NOW - 86400_000)
+        store.x("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", "krongpa-a", 7, NOW + 2000,
+                "play", 0, NOW + 2000, json.dumps({
+                    "type": "play", "id": "cap-x-a0", "started": NOW + 1000,
+                    "ended": NOW + 9000, "played_ms": 8000, "result": "done"}), None)
+        store.x("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", "krongpa-e", 3, NOW + 2000,
+                "play", 0, NOW + 2000, json.dumps({
+                    "type": "play", "id": "c-unrelated", "played_ms": 5000}), None)
+    record.add_acks([("cap-x-a0", "krongpa-b", "rejected", NOW, "bad_signature"),
+                     ("cap-x-a0", "krongpa-d", "received", NOW, None),
+                     ("cap-x-a0", "krongpa-d", "failed", NOW, "tts_failed")])
+    code, lines = report(record, "VN-1", cfg)
+    text = "\n".join(lines)
+    assert code == 0
+    assert "aired on 1 of 5 device(s)" in text, text
+    assert re.search(r"krongpa-a\s+AIRED\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d for 8.0 s \(done\)",
+                     text)
+    assert re.search(r"krongpa-b\s+not aired\s+refused: bad_signature", text)
+    assert re.search(r"krongpa-c\s+not aired\s+offline since .* \(lost\)", text)
+    assert re.search(r"krongpa-d\s+not aired\s+failed: tts_failed", text)
+    assert re.search(r"krongpa-e\s+not aired\s+nothing heard", text)
+    assert "other-z" not in text
+    record.close()
+
+
+# --- a recording in the message itself ---------------------------------------------------
+
+def test_an_embedded_recording_is_checked_and_hosted(tmp_path):
+    import base64
+    import hashlib
+
+    from ctl.cap.parse import Resource
+    from ctl.cap.resources import ResourceError, fetch
+    from ctl.media import MediaStore
+
+    store = MediaStore(str(tmp_path / "media"), "http://ctl.example/media")
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(28)
+    res = Resource("ghi âm", "audio/wav", len(wav), None, base64.b64encode(wav).decode(),
+                   hashlib.sha1(wav).hexdigest())
+    media = fetch(res, store, timeout=1)
+    assert media.url == f"http://ctl.example/media/{hashlib.sha256(wav).hexdigest()}.wav"
+    with pytest.raises(ResourceError, match="SHA-1"):
+        fetch(Resource("x", "audio/wav", None, None, res.deref, "0" * 40), store, timeout=1)
+    with pytest.raises(ResourceError, match="not an MP3"):
+        fetch(Resource("x", "audio/mpeg", None, None, base64.b64encode(b"<html>").decode(),
+                       None), store, timeout=1)
+    for uri in ("file:///etc/passwd", "ftp://h/a.mp3", "http://u:p@h/a.mp3"):
+        with pytest.raises(ResourceError):
+            fetch(Resource("x", "audio/mpeg", None, uri, None, None), store, timeout=1)
