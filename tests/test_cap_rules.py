@@ -19,6 +19,7 @@ from ctl.cap import plan
 from ctl.cap.areas import distance_km, resolve
 from ctl.cap.parse import CapInvalid, parse
 from ctl.config import CTL_SCHEMA
+from tests.pg_support import pg_url_fixture, postgres_fixture  # noqa: F401
 
 CAP_DIR = Path(__file__).parent / "cap"
 SENDER = "canhbao@kttv-gialai.gov.vn"
@@ -497,6 +498,14 @@ def test_say_at_is_checked_like_play_at():
 # --- cap status: aired, or why not -------------------------------------------------------
 
 def test_status_says_who_aired_when_and_why_the_others_did_not(tmp_path):
+    _status_case(tmp_path, str(tmp_path / "relay.db"))
+
+
+def test_status_and_the_cap_tables_on_postgresql(tmp_path, pg_url):
+    _status_case(tmp_path, pg_url)
+
+
+def _status_case(tmp_path, target: str):
     import json
 
     from ctl.cap.record import CapRecord
@@ -505,7 +514,7 @@ def test_status_says_who_aired_when_and_why_the_others_did_not(tmp_path):
 
     cfg = config(tmp_path)
     cfg["relay"]["groups"] = {"krongpa": ["krongpa-*"]}
-    store = RelayStore(str(tmp_path / "relay.db"))
+    store = RelayStore(target)
     record = CapRecord(store)
     key = (SENDER, "VN-1", "2026-11-30T07:00:00+07:00")
     record.save_alert(key, now_ms=NOW, source="f.xml", status="Actual", msg_type="Alert",
