@@ -135,6 +135,13 @@ def test_entity_attacks_are_refused_before_expansion(name):
     assert time.monotonic() - started < 1  # nothing was expanded
 
 
+def test_times_need_their_offset():
+    for sent in ("2026-11-30T07:00:00,07:00", "2026-11-30T07:00:00Z", "2026-11-30T07:00:00"):
+        with pytest.raises(CapInvalid) as e:
+            parse(fill("flood-ba-river.xml", SENT=sent))
+        assert "Element 'sent'" in e.value.problems[0]
+
+
 def test_an_oversized_message_is_refused():
     with pytest.raises(CapInvalid, match="at most"):
         parse(b"<a>" + b" " * (1024 * 1024) + b"</a>")

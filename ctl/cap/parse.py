@@ -159,9 +159,18 @@ def _text(el, name: str) -> str:
     return (child.text or "").strip() if child is not None else ""
 
 
-def _time(el, name: str) -> datetime | None:
+def _time(el, name: str, problems: list[str]) -> datetime | None:
+    """A CAP time (the schema's pattern: with an offset; its ``[-,+]`` would let a comma stand
+    for the sign, which xs:dateTime then refuses — checked again here all the same)."""
     text = _text(el, name)
-    return datetime.fromisoformat(text) if text else None  # the schema's pattern: with offset
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        problems.append(f"line {el.find(_q(name)).sourceline}: {name}: {text!r} is not a time"
+                        " with its offset (YYYY-MM-DDThh:mm:ss+hh:mm)")
+        return None
 
 
 def _alert(root, problems: list[str]) -> Alert:
@@ -177,7 +186,8 @@ def _alert(root, problems: list[str]) -> Alert:
             refs.append(Reference(*parts))
     return Alert(
         identifier=_text(root, "identifier"), sender=_text(root, "sender"),
-        sent=_time(root, "sent"), sent_text=_text(root, "sent"), status=_text(root, "status"),
+        sent=_time(root, "sent", problems), sent_text=_text(root, "sent"),
+        status=_text(root, "status"),
         msg_type=_text(root, "msgType"), scope=_text(root, "scope"),
         restriction=_text(root, "restriction"), references=refs, note=_text(root, "note"),
         infos=[_info(el, problems) for el in root.findall(_q("info"))])
@@ -187,8 +197,8 @@ def _info(el, problems: list[str]) -> Info:
     return Info(
         language=_text(el, "language") or "en-US", event=_text(el, "event"),
         urgency=_text(el, "urgency"), severity=_text(el, "severity"),
-        certainty=_text(el, "certainty"), effective=_time(el, "effective"),
-        onset=_time(el, "onset"), expires=_time(el, "expires"),
+        certainty=_text(el, "certainty"), effective=_time(el, "effective", problems),
+        onset=_time(el, "onset", problems), expires=_time(el, "expires", problems),
         headline=_text(el, "headline"), description=_text(el, "description"),
         instruction=_text(el, "instruction"),
         resources=[_resource(r) for r in el.findall(_q("resource"))],
