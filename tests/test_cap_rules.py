@@ -584,3 +584,17 @@ def test_an_embedded_recording_is_checked_and_hosted(tmp_path):
     for uri in ("file:///etc/passwd", "ftp://h/a.mp3", "http://u:p@h/a.mp3"):
         with pytest.raises(ResourceError):
             fetch(Resource("x", "audio/mpeg", None, uri, None, None), store, timeout=1)
+
+
+def test_a_language_the_agents_cannot_take_is_spoken_in_the_default_one(tmp_path):
+    cfg = config(tmp_path)
+    odd = parse(fill("flood-ba-river.xml").replace(b"vi-VN", b"x-klingon", 1)
+                .replace(b"en-US", b"qwertyui", 1))
+    targets = [resolve(i.areas, cfg, DEVICES) for i in odd.infos]
+    cmds = plan.airing(odd, targets, [None, None], cfg, int(time.time() * 1000), test=False,
+                       base="cap-o")
+    say = next(c for c in cmds if c.type == "say")
+    assert say.args["lang"] == "vi"  # none in the group's languages: the first block, in vi
+    from agent.audio.commands import validate_say
+
+    assert validate_say(say.args) == []

@@ -12,6 +12,7 @@ id (``stop {"id": …}`` ends the audio and withdraws the board text) on the tar
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from ctl.cap.areas import Targets
 from ctl.cap.parse import Alert, Info
 from ctl.config import groups_of
 from ctl.media import Media
+
+LANG_RE = re.compile(r"[a-z]{2,3}")
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,15 @@ def _audio(info: Info, media: Media | None, target: str, prio: Priority, tm: m.T
                   "board_text": m.board_text(info, min(cap["board_chars"], 500), marker)}
     if tm.at_ms is not None:
         args["at"] = tm.at_ms
+    # CAP allows any xs:language ("x-klingon"); the agents take a 2-3 letter primary tag
+    lang = info.lang if LANG_RE.fullmatch(info.lang) else cap["default_languages"][0]
     if media is not None and marker is None:
         kind = "play"
-        args["media"] = media.ref(info.lang)
+        args["media"] = media.ref(lang)
     else:  # a test is always spoken: its marker must be heard
         kind = "say"
-        args.update(text=m.spoken(info, marker), lang=info.lang)
-    return Planned(cmd_id, target, kind, args, info.lang, str(prio), tm.at_ms, tm.exp_ms)
+        args.update(text=m.spoken(info, marker), lang=lang)
+    return Planned(cmd_id, target, kind, args, lang, str(prio), tm.at_ms, tm.exp_ms)
 
 
 def stops(previous: list[dict], base: str, now_ms: int, ttl_s: int) -> list[Planned]:
