@@ -85,7 +85,8 @@ class Rig:
             "alerts": {"webhook_url": self.hook.url},
             "media": {"dir": str(self.www / "media"), "base_url": f"{self.base}/media"},
             "locations": {C03: [13.20, 108.68], C01: [13.05, 108.85]},
-            "cap": {"geocodes": {"VN-DISTRICT=0640": ["krongpa"]},
+            "cap": {"geocodes": {"VN-DISTRICT=0640": ["krongpa"],
+                                 "SAME=006037": ["thunghiem"]},  # for an OASIS example
                     "area_names": {"Huyện Krông Pa, tỉnh Gia Lai": ["krongpa"]},
                     "languages": {"krongpa": ["vi", "en"]}, "test_group": "thunghiem",
                     "wait_s": 15},
@@ -379,3 +380,29 @@ def test_watch_a_folder_and_a_feed_each_alert_once_across_restarts(clean):
     assert code == 0
     time.sleep(0.5)
     assert not [t for t, _, _ in rig.w.messages if t.endswith("/cmd")]  # handled once
+
+
+# --- the OASIS specification's own examples ----------------------------------------------
+
+def test_the_oasis_examples_end_to_end(clean):
+    rig = clean
+    oasis = CAP_DIR / "oasis"
+    # A.4, the multilingual Amber alert (no expires: cap.default_ttl_s), by SAME geocode
+    code, out = rig.ingest((oasis / "a4-amber-multilingual.xml").read_bytes())
+    assert code == 0, out
+    assert "grp/thunghiem (geocode SAME=006037)" in out
+    [say] = ids(out, "say")  # thunghiem has no language list: vi; no vi block: the first
+    cmd = rig.w.json("grp/thunghiem/cmd")[0]
+    assert cmd["args"]["lang"] == "en" and cmd["args"]["priority"] == "emergency"
+    assert cmd["args"]["text"].startswith("Amber Alert in Los Angeles County.")
+    rig.w.wait_ack(say, "started", 20, device=C01)
+    # A.2, the thunderstorm warning: expired in 2003
+    code, out = rig.ingest((oasis / "a2-thunderstorm.xml").read_bytes())
+    assert code == 1 and "expired" in out
+    # A.1, Homeland Security: an area this district does not map
+    code, out = rig.ingest((oasis / "a1-homeland-security.xml").read_bytes())
+    assert code == 3 and "U.S. nationwide and interests worldwide" in out
+    # A.3, an Update of a message never sent here (and a circle far from every device)
+    code, out = rig.ingest((oasis / "a3-earthquake-update.xml").read_bytes())
+    assert code == 3 and "referenced TRI13970876.1: nothing of it was sent here" in out
+    assert len([c for c in rig.w.json("/cmd") if c["type"] != "stop"]) == 2  # A.4's only
