@@ -142,6 +142,19 @@ def test_times_need_their_offset():
         assert "Element 'sent'" in e.value.problems[0]
 
 
+@pytest.mark.parametrize("data", [
+    b"<a>" * 100_000 + b"</a>" * 100_000,  # deeper than lxml's 256 without huge_tree
+    b"\xff\xfe<bad", b"", b"   ",
+    b'<?xml version="1.0" encoding="EBCDIC"?><a/>',  # an encoding Python does not know
+    b'<?xml version="1.0" encoding="UTF-16"?><a/>',  # declared UTF-16, is not
+    "<alert xmlns='urn:oasis:names:tc:emergency:cap:1.2'>\u0000</alert>".encode(),
+])
+def test_hostile_bytes_are_a_clear_problem_never_a_crash(data):
+    with pytest.raises(CapInvalid) as e:
+        parse(data)
+    assert e.value.problems[0].startswith("line ")
+
+
 def test_an_oversized_message_is_refused():
     with pytest.raises(CapInvalid, match="at most"):
         parse(b"<a>" + b" " * (1024 * 1024) + b"</a>")
@@ -385,8 +398,10 @@ def test_feed_entries_atom_rss_inline_and_hostile():
     assert parse(data).identifier == "VN-KTTV-GL-2026-LU-SONGBA-014"
     assert messages_in(alert, "https://kttv.vn/one.xml", lambda u: b"") == [
         ("https://kttv.vn/one.xml", alert)]  # a CAP message itself
-    with pytest.raises(SourceError):
-        messages_in((CAP_DIR / "vn" / "billion-laughs.xml").read_bytes(), "u", lambda u: b"")
+    for hostile in ((CAP_DIR / "vn" / "billion-laughs.xml").read_bytes(),
+                    b'<?xml version="1.0" encoding="EBCDIC"?><a/>', b"", b"<rss>"):
+        with pytest.raises(SourceError):
+            messages_in(hostile, "u", lambda u: b"")
 
 
 def test_watch_backs_off_a_failing_source_and_goes_on_with_the_others(tmp_path):

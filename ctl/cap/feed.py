@@ -85,7 +85,7 @@ def messages_in(data: bytes, base_url: str, fetch: Callable[[str], bytes]) -> li
     of an Atom or RSS feed (a link to a CAP message, or one inline)."""
     try:
         root = DET.fromstring(data, forbid_dtd=True)
-    except (DefusedXmlException, DET.ParseError) as e:
+    except (DefusedXmlException, DET.ParseError, LookupError, ValueError) as e:
         raise SourceError(f"not a feed or a CAP message: {type(e).__name__}: {e}") from None
     if root.tag == f"{{{CAP_NS}}}alert":
         return [(base_url, data)]
@@ -153,7 +153,9 @@ class Watcher:
                 continue
             try:
                 found = self._read(src)
-            except SourceError as e:
+            except Exception as e:  # a source's trouble never stops the watch
+                if not isinstance(e, SourceError):
+                    log.exception("cap watch: reading %s failed", src.where)
                 src.failures += 1
                 delay = min(MAX_BACKOFF_S, self.interval_s * 2 ** min(src.failures, 20))
                 src.next_s = self.clock() + delay

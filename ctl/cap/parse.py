@@ -126,12 +126,16 @@ def parse(data: bytes) -> Alert:
     except DET.ParseError as e:
         line = e.position[0] if getattr(e, "position", None) else 1
         raise CapInvalid([f"line {line}: not well-formed XML: {e}"]) from None
+    except (LookupError, ValueError) as e:  # an encoding Python does not know, and the like
+        raise CapInvalid([f"line 1: unreadable XML: {e}"]) from None
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                              huge_tree=False, remove_pis=True)
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as e:
         raise CapInvalid([f"line {e.lineno or 1}: not well-formed XML: {e.msg}"]) from None
+    except (LookupError, ValueError) as e:
+        raise CapInvalid([f"line 1: unreadable XML: {e}"]) from None
     schema = _schema()
     if not schema.validate(root):
         raise CapInvalid([f"line {err.line}: {_plain(err.message)}"
