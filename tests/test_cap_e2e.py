@@ -288,6 +288,11 @@ def test_refused_and_invalid_messages_send_nothing(clean):
         "Huyện Krông Pa".encode(), b"Huyen Khac")
     code, out = rig.ingest(far)
     assert code == 3 and "no device in the alert's areas" in out
+    sneaky = fill("flood-ba-river.xml").replace(b"LU-SONGBA-014", "LU\u009b2J\u202e-X".encode())
+    code, out = rig.ingest(sneaky.replace(b"<value>0640", b"<value>0641").replace(
+        "Huyện Krông Pa".encode(), "Huyện\u009b31m".encode()))
+    assert code == 3 and "\u009b" not in out and "\u202e" not in out  # shown as plain text
+    assert "VN-KTTV-GL-2026-LU2J-X" in out
     code, out = rig.ctl("cap", "ingest", str(rig.tmp / "missing.xml"))
     assert code == 1 and "cannot read" in out
     (rig.www / "agency" / "old.xml").write_bytes((CAP_DIR / "vn" / "expired.xml").read_bytes())

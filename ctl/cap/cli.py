@@ -40,6 +40,16 @@ def add_parser(command) -> None:
     s.add_argument("identifier", help="the alert's identifier")
 
 
+def _plain(line: str) -> str:
+    """A printed line holds text from the message (identifier, sender, areaDesc) and from
+    devices: shown as one line of plain text, its control and format characters removed
+    (ctl/sanitize.py), leading indentation kept."""
+    from ctl.sanitize import clean
+
+    body = line.lstrip(" ")
+    return line[:len(line) - len(body)] + clean(body, 4000)
+
+
 def make_handler(cfg: dict, record: CapRecord, *, shared: bool = False):
     """The :class:`Handler` of ``cap ingest`` (a connection per message), or with ``shared``,
     of ``cap watch``: ``(handler, link)``, one connection kept open. None without a key."""
@@ -73,7 +83,7 @@ def main(cfg: dict, args) -> int:
     try:
         if args.action == "status":
             code, lines = report(record, args.identifier, cfg)
-            print("\n".join(lines))
+            print("\n".join(_plain(ln) for ln in lines))
             return code
         if args.action == "ingest":
             handler = make_handler(cfg, record)
@@ -108,7 +118,7 @@ def ingest(handler: Handler, cfg: dict, source: str, *, wait: bool, force: bool)
         return EXIT_FAILED
     out = handler.handle(data, source, wait=wait, force=force)
     stream = sys.stderr if out.code == EXIT_INVALID else sys.stdout
-    print("\n".join(out.lines), file=stream)
+    print("\n".join(_plain(ln) for ln in out.lines), file=stream)
     for problem in handler.notifier.errors:
         print(f"notice not delivered: {problem}", file=sys.stderr)
     return out.code
@@ -142,7 +152,7 @@ def _watch(handler: Handler, listener, cfg: dict, record: CapRecord, sources: li
     def handle(data: bytes, where: str) -> None:
         out = handler.handle(data, where)
         for line in out.lines:
-            log.info("%s", line)
+            log.info("%s", _plain(line))
 
     watcher = Watcher(sources, handle, record,
                       Fetcher(int(cfg["cap"]["feed_max_bytes"]),

@@ -10,6 +10,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from ctl.notify import Channel, Message, NotifyError
+from ctl.sanitize import clean
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ class Notifier:
     def sent(self, alert, decision, commands: list, acks: list, now_s: float) -> None:
         if not self.channels:
             return
-        headline = next((i.headline or i.event for i in alert.infos), alert.identifier)
+        headline = clean(next((i.headline or i.event for i in alert.infos), alert.identifier),
+                         200)
         verb = WHAT.get(decision.action, decision.action)
         if alert.msg_type == "Update":
             verb = "ĐÃ CẬP NHẬT cảnh báo"
@@ -35,7 +37,8 @@ class Notifier:
         targets = sorted({c.target for c in commands})
         devices = sorted({a[1] for a in acks if a[2] == "received"})
         lines = [f"{verb} lúc {when}: {headline}",
-                 f"Nguồn: {alert.sender}, mã {alert.identifier} ({alert.status}"
+                 f"Nguồn: {clean(alert.sender, 200)}, mã {clean(alert.identifier, 200)}"
+                 f" ({alert.status}"
                  f" {alert.msg_type})",
                  f"Gửi tới: {', '.join(targets)}",
                  f"Đã nhận: {len(devices)} cụm" + (f" ({', '.join(devices[:20])})"
