@@ -192,6 +192,7 @@ class Handler:
         if expected.unknown:
             out.lines.append(f"group size unknown for {', '.join(expected.unknown)}:"
                              " counted those that answered")
-        if missing or not got:
+        refused = any(stage.startswith("rejected") for stage in got.values())
+        if missing or refused or not got:
             out.code = EXIT_NO_ACK
         return acks
