@@ -613,3 +613,49 @@ def test_a_language_the_agents_cannot_take_is_spoken_in_the_default_one(tmp_path
     from agent.audio.commands import validate_say
 
     assert validate_say(say.args) == []
+
+
+# --- ingest's exit status from the acks (the MQTT side faked behind Link's interface) ------
+
+class _FakeLink:
+    def __init__(self, answer) -> None:
+        self.answer, self.sent = answer, []
+
+    def publish(self, commands):
+        self.sent += commands
+
+    def gather(self, expected, timeout):
+        return [row for c in self.sent for row in self.answer(c)]
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("answer, code, line", [
+    (lambda c: [(c.cmd_id, "krongpa-phutuc-c03", "received", 1, None)], 0, "received"),
+    (lambda c: [], 2, "no received from krongpa-phutuc-c03"),
+    (lambda c: [(c.cmd_id, "krongpa-phutuc-c03", "rejected", 1, "bad_signature")], 2,
+     "rejected (bad_signature)"),
+])
+def test_ingest_exit_status_follows_the_received_acks(tmp_path, answer, code, line):
+    from ctl.cap.handle import Handler
+    from ctl.cap.notice import Notifier
+    from ctl.cap.record import CapRecord
+    from ctl.db import Database
+    from ctl.media import MediaStore
+
+    cfg = config(tmp_path)
+    record = CapRecord(Database(str(tmp_path / "relay.db")))
+    link = _FakeLink(answer)
+    handler = Handler(cfg, record, MediaStore(str(tmp_path / "m"), None), lambda: link,
+                      Notifier([], "Asia/Ho_Chi_Minh"))
+    out = handler.handle(fill("typhoon-krongpa.xml"), "t.xml")
+    assert out.code == code, out.lines
+    assert any(line in ln for ln in out.lines), out.lines
+    assert {c.target for c in link.sent} == {"dev/krongpa-phutuc-c03"}
+    # recorded: the message, its commands (before they went out), the acks
+    alert = record.alerts_by_identifier("VN-KTTV-GL-2026-BAO9-001")[0]
+    assert alert["action"] == "air"
+    assert {c["type"] for c in record.commands_of(SENDER, "VN-KTTV-GL-2026-BAO9-001")} == \
+        {"say", "board"}
+    record.close()
