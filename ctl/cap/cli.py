@@ -58,15 +58,20 @@ def make_handler(cfg: dict, record: CapRecord, *, shared: bool = False):
     from ctl.cap.notice import Notifier
     from ctl.keys import signing_key
     from ctl.media import MediaStore
-    from ctl.notify import channels_from_config
 
     key = signing_key(cfg)
     if key is None:
         return None
+    alerts = cfg["alerts"]
+    channels = []
+    if any(alerts.get(k) for k in ("webhook_url", "telegram", "email")):
+        from ctl.notify import channels_from_config
+
+        channels = channels_from_config(alerts)
     link = Link.open(cfg, key, owned=False) if shared else None
     handler = Handler(cfg, record, MediaStore.from_config(cfg),
                       (lambda: link) if shared else (lambda: Link.open(cfg, key)),
-                      Notifier(channels_from_config(cfg["alerts"]), cfg["relay"]["timezone"]))
+                      Notifier(channels, cfg["relay"]["timezone"]))
     return (handler, link) if shared else handler
 
 

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import defusedxml.ElementTree as DET
-import requests
 from defusedxml import DefusedXmlException
 
 from ctl.cap.parse import NS as CAP_NS
@@ -63,6 +62,8 @@ class Fetcher:
     def get(self, url: str) -> bytes:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise SourceError(f"not an http(s) URL: {url[:80]!r}")
+        import requests
+
         try:
             with requests.get(url, stream=True, timeout=self.timeout,
                               headers={"User-Agent": "ttcs-ctl-cap"}) as resp:

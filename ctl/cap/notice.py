@@ -7,10 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import datetime
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from ctl.notify import Channel, Message, NotifyError
 from ctl.sanitize import clean
+
+if TYPE_CHECKING:
+    from ctl.notify import Channel
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ class Notifier:
     def sent(self, alert, decision, commands: list, acks: list, now_s: float) -> None:
         if not self.channels:
             return
+        from ctl.notify import Message, NotifyError  # with channels only: a shorter start
+
         headline = clean(next((i.headline or i.event for i in alert.infos), alert.identifier),
                          200)
         verb = WHAT.get(decision.action, decision.action)

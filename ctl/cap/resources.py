@@ -11,8 +11,6 @@ import base64
 import binascii
 import urllib.parse
 
-import requests
-
 from ctl.cap.parse import Info, Resource
 from ctl.media import Media, MediaError, MediaStore
 
@@ -48,6 +46,8 @@ def _download(uri: str, max_bytes: int, timeout: float) -> bytes:
         raise ResourceError(f"resource uri must be http(s) with a host, not {uri[:80]!r}")
     if parts.username or parts.password:
         raise ResourceError("resource uri must not hold credentials")
+    import requests  # only when a recording is fetched: a shorter start for ingest
+
     try:
         with requests.get(uri, stream=True, timeout=timeout,
                           headers={"User-Agent": "ttcs-ctl-cap"}) as resp:
