@@ -13,6 +13,7 @@ setup(
     description="Agent for commune IP loudspeaker cabinets and LED information boards",
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "ctl", "ctl.*", "drivers", "drivers.*"]),
+    package_data={"ctl": ["schemas/*.xsd", "schemas/README.md"]},
     install_requires=[
         "paho-mqtt>=2.0,<3",
         "cryptography>=41",
@@ -28,9 +29,11 @@ setup(
     extras_require={
         # On a Raspberry Pi: GPIO through lgpio, real SPI for MAX7219 boards.
         "pi": ["rpi-lgpio", "luma.core[spi]"],
-        # Controller side extras (relay, reports, the web console of `ttcs-ctl serve`).
+        # Controller side extras (relay, reports, the web console of `ttcs-ctl serve`, CAP:
+        # schema validation, safe XML, areas).
         "ctl": ["matplotlib", "rich", "psycopg[binary]", "starlette>=0.37", "uvicorn>=0.29",
-                "jinja2>=3.1", "python-multipart>=0.0.9", "argon2-cffi>=23.1"],
+                "jinja2>=3.1", "python-multipart>=0.0.9", "argon2-cffi>=23.1", "lxml>=5",
+                "defusedxml>=0.7", "shapely>=2"],
         # amqtt: a broker that speaks only MQTT 3.1.1, for the protocol fallback tests.
         "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd", "amqtt",
                  "selenium>=4.15", "httpx"],

@@ -28,6 +28,51 @@ class LatLon(Field):
                                  " (-180..180)"))
         return [float(lat), float(lon)]
 
+URGENCY = ("Immediate", "Expected", "Future", "Past", "Unknown")
+SEVERITY = ("Extreme", "Severe", "Moderate", "Minor", "Unknown")
+CERTAINTY = ("Observed", "Likely", "Possible", "Unlikely", "Unknown")
+LANG_RE = r"^[a-z]{2,3}$"
+GROUPS = List(item=Str(pattern=ID_RE))
+SENDERS = List(default=[], item=Str(max_len=256))
+
+# CAP 1.2 ingest (docs/CAP.md). The priority rules: the first whose lists all hold the info
+# block's value decides (an empty list: any); none: normal.
+DEFAULT_CAP_PRIORITY = [
+    {"urgency": ["Immediate", "Expected"], "severity": ["Extreme", "Severe"],
+     "certainty": ["Observed", "Likely"], "priority": "emergency"},
+    {"urgency": [], "severity": ["Moderate"], "certainty": [], "priority": "priority"},
+]
+CAP_SCHEMA = Section(fields={
+    "senders": List(default=[], item=Str(max_len=256),
+                    doc="accepted CAP senders (empty: any)"),
+    "geocodes": Map(default={}, key_pattern=r"^[^=\s]+=\S.*$", value=GROUPS,
+                    doc="VALUENAME=VALUE -> groups"),
+    "area_names": Map(default={}, value=GROUPS, doc="areaDesc -> groups"),
+    "languages": Map(default={}, key_pattern=ID_RE, value=List(item=Str(pattern=LANG_RE)),
+                     doc="group -> spoken language order (default: default_languages)"),
+    "default_languages": List(default=["vi"], item=Str(pattern=LANG_RE)),
+    "repeat": Num(default=2, min=1, max=10, doc="spoken alerts are said this many times"),
+    "test_group": Str(default=None, nullable=True, pattern=ID_RE,
+                      doc="Test/Exercise messages go here, marked as tests (null: nowhere)"),
+    "test_marker": Str(default="Tin thử nghiệm", max_len=100),
+    "scopes": Section(fields={
+        "Restricted": SENDERS, "Private": SENDERS}),
+    "priority": List(default=DEFAULT_CAP_PRIORITY, max_items=50, item=Section(fields={
+        "urgency": List(default=[], item=Str(choices=URGENCY)),
+        "severity": List(default=[], item=Str(choices=SEVERITY)),
+        "certainty": List(default=[], item=Str(choices=CERTAINTY)),
+        "priority": Str(choices=("emergency", "priority", "normal")),
+    })),
+    "default_ttl_s": Num(default=3600, min=60, max=7 * 86400,
+                         doc="an alert without expires: its commands' exp and board time"),
+    "board_chars": Num(default=200, min=20, max=1000,
+                       doc="the instruction joins the headline on boards when both fit"),
+    "wait_s": Num(default=10, min=0, max=600, integer=False,
+                  doc="ingest waits this long for every target's received ack"),
+    "download_timeout_s": Num(default=20, min=1, max=600, integer=False),
+    "feed_max_bytes": Num(default=5 * 1024 * 1024, min=1024, max=2**31),
+})
+
 CTL_SCHEMA = Section(fields={
     "mqtt": config.SCHEMA.fields["mqtt"],
     "signing": Section(fields={
@@ -95,6 +140,7 @@ CTL_SCHEMA = Section(fields={
             "height": Num(default=16, min=7, max=256),
         }),
     }),
+    "cap": CAP_SCHEMA,
     "locations": Map(default={}, key_pattern=ID_RE, value=LatLon(),
                      doc="device id or group -> [lat, lon]: CAP areas, the console's map"),
     "alerts": Section(fields={

@@ -12,6 +12,7 @@ import time
 from agent import __version__, protocol
 from agent.config import ConfigError
 from ctl import config, release
+from ctl.cap import cli as cap_cli
 from ctl.console import cli as console_cli
 from ctl.keys import keygen, pubkey, signing_key
 from ctl.sanitize import shown
@@ -219,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-relay", action="store_true",
                    help="console only (a relay runs elsewhere on the same store)")
     console_cli.add_parser(sub, command)
+    cap_cli.add_parser(command)
     return parser
 
 
@@ -272,6 +274,8 @@ def _dispatch(cfg: dict, args: argparse.Namespace) -> int:
         return serve(cfg, args.listen, not args.no_relay)
     if args.cmd == "user":
         return console_cli.main(cfg, args)
+    if args.cmd == "cap":
+        return cap_cli.main(cfg, args)
     if args.cmd == "report":
         return report(cfg, args.month, args.year, args.out, args.db, not args.no_chart)
     if args.cmd in ("schedule", "board"):

@@ -22,7 +22,7 @@ LIVE = Obj(required=("url",), fields={
     "board_text": a.BOARD_TEXT})
 SAY = Obj(required=("text",), fields={
     "text": a.SAY_TEXT, "lang": a.LANG, "priority": a.PRIORITY, "repeat": a.REPEAT,
-    "volume": a.VOLUME, "board_text": a.BOARD_TEXT})
+    "volume": a.VOLUME, "at": a.At(), "board_text": a.BOARD_TEXT})
 STOP = Obj(fields={"id": a.ID, "all": a.IsTrue()}, rules=(a.at_most_one("id", "all"),))
 VOLUME = Obj(required=("level",), fields={"level": a.VOLUME})
 TEST = Obj(fields={"priority": a.PRIORITY, "volume": a.VOLUME,
@@ -40,8 +40,11 @@ def validate_live(args: dict) -> list[str]:
     return problems(LIVE, args)
 
 
-def validate_say(args: dict) -> list[str]:
-    return problems(SAY, args)
+def validate_say(args: dict, now_ms: int | None = None) -> list[str]:
+    """``at`` as for ``play``: a CAP alert's future onset (docs/CAP.md)."""
+    schema = SAY if now_ms is None else replace(SAY, fields={**SAY.fields,
+                                                             "at": a.At(now_ms=now_ms)})
+    return problems(schema, args)
 
 
 def validate_stop(args: dict) -> list[str]:

@@ -149,7 +149,8 @@ class AudioService:
         self.journal.recover(self.records.interrupted)
         handlers = {
             "play": (self._cmd_play, lambda a: validate_play(a, self.clock.now_ms())),
-            "live": (self._cmd_live, validate_live), "say": (self._cmd_say, validate_say),
+            "live": (self._cmd_live, validate_live),
+            "say": (self._cmd_say, lambda a: validate_say(a, self.clock.now_ms())),
             "stop": (self._cmd_stop, validate_stop), "volume": (self._cmd_volume, validate_volume),
             "test": (self._cmd_test, validate_test),
         }
@@ -189,7 +190,8 @@ class AudioService:
     def _cmd_say(self, env: Envelope) -> None:
         a = env.args
         item = Item(env.id, "tts", [], priority=a.get("priority", "normal"),
-                    volume=a.get("volume"), repeat=a.get("repeat", 1), exp_ms=env.exp)
+                    volume=a.get("volume"), repeat=a.get("repeat", 1), at_ms=a.get("at"),
+                    exp_ms=env.exp)
         meta = self._command_meta(env, "tts")
         if meta.board_text is None and meta.priority == Priority.EMERGENCY:
             meta.board_text = board_cut(a["text"], BOARD_LIMIT)  # it shows what it says
