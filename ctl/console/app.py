@@ -43,7 +43,6 @@ class Console:
     media: Any  # ctl.media.MediaStore
     signing: Callable[[], Any]  # () -> (key, kid): the district key, read when needed
     secure_cookies: bool = False
-    tts: Any = None  # agent.audio.tts.TtsEngine: spoken bulletins at a time become recordings
     env: Environment = field(init=False)
 
     def __post_init__(self) -> None:

@@ -52,11 +52,11 @@ class Bulletin:
             extra["volume"] = self.volume
         if self.board_text:
             extra["board_text"] = self.board_text
+        if self.at_ms is not None:
+            extra["at"] = self.at_ms
         if self.media:
-            args = {"media": self.media if len(self.media) > 1 else self.media[0], **extra}
-            if self.at_ms is not None:
-                args["at"] = self.at_ms
-            return "play", args
+            return "play", {"media": self.media if len(self.media) > 1 else self.media[0],
+                            **extra}
         return "say", {"text": self.text or "", "lang": self.lang, **extra}
 
 
@@ -100,11 +100,8 @@ def check(b: Bulletin, user, groups: dict[str, list[str]], now_ms: int) -> tuple
         raise Invalid(["chọn văn bản đọc (TTS) hoặc bản ghi âm, không cả hai"])
     if not b.media and not (b.text or "").strip():
         raise Invalid(["nhập văn bản để đọc hoặc tải lên bản ghi âm"])
-    if b.at_ms is not None and not b.media:
-        raise Invalid(["at: hẹn giờ phát (at) cần bản ghi âm (văn bản đọc được chuyển"
-                       " thành bản ghi ở máy chủ)"])
     typ, args = b.command()
-    problems = validate_play(args, now_ms) if typ == "play" else validate_say(args)
+    problems = (validate_play if typ == "play" else validate_say)(args, now_ms)
     if problems:
         raise Invalid(problems)
     return typ, args

@@ -62,8 +62,6 @@ def send(c: Console, req: Req):
         else:
             b.text = values["text"]
             b.at_ms = compose.parse_at(values["at"], c.cfg["relay"]["timezone"])
-            if b.at_ms is not None and b.text.strip():
-                b.media, b.text = [_spoken(c, req, b.text, b.lang)], None
         now = now_ms()
         typ, args = compose.check(b, req.user, c.groups, now)
     except compose.Refused as e:
@@ -116,26 +114,6 @@ def _recordings(c: Console, req: Req) -> list[dict]:
     if not out:
         raise compose.Invalid(["chưa chọn tệp ghi âm (MP3, WAV hoặc OGG)"])
     return out
-
-
-def _spoken(c: Console, req: Req, text: str, lang: str) -> dict:
-    """A spoken bulletin at a time: ``say`` has no ``at``, so the text is spoken here by the
-    agent's own engine (espeak-ng) into a recording the devices fetch, and sent as ``play``."""
-    from agent.audio.tts import TtsError
-
-    if c.tts is None:
-        raise compose.Invalid(["at: hẹn giờ cho văn bản đọc cần máy đọc (espeak-ng) ở máy chủ"])
-    problems = compose.validate_say({"text": text, "lang": lang})
-    if problems:
-        raise compose.Invalid(problems)
-    try:
-        with open(c.tts.render(text, lang), "rb") as f:
-            media = c.media.put(f.read())
-    except (TtsError, OSError) as e:
-        raise compose.Invalid([f"không đọc được văn bản thành âm thanh: {e}"]) from None
-    c.audit.record(req.user.name, "tts", "ok", detail={"sha256": media.sha256, "lang": lang,
-                                                       "bytes": media.size}, addr=req.addr)
-    return media.ref(lang)
 
 
 def sent_page(c: Console, req: Req):

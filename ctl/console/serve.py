@@ -6,12 +6,10 @@ and stopped in reverse, inside one ``try/finally``."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
 
-from agent.audio.tts import EspeakEngine
 from ctl.console import tables
 from ctl.console.app import Console
 from ctl.console.audit import Audit
@@ -60,8 +58,7 @@ def build(cfg: dict, store) -> Console:
                                            int(c["login_per_minute"]))),
         sessions=SessionStore(store, float(c["session_hours"]) * 3600), audit=audit,
         fleet=fleet, hub=hub, link=Link(cfg, audit, hub), media=MediaStore.from_config(cfg),
-        signing=lambda: (key, kid), secure_cookies=bool(c["secure_cookies"]),
-        tts=EspeakEngine(os.path.join(os.path.expanduser(cfg["media"]["dir"]), ".tts-cache")))
+        signing=lambda: (key, kid), secure_cookies=bool(c["secure_cookies"]))
 
 
 def _http(server) -> None:
