@@ -33,7 +33,7 @@ setup(
         # schema validation, safe XML, areas).
         "ctl": ["matplotlib", "rich", "psycopg[binary]", "starlette>=0.37", "uvicorn>=0.29",
                 "jinja2>=3.1", "python-multipart>=0.0.9", "argon2-cffi>=23.1", "lxml>=5",
-                "defusedxml>=0.7", "shapely>=2"],
+                "defusedxml>=0.7", "shapely>=2", "urllib3>=2"],
         # amqtt: a broker that speaks only MQTT 3.1.1, for the protocol fallback tests.
         "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "aiosmtpd", "amqtt",
                  "selenium>=4.15", "httpx"],

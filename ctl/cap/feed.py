@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 
+from ctl.cap import fetch
 from ctl.cap.parse import NS as CAP_NS
 
 log = logging.getLogger(__name__)
@@ -60,24 +61,11 @@ class Fetcher:
         self.max_bytes, self.timeout = max_bytes, timeout
 
     def get(self, url: str) -> bytes:
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise SourceError(f"not an http(s) URL: {url[:80]!r}")
-        import requests
-
         try:
-            with requests.get(url, stream=True, timeout=self.timeout,
-                              headers={"User-Agent": "ttcs-ctl-cap"}) as resp:
-                if resp.status_code != 200:
-                    raise SourceError(f"HTTP {resp.status_code}")
-                out, size = [], 0
-                for chunk in resp.iter_content(64 * 1024):
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise SourceError(f"over cap.feed_max_bytes ({self.max_bytes})")
-                    out.append(chunk)
-                return b"".join(out)
-        except requests.RequestException as e:
-            raise SourceError(type(e).__name__) from None
+            return fetch.get(url, max_bytes=self.max_bytes, timeout=self.timeout,
+                             too_big="cap.feed_max_bytes")
+        except fetch.FetchError as e:
+            raise SourceError(str(e)) from None
 
 
 def messages_in(data: bytes, base_url: str, fetch: Callable[[str], bytes]) -> list[

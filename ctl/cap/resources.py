@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import urllib.parse
 
+from ctl.cap.fetch import FetchError, get
 from ctl.cap.parse import Info, Resource
 from ctl.media import Media, MediaError, MediaStore
 
@@ -41,24 +41,7 @@ def fetch(resource: Resource, store: MediaStore, *, timeout: float) -> Media:
 
 
 def _download(uri: str, max_bytes: int, timeout: float) -> bytes:
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ResourceError(f"resource uri must be http(s) with a host, not {uri[:80]!r}")
-    if parts.username or parts.password:
-        raise ResourceError("resource uri must not hold credentials")
-    import requests  # only when a recording is fetched: a shorter start for ingest
-
     try:
-        with requests.get(uri, stream=True, timeout=timeout,
-                          headers={"User-Agent": "ttcs-ctl-cap"}) as resp:
-            if resp.status_code != 200:
-                raise ResourceError(f"resource uri answered HTTP {resp.status_code}")
-            chunks, size = [], 0
-            for chunk in resp.iter_content(64 * 1024):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise ResourceError(f"resource is over media.max_bytes ({max_bytes})")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except requests.RequestException as e:
-        raise ResourceError(f"resource download failed: {type(e).__name__}") from None
+        return get(uri, max_bytes=max_bytes, timeout=timeout, too_big="media.max_bytes")
+    except FetchError as e:
+        raise ResourceError(f"resource download failed: {e}") from None

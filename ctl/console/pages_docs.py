@@ -55,15 +55,24 @@ def page(c: Console, req: Req, draft: docs.Draft | None = None, code: int = 200,
                                          now_ms() - 7 * 86_400_000))
 
 
-def preview(c: Console, req: Req):
-    """Check the YAML and show the diff (nothing is published)."""
+def _target(c: Console, req: Req, action: str):
+    """``(kind, target, None)``, or a 403 page (audited) as the third when the user may not
+    reach the form's target."""
     kind = _kind(req)
     target = str(req.form.get("target", ""))
     if not protocol.TARGET_RE.fullmatch(target) or not req.user.may_target(target, c.groups):
-        c.audit.record(req.user.name, f"{kind} preview", "refused", target=target[:70],
+        c.audit.record(req.user.name, f"{kind} {action}", "refused", target=target[:70],
                        addr=req.addr)
-        return c.render(req, "message.html", code=403, title="Không có quyền",
-                        message=f"Không gửi được tới {target}")
+        return kind, target, c.render(req, "message.html", code=403, title="Không có quyền",
+                                      message=f"Không gửi được tới {target}")
+    return kind, target, None
+
+
+def preview(c: Console, req: Req):
+    """Check the YAML and show the diff (nothing is published)."""
+    kind, target, refused = _target(c, req, "preview")
+    if refused is not None:
+        return refused
     text = docs.edited(c.link, kind, target, req.form) if req.form.get("op") else \
         str(req.form.get("yaml", ""))
     draft = docs.prepare(c.link, kind, target, text)
@@ -71,13 +80,9 @@ def preview(c: Console, req: Req):
 
 
 def push(c: Console, req: Req):
-    kind = _kind(req)
-    target = str(req.form.get("target", ""))
-    if not protocol.TARGET_RE.fullmatch(target) or not req.user.may_target(target, c.groups):
-        c.audit.record(req.user.name, f"{kind} push", "refused", target=target[:70],
-                       addr=req.addr)
-        return c.render(req, "message.html", code=403, title="Không có quyền",
-                        message=f"Không gửi được tới {target}")
+    kind, target, refused = _target(c, req, "push")
+    if refused is not None:
+        return refused
     draft = docs.prepare(c.link, kind, target, str(req.form.get("yaml", "")))
     if draft.problems:
         return page(c, req, draft, 400)
