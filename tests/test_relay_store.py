@@ -322,17 +322,24 @@ def test_the_writer_stores_in_batches_and_flushes_on_stop(tmp_path):
     s.close()
 
 
-def test_gap_tracking_for_resends(tmp_path):
+def test_missing_seqs_one_definition(tmp_path):
+    """Missing = neither stored nor recorded lost (ctl/seqs.py), up to the newest covered seq
+    or the device's own newest; recording a range lost closes the noticed gap."""
     s = RelayStore(str(tmp_path / "r.db"))
     t0 = local(2025, 11, 1, 8)
     feed(s, [(topic("d1", "event"), json.dumps({"v": 1, "seq": q, "type": "config",
                                                 "ts": t0}).encode(), False, t0)
              for q in (1, 2, 5, 6, 9)])
-    assert s.seq_gaps("d1") == [(3, 4), (7, 8)]
-    assert s.contiguous_seq("d1") == 2
-    assert s.mark_gap_lost("d1", 3, 4, t0) == 1
-    assert s.seq_gaps("d1") == [(7, 8)] and s.contiguous_seq("d1") == 6
-    assert s.contiguous_seq("nobody") is None
+    assert s.missing_seqs("d1") == ([(3, 4), (7, 8)], 9)
+    assert s.missing_seqs("d1", 4) == ([(7, 8)], 9)
+    assert s.missing_seqs("d1", 0, top=12) == ([(3, 4), (7, 8), (10, 12)], 9)
+    with s.tx():
+        assert s.record_lost("d1", 2, 4, t0) == [(3, 4)]  # 2 is stored: not lost
+        assert s.record_lost("d1", 3, 4, t0) == []  # already recorded
+    assert s.missing_seqs("d1") == ([(7, 8)], 9)
+    gaps = {r["first_seq"]: r["lost_ms"] for r in s.q("SELECT * FROM gaps")}
+    assert gaps == {3: t0, 7: None}
+    assert s.missing_seqs("nobody") == ([], None)
     s.close()
 
 
