@@ -7,7 +7,8 @@ writer thread (:mod:`ctl.ingest`):
 - events deduplicated by (device, ``seq``), with gaps in ``seq`` noticed (and marked filled
   when the missing events arrive late);
 - the latest health sample of each device and 5-minute aggregates of its numbers (pruned
-  after ``relay.health_keep_days``), and each device's heartbeat interval, learned from the gap
+  after ``relay.health_keep_days``; event bodies emptied after ``relay.events_keep_days``),
+  and each device's heartbeat interval, learned from the gap
   between consecutive live samples;
 - online/offline transitions (for uptime): offline on the device's will or clean shutdown, or
   after ``relay.missed_beats`` heartbeats without a word from it;
@@ -69,6 +70,7 @@ class RelaySettings:
     alert_codes: list[str] = field(default_factory=list)  # empty: all
     channels: list[str] = field(default_factory=list)
     health_keep_days: int = 31
+    events_keep_days: int = 90  # event bodies received longer ago are emptied
     ts_past_days: float = 400.0  # device times older than this (or further ahead than
     ts_future_s: float = 3600.0  # ts_future_s) are replaced by the relay's receive time
 
@@ -81,6 +83,7 @@ class RelaySettings:
                    group_interval_s=interval,
                    alert_codes=list(cfg["alerts"]["codes"]), channels=channels,
                    health_keep_days=int(r["health_keep_days"]),
+                   events_keep_days=int(r["events_keep_days"]),
                    ts_past_days=float(r["ts_past_days"]), ts_future_s=float(r["ts_future_s"]))
 
 
@@ -446,6 +449,10 @@ class Relay:
         horizon = now_ms - self.settings.health_keep_days * 86_400_000
         with self.store.tx():  # by the bucket_ms index
             self.store.x("DELETE FROM health_5m WHERE bucket_ms < ?", horizon)
+        n = self.store.prune_event_bodies(now_ms - self.settings.events_keep_days * 86_400_000)
+        if n:
+            log.info("relay: emptied the bodies of %d event(s) received over %d days ago", n,
+                     self.settings.events_keep_days)
 
 
 def _dumps(obj: Any) -> str:

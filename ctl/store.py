@@ -93,6 +93,8 @@ COLUMNS = {"events": {"flags": "TEXT"},
            "devices": {"next_check_ms": "INTEGER"}, "gaps": {"lost_ms": "INTEGER"}}
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
 BUCKET_MS = 300_000  # health history: 5-minute aggregates
+PRUNED_BODY = '{"pruned":true}'  # an event body emptied after relay.events_keep_days
+PRUNE_CHUNK = 5000  # event bodies emptied per transaction
 PLAY_SLACK_MS = 2_000  # audio and wall clocks differ a little: more than this is a false claim
 
 
@@ -301,6 +303,30 @@ class RelayStore(Database):
                " received_ms = excluded.received_ms, body = excluded.body,"
                " flags = excluded.flags WHERE excluded.ts >= health_latest.ts",
                device, ts, received_ms, body, flags)
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def prune_event_bodies(self, before_ms: int, chunk: int = PRUNE_CHUNK) -> int:
+        """Replace the bodies of the events received before ``before_ms`` by
+        :data:`PRUNED_BODY`; how many. The rows stay: (device, ``seq``) is what deduplication
+        and gap tracking read, and play records and alerts have their own tables. By the
+        ``events_by_received`` index from where the last prune stopped (``meta``
+        ``events_pruned_ms``), in chunks of about ``chunk`` rows, each its own transaction
+        (ingest goes on between them)."""
+        row = self.one("SELECT value FROM meta WHERE key='events_pruned_ms'")
+        since, total = int(row["value"]) if row else 0, 0
+        while since < before_ms:
+            with self.tx():
+                row = self.one("SELECT received_ms FROM events WHERE received_ms >= ? AND"
+                               " received_ms < ? ORDER BY received_ms LIMIT 1 OFFSET ?",
+                               since, before_ms, chunk)
+                cut = before_ms if row is None else max(row["received_ms"], since + 1)
+                total += self.x("UPDATE events SET body=? WHERE received_ms >= ? AND"
+                                " received_ms < ? AND body <> ?", PRUNED_BODY, since, cut,
+                                PRUNED_BODY).rowcount
+                self._set_meta("events_pruned_ms", str(cut))
+            since = cut
+        return total
 
     # --- missing seqs (one definition: ctl/seqs.py) ----------------------------------------
 

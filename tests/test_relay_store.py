@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ctl import report
+from ctl import report, store
 from ctl.config import groups_of
 from ctl.ingest import Writer
 from ctl.relay import Relay, RelaySettings
@@ -399,4 +399,35 @@ def test_every_alert_is_kept_whatever_is_notified(tmp_path):
     assert rows == [{"seq": 1, "code": "door_open", "key": "k"},
                     {"seq": 2, "code": "disk_low", "key": "k"}]
     assert [r["code"] for r in s.q("SELECT code FROM notices")] == ["door_open"]
+    s.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_event_bodies_are_emptied_after_the_window_by_chunks(tmp_path, request, engine):
+    """Bodies received before the window are replaced (the rows, play records and alerts
+    stay); each prune goes on from where the last stopped, in chunks, even when many rows
+    share one received time."""
+    s = RelayStore(str(tmp_path / "r.db") if engine == "sqlite"
+                   else request.getfixturevalue("pg_url"))
+    day = 86_400_000
+    t0 = local(2025, 11, 1, 8)
+    msgs = []
+    for seq in range(1, 41):  # 10 received at each of 4 instants, 10 days apart
+        at = t0 + (seq - 1) // 10 * 10 * day
+        body = {"v": 1, "seq": seq, "type": "play", "ts": at, "started": at,
+                "ended": at + 1000, "played_ms": 1000}
+        msgs.append((topic("d1", "event"), json.dumps(body).encode(), False, at))
+    relay = feed(s, msgs)
+    assert s.prune_event_bodies(t0 + 15 * day, chunk=3) == 20  # 2 instants x 10
+    bodies = [r["body"] for r in s.q("SELECT body FROM events ORDER BY seq")]
+    assert bodies[:20] == [store.PRUNED_BODY] * 20
+    assert all(json.loads(b)["seq"] == i for i, b in enumerate(bodies[20:], 21))
+    assert s.one("SELECT COUNT(*) AS n FROM plays")["n"] == 40  # what reports read stays
+    assert s.prune_event_bodies(t0 + 15 * day) == 0  # nothing again
+    # the relay's hourly prune, with relay.events_keep_days
+    relay.settings.events_keep_days = 10
+    relay.tick(t0 + 30 * day + 1)
+    assert s.one("SELECT COUNT(*) AS n FROM events WHERE body = ?", store.PRUNED_BODY)["n"] \
+        == 30
+    assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 40
     s.close()
