@@ -48,6 +48,7 @@ from paho.mqtt.properties import Properties
 
 from agent.core.clock import SystemClock
 from agent.health.system import build_health, collect_system
+from tests.conftest import MOSQUITTO
 
 PREFIX = "ttcs"
 # What config/mosquitto.conf.example recommends for the relay's session (docs/DEPLOY.md).
@@ -308,6 +309,35 @@ def worker(args) -> int:
 
 # --- the controller side: broker, relay, $SYS counters, the verdict ---------------------------
 
+class QuietBroker(Broker):
+    """A mosquitto that logs errors and notices only: at tens of thousands of clients
+    ``log_type all`` (every packet) costs the broker more than the traffic."""
+
+    def start(self) -> QuietBroker:
+        conf = self.folder / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        f"persistence false\nlog_dest file {self.folder / 'mosquitto.log'}\n"
+                        f"log_type error\nlog_type warning\nlog_type notice\n{user}"
+                        f"{self.extra}\n")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 10, what=f"mosquitto on port {self.port}")
+        return self
+
+
+BRIDGED = ("status", "state", "health", "event", "ack")
+
+
+def leaf_bridge(index: int, core_port: int) -> str:
+    """A leaf broker's bridge to the core one (a broker per province under a national one):
+    what devices publish goes up, their commands come down; a persistent bridge session."""
+    return (f"connection core-{index}\naddress 127.0.0.1:{core_port}\n"
+            f"remote_clientid leaf-{index}\ncleansession false\n"
+            "bridge_protocol_version mqttv311\n"
+            + "".join(f"topic {PREFIX}/dev/+/{leaf} out 1\n" for leaf in BRIDGED)
+            + f"topic {PREFIX}/dev/+/cmd in 1\n")
+
 class SysCounters:
     """The broker's ``$SYS`` counters (mosquitto publishes them every ``sys_interval``)."""
 
@@ -412,6 +442,9 @@ def main() -> int:
     p.add_argument("--silent", type=int, default=0,
                    help="devices that stop publishing (link kept): offline notice latency")
     p.add_argument("--silent-at-s", type=float, default=30.0)
+    p.add_argument("--leaf-brokers", type=int, default=0,
+                   help="devices on this many mosquittos bridged to the relay's (0: none)")
+    p.add_argument("--quiet-broker", action="store_true", help="mosquitto logs no packets")
     p.add_argument("--relays", type=int, default=1,
                    help="relay processes sharing the subscriptions (one SQLite)")
     args = p.parse_args()
@@ -429,11 +462,18 @@ def argparse_hidden() -> str:
 def controller(args, p) -> int:
     folder = workdir(args.workdir, "loadgen")
     extra = args.broker_extra.replace(";", "\n") + "\nsys_interval 1\n"
-    broker = Broker(folder / "broker", extra=extra).start()
+    kind = QuietBroker if args.quiet_broker or args.leaf_brokers else Broker
+    broker = kind(folder / "broker", extra=extra).start()
+    # devices on leaf brokers bridged to the core (one mosquitto holds at most its open
+    # files: 20,000 on this machine), or on the core itself
+    leaves = [QuietBroker(folder / f"leaf-{i}", extra=extra + leaf_bridge(i, broker.port))
+              .start() for i in range(args.leaf_brokers)]
+    ports = [b.port for b in leaves] or [broker.port]
     keys = Keys()
     starts = [relay_process(folder, broker.port, keys, args, i)[1] for i in range(args.relays)]
     db = folder / "relay.db"
     sysc = SysCounters(broker.port)
+    leaf_sys = [SysCounters(b.port) for b in leaves]
     relays = [start() for start in starts]
     for log in relay_logs(folder):
         wait_until(lambda log=log: "relay connected" in log.read_text(), 20,
@@ -450,7 +490,7 @@ def controller(args, p) -> int:
         reports.append(rep)
         workers.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", "--first", str(first), "--count", str(count),
-             "--port", str(broker.port), "--start-at", str(start_at), "--burst-s",
+             "--port", str(ports[i % len(ports)]), "--start-at", str(start_at), "--burst-s",
              str(args.burst_s), "--run-s", str(args.run_s), "--event-s", str(args.event_s),
              "--health-s", str(args.health_s), "--kill", str(args.kill // args.procs),
              "--kill-at-s", str(args.kill_at_s), "--keepalive", str(args.keepalive),
@@ -514,6 +554,14 @@ def controller(args, p) -> int:
     missing, lost = completeness(db, last)
     results = summarise(args, db, sysc, samples, last, killed, resends, missing, lost,
                         settled_s, outage, silent)
+    results["leaf_brokers"] = [{k: c.get(k) for k in ("publish/messages/dropped",
+                                                      "clients/connected",
+                                                      "messages/received")} for c in leaf_sys]
+    print(json.dumps({"leaf_brokers": results["leaf_brokers"]}))
+    for c in leaf_sys:
+        c.close()
+    for b in leaves:
+        b.stop()
     for relay in relays:
         relay.send_signal(signal.SIGTERM)
     for relay in relays:
