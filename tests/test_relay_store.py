@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -430,4 +431,20 @@ def test_event_bodies_are_emptied_after_the_window_by_chunks(tmp_path, request, 
     assert s.one("SELECT COUNT(*) AS n FROM events WHERE body = ?", store.PRUNED_BODY)["n"] \
         == 30
     assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 40
+    s.close()
+
+
+def test_the_writer_lingers_so_a_trickle_is_one_transaction(tmp_path):
+    """Messages arriving a few milliseconds apart (paho hands them over one by one) are
+    stored together: without the linger each would be its own transaction and fsync."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    writer = Writer(Relay(s, RelaySettings()), linger_s=0.5)
+    t0 = local(2025, 11, 1, 8)
+    for seq in range(1, 21):
+        body = {"v": 1, "seq": seq, "type": "config", "ts": t0}
+        writer.put(topic("d1", "event"), json.dumps(body).encode(), False, t0)
+        time.sleep(0.005)
+    writer.stop()
+    assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 20
+    assert writer.batches <= 2, writer.batches
     s.close()
