@@ -102,6 +102,7 @@ class Device:
                                              "session": self.session}), 1, retain=True)
         c.subscribe(self.topic("cmd"), 1)
         self.fleet.pending.add(self)
+        self.last_ms = _now_ms()  # its birth is a sign of life to the relay
 
     def on_disconnect(self, *a) -> None:
         self.connected = False
