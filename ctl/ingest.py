@@ -36,11 +36,23 @@ class Writer:
         # stored within seconds when the relay stops (about 2 s on SQLite, 15 s on PostgreSQL)
         self.queue: queue.Queue = queue.Queue(max_queue)
         self.batches = 0
+        self._storing_since: int | None = None  # receive time of the batch being stored
         self.thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
         self.thread.start()
 
     def put(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
         self.queue.put((topic, payload, retained, now_ms))
+
+    def heard_until_ms(self) -> int | None:
+        """Everything received before this (the receive time of the oldest message not yet
+        stored) is in the store; None when nothing waits. A heartbeat check must not judge
+        a device silent past it: its messages may be waiting here."""
+        oldest = self._storing_since
+        with self.queue.mutex:
+            head = self.queue.queue[0] if self.queue.queue else None
+        if head is not None and head is not _STOP:
+            oldest = head[3] if oldest is None else min(oldest, head[3])
+        return oldest
 
     def stop(self) -> None:
         """Store what is queued, then end the thread (idempotent). It waits as long as that
@@ -72,8 +84,11 @@ class Writer:
                     stopping = True
                     break
                 batch.append(item)
+            self._storing_since = min(m[3] for m in batch)
             try:
                 self.relay.handle_batch(batch)
                 self.batches += 1
             except Exception:  # the writer never dies; the next batch goes on
                 log.exception("relay writer: a batch of %d messages failed", len(batch))
+            finally:
+                self._storing_since = None

@@ -365,30 +365,35 @@ class Relay:
     def interval_ms(self, row: Row) -> int:
         return row["interval_ms"] or int(self.settings.heartbeat_default_s * 1000)
 
-    def tick(self, now_ms: int) -> int | None:
+    def tick(self, now_ms: int, heard_until_ms: int | None = None) -> int | None:
         """Check heartbeats and group due notices; returns the new batch id, if any. Each
-        step has its own transaction: a fault in one never holds back the other."""
+        step has its own transaction: a fault in one never holds back the other.
+        ``heard_until_ms``: messages received after it may still wait to be stored (the
+        writer's backlog), so silence is judged up to there only."""
         with self.store.tx():
-            self._check_heartbeats(now_ms)
+            self._check_heartbeats(now_ms, heard_until_ms)
         with self.store.tx():
             batch = self._maybe_batch(now_ms)
         if now_ms - self.last_prune_ms > 3_600_000:
             self._prune(now_ms)
         return batch
 
-    def _check_heartbeats(self, now_ms: int) -> None:
+    def _check_heartbeats(self, now_ms: int, heard_until_ms: int | None = None) -> None:
         """Only the devices whose check is due (``next_check_ms``, indexed): silent ones go
-        offline, the others (heard since, or the relay reconnected) are rescheduled."""
+        offline, the others (heard since, or the relay reconnected) are rescheduled. Silence
+        is judged up to ``heard_until_ms`` when given (what the relay has stored): a relay
+        whose writer is behind does not take its own backlog for the devices' silence."""
+        until = now_ms if heard_until_ms is None else min(now_ms, heard_until_ms)
         for row in self.store.q("SELECT * FROM devices WHERE next_check_ms < ?"
-                                " ORDER BY next_check_ms LIMIT 5000", now_ms):
+                                " ORDER BY next_check_ms LIMIT 5000", until):
             if row["online"] != 1:
                 self.store.x("UPDATE devices SET next_check_ms=NULL WHERE device=?",
                              row["device"])
                 continue
             heard = max(row["last_seen_ms"] or 0, self.watch_since_ms)
             limit = self.settings.missed_beats * self.interval_ms(row)
-            if now_ms - heard > limit:
-                log.info("%s: no heartbeat for %d s", row["device"], (now_ms - heard) // 1000)
+            if until - heard > limit:
+                log.info("%s: no heartbeat for %d s", row["device"], (until - heard) // 1000)
                 self._transition(row["device"], False, heard, "heartbeat", row, now_ms)
             else:
                 self.store.x("UPDATE devices SET next_check_ms=? WHERE device=?",
@@ -493,7 +498,7 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
     end = time.monotonic() + once_s if once_s else None
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):
-            _step(relay, dispatcher)
+            _step(relay, dispatcher, writer)
             _step_ingest(gaps, reread, client)
             stop.wait(float(cfg["relay"]["tick_s"]))
         why = f"{signal.Signals(signals[0]).name} received" if signals else "--once time is up"
@@ -517,12 +522,12 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
     return 0
 
 
-def _step(relay: Relay, dispatcher: Any) -> None:
+def _step(relay: Relay, dispatcher: Any, writer: ingest.Writer) -> None:
     now = _now_ms()
     try:
         if not relay.store.leader():
             return  # another relay on this PostgreSQL ticks and notifies
-        relay.tick(now)
+        relay.tick(now, writer.heard_until_ms())
         dispatcher.run_due(now)
     except Exception:  # the relay keeps running; the next tick retries
         log.exception("relay tick failed")

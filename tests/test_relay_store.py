@@ -19,6 +19,7 @@ from ctl.config import groups_of
 from ctl.ingest import Writer
 from ctl.relay import Relay, RelaySettings
 from ctl.store import RelayStore
+from tests.conftest import wait_until
 from tests.pg_support import pg_url_fixture, postgres_fixture  # noqa: F401
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -447,4 +448,30 @@ def test_the_writer_lingers_so_a_trickle_is_one_transaction(tmp_path):
     writer.stop()
     assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 20
     assert writer.batches <= 2, writer.batches
+    s.close()
+
+
+def test_a_relay_behind_on_its_own_backlog_does_not_call_devices_silent(tmp_path):
+    """Messages received but still waiting in the writer's queue are not silence: the
+    heartbeat check judges up to the oldest message not yet stored."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    relay = Relay(s, RelaySettings(heartbeat_default_s=10, missed_beats=3))
+    writer = Writer(relay, linger_s=0.01)
+    t0 = local(2025, 11, 1, 8)
+    status = json.dumps({"v": 1, "state": "online", "ts": t0, "session": 1}).encode()
+    writer.put(topic("d1", "status"), status, False, t0)
+    wait_until(lambda: writer.heard_until_ms() is None and s.one(
+        "SELECT COUNT(*) AS n FROM devices")["n"] == 1, 5, what="the device stored")
+    with s.lock:  # the writer is stuck behind this: what it is given waits
+        for k in range(1, 6):  # a sample every 10 s, received and waiting
+            at = t0 + k * 10_000
+            writer.put(topic("d1", "health"), json.dumps({"v": 1, "ts": at}).encode(), False,
+                       at)
+        wait_until(lambda: writer.heard_until_ms() == t0 + 10_000, 5, what="waiting")
+        relay.tick(t0 + 75_000, writer.heard_until_ms())  # 75 s after the last stored word
+        assert s.one("SELECT online FROM devices")["online"] == 1  # but 10 s of it is known
+        relay.tick(t0 + 75_000)  # what it did before: the backlog taken for silence
+        assert s.one("SELECT online FROM devices")["online"] == 0
+    writer.stop()
+    assert writer.heard_until_ms() is None
     s.close()
