@@ -21,6 +21,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _STOP = object()
+STOP_RETRY_S = 30.0  # at the stop, a failing database is retried this long
 
 
 class Writer:
@@ -36,6 +37,8 @@ class Writer:
         # stored within seconds when the relay stops (about 2 s on SQLite, 15 s on PostgreSQL)
         self.queue: queue.Queue = queue.Queue(max_queue)
         self.batches = 0
+        self.retries = 0  # batches stored again after the database failed
+        self.stopping = False
         self._storing_since: int | None = None  # receive time of the batch being stored
         self.thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
         self.thread.start()
@@ -62,6 +65,7 @@ class Writer:
             if self.queue.qsize():
                 log.info("relay writer: storing the %d messages still queued",
                          self.queue.qsize())
+            self.stopping = True
             self.queue.put(_STOP)
             self.thread.join()
 
@@ -86,9 +90,35 @@ class Writer:
                 batch.append(item)
             self._storing_since = min(m[3] for m in batch)
             try:
-                self.relay.handle_batch(batch)
-                self.batches += 1
-            except Exception:  # the writer never dies; the next batch goes on
-                log.exception("relay writer: a batch of %d messages failed", len(batch))
+                self._store(batch, stopping)
             finally:
                 self._storing_since = None
+
+    def _store(self, batch: list, stopping: bool) -> None:
+        """Store ``batch``. The database failing (locked by another relay process past its
+        busy timeout, a PostgreSQL restart, a full disk) is retried with backoff: the
+        messages were acknowledged to the broker, so giving up loses them; meanwhile paho's
+        thread waits on the full queue and the broker keeps the rest. While stopping it
+        gives up after ``STOP_RETRY_S``. Any other error is a fault in the relay: logged,
+        the batch dropped, the writer goes on."""
+        delay, gave_up_at = 0.5, time.monotonic() + STOP_RETRY_S
+        counted = dict(vars(self.relay.counters))
+        while True:
+            try:
+                self.relay.handle_batch(batch)
+                self.batches += 1
+                return
+            except self.relay.store.errors as e:
+                vars(self.relay.counters).update(counted)  # counted again when stored
+                if (stopping or self.stopping) and time.monotonic() > gave_up_at:
+                    log.error("relay writer: %d messages not stored, the database still"
+                              " failing at the stop: %s", len(batch), e)
+                    return
+                self.retries += 1
+                log.warning("relay writer: storing %d messages failed (%s); again in %g s",
+                            len(batch), e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except Exception:  # the writer never dies; the next batch goes on
+                log.exception("relay writer: a batch of %d messages failed", len(batch))
+                return

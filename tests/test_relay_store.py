@@ -475,3 +475,28 @@ def test_a_relay_behind_on_its_own_backlog_does_not_call_devices_silent(tmp_path
     writer.stop()
     assert writer.heard_until_ms() is None
     s.close()
+
+
+def test_the_writer_retries_when_the_database_fails_and_loses_nothing(tmp_path):
+    """The database failing for a while (locked by another relay past its busy timeout, a
+    PostgreSQL restart) is retried: the messages were acknowledged to the broker already."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    relay = Relay(s, RelaySettings())
+    real, failures = relay.handle_batch, [2]
+
+    def flaky(batch):
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        real(batch)
+
+    relay.handle_batch = flaky
+    writer = Writer(relay, linger_s=0.2)
+    t0 = local(2025, 11, 1, 8)
+    for seq in range(1, 11):
+        writer.put(topic("d1", "event"), json.dumps({"v": 1, "seq": seq, "type": "config",
+                                                     "ts": t0}).encode(), False, t0)
+    writer.stop()
+    assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 10
+    assert writer.retries == 2 and relay.counters.messages == 10
+    s.close()
