@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
 import time
 from typing import Any
@@ -21,7 +22,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _STOP = object()
+LAG_MAX_MS = 6 * 3_600_000  # a receive time − ts larger than this is a wrong clock
 STOP_RETRY_S = 30.0  # at the stop, a failing database is retried this long
+
+
+def batch_lag(samples: list[tuple[int, int | None]]) -> int | None:
+    """How far behind the devices a batch was read: the median of receive time − ``ts``
+    over ``(received_ms, ts)`` pairs of live messages (the median, so that a few devices with
+    a wrong clock do not move it; negative or over :data:`LAG_MAX_MS`: a clock, not a lag);
+    None without any. When the broker held messages for the relay (a stall, a catch-up),
+    the heartbeat check judges silence that far back (:meth:`ctl.relay.Relay.tick`)."""
+    lags = [r - t for r, t in samples if t is not None and 0 <= r - t <= LAG_MAX_MS]
+    return statistics.median_low(lags) if lags else None
 
 
 class Writer:

@@ -57,6 +57,7 @@ LEAVES = ("status", "state", "health", "event")
 HANDLER_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError)
 Row = Any  # a row of the store (sqlite3.Row or a dict), read by column name
 MAX_INTERVAL_MS = 86_400_000
+LAG_FRESH_MS = 10_000  # a lag measured longer ago than this: the relay has caught up
 MIN_INTERVAL_MS = 1_000
 
 # --- the logic ---------------------------------------------------------------------------
@@ -111,6 +112,8 @@ class Relay:
         self.watch_since_ms = 0  # the relay could not hear anything before this (see connected)
         self.last_prune_ms = 0
         self._raw = ""  # the payload of the message being handled
+        self.lag_ms = 0  # how far behind the devices the last batch was (see _measure_lag)
+        self.lag_at_ms = 0
 
     # --- input ---------------------------------------------------------------------------
 
@@ -144,6 +147,7 @@ class Relay:
                 parsed.append((*p, retained, now_ms, payload))
         if not parsed:
             return
+        self._measure_lag(parsed)
         if self.store.pg:
             parsed.sort(key=lambda m: m[0])  # stable: each device's order is kept
         errors = (*HANDLER_ERRORS, *self.store.errors)
@@ -163,6 +167,15 @@ class Relay:
                 except errors as e:
                     self.counters.dropped += 1
                     log.warning("dropped %s from %s: %s", m[1], m[0], e)
+
+    def _measure_lag(self, parsed: list) -> None:
+        """How far behind the devices the relay reads (:func:`ctl.ingest.batch_lag` over
+        the batch's live health samples)."""
+        lag = ingest.batch_lag([(m[4], as_int(m[2].get("ts"))) for m in parsed
+                                if m[1] == "health" and not m[3]
+                                and m[2].get("historical") is not True])
+        if lag is not None:
+            self.lag_ms, self.lag_at_ms = lag, parsed[-1][4]
 
     def _apply(self, device: str, leaf: str, body: dict, retained: bool, now_ms: int,
                payload: bytes) -> None:
@@ -380,10 +393,11 @@ class Relay:
 
     def _check_heartbeats(self, now_ms: int, heard_until_ms: int | None = None) -> None:
         """Only the devices whose check is due (``next_check_ms``, indexed): silent ones go
-        offline, the others (heard since, or the relay reconnected) are rescheduled. Silence
-        is judged up to ``heard_until_ms`` when given (what the relay has stored): a relay
-        whose writer is behind does not take its own backlog for the devices' silence."""
+        offline, the others are rescheduled. Silence is judged up to what the relay has read:
+        ``heard_until_ms`` (its writer's backlog) less its lag behind the devices."""
         until = now_ms if heard_until_ms is None else min(now_ms, heard_until_ms)
+        if now_ms - self.lag_at_ms <= LAG_FRESH_MS:  # reading messages the broker held
+            until -= self.lag_ms
         for row in self.store.q("SELECT * FROM devices WHERE next_check_ms < ?"
                                 " ORDER BY next_check_ms LIMIT 5000", until):
             if row["online"] != 1:

@@ -500,3 +500,33 @@ def test_the_writer_retries_when_the_database_fails_and_loses_nothing(tmp_path):
     assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 10
     assert writer.retries == 2 and relay.counters.messages == 10
     s.close()
+
+
+def test_a_relay_reading_what_the_broker_held_judges_silence_in_the_devices_time(tmp_path):
+    """The relay stalled 25 s and now reads what the broker held, a device at a time. A
+    device whose held messages are not read yet is not silent; one that stopped is, once the
+    devices' time read so far is past its heartbeats."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    relay = Relay(s, RelaySettings(heartbeat_default_s=10, missed_beats=3))
+    t0 = local(2025, 11, 1, 8)
+    devices = ("alive", "other", "quiet")
+
+    def msg(device, leaf, ts, at, **body):
+        return (topic(device, leaf), json.dumps({"v": 1, "ts": ts, **body}).encode(), False, at)
+
+    def online():
+        return {r["device"]: r["online"] for r in s.q("SELECT device, online FROM devices")}
+
+    relay.handle_batch([msg(d, "status", t0, t0, state="online", session=1) for d in devices]
+                       + [msg(d, "health", t0 + 10_000, t0 + 10_000) for d in devices])
+    relay.handle_batch([msg("other", "health", t0 + 20_000, t0 + 45_000)])  # 25 s late
+    assert relay.lag_ms == 25_000
+    relay.tick(t0 + 45_500)  # alive's sample of +20 s is still held by the broker
+    assert online() == {"alive": 1, "other": 1, "quiet": 1}
+    relay.handle_batch([msg("alive", "health", t0 + 20_000, t0 + 46_000)])
+    for k in range(3, 6):  # the backlog goes on, 25 s behind; quiet says nothing more
+        at = t0 + k * 10_000
+        relay.handle_batch([msg(d, "health", at, at + 25_000) for d in ("alive", "other")])
+    relay.tick(t0 + 75_500)  # the devices' time read: +50 s; quiet silent since +10 s
+    assert online() == {"alive": 1, "other": 1, "quiet": 0}
+    s.close()
