@@ -51,6 +51,7 @@ from agent.health.system import build_health, collect_system
 from tests.conftest import MOSQUITTO
 
 PREFIX = "ttcs"
+PER_SOURCE = 20_000  # devices per source address (127.0.0.2, .3, ...)
 # What config/mosquitto.conf.example recommends for the relay's session (docs/DEPLOY.md).
 RECOMMENDED = ("max_queued_messages 200000\nmax_queued_bytes 268435456\n"
                "set_tcp_nodelay true\n")
@@ -69,6 +70,7 @@ def _enc(body: dict) -> bytes:
 class Device:
     def __init__(self, name: str, port: int, keepalive: int, fleet: Fleet) -> None:
         self.name, self.port, self.fleet = name, port, fleet
+        self.index = int(name.rsplit("-", 1)[1])
         self.seq = 0
         self.sent: dict[int, bytes] = {}
         self.session = 1
@@ -92,8 +94,11 @@ class Device:
     def connect(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 86400
+        # paho binds its socket before connecting, so the ephemeral ports (28,232 here) are
+        # shared by every connection from one source address: spread over 127.0.0.2...
         self.client.connect("127.0.0.1", self.port, keepalive=self.keepalive,
-                            clean_start=False, properties=props)
+                            clean_start=False, properties=props,
+                            bind_address=f"127.0.0.{2 + self.index // PER_SOURCE}")
         self.fleet.watch(self)
 
     def on_connect(self, c, userdata, flags, rc, props) -> None:
