@@ -97,6 +97,8 @@ CTL_SCHEMA = Section(fields={
                       value=List(item=Str(pattern=r"^(\*|[a-z0-9][a-z0-9-]{0,63}\*?)$"))),
         "timezone": TimeZone(default="Asia/Ho_Chi_Minh"),
         "health_keep_days": Num(default=31, min=1, max=3660),
+        "events_keep_days": Num(default=90, min=1, max=36600,
+                                doc="event bodies received longer ago are emptied (rows stay)"),
         "ts_past_days": Num(default=400, min=1, max=36600, integer=False,
                             doc="device times older than this are replaced by the receive time"),
         "ts_future_s": Num(default=3600, min=0, max=31_536_000, integer=False,

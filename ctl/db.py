@@ -57,8 +57,10 @@ class Database:
         else:
             if self.target != ":memory:":
                 os.makedirs(os.path.dirname(os.path.abspath(self.target)), exist_ok=True)
+            # another relay process sharing the file holds the write lock for a batch:
+            # wait for it rather than fail (the writer retries beyond this, too)
             self.conn = sqlite3.connect(self.target, check_same_thread=False,
-                                        isolation_level=None)
+                                        isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.row_factory = sqlite3.Row

@@ -12,9 +12,13 @@ in its ``done`` ack: pruned after its ``outbox.keep_days``) is recorded as lost:
 logged, and never asked for again.
 
 The database is the truth, so several relay processes sharing the subscriptions (``$share``)
-and a restarted relay agree: missing = neither in ``events`` nor in ``seq_lost``. Asks are
-claimed in ``seq_asks`` inside the store's IMMEDIATE transactions, so one process sends each.
-The tables are this module's own (``seq_asks``, ``seq_lost``), made if absent.
+and a restarted relay agree: missing = neither in ``events`` nor in ``seq_lost``
+(:meth:`ctl.store.RelayStore.missing_seqs`, the one definition). The same code runs on SQLite
+and PostgreSQL: a device's bookkeeping is done in one transaction that first locks the
+device's row (on SQLite the transaction is IMMEDIATE: the whole database), and each ask is
+claimed by an UPDATE that only one process can make (``next_ms`` still due), so one process
+sends each. The tables (``seq_asks``, ``seq_lost``, ``seq_top``, ``seq_probe``) are in the
+store's schema.
 """
 
 from __future__ import annotations
@@ -28,25 +32,19 @@ from dataclasses import dataclass
 
 from agent.protocol import canonical
 from ctl.sanitize import as_int, device_id, parse_object
+from ctl.seqs import SPAN, covered_ranges, holes
+
+__all__ = ["SPAN", "GapFiller", "GapSettings", "covered_ranges", "from_config", "holes"]
 
 log = logging.getLogger(__name__)
 
-SPAN = 1000  # seqs per resend command (the device refuses more)
 TTL_MS = 600_000  # a resend command expires after this
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS seq_asks (
-    device TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, noticed_ms INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0, next_ms INTEGER NOT NULL, sent_ms INTEGER,
-    PRIMARY KEY (device, lo));
-CREATE INDEX IF NOT EXISTS seq_asks_due ON seq_asks(next_ms);
-CREATE TABLE IF NOT EXISTS seq_top (device TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS seq_probe (device TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS seq_lost (
-    device TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, recorded_ms INTEGER NOT NULL,
-    PRIMARY KEY (device, lo));
-"""
 ID_RE = re.compile(r"rs-(\d{1,16})-(\d{1,16})-[0-9a-f]{6}")
+ASK_UPSERT = ("INSERT INTO seq_asks(device, lo, hi, noticed_ms, attempts, next_ms, sent_ms)"
+              " VALUES(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, lo) DO UPDATE SET"
+              " hi = excluded.hi, noticed_ms = excluded.noticed_ms,"
+              " attempts = excluded.attempts, next_ms = excluded.next_ms,"
+              " sent_ms = excluded.sent_ms")
 
 
 @dataclass
@@ -76,32 +74,6 @@ class GapCounters:
     probes: int = 0  # resends past a device's newest stored seq (tail losses)
 
 
-def covered_ranges(seqs: list[int], lost: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``seqs`` (sorted) and ``lost`` ranges merged into sorted, disjoint ranges."""
-    ivs = sorted([(s, s) for s in seqs] + [tuple(r) for r in lost])
-    out: list[tuple[int, int]] = []
-    for lo, hi in ivs:
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def holes(start: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The ranges after ``start`` not covered, up to the highest covered seq, at most
-    :data:`SPAN` long each."""
-    out: list[tuple[int, int]] = []
-    nxt = start + 1
-    for lo, hi in covered:
-        if hi < nxt:
-            continue
-        for a in range(nxt, lo, SPAN):
-            out.append((a, min(a + SPAN - 1, lo - 1)))
-        nxt = max(nxt, hi + 1)
-    return out
-
-
 class GapFiller:
     """Gap bookkeeping over the relay's store. :meth:`seen` and :meth:`handle_ack` run on the
     MQTT thread inside or beside the relay's transactions; :meth:`tick` on the relay's loop.
@@ -124,9 +96,6 @@ class GapFiller:
         self._probe_at: int | None = None  # when to probe every device (see probe_all)
         self._probe_queue: list[str] = []
         self._probe_last = 0
-        with store.lock:  # outside a transaction (DDL)
-            for statement in store.ddl(SCHEMA):
-                store.conn.execute(statement)
         self._dirty_from_asks()
 
     def _dirty_from_asks(self) -> None:
@@ -183,8 +152,10 @@ class GapFiller:
         """The device's newest seq, as it said: everything up to it is expected (what it
         resends may be dropped on the way again; then it is asked for like any gap)."""
         with self.store.tx():
-            self.store.x("INSERT INTO seq_top(device, last_seq) VALUES(?, ?) ON CONFLICT(device)"
-                         " DO UPDATE SET last_seq=MAX(last_seq, excluded.last_seq)", device, last)
+            self.store.x("INSERT INTO seq_top(device, last_seq) VALUES(?, ?) ON CONFLICT (device)"
+                         " DO UPDATE SET last_seq = CASE WHEN excluded.last_seq >"
+                         " seq_top.last_seq THEN excluded.last_seq ELSE seq_top.last_seq END",
+                         device, last)
         with self._lock:
             self._dirty.setdefault(device, now_ms)
 
@@ -201,16 +172,12 @@ class GapFiller:
             if a <= b:
                 lost.append((a, b))
         with self.store.tx():
+            self._lock_device(device)
             for a, b in lost:
-                have = {r["seq"] for r in self.store.q(
-                    "SELECT seq FROM events WHERE device=? AND seq BETWEEN ? AND ?", device, a, b)}
-                for x, y in holes(a - 1, covered_ranges(sorted(have), [(b + 1, b + 1)])):
-                    cur = self.store.x("INSERT OR IGNORE INTO seq_lost(device, lo, hi,"
-                                       " recorded_ms) VALUES(?, ?, ?, ?)", device, x, y, now_ms)
-                    if cur.rowcount:
-                        self.counters.lost += y - x + 1
-                        log.warning("%s: events %d..%d are lost (the device no longer holds"
-                                    " them)", device, x, y)
+                for x, y in self.store.record_lost(device, a, b, now_ms):
+                    self.counters.lost += y - x + 1
+                    log.warning("%s: events %d..%d are lost (the device no longer holds"
+                                " them)", device, x, y)
         with self._lock:
             self._dirty[device] = 0  # look again at once
 
@@ -224,10 +191,17 @@ class GapFiller:
                 del self._dirty[d]
         for device in ready:
             with self.store.tx():
+                self._lock_device(device)
                 self._sync(device, now_ms)
-        with self.store.tx():
-            self._send_due(now_ms)
+        self._send_due(now_ms)
         self._probe(now_ms)
+
+    def _lock_device(self, device: str) -> None:
+        """PostgreSQL: hold the device's row for the transaction, as the relay's ingest does
+        (several relays on one database then work on a device one at a time; SQLite's
+        IMMEDIATE transaction already holds the whole database)."""
+        if self.store.pg:
+            self.store.one("SELECT 1 AS x FROM devices WHERE device=? FOR UPDATE", device)
 
     def _sync(self, device: str, now_ms: int) -> None:
         """Make ``seq_asks`` match what is missing now for ``device``."""
@@ -238,21 +212,14 @@ class GapFiller:
                 return
             back = self.settings.backfill
             start = 0 if back is None else max(0, row["lo"] - 1 - back)
-        seqs = [r["seq"] for r in self.store.q(
-            "SELECT seq FROM events WHERE device=? AND seq > ? ORDER BY seq", device, start)]
-        lost = [(r["lo"], r["hi"]) for r in self.store.q(
-            "SELECT lo, hi FROM seq_lost WHERE device=? AND hi > ?", device, start)]
-        covered = covered_ranges(seqs, lost)
         row = self.store.one("SELECT last_seq FROM seq_top WHERE device=?", device)
-        top = row["last_seq"] if row else 0
-        end = covered[-1][1] if covered else start
         # up to the device's newest seq as it told us (a resend answer): its tail too
-        missing = holes(start, [*covered, (top + 1, top + 1)] if top > end else covered)
+        missing, end = self.store.missing_seqs(device, start, row["last_seq"] if row else None)
         with self._lock:
             if missing:
                 self._contig[device] = missing[0][0] - 1
-            elif covered:
-                self._contig[device] = max(start, covered[-1][1])
+            elif end is not None:
+                self._contig[device] = max(start, end)
         old = {r["lo"]: r for r in self.store.q("SELECT * FROM seq_asks WHERE device=?",
                                                 device)}
         keep = set()
@@ -262,38 +229,42 @@ class GapFiller:
             if prev is None:
                 log.warning("%s: events %d..%d missing; asking the device again", device, lo,
                             hi)
-                self.store.x("INSERT OR REPLACE INTO seq_asks(device, lo, hi, noticed_ms,"
-                             " attempts, next_ms) VALUES(?, ?, ?, ?, 0, ?)", device, lo, hi,
-                             now_ms, now_ms)
+                self.store.x(ASK_UPSERT, device, lo, hi, now_ms, 0, now_ms, None)
             elif prev["lo"] != lo or prev["hi"] != hi:
-                self.store.x("INSERT OR REPLACE INTO seq_asks(device, lo, hi, noticed_ms,"
-                             " attempts, next_ms, sent_ms) VALUES(?, ?, ?, ?, ?, ?, ?)", device,
-                             lo, hi, prev["noticed_ms"], prev["attempts"], prev["next_ms"],
-                             prev["sent_ms"])
+                self.store.x(ASK_UPSERT, device, lo, hi, prev["noticed_ms"], prev["attempts"],
+                             prev["next_ms"], prev["sent_ms"])
             keep.add(lo)
         for lo in set(old) - keep:
             self.store.x("DELETE FROM seq_asks WHERE device=? AND lo=?", device, lo)
 
     def _send_due(self, now_ms: int) -> None:
         """Ask for the due ranges of devices not known to be offline, after a fresh look at
-        what is missing (another relay process may have stored the events meanwhile)."""
+        what is missing (another relay process may have stored the events meanwhile). Each
+        device in its own transaction; each ask claimed by moving its ``next_ms`` on, which
+        only one process sharing the database can do."""
         if self.publish is None or self.sign is None:
             return
-        devices = [r["device"] for r in self.store.q(
-            "SELECT DISTINCT a.device FROM seq_asks a LEFT JOIN devices d ON d.device = a.device"
-            " WHERE a.next_ms <= ? AND (d.online IS NULL OR d.online != 0) LIMIT 200", now_ms)]
-        for device in devices:
-            self._sync(device, now_ms)
-            due = self.store.q("SELECT * FROM seq_asks WHERE device=? AND next_ms <= ?"
-                               " ORDER BY lo", device, now_ms)
-            for r in due:
-                attempts = r["attempts"] + 1
-                delay = min(self.settings.retry_max_s,
-                            self.settings.retry_s * 2 ** (attempts - 1))
-                self.store.x("UPDATE seq_asks SET attempts=?, next_ms=?, sent_ms=?"
-                             " WHERE device=? AND lo=?", attempts, now_ms + int(delay * 1000),
-                             now_ms, device, r["lo"])
-                self._ask(device, r["lo"], r["hi"], now_ms)
+        with self.store.lock:
+            devices = [r["device"] for r in self.store.q(
+                "SELECT DISTINCT a.device FROM seq_asks a LEFT JOIN devices d"
+                " ON d.device = a.device WHERE a.next_ms <= ?"
+                " AND (d.online IS NULL OR d.online != 0) LIMIT 200", now_ms)]
+        for device in sorted(devices):
+            with self.store.tx():
+                self._lock_device(device)
+                self._sync(device, now_ms)
+                due = self.store.q("SELECT * FROM seq_asks WHERE device=? AND next_ms <= ?"
+                                   " ORDER BY lo", device, now_ms)
+                for r in due:
+                    attempts = r["attempts"] + 1
+                    delay = min(self.settings.retry_max_s,
+                                self.settings.retry_s * 2 ** (attempts - 1))
+                    claimed = self.store.x(
+                        "UPDATE seq_asks SET attempts=?, next_ms=?, sent_ms=? WHERE device=?"
+                        " AND lo=? AND next_ms <= ?", attempts, now_ms + int(delay * 1000),
+                        now_ms, device, r["lo"], now_ms).rowcount
+                    if claimed:
+                        self._ask(device, r["lo"], r["hi"], now_ms)
 
     # --- tail losses ---------------------------------------------------------------------
 
@@ -361,15 +332,9 @@ class GapFiller:
 
 def from_config(cfg: dict, store, publish: Callable[[str, bytes], None]) -> GapFiller | None:
     """The relay's gap filler; it signs with ``signing.kid``/``key_file`` (without them gaps
-    are logged and counted, nothing is asked). None on PostgreSQL: its bookkeeping speaks
-    SQLite's dialect (docs/SCALE.md)."""
+    are logged and counted, nothing is asked). The same on SQLite and PostgreSQL."""
     from agent import protocol
     from ctl.keys import load_private_key
-
-    if store.pg:
-        log.warning("relay: seq gap filling (resend) is not available on PostgreSQL yet;"
-                    " gaps are recorded in the store, never asked for again")
-        return None
 
     sign = None
     kid, key_file = cfg["signing"].get("kid"), cfg["signing"].get("key_file")

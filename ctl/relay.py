@@ -7,7 +7,8 @@ writer thread (:mod:`ctl.ingest`):
 - events deduplicated by (device, ``seq``), with gaps in ``seq`` noticed (and marked filled
   when the missing events arrive late);
 - the latest health sample of each device and 5-minute aggregates of its numbers (pruned
-  after ``relay.health_keep_days``), and each device's heartbeat interval, learned from the gap
+  after ``relay.health_keep_days``; event bodies emptied after ``relay.events_keep_days``),
+  and each device's heartbeat interval, learned from the gap
   between consecutive live samples;
 - online/offline transitions (for uptime): offline on the device's will or clean shutdown, or
   after ``relay.missed_beats`` heartbeats without a word from it;
@@ -56,6 +57,7 @@ LEAVES = ("status", "state", "health", "event")
 HANDLER_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError)
 Row = Any  # a row of the store (sqlite3.Row or a dict), read by column name
 MAX_INTERVAL_MS = 86_400_000
+LAG_FRESH_MS = 10_000  # a lag measured longer ago than this: the relay has caught up
 MIN_INTERVAL_MS = 1_000
 
 # --- the logic ---------------------------------------------------------------------------
@@ -69,6 +71,7 @@ class RelaySettings:
     alert_codes: list[str] = field(default_factory=list)  # empty: all
     channels: list[str] = field(default_factory=list)
     health_keep_days: int = 31
+    events_keep_days: int = 90  # event bodies received longer ago are emptied
     ts_past_days: float = 400.0  # device times older than this (or further ahead than
     ts_future_s: float = 3600.0  # ts_future_s) are replaced by the relay's receive time
 
@@ -81,6 +84,7 @@ class RelaySettings:
                    group_interval_s=interval,
                    alert_codes=list(cfg["alerts"]["codes"]), channels=channels,
                    health_keep_days=int(r["health_keep_days"]),
+                   events_keep_days=int(r["events_keep_days"]),
                    ts_past_days=float(r["ts_past_days"]), ts_future_s=float(r["ts_future_s"]))
 
 
@@ -108,6 +112,8 @@ class Relay:
         self.watch_since_ms = 0  # the relay could not hear anything before this (see connected)
         self.last_prune_ms = 0
         self._raw = ""  # the payload of the message being handled
+        self.lag_ms = 0  # how far behind the devices the last batch was (see _measure_lag)
+        self.lag_at_ms = 0
 
     # --- input ---------------------------------------------------------------------------
 
@@ -141,6 +147,7 @@ class Relay:
                 parsed.append((*p, retained, now_ms, payload))
         if not parsed:
             return
+        self._measure_lag(parsed)
         if self.store.pg:
             parsed.sort(key=lambda m: m[0])  # stable: each device's order is kept
         errors = (*HANDLER_ERRORS, *self.store.errors)
@@ -160,6 +167,15 @@ class Relay:
                 except errors as e:
                     self.counters.dropped += 1
                     log.warning("dropped %s from %s: %s", m[1], m[0], e)
+
+    def _measure_lag(self, parsed: list) -> None:
+        """How far behind the devices the relay reads (:func:`ctl.ingest.batch_lag` over
+        the batch's live health samples)."""
+        lag = ingest.batch_lag([(m[4], as_int(m[2].get("ts"))) for m in parsed
+                                if m[1] == "health" and not m[3]
+                                and m[2].get("historical") is not True])
+        if lag is not None:
+            self.lag_ms, self.lag_at_ms = lag, parsed[-1][4]
 
     def _apply(self, device: str, leaf: str, body: dict, retained: bool, now_ms: int,
                payload: bytes) -> None:
@@ -362,30 +378,36 @@ class Relay:
     def interval_ms(self, row: Row) -> int:
         return row["interval_ms"] or int(self.settings.heartbeat_default_s * 1000)
 
-    def tick(self, now_ms: int) -> int | None:
+    def tick(self, now_ms: int, heard_until_ms: int | None = None) -> int | None:
         """Check heartbeats and group due notices; returns the new batch id, if any. Each
-        step has its own transaction: a fault in one never holds back the other."""
+        step has its own transaction: a fault in one never holds back the other.
+        ``heard_until_ms``: messages received after it may still wait to be stored (the
+        writer's backlog), so silence is judged up to there only."""
         with self.store.tx():
-            self._check_heartbeats(now_ms)
+            self._check_heartbeats(now_ms, heard_until_ms)
         with self.store.tx():
             batch = self._maybe_batch(now_ms)
         if now_ms - self.last_prune_ms > 3_600_000:
             self._prune(now_ms)
         return batch
 
-    def _check_heartbeats(self, now_ms: int) -> None:
+    def _check_heartbeats(self, now_ms: int, heard_until_ms: int | None = None) -> None:
         """Only the devices whose check is due (``next_check_ms``, indexed): silent ones go
-        offline, the others (heard since, or the relay reconnected) are rescheduled."""
+        offline, the others are rescheduled. Silence is judged up to what the relay has read:
+        ``heard_until_ms`` (its writer's backlog) less its lag behind the devices."""
+        until = now_ms if heard_until_ms is None else min(now_ms, heard_until_ms)
+        if now_ms - self.lag_at_ms <= LAG_FRESH_MS:  # reading messages the broker held
+            until -= self.lag_ms
         for row in self.store.q("SELECT * FROM devices WHERE next_check_ms < ?"
-                                " ORDER BY next_check_ms LIMIT 5000", now_ms):
+                                " ORDER BY next_check_ms LIMIT 5000", until):
             if row["online"] != 1:
                 self.store.x("UPDATE devices SET next_check_ms=NULL WHERE device=?",
                              row["device"])
                 continue
             heard = max(row["last_seen_ms"] or 0, self.watch_since_ms)
             limit = self.settings.missed_beats * self.interval_ms(row)
-            if now_ms - heard > limit:
-                log.info("%s: no heartbeat for %d s", row["device"], (now_ms - heard) // 1000)
+            if until - heard > limit:
+                log.info("%s: no heartbeat for %d s", row["device"], (until - heard) // 1000)
                 self._transition(row["device"], False, heard, "heartbeat", row, now_ms)
             else:
                 self.store.x("UPDATE devices SET next_check_ms=? WHERE device=?",
@@ -446,6 +468,10 @@ class Relay:
         horizon = now_ms - self.settings.health_keep_days * 86_400_000
         with self.store.tx():  # by the bucket_ms index
             self.store.x("DELETE FROM health_5m WHERE bucket_ms < ?", horizon)
+        n = self.store.prune_event_bodies(now_ms - self.settings.events_keep_days * 86_400_000)
+        if n:
+            log.info("relay: emptied the bodies of %d event(s) received over %d days ago", n,
+                     self.settings.events_keep_days)
 
 
 def _dumps(obj: Any) -> str:
@@ -486,7 +512,7 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
     end = time.monotonic() + once_s if once_s else None
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):
-            _step(relay, dispatcher)
+            _step(relay, dispatcher, writer)
             _step_ingest(gaps, reread, client)
             stop.wait(float(cfg["relay"]["tick_s"]))
         why = f"{signal.Signals(signals[0]).name} received" if signals else "--once time is up"
@@ -510,12 +536,12 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
     return 0
 
 
-def _step(relay: Relay, dispatcher: Any) -> None:
+def _step(relay: Relay, dispatcher: Any, writer: ingest.Writer) -> None:
     now = _now_ms()
     try:
         if not relay.store.leader():
             return  # another relay on this PostgreSQL ticks and notifies
-        relay.tick(now)
+        relay.tick(now, writer.heard_until_ms())
         dispatcher.run_due(now)
     except Exception:  # the relay keeps running; the next tick retries
         log.exception("relay tick failed")

@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.protocol import Priority
 from ctl.db import Database, driver_errors, is_url
+from ctl.seqs import covered_ranges, holes
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,27 @@ CREATE TABLE IF NOT EXISTS deliveries (
     batch INTEGER NOT NULL, channel TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_ms INTEGER NOT NULL, sent_ms INTEGER, failed INTEGER NOT NULL DEFAULT 0, error TEXT,
     parts_sent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch, channel));
+CREATE TABLE IF NOT EXISTS seq_asks (
+    device TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, noticed_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_ms INTEGER NOT NULL, sent_ms INTEGER,
+    PRIMARY KEY (device, lo));
+CREATE INDEX IF NOT EXISTS seq_asks_due ON seq_asks(next_ms);
+CREATE TABLE IF NOT EXISTS seq_top (device TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seq_probe (device TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seq_lost (
+    device TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, recorded_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, lo));
 """
-INDEXES_AFTER_COLUMNS = "CREATE INDEX IF NOT EXISTS devices_due ON devices(next_check_ms)"
+INDEXES_AFTER_COLUMNS = ("CREATE INDEX IF NOT EXISTS devices_due ON devices(next_check_ms)",
+                         "CREATE INDEX IF NOT EXISTS events_by_received ON events(received_ms)")
 # columns added since the first release: added to an older database when it is opened
 COLUMNS = {"events": {"flags": "TEXT"},
            "deliveries": {"parts_sent": "INTEGER NOT NULL DEFAULT 0"},
            "devices": {"next_check_ms": "INTEGER"}, "gaps": {"lost_ms": "INTEGER"}}
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
 BUCKET_MS = 300_000  # health history: 5-minute aggregates
+PRUNED_BODY = '{"pruned":true}'  # an event body emptied after relay.events_keep_days
+PRUNE_CHUNK = 5000  # event bodies emptied per transaction
 PLAY_SLACK_MS = 2_000  # audio and wall clocks differ a little: more than this is a false claim
 
 
@@ -156,7 +170,8 @@ class RelayStore(Database):
             for statement in self.ddl(SCHEMA):
                 self.x(statement)
             self._add_columns()
-            self.x(INDEXES_AFTER_COLUMNS)
+            for statement in INDEXES_AFTER_COLUMNS:
+                self.x(statement)
             if old:
                 with self.tx():
                     self._migrate_v1()
@@ -289,28 +304,70 @@ class RelayStore(Database):
                " flags = excluded.flags WHERE excluded.ts >= health_latest.ts",
                device, ts, received_ms, body, flags)
 
-    # --- gap tracking ----------------------------------------------------------------------
+    # --- retention ---------------------------------------------------------------------------
 
-    def seq_gaps(self, device: str) -> list[tuple[int, int]]:
-        """The missing ``seq`` ranges of ``device`` (first, last), neither filled nor given up."""
-        return [(r["first_seq"], r["last_seq"]) for r in self.q(
-            "SELECT first_seq, last_seq FROM gaps WHERE device=? AND filled_ms IS NULL"
-            " AND lost_ms IS NULL ORDER BY first_seq", device)]
+    def prune_event_bodies(self, before_ms: int, chunk: int = PRUNE_CHUNK) -> int:
+        """Replace the bodies of the events received before ``before_ms`` by
+        :data:`PRUNED_BODY`; how many. The rows stay: (device, ``seq``) is what deduplication
+        and gap tracking read, and play records and alerts have their own tables. By the
+        ``events_by_received`` index from where the last prune stopped (``meta``
+        ``events_pruned_ms``), in chunks of about ``chunk`` rows, each its own transaction
+        (ingest goes on between them)."""
+        row = self.one("SELECT value FROM meta WHERE key='events_pruned_ms'")
+        since, total = int(row["value"]) if row else 0, 0
+        while since < before_ms:
+            with self.tx():
+                row = self.one("SELECT received_ms FROM events WHERE received_ms >= ? AND"
+                               " received_ms < ? ORDER BY received_ms LIMIT 1 OFFSET ?",
+                               since, before_ms, chunk)
+                cut = before_ms if row is None else max(row["received_ms"], since + 1)
+                total += self.x("UPDATE events SET body=? WHERE received_ms >= ? AND"
+                                " received_ms < ? AND body <> ?", PRUNED_BODY, since, cut,
+                                PRUNED_BODY).rowcount
+                self._set_meta("events_pruned_ms", str(cut))
+            since = cut
+        return total
 
-    def contiguous_seq(self, device: str) -> int | None:
-        """The highest ``seq`` below which nothing is missing (given-up gaps do not count)."""
-        row = self.one("SELECT max_seq FROM devices WHERE device=?", device)
-        if row is None or row["max_seq"] is None:
-            return None
-        gaps = self.seq_gaps(device)
-        return gaps[0][0] - 1 if gaps else row["max_seq"]
+    # --- missing seqs (one definition: ctl/seqs.py) ----------------------------------------
 
-    def mark_gap_lost(self, device: str, lo: int, hi: int, now_ms: int) -> int:
-        """Give up on the open gaps of ``device`` inside [lo, hi]; how many were."""
-        with self.tx():
-            return self.x("UPDATE gaps SET lost_ms=? WHERE device=? AND first_seq>=?"
-                          " AND last_seq<=? AND filled_ms IS NULL AND lost_ms IS NULL",
-                          now_ms, device, lo, hi).rowcount
+    def missing_seqs(self, device: str, after: int = 0,
+                     top: int | None = None) -> tuple[list[tuple[int, int]], int | None]:
+        """The ranges of ``device``'s seqs above ``after`` that are neither stored nor
+        recorded lost, up to the highest covered one or ``top`` (the device's own newest, when
+        it said so: its tail too); and the highest covered seq (None: nothing above
+        ``after``)."""
+        seqs = [r["seq"] for r in self.q(
+            "SELECT seq FROM events WHERE device=? AND seq > ? ORDER BY seq", device, after)]
+        lost = [(r["lo"], r["hi"]) for r in self.q(
+            "SELECT lo, hi FROM seq_lost WHERE device=? AND hi > ?", device, after)]
+        covered = covered_ranges(seqs, lost)
+        end = covered[-1][1] if covered else None
+        if top is not None and top > (end if end is not None else after):
+            covered = [*covered, (top + 1, top + 1)]
+        return holes(after, covered), end
+
+    def record_lost(self, device: str, lo: int, hi: int, now_ms: int) -> list[tuple[int, int]]:
+        """Record the seqs in [lo, hi] neither stored nor already recorded as lost for good
+        (the device no longer holds them); the open ``gaps`` rows now wholly covered and with
+        a lost part are closed with ``lost_ms``. Returns the ranges newly recorded. Inside
+        the caller's transaction."""
+        have = [r["seq"] for r in self.q(
+            "SELECT seq FROM events WHERE device=? AND seq BETWEEN ? AND ? ORDER BY seq",
+            device, lo, hi)]
+        new = []
+        for x, y in holes(lo - 1, covered_ranges(have, [(hi + 1, hi + 1)])):
+            if self.x("INSERT OR IGNORE INTO seq_lost(device, lo, hi, recorded_ms)"
+                      " VALUES(?, ?, ?, ?)", device, x, y, now_ms).rowcount:
+                new.append((x, y))
+        for x, y in new:
+            for g in self.q("SELECT first_seq, last_seq FROM gaps WHERE device=? AND"
+                            " filled_ms IS NULL AND lost_ms IS NULL AND first_seq <= ? AND"
+                            " last_seq >= ?", device, y, x):
+                missing = self.missing_seqs(device, g["first_seq"] - 1, g["last_seq"])[0]
+                if not any(a <= g["last_seq"] for a, _ in missing):
+                    self.x("UPDATE gaps SET lost_ms=? WHERE device=? AND first_seq=?", now_ms,
+                           device, g["first_seq"])
+        return new
 
     # --- several relays on one PostgreSQL ----------------------------------------------------
 

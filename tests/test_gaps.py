@@ -14,15 +14,32 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from agent import protocol
+from ctl.db import Database, driver_errors
 from ctl.gaps import GapFiller, GapSettings, covered_ranges, holes
 from ctl.relay import Relay, RelaySettings
 from ctl.store import RelayStore
 from tests.conftest import Broker, Keys, Watcher, agent_config, wait_until
+from tests.pg_support import pg_url_fixture, postgres_fixture  # noqa: F401
 from tests.relay_support import RelayProcess, relay_config, watcher_fixture  # noqa: F401
 
 T0 = 1_764_000_000_000
 S = 1000
 DEV = "krongpa-phutuc-c03"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """A fresh store's target, on each engine: ``db("name")`` (the same name: the same
+    database)."""
+    made: dict[str, str] = {}
+
+    def target(name: str = "r") -> str:
+        if name not in made:
+            made[name] = str(tmp_path / f"{name}.db") if request.param == "sqlite" \
+                else request.getfixturevalue("postgres").new_db()
+        return made[name]
+
+    return target
 
 
 class Rig:
@@ -60,8 +77,8 @@ def test_ranges():
     assert holes(0, [(2500, 2500)]) == [(1, 1000), (1001, 2000), (2001, 2499)]
 
 
-def test_a_gap_is_asked_for_after_the_settle_time_and_filled(tmp_path):
-    r = Rig(tmp_path / "r.db", wait_s=10)
+def test_a_gap_is_asked_for_after_the_settle_time_and_filled(db):
+    r = Rig(db(), wait_s=10)
     for seq in (1, 2, 3, 6, 7):
         r.event(T0, seq)
     r.gaps.tick(T0 + 5 * S)
@@ -83,8 +100,8 @@ def test_a_gap_is_asked_for_after_the_settle_time_and_filled(tmp_path):
     assert r.asks() == [(4, 4)]  # never again
 
 
-def test_retries_back_off_and_wait_while_the_device_is_offline(tmp_path):
-    r = Rig(tmp_path / "r.db", wait_s=1, retry_s=10, retry_max_s=40)
+def test_retries_back_off_and_wait_while_the_device_is_offline(db):
+    r = Rig(db(), wait_s=1, retry_s=10, retry_max_s=40)
     r.status(T0, "online")
     r.event(T0, 1)
     r.event(T0, 3)
@@ -102,8 +119,8 @@ def test_retries_back_off_and_wait_while_the_device_is_offline(tmp_path):
     assert len(r.sent) == 8  # at once when it is back
 
 
-def test_ranges_the_device_no_longer_holds_are_recorded_lost(tmp_path):
-    r = Rig(tmp_path / "r.db", wait_s=1)
+def test_ranges_the_device_no_longer_holds_are_recorded_lost(db):
+    r = Rig(db(), wait_s=1)
     r.event(T0, 1)
     r.event(T0, 2500)
     r.gaps.tick(T0 + 2 * S)
@@ -119,8 +136,8 @@ def test_ranges_the_device_no_longer_holds_are_recorded_lost(tmp_path):
     assert n + r.gaps.lost_total() == 2500  # every seq present or recorded lost
 
 
-def test_after_a_reconnect_every_device_is_asked_past_its_newest_seq(tmp_path):
-    r = Rig(tmp_path / "r.db", wait_s=2)
+def test_after_a_reconnect_every_device_is_asked_past_its_newest_seq(db):
+    r = Rig(db(), wait_s=2)
     for seq in (1, 2, 3):
         r.event(T0, seq)
     for seq in range(1, 8):
@@ -142,8 +159,8 @@ def test_after_a_reconnect_every_device_is_asked_past_its_newest_seq(tmp_path):
     assert r.gaps.counters.probes == 2
 
 
-def test_a_tail_the_device_resent_but_that_was_dropped_again_is_asked_for(tmp_path):
-    r = Rig(tmp_path / "r.db", wait_s=2)
+def test_a_tail_the_device_resent_but_that_was_dropped_again_is_asked_for(db):
+    r = Rig(db(), wait_s=2)
     for seq in (1, 2, 3):
         r.event(T0, seq)
     r.relay.connected(T0)
@@ -161,21 +178,21 @@ def test_a_tail_the_device_resent_but_that_was_dropped_again_is_asked_for(tmp_pa
     assert r.gaps.open_asks() == 0
 
 
-def test_seqs_below_the_first_stored_are_asked_for_from_seq_1_unless_limited(tmp_path):
-    r = Rig(tmp_path / "r.db", wait_s=1)
+def test_seqs_below_the_first_stored_are_asked_for_from_seq_1_unless_limited(db):
+    r = Rig(db(), wait_s=1)
     r.event(T0, 5)
     r.event(T0, 6)
     r.gaps.tick(T0 + 2 * S)
     assert r.asks() == [(1, 4)]  # the device's first events were lost
-    limited = Rig(tmp_path / "l.db", wait_s=1, backfill=0)
+    limited = Rig(db("l"), wait_s=1, backfill=0)
     limited.event(T0, 5)
     limited.event(T0, 7)
     limited.gaps.tick(T0 + 2 * S)
     assert limited.asks() == [(6, 6)]
 
 
-def test_duplicates_are_dropped_by_device_and_seq(tmp_path):
-    r = Rig(tmp_path / "r.db", wait_s=1)
+def test_duplicates_are_dropped_by_device_and_seq(db):
+    r = Rig(db(), wait_s=1)
     r.event(T0, 1)
     r.event(T0, 1, resent=True)
     assert r.relay.counters.duplicates == 1
@@ -228,26 +245,29 @@ def _signed_relay_config(tmp_path, port: int, keys: Keys, name: str = "relay",
     return out
 
 
-def _seqs(db_path, device: str) -> list[int]:
-    db = sqlite3.connect(db_path)
-    try:
-        return [r[0] for r in db.execute("SELECT seq FROM events WHERE device=? ORDER BY seq",
-                                         (device,))]
-    except sqlite3.Error:
-        return []
-    finally:
-        db.close()
+def _seqs(target, device: str) -> list[int]:
+    """The seqs stored for ``device`` in the store at ``target`` (a SQLite path or a
+    PostgreSQL URL)."""
+    return [r["seq"] for r in _read(target, "SELECT seq FROM events WHERE device=? ORDER BY seq",
+                                    device)]
 
 
-def _lost(db_path, device: str) -> list[tuple[int, int]]:
-    db = sqlite3.connect(db_path)
+def _lost(target, device: str) -> list[tuple[int, int]]:
+    return [(r["lo"], r["hi"]) for r in _read(
+        target, "SELECT lo, hi FROM seq_lost WHERE device=? ORDER BY lo", device)]
+
+
+def _read(target, sql: str, *args) -> list:
     try:
-        return db.execute("SELECT lo, hi FROM seq_lost WHERE device=? ORDER BY lo",
-                          (device,)).fetchall()
-    except sqlite3.Error:
+        db = Database(str(target), read_only=True)
+    except (OSError, *driver_errors()):
+        return []
+    try:
+        return db.q(sql, *args)
+    except db.errors:
         return []
     finally:
-        db.close()
+        db.conn.close()
 
 
 def _events(agent, n: int) -> None:
@@ -434,3 +454,42 @@ def test_two_relay_processes_share_the_load_and_together_store_everything(
     assert all(c >= 20 for c in counts), counts
     assert sum(counts) == 200 + 2, counts
     assert _devices(db) == {dev: 1}
+
+
+def test_gap_recovery_on_postgresql_with_two_relays_sharing_the_load(
+        tmp_path, small_queue_broker, agent_factory, pg_url):
+    """Two relay processes on one PostgreSQL, sharing the subscriptions; both away while the
+    broker drops most of a device's events (it queues 3 for the absent session): back, they
+    ask for what is missing and every seq arrives, with nothing recorded lost."""
+    keys = Keys()
+    dev = "krongpa-phutuc-c03"
+    a = agent_factory(agent_config(tmp_path, small_queue_broker.port, keys))
+    wait_until(lambda: "mqtt: connected" in a.log(), 15, what="agent connected")
+    relays = [RelayProcess(_signed_relay_config(tmp_path, small_queue_broker.port, keys,
+                                                name=n, db_url=pg_url, shared_group="relays",
+                                                client_id=f"ttcs-relay-{n}"),
+                           tmp_path / f"{n}.log").start().wait_connected() for n in ("ra", "rb")]
+    try:
+        _events(a, 2)
+        wait_until(lambda: _seqs(pg_url, dev) == [1, 2], 10, what="events 1, 2")
+        for r in relays:
+            r.stop()
+        _events(a, 15)
+        wait_until(lambda: "dropped" in small_queue_broker.log(), 5, what="broker drops")
+        for r in relays:
+            r.start().wait_connected(2)
+        _events(a, 1)  # the next event shows the gap
+        wait_until(lambda: _seqs(pg_url, dev) == list(range(1, 19)), 30,
+                   what=f"every seq (have {_seqs(pg_url, dev)})")
+    finally:
+        for r in relays:
+            r.stop()
+    logs = [r.log() for r in relays]
+    assert "PostgreSQL" not in "".join(logs)  # no "not available" warning any more
+    asked = [line for log in logs for line in log.splitlines() if "resend" in line and
+             " asked" in line]
+    assert asked, logs
+    assert _lost(pg_url, dev) == []
+    resent = _read(pg_url, "SELECT COUNT(*) AS n FROM events WHERE device=? AND"
+                   " body LIKE '%\"resent\":true%'", dev)[0]["n"]
+    assert resent >= 15 - 2 * 3  # each relay session queued at most 3 of 3..17: resent

@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from ctl import report
+from ctl import report, store
 from ctl.config import groups_of
 from ctl.ingest import Writer
 from ctl.relay import Relay, RelaySettings
 from ctl.store import RelayStore
+from tests.conftest import wait_until
 from tests.pg_support import pg_url_fixture, postgres_fixture  # noqa: F401
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -322,17 +324,24 @@ def test_the_writer_stores_in_batches_and_flushes_on_stop(tmp_path):
     s.close()
 
 
-def test_gap_tracking_for_resends(tmp_path):
+def test_missing_seqs_one_definition(tmp_path):
+    """Missing = neither stored nor recorded lost (ctl/seqs.py), up to the newest covered seq
+    or the device's own newest; recording a range lost closes the noticed gap."""
     s = RelayStore(str(tmp_path / "r.db"))
     t0 = local(2025, 11, 1, 8)
     feed(s, [(topic("d1", "event"), json.dumps({"v": 1, "seq": q, "type": "config",
                                                 "ts": t0}).encode(), False, t0)
              for q in (1, 2, 5, 6, 9)])
-    assert s.seq_gaps("d1") == [(3, 4), (7, 8)]
-    assert s.contiguous_seq("d1") == 2
-    assert s.mark_gap_lost("d1", 3, 4, t0) == 1
-    assert s.seq_gaps("d1") == [(7, 8)] and s.contiguous_seq("d1") == 6
-    assert s.contiguous_seq("nobody") is None
+    assert s.missing_seqs("d1") == ([(3, 4), (7, 8)], 9)
+    assert s.missing_seqs("d1", 4) == ([(7, 8)], 9)
+    assert s.missing_seqs("d1", 0, top=12) == ([(3, 4), (7, 8), (10, 12)], 9)
+    with s.tx():
+        assert s.record_lost("d1", 2, 4, t0) == [(3, 4)]  # 2 is stored: not lost
+        assert s.record_lost("d1", 3, 4, t0) == []  # already recorded
+    assert s.missing_seqs("d1") == ([(7, 8)], 9)
+    gaps = {r["first_seq"]: r["lost_ms"] for r in s.q("SELECT * FROM gaps")}
+    assert gaps == {3: t0, 7: None}
+    assert s.missing_seqs("nobody") == ([], None)
     s.close()
 
 
@@ -392,4 +401,132 @@ def test_every_alert_is_kept_whatever_is_notified(tmp_path):
     assert rows == [{"seq": 1, "code": "door_open", "key": "k"},
                     {"seq": 2, "code": "disk_low", "key": "k"}]
     assert [r["code"] for r in s.q("SELECT code FROM notices")] == ["door_open"]
+    s.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_event_bodies_are_emptied_after_the_window_by_chunks(tmp_path, request, engine):
+    """Bodies received before the window are replaced (the rows, play records and alerts
+    stay); each prune goes on from where the last stopped, in chunks, even when many rows
+    share one received time."""
+    s = RelayStore(str(tmp_path / "r.db") if engine == "sqlite"
+                   else request.getfixturevalue("pg_url"))
+    day = 86_400_000
+    t0 = local(2025, 11, 1, 8)
+    msgs = []
+    for seq in range(1, 41):  # 10 received at each of 4 instants, 10 days apart
+        at = t0 + (seq - 1) // 10 * 10 * day
+        body = {"v": 1, "seq": seq, "type": "play", "ts": at, "started": at,
+                "ended": at + 1000, "played_ms": 1000}
+        msgs.append((topic("d1", "event"), json.dumps(body).encode(), False, at))
+    relay = feed(s, msgs)
+    assert s.prune_event_bodies(t0 + 15 * day, chunk=3) == 20  # 2 instants x 10
+    bodies = [r["body"] for r in s.q("SELECT body FROM events ORDER BY seq")]
+    assert bodies[:20] == [store.PRUNED_BODY] * 20
+    assert all(json.loads(b)["seq"] == i for i, b in enumerate(bodies[20:], 21))
+    assert s.one("SELECT COUNT(*) AS n FROM plays")["n"] == 40  # what reports read stays
+    assert s.prune_event_bodies(t0 + 15 * day) == 0  # nothing again
+    # the relay's hourly prune, with relay.events_keep_days
+    relay.settings.events_keep_days = 10
+    relay.tick(t0 + 30 * day + 1)
+    assert s.one("SELECT COUNT(*) AS n FROM events WHERE body = ?", store.PRUNED_BODY)["n"] \
+        == 30
+    assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 40
+    s.close()
+
+
+def test_the_writer_lingers_so_a_trickle_is_one_transaction(tmp_path):
+    """Messages arriving a few milliseconds apart (paho hands them over one by one) are
+    stored together: without the linger each would be its own transaction and fsync."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    writer = Writer(Relay(s, RelaySettings()), linger_s=0.5)
+    t0 = local(2025, 11, 1, 8)
+    for seq in range(1, 21):
+        body = {"v": 1, "seq": seq, "type": "config", "ts": t0}
+        writer.put(topic("d1", "event"), json.dumps(body).encode(), False, t0)
+        time.sleep(0.005)
+    writer.stop()
+    assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 20
+    assert writer.batches <= 2, writer.batches
+    s.close()
+
+
+def test_a_relay_behind_on_its_own_backlog_does_not_call_devices_silent(tmp_path):
+    """Messages received but still waiting in the writer's queue are not silence: the
+    heartbeat check judges up to the oldest message not yet stored."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    relay = Relay(s, RelaySettings(heartbeat_default_s=10, missed_beats=3))
+    writer = Writer(relay, linger_s=0.01)
+    t0 = local(2025, 11, 1, 8)
+    status = json.dumps({"v": 1, "state": "online", "ts": t0, "session": 1}).encode()
+    writer.put(topic("d1", "status"), status, False, t0)
+    wait_until(lambda: writer.heard_until_ms() is None and s.one(
+        "SELECT COUNT(*) AS n FROM devices")["n"] == 1, 5, what="the device stored")
+    with s.lock:  # the writer is stuck behind this: what it is given waits
+        for k in range(1, 6):  # a sample every 10 s, received and waiting
+            at = t0 + k * 10_000
+            writer.put(topic("d1", "health"), json.dumps({"v": 1, "ts": at}).encode(), False,
+                       at)
+        wait_until(lambda: writer.heard_until_ms() == t0 + 10_000, 5, what="waiting")
+        relay.tick(t0 + 75_000, writer.heard_until_ms())  # 75 s after the last stored word
+        assert s.one("SELECT online FROM devices")["online"] == 1  # but 10 s of it is known
+        relay.tick(t0 + 75_000)  # what it did before: the backlog taken for silence
+        assert s.one("SELECT online FROM devices")["online"] == 0
+    writer.stop()
+    assert writer.heard_until_ms() is None
+    s.close()
+
+
+def test_the_writer_retries_when_the_database_fails_and_loses_nothing(tmp_path):
+    """The database failing for a while (locked by another relay past its busy timeout, a
+    PostgreSQL restart) is retried: the messages were acknowledged to the broker already."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    relay = Relay(s, RelaySettings())
+    real, failures = relay.handle_batch, [2]
+
+    def flaky(batch):
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        real(batch)
+
+    relay.handle_batch = flaky
+    writer = Writer(relay, linger_s=0.2)
+    t0 = local(2025, 11, 1, 8)
+    for seq in range(1, 11):
+        writer.put(topic("d1", "event"), json.dumps({"v": 1, "seq": seq, "type": "config",
+                                                     "ts": t0}).encode(), False, t0)
+    writer.stop()
+    assert s.one("SELECT COUNT(*) AS n FROM events")["n"] == 10
+    assert writer.retries == 2 and relay.counters.messages == 10
+    s.close()
+
+
+def test_a_relay_reading_what_the_broker_held_judges_silence_in_the_devices_time(tmp_path):
+    """The relay stalled 25 s and now reads what the broker held, a device at a time. A
+    device whose held messages are not read yet is not silent; one that stopped is, once the
+    devices' time read so far is past its heartbeats."""
+    s = RelayStore(str(tmp_path / "r.db"))
+    relay = Relay(s, RelaySettings(heartbeat_default_s=10, missed_beats=3))
+    t0 = local(2025, 11, 1, 8)
+    devices = ("alive", "other", "quiet")
+
+    def msg(device, leaf, ts, at, **body):
+        return (topic(device, leaf), json.dumps({"v": 1, "ts": ts, **body}).encode(), False, at)
+
+    def online():
+        return {r["device"]: r["online"] for r in s.q("SELECT device, online FROM devices")}
+
+    relay.handle_batch([msg(d, "status", t0, t0, state="online", session=1) for d in devices]
+                       + [msg(d, "health", t0 + 10_000, t0 + 10_000) for d in devices])
+    relay.handle_batch([msg("other", "health", t0 + 20_000, t0 + 45_000)])  # 25 s late
+    assert relay.lag_ms == 25_000
+    relay.tick(t0 + 45_500)  # alive's sample of +20 s is still held by the broker
+    assert online() == {"alive": 1, "other": 1, "quiet": 1}
+    relay.handle_batch([msg("alive", "health", t0 + 20_000, t0 + 46_000)])
+    for k in range(3, 6):  # the backlog goes on, 25 s behind; quiet says nothing more
+        at = t0 + k * 10_000
+        relay.handle_batch([msg(d, "health", at, at + 25_000) for d in ("alive", "other")])
+    relay.tick(t0 + 75_500)  # the devices' time read: +50 s; quiet silent since +10 s
+    assert online() == {"alive": 1, "other": 1, "quiet": 0}
     s.close()

@@ -48,8 +48,10 @@ from paho.mqtt.properties import Properties
 
 from agent.core.clock import SystemClock
 from agent.health.system import build_health, collect_system
+from tests.conftest import MOSQUITTO
 
 PREFIX = "ttcs"
+PER_SOURCE = 20_000  # devices per source address (127.0.0.2, .3, ...)
 # What config/mosquitto.conf.example recommends for the relay's session (docs/DEPLOY.md).
 RECOMMENDED = ("max_queued_messages 200000\nmax_queued_bytes 268435456\n"
                "set_tcp_nodelay true\n")
@@ -68,11 +70,14 @@ def _enc(body: dict) -> bytes:
 class Device:
     def __init__(self, name: str, port: int, keepalive: int, fleet: Fleet) -> None:
         self.name, self.port, self.fleet = name, port, fleet
+        self.index = int(name.rsplit("-", 1)[1])
         self.seq = 0
         self.sent: dict[int, bytes] = {}
         self.session = 1
         self.resends = 0
         self.connected = False
+        self.silent = False  # says nothing more, link kept (heartbeats missed)
+        self.last_ms = 0  # when it last published health or an event
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
         c.max_inflight_messages_set(20)
         c.will_set(self.topic("status"), _enc({"v": 1, "state": "offline", "ts": _now_ms(),
@@ -89,8 +94,11 @@ class Device:
     def connect(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 86400
+        # paho binds its socket before connecting, so the ephemeral ports (28,232 here) are
+        # shared by every connection from one source address: spread over 127.0.0.2...
         self.client.connect("127.0.0.1", self.port, keepalive=self.keepalive,
-                            clean_start=False, properties=props)
+                            clean_start=False, properties=props,
+                            bind_address=f"127.0.0.{2 + self.index // PER_SOURCE}")
         self.fleet.watch(self)
 
     def on_connect(self, c, userdata, flags, rc, props) -> None:
@@ -98,21 +106,31 @@ class Device:
         c.publish(self.topic("status"), _enc({"v": 1, "state": "online", "ts": _now_ms(),
                                              "session": self.session}), 1, retain=True)
         c.subscribe(self.topic("cmd"), 1)
+        self.fleet.pending.add(self)
+        self.last_ms = _now_ms()  # its birth is a sign of life to the relay
 
     def on_disconnect(self, *a) -> None:
         self.connected = False
 
     def event(self, body: dict) -> None:
+        if self.silent:
+            return
         self.seq += 1
         payload = _enc({"v": 1, "ts": _now_ms(), **body, "seq": self.seq})
         self.sent[self.seq] = payload
         self.client.publish(self.topic("event"), payload, 1)
+        self.fleet.pending.add(self)
+        self.last_ms = _now_ms()
 
     def health(self, system: dict, clock: SystemClock) -> None:
+        if self.silent:
+            return
         body = build_health(system, {"version": "loadgen", "clock_trusted": True,
                                      "clock_source": "config", "outbox_depth": 0}, clock)
         body["session"] = self.session
         self.client.publish(self.topic("health"), _enc(body), 1)
+        self.fleet.pending.add(self)
+        self.last_ms = _now_ms()
 
     def on_message(self, c, userdata, msg) -> None:
         try:
@@ -151,6 +169,7 @@ class Fleet:
         self.devices: list[Device] = []
         self.timers: list[tuple[float, int, object]] = []
         self.n = 0
+        self.pending: set[Device] = set()  # devices with something to write
 
     def watch(self, dev: Device) -> None:
         sock = dev.client.socket()
@@ -169,6 +188,7 @@ class Fleet:
 
     def run(self, until: float) -> None:
         last_misc = 0.0
+        self.misc_at = 0
         self.stopped = False
         while time.monotonic() < until and not self.stopped:
             now = time.monotonic()
@@ -180,13 +200,22 @@ class Fleet:
                 dev = key.data
                 if dev.client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
                     self._drop(key.fileobj)
-            for dev in self.devices:
+                self.pending.add(dev)  # an answer (PUBACK, connect's publish) to write
+            # only the devices that may have something to write: a loop over every client
+            # each pass does not scale to tens of thousands
+            pending, self.pending = self.pending, set()
+            for dev in pending:
                 if dev.client.want_write():
                     dev.client.loop_write()
-            if now - last_misc >= 1.0:
+                    if dev.client.want_write():
+                        self.pending.add(dev)
+            if now - last_misc >= 1.0:  # keepalive pings: a tenth of the clients a second
                 last_misc = now
-                for dev in self.devices:
+                part = self.devices[self.misc_at::10]
+                self.misc_at = (self.misc_at + 1) % 10
+                for dev in part:
                     dev.client.loop_misc()
+                    self.pending.add(dev)
 
     def _drop(self, sock) -> None:
         try:
@@ -258,10 +287,18 @@ def worker(args) -> int:
     for i in killed:
         fleet.at(start + args.kill_at_s, lambda d=devs[i]: kill(d))
         fleet.at(start + args.kill_at_s + 3 * args.keepalive, lambda d=devs[i]: revive(d))
+    quiet = [d for i, d in enumerate(devs) if i not in killed][:args.silent]
+
+    def silence(dev: Device) -> None:  # link kept (pings go on), nothing published
+        dev.silent = True
+
+    for dev in quiet:
+        fleet.at(start + args.silent_at_s, lambda d=dev: silence(d))
 
     def write_report() -> None:
         report = {"last_seq": {d.name: d.seq for d in devs},
-                  "resends": sum(d.resends for d in devs), "killed": kills}
+                  "resends": sum(d.resends for d in devs), "killed": kills,
+                  "silent": {d.name: d.last_ms for d in quiet if d.silent}}
         tmp = Path(args.report + ".tmp")
         tmp.write_text(json.dumps(report))
         tmp.rename(args.report)
@@ -277,6 +314,35 @@ def worker(args) -> int:
 
 
 # --- the controller side: broker, relay, $SYS counters, the verdict ---------------------------
+
+class QuietBroker(Broker):
+    """A mosquitto that logs errors and notices only: at tens of thousands of clients
+    ``log_type all`` (every packet) costs the broker more than the traffic."""
+
+    def start(self) -> QuietBroker:
+        conf = self.folder / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        f"persistence false\nlog_dest file {self.folder / 'mosquitto.log'}\n"
+                        f"log_type error\nlog_type warning\nlog_type notice\n{user}"
+                        f"{self.extra}\n")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 10, what=f"mosquitto on port {self.port}")
+        return self
+
+
+BRIDGED = ("status", "state", "health", "event", "ack")
+
+
+def leaf_bridge(index: int, core_port: int) -> str:
+    """A leaf broker's bridge to the core one (a broker per province under a national one):
+    what devices publish goes up, their commands come down; a persistent bridge session."""
+    return (f"connection core-{index}\naddress 127.0.0.1:{core_port}\n"
+            f"remote_clientid leaf-{index}\ncleansession false\n"
+            "bridge_protocol_version mqttv311\n"
+            + "".join(f"topic {PREFIX}/dev/+/{leaf} out 1\n" for leaf in BRIDGED)
+            + f"topic {PREFIX}/dev/+/cmd in 1\n")
 
 class SysCounters:
     """The broker's ``$SYS`` counters (mosquitto publishes them every ``sys_interval``)."""
@@ -305,7 +371,8 @@ class SysCounters:
         self.client.loop_stop()
 
 
-def relay_process(folder: Path, port: int, keys: Keys, args) -> tuple[Path, callable]:
+def relay_process(folder: Path, port: int, keys: Keys, args,
+                  index: int = 0) -> tuple[Path, callable]:
     from cryptography.hazmat.primitives import serialization
 
     key = folder / "ctl.key"
@@ -320,11 +387,14 @@ def relay_process(folder: Path, port: int, keys: Keys, args) -> tuple[Path, call
            "signing": {"kid": keys.kid, "key_file": str(key)},
            "relay": {"db_path": str(db), "tick_s": 0.5, "gap_wait_s": args.gap_wait_s,
                      "gap_retry_s": 5, "gap_retry_max_s": 30, "status_reread_s": 10,
-                     "heartbeat_default_s": args.health_s},
+                     "heartbeat_default_s": args.health_s,
+                     "client_id": "ttcs-relay" if index == 0 else f"ttcs-relay-{index}",
+                     "shared_group": "relays" if args.relays > 1 else None},
            "alerts": {}}
-    path = folder / "ctl.yaml"
+    name = "relay" if index == 0 else f"relay{index}"
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    log = open(folder / "relay.log", "ab")
+    log = open(folder / f"{name}.log", "ab")
 
     def start() -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "ctl", "--config", str(path), "relay"],
@@ -375,6 +445,14 @@ def main() -> int:
     p.add_argument("--tail-s", type=float, default=0.0, help=argparse_hidden())
     p.add_argument("--report", default="", help=argparse_hidden())
     p.add_argument("--name", default="lg", help="device name prefix")
+    p.add_argument("--silent", type=int, default=0,
+                   help="devices that stop publishing (link kept): offline notice latency")
+    p.add_argument("--silent-at-s", type=float, default=30.0)
+    p.add_argument("--leaf-brokers", type=int, default=0,
+                   help="devices on this many mosquittos bridged to the relay's (0: none)")
+    p.add_argument("--quiet-broker", action="store_true", help="mosquitto logs no packets")
+    p.add_argument("--relays", type=int, default=1,
+                   help="relay processes sharing the subscriptions (one SQLite)")
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -390,13 +468,22 @@ def argparse_hidden() -> str:
 def controller(args, p) -> int:
     folder = workdir(args.workdir, "loadgen")
     extra = args.broker_extra.replace(";", "\n") + "\nsys_interval 1\n"
-    broker = Broker(folder / "broker", extra=extra).start()
+    kind = QuietBroker if args.quiet_broker or args.leaf_brokers else Broker
+    broker = kind(folder / "broker", extra=extra).start()
+    # devices on leaf brokers bridged to the core (one mosquitto holds at most its open
+    # files: 20,000 on this machine), or on the core itself
+    leaves = [QuietBroker(folder / f"leaf-{i}", extra=extra + leaf_bridge(i, broker.port))
+              .start() for i in range(args.leaf_brokers)]
+    ports = [b.port for b in leaves] or [broker.port]
     keys = Keys()
-    db, start_relay = relay_process(folder, broker.port, keys, args)
+    starts = [relay_process(folder, broker.port, keys, args, i)[1] for i in range(args.relays)]
+    db = folder / "relay.db"
     sysc = SysCounters(broker.port)
-    relay = start_relay()
-    wait_until(lambda: "relay connected" in (folder / "relay.log").read_text(), 20,
-               what="relay connected")
+    leaf_sys = [SysCounters(b.port) for b in leaves]
+    relays = [start() for start in starts]
+    for log in relay_logs(folder):
+        wait_until(lambda log=log: "relay connected" in log.read_text(), 20,
+                   what="relay connected")
     start_at = time.time() + 3.0
     tail = args.settle_s
     workers, reports = [], []
@@ -409,11 +496,12 @@ def controller(args, p) -> int:
         reports.append(rep)
         workers.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", "--first", str(first), "--count", str(count),
-             "--port", str(broker.port), "--start-at", str(start_at), "--burst-s",
+             "--port", str(ports[i % len(ports)]), "--start-at", str(start_at), "--burst-s",
              str(args.burst_s), "--run-s", str(args.run_s), "--event-s", str(args.event_s),
              "--health-s", str(args.health_s), "--kill", str(args.kill // args.procs),
              "--kill-at-s", str(args.kill_at_s), "--keepalive", str(args.keepalive),
              "--tail-s", str(tail), "--report", str(rep), "--name", args.name,
+             "--silent", str(args.silent // args.procs), "--silent-at-s", str(args.silent_at_s),
              "--workdir", str(folder)], cwd=ROOT))
     time.sleep(max(0.0, start_at - time.time()))
     t0 = time.monotonic()
@@ -425,12 +513,14 @@ def controller(args, p) -> int:
         now = time.monotonic()
         if down_at and now >= down_at and outage is None:
             sysc.before_outage = sysc.get("publish/messages/dropped")
-            relay.send_signal(signal.SIGTERM)
-            relay.wait(30)
+            for relay in relays:
+                relay.send_signal(signal.SIGTERM)
+            for relay in relays:
+                relay.wait(30)
             outage = (_now_ms(), None)
             print(f"relay stopped at {now - t0:.0f} s", flush=True)
         if up_at and now >= up_at and outage and outage[1] is None:
-            relay = start_relay()
+            relays = [start() for start in starts]
             outage = (outage[0], _now_ms())
             print(f"relay started at {now - t0:.0f} s", flush=True)
         n = (_q(db, "SELECT COUNT(*) FROM events") or [(0,)])[0][0]
@@ -459,28 +549,44 @@ def controller(args, p) -> int:
             w.wait(30)
         except subprocess.TimeoutExpired:
             w.kill()
-    last, killed, resends = {}, {}, 0
+    last, killed, resends, silent = {}, {}, 0, {}
     for rep in reports:
         if rep.exists():
             r = json.loads(rep.read_text())
             last.update(r["last_seq"])
             killed.update(r["killed"])
+            silent.update(r["silent"])
             resends += r["resends"]
     missing, lost = completeness(db, last)
     results = summarise(args, db, sysc, samples, last, killed, resends, missing, lost,
-                        settled_s, outage)
-    relay.send_signal(signal.SIGTERM)
-    relay.wait(30)
+                        settled_s, outage, silent)
+    results["leaf_brokers"] = [{k: c.get(k) for k in ("publish/messages/dropped",
+                                                      "clients/connected",
+                                                      "messages/received")} for c in leaf_sys]
+    print(json.dumps({"leaf_brokers": results["leaf_brokers"]}))
+    for c in leaf_sys:
+        c.close()
+    for b in leaves:
+        b.stop()
+    for relay in relays:
+        relay.send_signal(signal.SIGTERM)
+    for relay in relays:
+        relay.wait(60)
     sysc.close()
     broker.stop()
-    results["relay_log_tail"] = (folder / "relay.log").read_text().splitlines()[-3:]
+    results["relay_log_tail"] = [line for log in relay_logs(folder)
+                                 for line in log.read_text().splitlines()[-3:]]
     results["machine"] = machine()
     write_json(args.out, results)
     return 0 if missing == 0 else 1
 
 
+def relay_logs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("relay*.log"))
+
+
 def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends, missing, lost,
-              settled_s, outage) -> dict:
+              settled_s, outage, silent) -> dict:
     lags = [r[0] for r in _q(db, "SELECT received_ms - ts FROM events WHERE historical=0"
                              " AND body NOT LIKE '%\"resent\":true%'")]
     resent = (_q(db, "SELECT COUNT(*) FROM events WHERE body LIKE '%\"resent\":true%'")
@@ -492,7 +598,12 @@ def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends,
                           " AND reason='lost' GROUP BY device"))
     notice = [offline[d] - at for d, at in killed.items() if d in offline]
     asks = _q(db, "SELECT COUNT(*), COALESCE(SUM(attempts), 0) FROM seq_asks") or [(0, 0)]
-    log = (db.parent / "relay.log").read_text(errors="replace")
+    log = "".join(f.read_text(errors="replace") for f in relay_logs(db.parent))
+    # a silent device (link kept, nothing published): its last message -> the relay's
+    # offline notice (missed heartbeats); target 3 heartbeats + 5 s
+    decided = dict(_q(db, "SELECT device, MIN(received_ms) FROM notices WHERE kind='offline'"
+                          " GROUP BY device"))
+    quiet = [decided[d] - at for d, at in silent.items() if d in decided]
     probes = sum(int(x.split(" tail probe")[0].rsplit(" ", 1)[-1])
                  for x in log.splitlines() if " tail probe" in x)
     gaps = (_q(db, "SELECT COUNT(*), COALESCE(SUM(last_seq - first_seq + 1), 0) FROM gaps")
@@ -519,6 +630,10 @@ def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends,
         "devices_online_unknown": unknown,
         "offline_notice_ms": {"n": len(notice), "p50": percentile(notice, 50),
                               "max": max(notice, default=0)},
+        "silent_offline_notice_ms": {"silent": len(silent), "noticed": len(quiet),
+                                     "p50": percentile(quiet, 50), "max": max(quiet, default=0),
+                                     "target": 3 * args.health_s * 1000 + 5000},
+        "relays": args.relays,
         "outage": outage,
     }
     print(json.dumps(out, indent=1))

@@ -33,7 +33,10 @@ from ctl.ingest import Writer
 from ctl.relay import Relay, RelaySettings
 from ctl.store import RelayStore
 
-T0 = 1_764_000_000_000
+# recent: inside the health window (the relay prunes older samples at its first tick)
+T0 = (int(time.time()) - 3600) // 60 * 60_000
+# how the relay is started (RELAY_PROFILE=wrapper.py: under a profiler of one's own)
+RELAY_CMD = [os.environ["RELAY_PROFILE"]] if os.environ.get("RELAY_PROFILE") else ["-m", "ctl"]
 
 
 def messages(n: int, devices: int, seed: int = 1) -> list[tuple[str, bytes, bool, int]]:
@@ -101,11 +104,14 @@ def ingest(target: str, msgs: list) -> dict:
             "messages_per_batch": round(len(msgs) / max(1, writer.batches), 1)}
 
 
-def through_mqtt(wd, msgs: list, timeout_s: float = 600) -> dict:
+def through_mqtt(wd, msgs: list, timeout_s: float = 600, relays: int = 1,
+                 protocol: str = "5") -> dict:
     """The whole path, as after an outage: a mosquitto, ``ttcs-ctl relay`` as its own process
     (SQLite) started once for its persistent session and stopped, ``msgs`` published (QoS 1,
     no status messages: each one leaves a row to count) and queued by the broker; then the
-    relay is started again and timed from its connection until every message is stored."""
+    relay is started again and timed from its connection until every message is stored.
+    ``relays`` > 1: that many relay processes on one SQLite file sharing the subscriptions
+    (``relay.shared_group``), timed from the first one's connection."""
     import sqlite3
     import subprocess
     import sys
@@ -126,23 +132,35 @@ def through_mqtt(wd, msgs: list, timeout_s: float = 600) -> dict:
     broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     db = wd / "mqtt.db"
-    cfg = wd / "ctl.yaml"
-    cfg.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": port},
-                                   "relay": {"db_path": str(db), "tick_s": 1}}))
-    log = open(wd / "relay.log", "wb")
-    relay = None
+    for f in (db, wd / "mqtt.db-wal", wd / "mqtt.db-shm"):
+        if f.exists():
+            f.unlink()
+    cfgs = []
+    for i in range(relays):
+        cfg = wd / f"ctl{i}.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "mqtt": {"host": "127.0.0.1", "port": port, "protocol": protocol},
+            "relay": {"db_path": str(db), "tick_s": 1, "client_id": f"ttcs-relay-{i}",
+                      "shared_group": "relays" if relays > 1 else None}}))
+        cfgs.append(cfg)
+    logs = [wd / f"relay{i}.log" for i in range(relays)]
+    for f in logs:
+        f.write_bytes(b"")
+    procs: list = []
     try:
         time.sleep(0.5)
-        def start_relay(times: int) -> subprocess.Popen:
-            proc = subprocess.Popen([sys.executable, "-m", "ctl", "--config", str(cfg),
-                                     "relay"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            wait_until(lambda: (wd / "relay.log").read_bytes().count(b"relay connected")
+        def start_relays(times: int) -> list:
+            out = [subprocess.Popen([sys.executable, *RELAY_CMD, "--config", str(cfg), "relay"],
+                                    cwd=ROOT, stdout=open(f, "ab"), stderr=subprocess.STDOUT)
+                   for cfg, f in zip(cfgs, logs, strict=True)]
+            wait_until(lambda: min(f.read_bytes().count(b"relay connected") for f in logs)
                        >= times, 60, interval=0.005, what="relay connected")
-            return proc
+            return out
 
-        relay = start_relay(1)
-        relay.terminate()
-        relay.wait(60)
+        procs = start_relays(1)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(60)
         pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
         pub.max_inflight_messages_set(1000)
         pub.max_queued_messages_set(0)
@@ -153,7 +171,7 @@ def through_mqtt(wd, msgs: list, timeout_s: float = 600) -> dict:
         for info in infos:
             info.wait_for_publish(120)
         published = time.perf_counter() - pub_start
-        relay = start_relay(2)
+        procs = start_relays(2)
         start = time.perf_counter()
 
         def stored() -> int:
@@ -169,17 +187,22 @@ def through_mqtt(wd, msgs: list, timeout_s: float = 600) -> dict:
         took = time.perf_counter() - start
         pub.loop_stop()
         n = stored()
-        fields = open(f"/proc/{relay.pid}/stat").read().rsplit(")", 1)[1].split()
-        relay_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        relay_cpu = 0.0
+        for proc in procs:
+            fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            relay_cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        load = os.getloadavg()[0]
     finally:
-        if relay:
-            relay.terminate()
-            relay.wait(60)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(60)
         broker.terminate()
         broker.wait(10)
     return {"messages": len(msgs), "stored": n, "seconds": round(took, 2),
             "msg_per_s": round(len(msgs) / took), "published_before_s": round(published, 2),
-            "relay_cpu_s": round(relay_cpu, 2)}
+            "relay_cpu_s": round(relay_cpu, 2), "relays": relays, "protocol": protocol,
+            "msg_per_relay_cpu_s": round(len(msgs) / max(relay_cpu, 0.01)),
+            "load_after": round(load, 1)}
 
 
 def tick(target: str, n: int) -> dict:
@@ -204,6 +227,15 @@ def tick(target: str, n: int) -> dict:
     return out
 
 
+def _mqtt_row(mq: dict) -> tuple:
+    return (f"through mosquitto: {mq['relays']} relay process(es), MQTT {mq['protocol']},"
+            " catching up", f"{mq['msg_per_s']} msg/s ({mq['stored']} of {mq['messages']}"
+            f" queued by the broker, stored {mq['seconds']} s after the relay connected; relay"
+            f" CPU {mq['relay_cpu_s']} s = {mq['msg_per_relay_cpu_s']} msg per CPU-s; load"
+            f" {mq['load_after']})", "≥ 8,000 msg/s", verdict(mq["stored"] == mq["messages"]
+                                                             and mq["msg_per_s"] >= 8000))
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "relay_ingest")
     p.add_argument("--messages", type=int, default=100_000)
@@ -212,10 +244,20 @@ def main() -> None:
     p.add_argument("--tick-devices", type=int, default=100_000)
     p.add_argument("--mqtt", action="store_true",
                    help="also through mosquitto and the relay process (SQLite)")
+    p.add_argument("--mqtt-only", action="store_true", help="only the --mqtt part")
+    p.add_argument("--relays", type=int, default=1,
+                   help="--mqtt: relay processes sharing the subscriptions")
+    p.add_argument("--protocol", default="5", choices=["5", "3.1.1"],
+                   help="--mqtt: the relays' MQTT version")
     a = p.parse_args()
     wd = workdir(a.workdir, "relay_ingest")
     target = a.db or str(wd / "relay.db")
     msgs = messages(a.messages, a.devices)
+    if a.mqtt_only:
+        mq = through_mqtt(wd, msgs, relays=a.relays, protocol=a.protocol)
+        print_table("relay ingest through mosquitto (SQLite)", [_mqtt_row(mq)])
+        write_json(a.out, {"machine": machine(), "db": "sqlite", "mqtt": mq})
+        return
     res = ingest(target, msgs)
     tick_target = a.db or str(wd / "tick.db")
     if a.db:
@@ -224,7 +266,7 @@ def main() -> None:
         s.close()
     ticks = tick(tick_target, a.tick_devices) if a.tick_devices else {}
     ok = res["msg_per_s"] >= 8000 if not a.db else None
-    mq = through_mqtt(wd, msgs) if a.mqtt else None
+    mq = through_mqtt(wd, msgs, relays=a.relays, protocol=a.protocol) if a.mqtt else None
     print_table(f"relay ingest ({'PostgreSQL' if a.db else 'SQLite'})", [
         ("sustained ingest", f"{res['msg_per_s']} msg/s ({res['messages']} in {res['seconds']} s,"
          f" {res['messages_per_batch']} per batch; load {res['load_before']:.1f})",
@@ -233,12 +275,7 @@ def main() -> None:
         ("dropped", str(res["dropped"]), "0", verdict(res["dropped"] == 0)),
         *[(f"tick at {a.tick_devices} devices, {k[:-3].replace('_', ' ')}", f"{v} ms", "", "-")
           for k, v in ticks.items()],
-        *([("through mosquitto: the relay catching up", f"{mq['msg_per_s']} msg/s"
-            f" ({mq['stored']} of {mq['messages']} queued by the broker, stored"
-            f" {mq['seconds']} s after the relay connected; relay CPU {mq['relay_cpu_s']} s)",
-            "",
-            verdict(mq["stored"] == mq["messages"]))]
-          if mq else [])])
+        *([_mqtt_row(mq)] if mq else [])])
     write_json(a.out, {"machine": machine(), "db": "postgresql" if a.db else "sqlite",
                        "ingest": res, "tick": ticks, "tick_devices": a.tick_devices,
                        "mqtt": mq})
