@@ -33,6 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
+                 timeout: float = 10) -> int | None:
+    """Send ``sig`` to a running ``proc``, wait ``timeout`` s, then kill it; its exit code."""
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode if proc else None
+
+
 def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -78,13 +91,7 @@ class Broker:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=5)
         self.proc = None
 
     def log(self) -> str:
@@ -297,14 +304,7 @@ class AgentProcess:
             self.proc.wait()
 
     def stop(self, timeout: float = 10) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, timeout=timeout)
 
     def alive(self) -> bool:
         return bool(self.proc and self.proc.poll() is None)

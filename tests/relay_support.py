@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Watcher, wait_until
+from tests.conftest import ROOT, Watcher, stop_process, wait_until
 
 
 class HttpStandIn:
@@ -115,14 +115,7 @@ class RelayProcess:
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, sig)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
