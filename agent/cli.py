@@ -106,7 +106,7 @@ def check_config(path: str | None) -> int:
 
 
 def board_preview(args) -> int:
-    from agent.board.preview import PreviewError, preview
+    from agent.board.preview import preview
 
     cfg = _preview_config(args.config)
     if cfg is None:
@@ -121,20 +121,30 @@ def board_preview(args) -> int:
     if args.text is None:
         print("board-preview: the text to show is missing", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        result = preview(board, args.text, args.out, effect=args.effect, scale=args.scale)
-    except PreviewError as e:
-        print(f"board-preview: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:
-        print(f"board-preview: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    result, code = _write_preview(args.out, lambda: preview(
+        board, args.text, args.out, effect=args.effect, scale=args.scale))
+    if result is None:
+        return code
     kind = {"APNG": "animated PNG (APNG: a viewer without APNG support shows the first frame; "
                     "use a .gif name for a GIF)",
             "GIF": "animated GIF" if result["animated"] else "GIF", "PNG": "PNG"}
     print(f"{result['path']}: {kind[result['format']]}, {result['frames']} frame(s), board "
           f"{result['width']}x{result['height']}, text {result['text_width']} px wide")
     return 0
+
+
+def _write_preview(out: str, write):
+    """``(write(), 0)``, or ``(None, exit code)`` with the problem said on stderr."""
+    from agent.board.preview import PreviewError
+
+    try:
+        return write(), 0
+    except PreviewError as e:
+        print(f"board-preview: {e}", file=sys.stderr)
+        return None, EXIT_USAGE
+    except OSError as e:
+        print(f"board-preview: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return None, 1
 
 
 def _preview_config(path: str | None) -> dict | None:
@@ -154,7 +164,7 @@ def _preview_config(path: str | None) -> dict | None:
 
 def _page_preview(args, cfg: dict) -> int:
     """A page board: the text (or each message of ``--document``) as a PNG page."""
-    from agent.board.preview import PreviewError, page_size, preview_pages
+    from agent.board.preview import page_size, preview_pages
 
     if args.document:
         try:
@@ -185,15 +195,11 @@ def _page_preview(args, cfg: dict) -> int:
         return EXIT_USAGE
     import time
 
-    try:
-        written = preview_pages(cfg["board"], pages, args.out, tz=cfg["device"]["timezone"],
-                                now_ms=int(time.time() * 1000), cache_dir=cfg["media"]["dir"])
-    except PreviewError as e:
-        print(f"board-preview: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:
-        print(f"board-preview: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    written, code = _write_preview(args.out, lambda: preview_pages(
+        cfg["board"], pages, args.out, tz=cfg["device"]["timezone"],
+        now_ms=int(time.time() * 1000), cache_dir=cfg["media"]["dir"]))
+    if written is None:
+        return code
     width, height = page_size(cfg["board"])
     for path in written:
         print(f"{path}: PNG page, {width}x{height}")
