@@ -5,6 +5,7 @@ retained), alert acknowledgement, reports, board preview, headers and the ``user
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -34,46 +35,45 @@ with warnings.catch_warnings():  # Starlette's TestClient says it will leave htt
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     folder = tmp_path_factory.mktemp("console-app")
-    broker = Broker(folder / "broker").start()
-    keys = Keys()
-    path = ctl_config(folder, broker.port, keys, free_port(), lockout_after=3,
-                      login_per_minute=1000)
-    cfg = ctl_config_mod.load(str(path))
-    from ctl.store import open_store
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, also on a failure
+        broker = Broker(folder / "broker").start()
+        stack.callback(broker.stop)
+        keys = Keys()
+        path = ctl_config(folder, broker.port, keys, free_port(), lockout_after=3,
+                          login_per_minute=1000)
+        cfg = ctl_config_mod.load(str(path))
+        from ctl.store import open_store
 
-    store = open_store(cfg["relay"])
-    console = serve.build(cfg, store)
-    console.link.start()
-    console.fleet.start()
-    assert console.link.connected.wait(10)
-    for name, role, groups in (("admin", "admin", []), ("op", "operator", ["phutuc"]),
-                               ("xem", "viewer", [])):
-        console.users.add(name, role, PASSWORD, groups)
-    relay = Relay(store, RelaySettings(), "ttcs")
-    now = int(time.time() * 1000)
-    for dev in (DEVICE, OTHER):
-        relay.handle(f"ttcs/dev/{dev}/status", json.dumps(
-            {"v": 1, "state": "online", "ts": now, "session": 1}).encode(), False, now)
-    relay.handle(f"ttcs/dev/{DEVICE}/health", json.dumps(
-        {"v": 1, "ts": now, "system": {"cpu_temp_c": 51.5, "load": [0.4, 0.3, 0.2]},
-         "disk_free_mb": {"state": 900, "cache": "<script>"}}).encode(), False, now)
-    relay.handle(f"ttcs/dev/{DEVICE}/event", json.dumps(
-        {"v": 1, "seq": 1, "ts": now, "type": "alert", "state": "raised", "code": "door_open",
-         "key": "cabinet"}).encode(), False, now)
-    console.fleet.refresh()  # the fleet as the relay just stored it (then every 0.3 s)
-    watcher = Watcher(broker.port, ["ttcs/#"])
-    ns = type("Env", (), {})()
-    ns.cfg, ns.path, ns.store, ns.console, ns.keys, ns.watcher, ns.folder = \
-        cfg, path, store, console, keys, watcher, folder
-    ns.app = make_app(console)
-    try:
+        store = open_store(cfg["relay"])
+        stack.callback(store.close)
+        console = serve.build(cfg, store)
+        console.link.start()
+        stack.callback(console.link.stop)
+        console.fleet.start()
+        stack.callback(console.fleet.stop)
+        assert console.link.connected.wait(10)
+        for name, role, groups in (("admin", "admin", []), ("op", "operator", ["phutuc"]),
+                                   ("xem", "viewer", [])):
+            console.users.add(name, role, PASSWORD, groups)
+        relay = Relay(store, RelaySettings(), "ttcs")
+        now = int(time.time() * 1000)
+        for dev in (DEVICE, OTHER):
+            relay.handle(f"ttcs/dev/{dev}/status", json.dumps(
+                {"v": 1, "state": "online", "ts": now, "session": 1}).encode(), False, now)
+        relay.handle(f"ttcs/dev/{DEVICE}/health", json.dumps(
+            {"v": 1, "ts": now, "system": {"cpu_temp_c": 51.5, "load": [0.4, 0.3, 0.2]},
+             "disk_free_mb": {"state": 900, "cache": "<script>"}}).encode(), False, now)
+        relay.handle(f"ttcs/dev/{DEVICE}/event", json.dumps(
+            {"v": 1, "seq": 1, "ts": now, "type": "alert", "state": "raised",
+             "code": "door_open", "key": "cabinet"}).encode(), False, now)
+        console.fleet.refresh()  # the fleet as the relay just stored it (then every 0.3 s)
+        watcher = Watcher(broker.port, ["ttcs/#"])
+        stack.callback(watcher.close)
+        ns = type("Env", (), {})()
+        ns.cfg, ns.path, ns.store, ns.console, ns.keys, ns.watcher, ns.folder = \
+            cfg, path, store, console, keys, watcher, folder
+        ns.app = make_app(console)
         yield ns
-    finally:
-        watcher.close()
-        console.link.stop()
-        console.fleet.stop()
-        store.close()
-        broker.stop()
 
 
 def _client(env, name: str | None = None) -> tuple[TestClient, str]:

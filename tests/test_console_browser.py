@@ -7,6 +7,7 @@ One browser and one set of processes for the module; the tests run in file order
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -39,38 +40,39 @@ def env(tmp_path_factory):
     from selenium.webdriver.common.by import By  # noqa: F401  (selenium must import)
 
     folder = tmp_path_factory.mktemp("console")
-    broker = Broker(folder / "broker").start()
-    keys = Keys()
-    port = free_port()
-    config = ctl_config(folder, broker.port, keys, port)
-    add_user(config, folder, "admin", "admin")
-    add_user(config, folder, "op-phutuc", "operator", "--groups", "phutuc")
-    add_user(config, folder, "xem", "viewer")
-    agent_yaml = agent_config(folder, broker.port, keys, DEVICE)
-    cfg = yaml.safe_load(agent_yaml.read_text())
-    cfg["device"]["groups"] = ["krongpa", "phutuc"]  # the commune it belongs to
-    cfg["security"]["media_hosts"] = ["127.0.0.1"]  # the console hosts the uploads
-    cfg["board"] = {"driver": "image", "width": 64, "height": 16,
-                    "image_path": str(folder / "board.png")}  # the LED board, as a PNG
-    agent_yaml.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    agent = AgentProcess(agent_yaml, folder / "agent.log").start()
-    serve = Serve(config, port, folder / "serve.log").start()
-    watcher = Watcher(broker.port, ["ttcs/+/+/cmd"])
-    driver = browser()
-    driver.implicitly_wait(0)
-    ns = type("Env", (), {})()
-    ns.folder, ns.broker, ns.keys, ns.config, ns.agent, ns.serve = \
-        folder, broker, keys, config, agent, serve
-    ns.driver, ns.watcher, ns.base, ns.db = driver, watcher, serve.url, folder / "relay.db"
-    try:
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, also on a failure
+        broker = Broker(folder / "broker").start()
+        stack.callback(broker.stop)
+        keys = Keys()
+        port = free_port()
+        config = ctl_config(folder, broker.port, keys, port)
+        add_user(config, folder, "admin", "admin")
+        add_user(config, folder, "op-phutuc", "operator", "--groups", "phutuc")
+        add_user(config, folder, "xem", "viewer")
+        agent_yaml = agent_config(folder, broker.port, keys, DEVICE)
+        cfg = yaml.safe_load(agent_yaml.read_text())
+        cfg["device"]["groups"] = ["krongpa", "phutuc"]  # the commune it belongs to
+        cfg["security"]["media_hosts"] = ["127.0.0.1"]  # the console hosts the uploads
+        cfg["board"] = {"driver": "image", "width": 64, "height": 16,
+                        "image_path": str(folder / "board.png")}  # the LED board, as a PNG
+        agent_yaml.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+        agent = AgentProcess(agent_yaml, folder / "agent.log").start()
+        stack.callback(agent.stop)
+        serve = Serve(config, port, folder / "serve.log")
+        codes = []
+        stack.callback(lambda: codes.append(serve.stop()))
+        serve.start()
+        watcher = Watcher(broker.port, ["ttcs/+/+/cmd"])
+        stack.callback(watcher.close)
+        driver = browser()
+        stack.callback(driver.quit)
+        driver.implicitly_wait(0)
+        ns = type("Env", (), {})()
+        ns.folder, ns.broker, ns.keys, ns.config, ns.agent, ns.serve = \
+            folder, broker, keys, config, agent, serve
+        ns.driver, ns.watcher, ns.base, ns.db = driver, watcher, serve.url, folder / "relay.db"
         yield ns
-    finally:
-        driver.quit()
-        watcher.close()
-        agent.stop()
-        code = serve.stop()
-        broker.stop()
-        assert code == 0, serve.log()[-3000:]
+    assert codes == [0], serve.log()[-3000:]
 
 
 def _text(driver, css: str) -> str:
