@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +46,7 @@ from ctl.sanitize import (
     parse_object,
     quote,
 )
+from ctl.stopsignal import StopSignals
 from ctl.store import TS_FLAG, RelayStore, open_store
 
 log = logging.getLogger(__name__)
@@ -480,19 +479,11 @@ def _dumps(obj: Any) -> str:
 
 # --- the process -------------------------------------------------------------------------
 
-def run(cfg: dict, *, once_s: float | None = None) -> int:
-    """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds). The stop is logged;
-    the step under way finishes, the MQTT session is closed, the database checkpointed and
-    closed, and the counters logged."""
-    stop = threading.Event()
-    signals: list[int] = []
-
-    def on_signal(signum, frame) -> None:
-        signals.append(signum)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+def run(cfg: dict, *, once_s: float | None = None, stop: StopSignals | None = None) -> int:
+    """Run the relay until SIGTERM/SIGINT (or for ``once_s`` seconds; ``stop``: the signals
+    as the caller took them, e.g. serve). The stop is logged; the step under way finishes,
+    the MQTT session is closed, the database checkpointed and closed, the counters logged."""
+    stop = stop or StopSignals().install()
     store = open_store(cfg["relay"])
     channels = notify.channels_from_config(cfg["alerts"])
     settings = RelaySettings.from_config(cfg, [c.name for c in channels])
@@ -511,12 +502,11 @@ def run(cfg: dict, *, once_s: float | None = None) -> int:
         log.warning("%s (docs/CTL.md)", note)
     end = time.monotonic() + once_s if once_s else None
     try:
-        while not stop.is_set() and (end is None or time.monotonic() < end):
+        while not stop.event.is_set() and (end is None or time.monotonic() < end):
             _step(relay, dispatcher, writer)
             _step_ingest(gaps, reread, client)
-            stop.wait(float(cfg["relay"]["tick_s"]))
-        why = f"{signal.Signals(signals[0]).name} received" if signals else "--once time is up"
-        log.info("relay: %s, stopping", why)
+            stop.event.wait(float(cfg["relay"]["tick_s"]))
+        log.info("relay: %s, stopping", stop.why("--once time is up"))
     finally:
         client.disconnect()
         client.loop_stop()  # no message comes in after this

@@ -6,7 +6,6 @@ and stopped in reverse, inside one ``try/finally``."""
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 
@@ -22,6 +21,7 @@ from ctl.console.users import LoginPolicy, UserStore
 from ctl.keys import signing_key
 from ctl.media import MediaStore
 from ctl.session import EXIT_FAILED, EXIT_USAGE
+from ctl.stopsignal import StopSignals
 from ctl.store import open_store
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def run(cfg: dict, listen: str | None = None, with_relay: bool = True) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
+    stop = StopSignals().install()  # before anything answers: an early SIGTERM stops cleanly
     store = open_store(cfg["relay"])
     server = None
     console = None
@@ -104,11 +105,8 @@ def run(cfg: dict, listen: str | None = None, with_relay: bool = True) -> int:
         log.info("console: http://%s:%d/ (relay %s)", host, port,
                  "in this process" if with_relay else "not started: --no-relay")
         if with_relay:
-            return relay_mod.run(cfg)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *a: stop.set())
-        stop.wait()
+            return relay_mod.run(cfg, stop=stop)
+        stop.event.wait()
         return 0
     finally:
         if console is not None:
