@@ -13,7 +13,8 @@ setup(
     description="Agent for commune IP loudspeaker cabinets and LED information boards",
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "ctl", "ctl.*", "drivers", "drivers.*"]),
-    package_data={"ctl": ["schemas/*.xsd", "schemas/README.md"]},
+    package_data={"ctl": ["schemas/*.xsd", "schemas/README.md", "console/templates/*.html",
+                          "console/static/*"]},
     install_requires=[
         "paho-mqtt>=2.0,<3",
         "cryptography>=41",
