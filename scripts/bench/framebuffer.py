@@ -164,8 +164,16 @@ def agent_run(base: Path, broker: Broker, keys: Keys, args) -> dict:
                        board={"driver": "framebuffer",
                               "framebuffer": {**fb, "title": "UBND xã Phú Túc"}})
     acks: list[tuple[float, dict]] = []
-    rec = Recorder(broker.port, [f"ttcs/dev/{DEV}/ack"],
-                   lambda t, topic, payload: acks.append((t, json.loads(payload))))
+    showing: list[str | None] = [None]  # the state topic's board.showing id, latest
+
+    def on_message(t: float, topic: str, payload: bytes) -> None:
+        body = json.loads(payload)
+        if topic.endswith("/ack"):
+            acks.append((t, body))
+        elif isinstance(body.get("board"), dict):
+            showing[0] = (body["board"].get("showing") or {}).get("id")
+
+    rec = Recorder(broker.port, [f"ttcs/dev/{DEV}/ack", f"ttcs/dev/{DEV}/state"], on_message)
     agent = AgentProcess(cfg, base / "fb.log").start()
     try:
         doc = protocol.sign({"v": 1, "type": "board", "target": f"dev/{DEV}", "rev": 1,
@@ -175,7 +183,11 @@ def agent_run(base: Path, broker: Broker, keys: Keys, args) -> dict:
         rec.publish(f"ttcs/dev/{DEV}/desired/board", protocol.canonical(doc))
         normal = hashlib.sha256(Path(fb["device"]).read_bytes()).hexdigest()
         wait_until(lambda: hashlib.sha256(Path(fb["device"]).read_bytes()).hexdigest()
-                   != normal, 30, what="the standing page with its photo")
+                   != normal, 30, what="a first page")
+        # The agent's first page may be its idle page: wait until the standing message (its
+        # photo fetched) is on show, then for the screen to settle.
+        wait_until(lambda: showing[0] == "anh", 30, what="the standing page with its photo")
+        time.sleep(1.0)
         standing = corner_pixel(fb["device"])
         fb_idle = idle(agent.proc.pid, args.settle_s, args.idle_s)
         takeovers, started = [], []
