@@ -1,4 +1,4 @@
-"""The relay's writer thread: messages go from paho's network thread to the store without
+"""The relay's writer thread: messages go from the MQTT link's thread to the store without
 waiting for a disk. ``on_message`` only enqueues; the writer takes what has come within
 ``linger_s`` of the first message (up to ``max_batch``) and stores it with
 :meth:`ctl.relay.Relay.handle_batch`, one transaction (one fsync) per batch, so the rate is
@@ -44,7 +44,7 @@ class Writer:
         self.relay = relay
         self.max_batch = max_batch
         self.linger_s = linger_s  # a message waits at most this long for others to join it
-        # bounded: when the store falls behind, paho's thread waits here and the broker keeps
+        # bounded: when the store falls behind, the link's thread waits here and the broker keeps
         # the QoS 1 messages (back-pressure instead of unbounded memory); small enough to be
         # stored within seconds when the relay stops (about 2 s on SQLite, 15 s on PostgreSQL)
         self.queue: queue.Queue = queue.Queue(max_queue)
@@ -109,7 +109,7 @@ class Writer:
     def _store(self, batch: list, stopping: bool) -> None:
         """Store ``batch``. The database failing (locked by another relay process past its
         busy timeout, a PostgreSQL restart, a full disk) is retried with backoff: the
-        messages were acknowledged to the broker, so giving up loses them; meanwhile paho's
+        messages were acknowledged to the broker, so giving up loses them; meanwhile the link's
         thread waits on the full queue and the broker keeps the rest. While stopping it
         gives up after ``STOP_RETRY_S``. Any other error is a fault in the relay: logged,
         the batch dropped, the writer goes on."""

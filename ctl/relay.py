@@ -33,6 +33,7 @@ from ctl import ingest, notify, subs
 from ctl.config import GROUP_INTERVAL_S, GROUP_WAIT_S, grouping
 from ctl.gaps import GapFiller
 from ctl.gaps import from_config as gaps_from_config
+from ctl.relaylink import RelayLink
 from ctl.sanitize import (
     CODE_MAX,
     KEY_MAX,
@@ -508,8 +509,7 @@ def run(cfg: dict, *, once_s: float | None = None, stop: StopSignals | None = No
             stop.event.wait(float(cfg["relay"]["tick_s"]))
         log.info("relay: %s, stopping", stop.why("--once time is up"))
     finally:
-        client.disconnect()
-        client.loop_stop()  # no message comes in after this
+        client.stop()  # no message comes in after this
         writer.stop()  # what came in is stored
         store.close()
         c = relay.counters
@@ -537,7 +537,7 @@ def _step(relay: Relay, dispatcher: Any, writer: ingest.Writer) -> None:
         log.exception("relay tick failed")
 
 
-def _step_ingest(gaps: GapFiller | None, reread: subs.StatusReread, client: Any) -> None:
+def _step_ingest(gaps: GapFiller | None, reread: subs.StatusReread, client: RelayLink) -> None:
     now = _now_ms()
     try:
         if gaps is not None:
@@ -551,40 +551,21 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _connect(cfg: dict, relay: Relay, writer: ingest.Writer) -> Any:
+def _connect(cfg: dict, relay: Relay, writer: ingest.Writer) -> RelayLink:
     """A persistent MQTT session (the broker queues QoS 1 messages while the relay is away)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    from agent.core.mqtt import make_client
-
     m = cfg["mqtt"]
-    client = make_client(m, cfg["relay"]["client_id"], persistent=True)
     prefix = m["topic_prefix"]
+    link: RelayLink
 
-    def on_connect(c, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused the relay: %s", reason_code)
-            return
+    def on_connect() -> None:
         relay.connected(_now_ms())
-        c.subscribe(subs.topics(prefix, cfg["relay"]["shared_group"],
-                                acks=relay.gaps is not None and relay.gaps.sign is not None))
+        link.subscribe(subs.topics(prefix, cfg["relay"]["shared_group"],
+                                   acks=relay.gaps is not None and relay.gaps.sign is not None))
         log.info("relay connected to %s:%s", m["host"], m["port"])
 
-    def on_message(c, userdata, msg) -> None:  # paho's thread: only enqueue
-        writer.put(msg.topic, bytes(msg.payload), bool(msg.retain), _now_ms())
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:  # only enqueue
+        writer.put(topic, payload, retained, _now_ms())
 
-    client.on_connect = on_connect
-    client.on_message = on_message
-    client.reconnect_delay_set(1, 30)
-    v5 = str(m.get("protocol", "5")) == "5"
-    props = None
-    if v5:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 7 * 86400
-    client.connect_async(m["host"], int(m["port"]), keepalive=int(m["keepalive_s"]),
-                         clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                         properties=props)
-    client.loop_start()
-    return client
+    link = RelayLink(m, cfg["relay"]["client_id"], on_message=on_message,
+                     on_connect=on_connect)
+    return link.start()

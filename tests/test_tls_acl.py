@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import shutil
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -26,7 +27,15 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
-from tests.conftest import MOSQUITTO, ROOT, Broker, Watcher, agent_config, wait_until
+from tests.conftest import (
+    MOSQUITTO,
+    ROOT,
+    Broker,
+    Watcher,
+    agent_config,
+    stop_process,
+    wait_until,
+)
 from tests.conftest import wait_online as plain_wait_online
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -201,6 +210,37 @@ def test_agent_over_tls_answers_a_ping_sent_by_ttcs_ctl(fleet, tmp_path, tls_bro
     assert stages[-1] == "done"
 
 
+def test_relay_over_tls_with_the_controller_certificate(fleet, tmp_path, tls_broker, pki):
+    """``ttcs-ctl relay`` (its gmqtt link, ctl/relaylink.py) with the controller's certificate,
+    on shared subscriptions as the ACL allows them: it learns both devices' link state."""
+    db = tmp_path / "relay.db"
+    cfg = tmp_path / "relay.yaml"
+    cfg.write_text(json.dumps({
+        "mqtt": {"host": "127.0.0.1", "port": tls_broker.port, "topic_prefix": "ttcs",
+                 "tls": tls_files(pki, "ctl")},
+        "relay": {"db_path": str(db), "tick_s": 0.2, "shared_group": "relays"}}))
+    log = tmp_path / "relay.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ctl", "--config", str(cfg), "relay"],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def online() -> set[str]:
+            if not db.exists():
+                return set()
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+                try:
+                    return {r[0] for r in c.execute("SELECT device FROM devices"
+                                                    " WHERE online = 1")}
+                except sqlite3.OperationalError:  # the schema not made yet
+                    return set()
+
+        wait_until(lambda: online() == {"dev-a", "dev-b"}, 30, what="both devices online")
+    finally:
+        assert stop_process(proc) == 0, log.read_text()
+    text = log.read_text()
+    assert "relay connected" in text and "Traceback" not in text, text
+
+
 def test_device_cannot_command_another_device(fleet, clients, keys):
     intruder = clients("dev-b", "dev-b-intruder")
     env = keys.command("dev/dev-a", "ping")
@@ -325,12 +365,13 @@ def test_ctl_refuses_a_loose_tls_key(tmp_path, keys, pki):
            "key_file": _loose_copy(tls_files(pki, "ctl")["key_file"], tmp_path / "ctl.key")}
     ctl_cfg = tmp_path / "ctl.yaml"
     ctl_cfg.write_text(json.dumps({"mqtt": {"host": "127.0.0.1", "port": 8883,
-                                            "topic_prefix": "ttcs", "tls": tls}}))
-    out = subprocess.run([sys.executable, "-m", "ctl", "--config", str(ctl_cfg), "send",
-                          "dev/dev-a", "ping", "--unsigned", "--timeout", "2"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert out.returncode != 0
-    assert "chmod 600" in out.stderr and "Traceback" not in out.stderr, out.stderr
+                                            "topic_prefix": "ttcs", "tls": tls},
+                                   "relay": {"db_path": str(tmp_path / "relay.db")}}))
+    for cmd in (["send", "dev/dev-a", "ping", "--unsigned", "--timeout", "2"], ["relay"]):
+        out = subprocess.run([sys.executable, "-m", "ctl", "--config", str(ctl_cfg), *cmd],
+                             capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert out.returncode != 0, cmd
+        assert "chmod 600" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_password_reaches_neither_log_nor_state(broker, tmp_path, keys, agent_factory):
