@@ -8,6 +8,7 @@ integers, auto-increment keys). Rows read like mappings (``row["col"]``, ``dict(
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sqlite3
@@ -37,6 +38,7 @@ class Database:
     def __init__(self, target: str, *, read_only: bool = False) -> None:
         self.lock = threading.RLock()
         self.errors = driver_errors()
+        self._writer_lock: int | None = None  # SQLite file: see _Tx
         self._cache: dict[str, str] = {}
         if is_url(target):
             import psycopg
@@ -63,6 +65,9 @@ class Database:
                                         isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
+            if self.target != ":memory:":
+                self._writer_lock = os.open(f"{self.target}-writer.lock",
+                                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.conn.row_factory = sqlite3.Row
 
     @property
@@ -156,18 +161,35 @@ class Database:
             except sqlite3.Error:  # another connection still reading: close anyway
                 pass
         self.conn.close()
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)
+            self._writer_lock = None
 
 
 class _Tx:
-    """``with db.tx():`` one write transaction under the connection's lock."""
+    """``with db.tx():`` one write transaction under the connection's lock.
+
+    On a SQLite file, processes sharing it (several relays, a console) also take an
+    ``flock`` on ``FILE-writer.lock`` for the transaction: SQLite's own busy handler polls
+    with sleeps of up to 100 ms, so a process waiting for another's write lock lost most of
+    the time it waited (two relays on one file used 1 core of 2: docs/PERFORMANCE.md,
+    "Relay ingest on gmqtt"); a blocked ``flock`` returns as soon as the other commits."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def __enter__(self) -> Database:
         self.db.lock.acquire()
+        fd = self.db._writer_lock
         try:
-            self.db.conn.execute("BEGIN" if self.db.pg else "BEGIN IMMEDIATE")
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self.db.conn.execute("BEGIN" if self.db.pg else "BEGIN IMMEDIATE")
+            except BaseException:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                raise
         except BaseException:
             self.db.lock.release()
             raise
@@ -177,6 +199,8 @@ class _Tx:
         try:
             self.db.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
         finally:
+            if self.db._writer_lock is not None:
+                fcntl.flock(self.db._writer_lock, fcntl.LOCK_UN)
             self.db.lock.release()
 
 

