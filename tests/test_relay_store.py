@@ -530,3 +530,51 @@ def test_a_relay_reading_what_the_broker_held_judges_silence_in_the_devices_time
     relay.tick(t0 + 75_500)  # the devices' time read: +50 s; quiet silent since +10 s
     assert online() == {"alive": 1, "other": 1, "quiet": 0}
     s.close()
+
+
+def test_processes_sharing_a_sqlite_file_take_turns_and_never_keep_the_writer_lock(tmp_path):
+    """Writers on one SQLite file take turns through ``FILE-writer.lock`` (ctl/db.py): held
+    for a transaction only, also when it fails, and a second writer waits for it rather than
+    fail or interleave."""
+    import fcntl
+    import os
+    import threading
+
+    path = tmp_path / "relay.db"
+    a, b = RelayStore(str(path)), RelayStore(str(path))
+    lock = os.open(f"{path}-writer.lock", os.O_RDWR)
+
+    def free() -> bool:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return True
+
+    order: list[str] = []
+    inside = threading.Event()
+
+    def first() -> None:
+        with a.tx():
+            inside.set()
+            assert not free()  # held while the transaction runs
+            time.sleep(0.3)
+            a.x("INSERT INTO meta(key, value) VALUES('a', '1')")
+            order.append("a committed")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    with b.tx():
+        order.append("b began")
+        assert b.one("SELECT value FROM meta WHERE key='a'")["value"] == "1"
+    t.join()
+    assert order == ["a committed", "b began"]
+    assert free()
+    with pytest.raises(sqlite3.IntegrityError), a.tx():
+        a.x("INSERT INTO meta(key, value) VALUES('a', '2')")  # the key exists
+    assert free()  # released after a rollback too
+    os.close(lock)
+    a.close()
+    b.close()
