@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
+import time
 from typing import Any
 
-from agent.protocol import Priority
+from agent.protocol import CMD_ID_RE, Priority
 from ctl.db import Database, driver_errors, is_url
 from ctl.seqs import covered_ranges, holes
 
@@ -35,7 +37,7 @@ CREATE TABLE IF NOT EXISTS plays (
     ended INTEGER NOT NULL, played_ms INTEGER NOT NULL, requested_ms INTEGER,
     segment INTEGER NOT NULL, emergency INTEGER NOT NULL, segments TEXT,
     overlap INTEGER NOT NULL DEFAULT 0, aired_ms INTEGER NOT NULL, known INTEGER NOT NULL,
-    first INTEGER NOT NULL, claim INTEGER NOT NULL,
+    first INTEGER NOT NULL, claim INTEGER NOT NULL, cmd_id TEXT, result TEXT,
     PRIMARY KEY (device, started, seq), UNIQUE (device, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS plays_by_end ON plays(ended);
 CREATE INDEX IF NOT EXISTS plays_segmented ON plays(ended) WHERE segments IS NOT NULL;
@@ -86,11 +88,17 @@ CREATE TABLE IF NOT EXISTS seq_lost (
     PRIMARY KEY (device, lo));
 """
 INDEXES_AFTER_COLUMNS = ("CREATE INDEX IF NOT EXISTS devices_due ON devices(next_check_ms)",
-                         "CREATE INDEX IF NOT EXISTS events_by_received ON events(received_ms)")
+                         "CREATE INDEX IF NOT EXISTS events_by_received ON events(received_ms)",
+                         "CREATE INDEX IF NOT EXISTS plays_by_cmd ON plays(cmd_id)")
 # columns added since the first release: added to an older database when it is opened
 COLUMNS = {"events": {"flags": "TEXT"},
            "deliveries": {"parts_sent": "INTEGER NOT NULL DEFAULT 0"},
-           "devices": {"next_check_ms": "INTEGER"}, "gaps": {"lost_ms": "INTEGER"}}
+           "devices": {"next_check_ms": "INTEGER"}, "gaps": {"lost_ms": "INTEGER"},
+           "plays": {"cmd_id": "TEXT", "result": "TEXT"}}
+# meta: when ``plays.cmd_id`` was added to an older database (play records stored before it
+# have none: ``cap status`` reads those from ``events``)
+PLAYS_CMD_ID_SINCE = "plays_cmd_id_since_ms"
+RESULT_RE = re.compile(r"[a-z_]{1,20}")  # a play record's ``result``: a word
 TS_FLAG = "device_time"  # ``flags``: the device's ts was out of window; ts is the receive time
 BUCKET_MS = 300_000  # health history: 5-minute aggregates
 PRUNED_BODY = '{"pruned":true}'  # an event body emptied after relay.events_keep_days
@@ -183,6 +191,8 @@ class RelayStore(Database):
             for name, decl in columns.items():
                 if name not in have:
                     self.x(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    if (table, name) == ("plays", "cmd_id"):
+                        self._set_meta(PLAYS_CMD_ID_SINCE, str(int(time.time() * 1000)))
 
     def _migrate_v1(self) -> None:
         """A version-1 SQLite file: play records and alerts into their typed tables, the raw
@@ -253,12 +263,17 @@ class RelayStore(Database):
         requested = _int(rec.get("requested_ms"))
         segment = rec.get("segment", 0)
         segment = segment if _int(segment) is not None else -1
+        cmd_id, result = rec.get("id"), rec.get("result")
         self.add_play(device, seq, started, ended, played, requested, segment,
-                      rec.get("priority") == Priority.EMERGENCY, segments, aired)
+                      rec.get("priority") == Priority.EMERGENCY, segments, aired,
+                      cmd_id if isinstance(cmd_id, str) and CMD_ID_RE.match(cmd_id) else None,
+                      result if isinstance(result, str) and RESULT_RE.fullmatch(result)
+                      else None)
 
     def add_play(self, device: str, seq: int, started: int, ended: int, played_ms: int,
                  requested_ms: int | None, segment: int, emergency: bool,
-                 segments: str | None, aired_ms: int) -> None:
+                 segments: str | None, aired_ms: int, cmd_id: str | None = None,
+                 result: str | None = None) -> None:
         """Store a play record (once per device and seq). A record overlapping the one
         before or after it (by ``started``) is marked with it: a device's records overlap
         somewhere only if two neighbours do, so a report computes the exact union of spans
@@ -281,10 +296,10 @@ class RelayStore(Database):
         known = int(requested_ms is not None and requested_ms > 0)
         self.x("INSERT OR IGNORE INTO plays(device, seq, started, ended, played_ms,"
                " requested_ms, segment, emergency, segments, overlap, aired_ms, known, first,"
-               " claim) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", device, seq, started,
-               ended, played_ms, requested_ms, segment, int(emergency), segments,
-               int(bool(marks)), aired_ms, known, int(segment == 0 and played_ms > 0),
-               int(played_ms > ended - started + PLAY_SLACK_MS))
+               " claim, cmd_id, result) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               device, seq, started, ended, played_ms, requested_ms, segment, int(emergency),
+               segments, int(bool(marks)), aired_ms, known, int(segment == 0 and played_ms > 0),
+               int(played_ms > ended - started + PLAY_SLACK_MS), cmd_id, result)
         for other in marks:
             self.x("UPDATE plays SET overlap=1 WHERE device=? AND seq=?", device, other)
 

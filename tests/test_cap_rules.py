@@ -532,7 +532,7 @@ def _status_case(tmp_path, target: str):
 
     from ctl.cap.record import CapRecord
     from ctl.cap.status import report
-    from ctl.store import RelayStore
+    from ctl.store import PLAYS_CMD_ID_SINCE, RelayStore
 
     cfg = config(tmp_path)
     cfg["relay"]["groups"] = {"krongpa": ["krongpa-*"]}
@@ -551,10 +551,11 @@ def _status_case(tmp_path, target: str):
             store.x("INSERT INTO devices (device, online, since_ms, reason, first_seen_ms)"
                     " VALUES (?,?,?,?,?)", d, online, NOW - 3600_000, None if online else "lost",
                     NOW - 86400_000)
+        played = {"type": "play", "id": "cap-x-a0", "started": NOW + 1000,
+                  "ended": NOW + 9000, "played_ms": 8000, "result": "done"}
         store.x("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", "krongpa-a", 7, NOW + 2000,
-                "play", 0, NOW + 2000, json.dumps({
-                    "type": "play", "id": "cap-x-a0", "started": NOW + 1000,
-                    "ended": NOW + 9000, "played_ms": 8000, "result": "done"}), None)
+                "play", 0, NOW + 2000, json.dumps(played), None)
+        store.add_play_record("krongpa-a", 7, played)  # as the relay stores it
         store.x("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", "krongpa-e", 3, NOW + 2000,
                 "play", 0, NOW + 2000, json.dumps({
                     "type": "play", "id": "c-unrelated", "played_ms": 5000}), None)
@@ -572,6 +573,19 @@ def _status_case(tmp_path, target: str):
     assert re.search(r"krongpa-d\s+not aired\s+failed: tts_failed", text)
     assert re.search(r"krongpa-e\s+not aired\s+nothing heard", text)
     assert "other-z" not in text
+    aired = r"krongpa-a\s+AIRED\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d for 8.0 s \(done\)"
+    # a store that got plays.cmd_id after the alert: its play records are read from events
+    with store.tx():
+        store.x("INSERT INTO meta(key, value) VALUES(?, ?)", PLAYS_CMD_ID_SINCE, str(NOW + 1))
+        store.x("UPDATE plays SET cmd_id = NULL")
+    assert re.search(aired, "\n".join(report(record, "VN-1", cfg)[1]))
+    # the play records themselves (plays, by command id) outlive the event bodies
+    with store.tx():
+        store.x("DELETE FROM meta WHERE key = ?", PLAYS_CMD_ID_SINCE)
+        store.x("UPDATE plays SET cmd_id = 'cap-x-a0'")
+    store.prune_event_bodies(NOW + 86400_000)
+    assert store.one("SELECT COUNT(*) AS n FROM events WHERE body LIKE '%cap-x-a0%'")["n"] == 0
+    assert re.search(aired, "\n".join(report(record, "VN-1", cfg)[1]))
     record.close()
 
 

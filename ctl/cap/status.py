@@ -2,8 +2,8 @@
 
 For each message with that identifier: the devices it was meant for (its targets: a device,
 or a group's members per ``relay.groups`` and the relay's store), and for each whether it
-aired — from the devices' own play records (``events`` of type ``play`` carrying the command
-id, stored by the relay) — and when, or why not: refused or failed (its acks), stopped,
+aired — from the devices' own play records (``plays``, by the command id each carries,
+stored by the relay) — and when, or why not: refused or failed (its acks), stopped,
 expired, offline (the relay's link state), or nothing heard.
 """
 
@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 from ctl.cap.record import CapRecord
 from ctl.config import groups_of
+from ctl.store import PLAYS_CMD_ID_SINCE
 
 MARGIN_MS = 3600 * 1000  # device clocks may be off: look at records from an hour before
 
@@ -80,6 +81,16 @@ def report(record: CapRecord, identifier: str, cfg: dict) -> tuple[int, list[str
 
 
 def _plays(db, tables: set[str], ids: list[str], since_ms: int) -> list[dict]:
+    """The play records of commands ``ids``: from ``plays`` by its command id (indexed;
+    kept for good), or, for records stored before the store had that column, from the event
+    bodies (a scan of the play events since ``since_ms``; emptied after
+    ``relay.events_keep_days``)."""
+    if "plays" in tables and "cmd_id" in db.columns("plays"):
+        since = db.one("SELECT value FROM meta WHERE key=?", PLAYS_CMD_ID_SINCE)
+        if since is None or int(since["value"]) <= since_ms:
+            return [dict(r) for r in db.q(
+                "SELECT device, started, played_ms, result FROM plays WHERE cmd_id IN"
+                f" ({', '.join('?' * len(ids))})", *ids)]
     if "events" not in tables:
         return []
     out = []

@@ -36,6 +36,8 @@ SLOTS = (5 * 60, 6 * 60 + 30, 8 * 60, 11 * 60, 12 * 60, 14 * 60, 15 * 60 + 30, 1
          19 * 60, 23 * 60 + 50)  # minutes after midnight; the last crosses midnight
 COLUMNS = ("device", "seq", "started", "ended", "played_ms", "requested_ms", "segment",
            "emergency", "segments", "overlap", "aired_ms", "known", "first", "claim")
+INSERT_PLAYS = (f"INSERT INTO plays({', '.join(COLUMNS)})"
+                f" VALUES({', '.join('?' * len(COLUMNS))})")
 
 
 def device_name(i: int) -> str:
@@ -120,9 +122,9 @@ def generate(target: str, devices: int, per_day: int) -> float:
             for r in rows(devices, per_day):
                 batch.append(r)
                 if len(batch) == 50_000:
-                    store.many(f"INSERT INTO plays VALUES({', '.join('?' * 14)})", batch)
+                    store.many(INSERT_PLAYS, batch)
                     batch.clear()
-            store.many(f"INSERT INTO plays VALUES({', '.join('?' * 14)})", batch)
+            store.many(INSERT_PLAYS, batch)
             store.many("INSERT INTO transitions(id, device, ts, online, reason)"
                        " VALUES(?, ?, ?, ?, ?)", list(transitions(devices)))
         store.x("ANALYZE")
