@@ -32,8 +32,8 @@ setup(
         "pi": ["rpi-lgpio", "luma.core[spi]"],
         # Controller side extras (relay, reports, the web console of `ttcs-ctl serve`, CAP:
         # schema validation, safe XML, areas; gmqtt: the relay's ingest link, ~4x less CPU per
-        # message than paho, docs/SCALE.md).
-        "ctl": ["gmqtt>=0.7", "matplotlib", "rich", "psycopg[binary]", "starlette>=0.37",
+        # message than paho, docs/SCALE.md; 0.8.x: ctl/relaylink.py overrides one method).
+        "ctl": ["gmqtt>=0.8,<0.9", "matplotlib", "rich", "psycopg[binary]", "starlette>=0.37",
                 "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9", "argon2-cffi>=23.1",
                 "lxml>=5", "defusedxml>=0.7", "shapely>=2", "urllib3>=2"],
         # amqtt: a broker that speaks only MQTT 3.1.1, for the protocol fallback tests.

@@ -70,8 +70,6 @@ class RelayLink:
                  on_message: Callable[[str, bytes, bool], None],
                  on_connect: Callable[[], None] = lambda: None,
                  session_expiry_s: int = SESSION_EXPIRY_S) -> None:
-        import gmqtt
-
         self.cfg = mqtt_cfg
         self.on_message = on_message
         self.on_connect = on_connect
@@ -80,7 +78,7 @@ class RelayLink:
         self.connected = threading.Event()
         self.connects = 0
         self.loop = asyncio.new_event_loop()
-        self.client = gmqtt.Client(client_id, clean_session=False,
+        self.client = _client_class()(client_id, clean_session=False,
                                    session_expiry_interval=int(session_expiry_s),
                                    logger=logging.getLogger("ctl.relaylink.gmqtt"))
         if mqtt_cfg.get("username"):
@@ -222,3 +220,40 @@ class RelayLink:
                     properties: dict) -> int:
         self.on_message(topic, payload, bool(properties.get("retain")))
         return 0  # PUBACK: success
+
+
+def _client_class() -> type:
+    """gmqtt's client with the PUBACKs of what one read brought sent in one write.
+
+    gmqtt writes each PUBACK by itself: one ``send`` per message, half of the link thread's
+    time in a profile, and as many wake-ups of the broker. Here they are gathered while the
+    packets of one read are handled and written together right after (``call_soon``: before
+    anything else the loop does, a stop included). Measured: one relay catching up on MQTT
+    3.1.1 went from 5,309 to 8,899 msg/s (docs/PERFORMANCE.md). It overrides gmqtt's
+    ``_send_command_with_mid`` (setup.py pins gmqtt 0.8.x; tests/test_relaylink.py checks
+    that every message is acknowledged)."""
+    import gmqtt
+    from gmqtt.mqtt.constants import MQTTCommands
+    from gmqtt.mqtt.package import CommandWithMidPacket
+
+    class Client(gmqtt.Client):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._acks: list[bytes] = []
+
+        def _send_command_with_mid(self, cmd: int, mid: int, dup: bool,
+                                   reason_code: int = 0) -> None:
+            if cmd != MQTTCommands.PUBACK:
+                return super()._send_command_with_mid(cmd, mid, dup, reason_code)
+            if not self._acks:
+                asyncio.get_running_loop().call_soon(self._flush_acks, self._connection)
+            self._acks.append(CommandWithMidPacket.build_package(
+                cmd, mid, dup, reason_code, self._connection_state.protocol_version))
+            return None
+
+        def _flush_acks(self, connection: Any) -> None:
+            acks, self._acks = self._acks, []
+            if connection is self._connection:  # a lost connection's: the broker resends
+                connection.send_package(b"".join(acks))
+
+    return Client

@@ -83,6 +83,30 @@ def test_the_session_keeps_what_came_while_the_relay_was_away(broker, protocol):
     b.link.stop()
 
 
+def test_every_message_is_acknowledged_so_none_comes_again(broker):
+    """The PUBACKs of what one read brought go out together (ctl/relaylink.py): still one
+    for every message, so a session taken up again holds nothing more."""
+    a = Link(broker.port, "3.1.1")
+    wait_until(a.subscribed, 15, what="relay link subscribed")
+    a.link.stop()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub-many")
+    c.max_inflight_messages_set(500)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    for info in [c.publish(TOPIC, b"%d" % i, qos=1) for i in range(500)]:
+        info.wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+    b = Link(broker.port, "3.1.1")
+    assert [b.next()[1] for _ in range(500)] == [b"%d" % i for i in range(500)]
+    b.link.stop()
+    again = Link(broker.port, "3.1.1")  # the same session: anything unacknowledged comes first
+    wait_until(again.link.connected.is_set, 15, what="the session taken up again")
+    publish(broker.port, b"last")
+    assert again.next()[1] == b"last"  # and nothing of the 500 before it
+    again.link.stop()
+
+
 def test_it_waits_for_the_broker_and_reconnects_after_a_restart(tmp_path):
     port = free_port()
     a = Link(port)  # nothing listens yet: it keeps trying
