@@ -58,6 +58,7 @@ HANDLER_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError
 Row = Any  # a row of the store (sqlite3.Row or a dict), read by column name
 MAX_INTERVAL_MS = 86_400_000
 LAG_FRESH_MS = 10_000  # a lag measured longer ago than this: the relay has caught up
+STALL_S = 5.0  # a tick's wait longer than tick_s by this: the process was stopped or starved
 MIN_INTERVAL_MS = 1_000
 
 # --- the logic ---------------------------------------------------------------------------
@@ -122,6 +123,13 @@ class Relay:
         self.watch_since_ms = now_ms
         if self.gaps is not None:  # what was lost while away shows no gap yet: ask
             self.gaps.probe_all(now_ms)
+
+    def not_reading(self, now_ms: int) -> None:
+        """The relay could not read until now (its link down, or its process stopped or
+        starved while the broker held the devices' messages): their silence until now is not
+        theirs; it is judged from now on, as after a start (a silent device is then noticed
+        up to the stall's length later)."""
+        self.watch_since_ms = max(self.watch_since_ms, now_ms)
 
     def handle(self, topic: str, payload: bytes, retained: bool, now_ms: int) -> None:
         """One MQTT message; anything malformed is counted in ``dropped`` and ignored."""
@@ -509,11 +517,18 @@ def run(cfg: dict, *, once_s: float | None = None, stop: StopSignals | None = No
     if note:
         log.warning("%s (docs/CTL.md)", note)
     end = time.monotonic() + once_s if once_s else None
+    tick_s = float(cfg["relay"]["tick_s"])
     try:
         while not stop.event.is_set() and (end is None or time.monotonic() < end):
-            _step(relay, dispatcher, writer)
+            _step(relay, dispatcher, writer, client)
             _step_ingest(gaps, reread, client)
-            stop.event.wait(float(cfg["relay"]["tick_s"]))
+            waited = time.monotonic()
+            stop.event.wait(tick_s)
+            waited = time.monotonic() - waited
+            if waited > tick_s + STALL_S:  # what the broker held meanwhile is not read yet
+                log.warning("relay: the process was stopped or starved for %.0f s; silence"
+                            " is judged from now", waited)
+                relay.not_reading(_now_ms())
         log.info("relay: %s, stopping", stop.why("--once time is up"))
     finally:
         client.stop()  # no message comes in after this
@@ -533,8 +548,10 @@ def run(cfg: dict, *, once_s: float | None = None, stop: StopSignals | None = No
     return 0
 
 
-def _step(relay: Relay, dispatcher: Any, writer: ingest.Writer) -> None:
+def _step(relay: Relay, dispatcher: Any, writer: ingest.Writer, link: RelayLink) -> None:
     now = _now_ms()
+    if not link.connected.is_set():  # nothing can be heard: nobody is silent
+        relay.not_reading(now)
     try:
         if not relay.store.leader():
             return  # another relay on this PostgreSQL ticks and notifies

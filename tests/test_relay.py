@@ -523,6 +523,56 @@ def test_relay_process_missed_heartbeats(broker, keys, tmp_path, agent_factory, 
         w.close()
 
 
+def test_a_relay_stopped_past_the_heartbeat_limit_does_not_call_live_devices_silent(
+        w, broker, tmp_path, webhook, relay_proc):
+    """SIGSTOP the relay longer than a device's heartbeat limit while the device goes on
+    (the broker holds its samples for the relay's session): at the thaw the relay's first
+    tick must not take the samples it has not read yet for silence (found by
+    scripts/bench/loadgen.py --pause-s: hundreds of live devices declared offline)."""
+    import sqlite3
+    import threading
+
+    relay = relay_proc(relay_config(tmp_path, broker.port, webhook.url,
+                                    heartbeat_default_s=1, missed_beats=2))
+    w.publish(f"ttcs/dev/{DEV}/status", {"v": 1, "state": "online", "ts": int(time.time() * 1000),
+                                         "session": 1}, retain=True)
+    beating = threading.Event()
+    beating.set()
+
+    def beat() -> None:
+        while beating.is_set():
+            w.publish(f"ttcs/dev/{DEV}/health", {"v": 1, "ts": int(time.time() * 1000)})
+            time.sleep(1.0)
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    db = tmp_path / "relay.db"
+
+    def transitions() -> list[tuple]:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            return c.execute("SELECT online, reason FROM transitions WHERE device=?"
+                             " ORDER BY id", (DEV,)).fetchall()
+
+    def interval() -> int | None:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            row = c.execute("SELECT interval_ms FROM devices WHERE device=?", (DEV,)).fetchone()
+        return row[0] if row else None
+
+    try:
+        wait_until(lambda: interval() is not None, 20, what="the interval learned")
+        relay.proc.send_signal(signal.SIGSTOP)
+        time.sleep(8)  # the limit is 2 × ~1 s; the device keeps publishing
+        relay.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: "stopped or starved" in relay.log(), 10, what="the stall noticed")
+        time.sleep(2)
+        assert transitions() == [(1, "online")], relay.log()
+        beating.clear()  # now silent for real: noticed
+        wait_until(lambda: (0, "heartbeat") in transitions(), 20, what="offline when silent")
+    finally:
+        beating.clear()
+        relay.proc.send_signal(signal.SIGCONT)
+
+
 # --- watch (the live fleet table shares the relay's group rule) ----------------------------
 
 def test_watch_fleet_filters_by_group_and_alert():
