@@ -88,6 +88,12 @@ def relay(cfg: dict, once: float | None) -> int:
 
     from ctl import relay as relay_mod
 
+    try:
+        import gmqtt  # noqa: F401  (the relay's MQTT link: the ctl extra)
+    except ImportError as e:
+        print(f"ttcs-ctl relay needs the controller extras ({e.name} is missing):"
+              " pip install 'ttcs-agent[ctl]'", file=sys.stderr)
+        return EXIT_FAILED
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return relay_mod.run(cfg, once_s=once)

@@ -285,3 +285,16 @@ def test_a_missing_config_says_where_and_how_to_start(tmp_path):
     named = ctl("watch", env={**env, "TTCS_CTL_CONFIG": str(tmp_path / "x.yaml")})
     assert f"no config file at {tmp_path}/x.yaml (given by $TTCS_CTL_CONFIG)" in named.stderr
     assert ctl("keygen", "--out", str(tmp_path / "k"), env=env).returncode == 0  # no config
+
+
+def test_relay_without_the_controller_extras_says_what_to_install(tmp_path):
+    cfg = tmp_path / "ctl.yaml"
+    cfg.write_text(yaml.safe_dump({"relay": {"db_path": str(tmp_path / "relay.db")}}))
+    # gmqtt made unimportable, as on a machine with ttcs-agent installed without [ctl]
+    code = ("import sys; sys.modules['gmqtt'] = None; from ctl.main import main;"
+            f" sys.exit(main(['--config', {str(cfg)!r}, 'relay']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert "gmqtt is missing" in out.stderr and "ttcs-agent[ctl]" in out.stderr
+    assert "Traceback" not in out.stderr
