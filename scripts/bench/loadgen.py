@@ -351,6 +351,7 @@ def controller(args, p) -> int:
 
 def progress(reports: list[Path], sysc: SysCounters, leaf_sys: list[SysCounters]) -> str:
     up = lost = 0
+    cpu = 0.0
     for rep in reports:
         try:
             r = json.loads(rep.read_text())
@@ -358,20 +359,24 @@ def progress(reports: list[Path], sysc: SysCounters, leaf_sys: list[SysCounters]
             continue
         up += r["connected"]
         lost += r["counters"]["links_lost"]
+        cpu += r.get("cpu_s", 0.0)
     dropped = sum(c.get("publish/messages/dropped") for c in [sysc, *leaf_sys])
     return (f"{up} devices connected, {lost} links lost, brokers dropped {dropped},"
-            f" core received {sysc.get('messages/received')}, load {os.getloadavg()[0]:.1f}")
+            f" core received {sysc.get('messages/received')}, generator {cpu:.0f} CPU-s,"
+            f" load {os.getloadavg()[0]:.1f}")
 
 
 def generator_figures(reports: list[Path]) -> dict:
     """The workers' own counters at the end: did the simulated fleet stay alive?"""
-    out = {"connected_at_end": 0, "in_flight_at_end": 0}
+    out = {"connected_at_end": 0, "in_flight_at_end": 0, "cpu_s": [], "rss_mb": []}
     for rep in reports:
         if not rep.exists():
             continue
         r = json.loads(rep.read_text())
         out["connected_at_end"] += r["connected"]
         out["in_flight_at_end"] += r["in_flight"]
+        out["cpu_s"].append(r["cpu_s"])
+        out["rss_mb"].append(r["rss_mb"])
         for k, v in r["counters"].items():
             out[k] = out.get(k, 0) + v
     return out

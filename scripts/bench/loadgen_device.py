@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import resource
 import signal
 import time
 from pathlib import Path
@@ -247,6 +248,18 @@ async def _worker(args) -> int:
     return 0
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return round(r.ru_utime + r.ru_stime, 2)
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 def _report(path: str, devs: list[Device], kills: dict, quiet: list[Device],
             counters: Counters) -> None:
     report = {"last_seq": {d.name: d.seq for d in devs},
@@ -254,7 +267,7 @@ def _report(path: str, devs: list[Device], kills: dict, quiet: list[Device],
               "silent": {d.name: d.last_ms for d in quiet if d.silent},
               "connected": sum(d.connected for d in devs),
               "in_flight": sum(len(d.client.inflight) for d in devs),
-              "counters": vars(counters)}
+              "counters": vars(counters), "cpu_s": _cpu_s(), "rss_mb": _rss_mb()}
     tmp = Path(path + ".tmp")
     tmp.write_text(json.dumps(report))
     tmp.rename(path)
