@@ -168,6 +168,9 @@ def main() -> int:
     p.add_argument("--run-s", type=float, default=120.0)
     p.add_argument("--event-s", type=float, default=20.0, help="mean seconds between events")
     p.add_argument("--health-s", type=float, default=60.0)
+    p.add_argument("--jitter", type=float, default=0.2,
+                   help="each period (health, events) varies by ± this fraction (an agent's"
+                   " health timer is periodic: 0.02 for the real cadence)")
     p.add_argument("--down-at-s", type=float, default=30.0)
     p.add_argument("--down-s", type=float, default=0.0, help="relay outage (0: none)")
     p.add_argument("--kill", type=int, default=10, help="devices whose link drops silently")
@@ -241,7 +244,8 @@ def controller(args, p) -> int:
             [sys.executable, __file__, "--worker", "--first", str(first), "--count", str(count),
              "--port", str(ports[i % len(ports)]), "--start-at", str(start_at), "--burst-s",
              str(args.burst_s), "--run-s", str(args.run_s), "--event-s", str(args.event_s),
-             "--health-s", str(args.health_s), "--kill", str(args.kill // args.procs),
+             "--health-s", str(args.health_s), "--jitter", str(args.jitter),
+             "--kill", str(args.kill // args.procs),
              "--kill-at-s", str(args.kill_at_s), "--keepalive", str(args.keepalive),
              "--tail-s", str(tail), "--report", str(rep), "--name", args.name,
              "--silent", str(args.silent // args.procs), "--silent-at-s", str(args.silent_at_s),
@@ -281,6 +285,8 @@ def controller(args, p) -> int:
         n = (_q(db, "SELECT COUNT(*) FROM events") or [(0,)])[0][0]
         samples.append((now - t0, n))
         sysc.peak = max(sysc.peak, sysc.get("clients/connected"))
+        for c in leaf_sys:
+            c.peak = max(c.peak, c.get("clients/connected"))
         if now >= next_progress:
             next_progress = now + 30
             print(f"{now - t0:5.0f} s: {progress(reports, sysc, leaf_sys)}", flush=True)
@@ -324,13 +330,14 @@ def controller(args, p) -> int:
                         settled_s, outage, silent)
     results["pause"] = pause_figures(db, pause, killed, silent, args)
     results["generator"] = generator_figures(reports)
-    results["keepalive_timeouts_at_brokers"] = sum(
-        b.log().count("exceeded timeout") for b in [broker, *leaves])
+    results["keepalive_timeouts_at_brokers"] = sum(  # the devices' own, not a frozen relay's
+        1 for b in [broker, *leaves] for line in b.log().splitlines()
+        if f"Client {args.name}-" in line and "exceeded timeout" in line)
     print(json.dumps({k: results[k] for k in ("pause", "generator",
                                                 "keepalive_timeouts_at_brokers")}, indent=1))
-    results["leaf_brokers"] = [{k: c.get(k) for k in ("publish/messages/dropped",
-                                                      "clients/connected",
-                                                      "messages/received")} for c in leaf_sys]
+    results["leaf_brokers"] = [{**{k: c.get(k) for k in ("publish/messages/dropped",
+                                                         "messages/received")},
+                                "clients_connected_peak": c.peak} for c in leaf_sys]
     print(json.dumps({"leaf_brokers": results["leaf_brokers"]}))
     for c in leaf_sys:
         c.close()
@@ -433,7 +440,8 @@ def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends,
             or [(0, 0)])[0]
     out = {
         "devices": args.devices, "procs": args.procs, "burst_s": args.burst_s,
-        "run_s": args.run_s, "event_s": args.event_s, "relay_down_s": args.down_s,
+        "run_s": args.run_s, "event_s": args.event_s, "health_s": args.health_s,
+        "jitter": args.jitter, "keepalive_s": args.keepalive, "relay_down_s": args.down_s,
         "broker_extra": args.broker_extra,
         "events_sent": sum(last.values()), "events_stored": (_q(
             db, "SELECT COUNT(*) FROM events") or [(0,)])[0][0],

@@ -81,6 +81,8 @@ class Device:
         return self.client.connected
 
     def connect(self) -> None:
+        if self.killed:  # killed before its first connection: it waits to be revived
+            return
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -195,13 +197,14 @@ async def _worker(args) -> int:
     # the loop's clock is time.monotonic(): the scenario's times are offsets from start
     start = loop.time() + max(0.0, args.start_at - time.time())
     end_events = start + args.run_s
+    jitter = args.jitter
 
     def every(period: float, fn, first: float) -> None:
         def tick() -> None:
             if loop.time() >= end_events:
                 return
             fn()
-            loop.call_at(loop.time() + period * random.uniform(0.8, 1.2), tick)
+            loop.call_at(loop.time() + period * random.uniform(1 - jitter, 1 + jitter), tick)
         loop.call_at(first, tick)
 
     for dev in devs:
@@ -224,7 +227,9 @@ async def _worker(args) -> int:
     for dev in quiet:
         loop.call_at(start + args.silent_at_s, setattr, dev, "silent", True)
 
-    slots = max(1, args.keepalive // 4)  # each device looked at every `slots` seconds
+    # each device is looked at every `slots` seconds and pinged after a keepalive without a
+    # packet out, as paho does: the longest silence is a keepalive + `slots` (< 1.5 keepalives)
+    slots = max(1, min(5, args.keepalive // 4))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     k, next_report = 0, loop.time() + 5.0
@@ -235,7 +240,7 @@ async def _worker(args) -> int:
             pass
         now = time.monotonic()
         for dev in devs[k % slots::slots]:
-            if dev.client.ping_if_idle(now):
+            if dev.client.ping_if_idle(now, args.keepalive):
                 counters.pings += 1
         k += 1
         if loop.time() >= next_report:  # every 10 s while producing, every 2 s after

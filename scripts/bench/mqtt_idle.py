@@ -67,7 +67,7 @@ async def _minimal(n: int, port: int, keepalive: int, idle_s: float) -> dict:
         await asyncio.sleep(1.0)
         now = time.monotonic()
         for c in clients[k % slots::slots]:
-            c.ping_if_idle(now)
+            c.ping_if_idle(now, keepalive / 2)
         k += 1
     return {"cpu_s": _cpu() - cpu, "rss_kb": rss, "wall_s": time.monotonic() - t,
             "connected_at_end": sum(c.connected for c in clients)}
