@@ -30,7 +30,8 @@ from agent.core.clock import SystemClock
 from agent.health.system import build_health, collect_system
 
 PREFIX = "ttcs"
-PER_SOURCE = 20_000  # devices per source address (127.0.0.2, .3, ...): ephemeral ports
+PER_SOURCE = 20_000  # devices per source address (127.0.0.2, .3, ...): 28,232 ephemeral ports
+# per source and destination (sockets bind with IP_BIND_ADDRESS_NO_PORT, loadgen_mqtt.py)
 PLAY_ITEMS = ("ban-tin-sang", "ban-tin-chieu", "thong-bao-xa", "nhac-chuong")
 ALERTS = ("door_open", "mains_lost", "silent_output")
 
