@@ -1,38 +1,39 @@
 #!/usr/bin/env python3
-"""Load generator: N simulated devices on one mosquitto with a real ``ttcs-ctl relay`` (issue #19).
+"""Load generator: N simulated devices against mosquitto and real ``ttcs-ctl relay`` (issue #19).
 
-Each simulated device is its own MQTT client (client id = device id, persistent session, will
-``offline``/``lost``), run by a few worker processes that drive many paho clients each from one
-selector loop. A device does what the protocol asks of an agent, no more: retained ``online``
-status at connect, ``health`` every ``--health-s`` (built with
-``agent.health.system.build_health``), play records and alerts as ``event`` with a per-device
-``seq``, and the ``resend`` command (it keeps what it sent in memory; signatures are not
-checked: the relay under test signs them). Scenario:
+Each simulated device is its own MQTT connection (client id = device id, persistent session,
+will ``offline``/``lost``); worker processes run thousands each in one asyncio loop
+(``loadgen_device.py``, on the minimal client of ``loadgen_mqtt.py``: why, there). What a
+device sends is in ``loadgen_device.py``. Scenario:
 
 1. a burst: every device connects within ``--burst-s``;
-2. traffic for ``--run-s``; ``--down-s`` after ``--down-at-s`` the relay is stopped (SIGTERM) for
-   ``--down-s`` seconds and started again;
+2. traffic for ``--run-s``; ``--down-s`` after ``--down-at-s`` the relays are stopped
+   (SIGTERM) for ``--down-s`` seconds and started again; ``--pause-s`` after ``--pause-at-s``
+   they are frozen (SIGSTOP: a relay that falls behind, the broker queueing for it) and
+   thawed (SIGCONT);
 3. ``--kill`` devices drop their link without a word (the broker sends their will);
+   ``--silent`` devices keep their link but publish nothing from ``--silent-at-s``;
 4. the generator stops producing and waits up to ``--settle-s`` until the relay's store holds
    every seq of every device (or has it recorded as lost).
 
-It prints ingest rate, lag (relay receive time − event time), the broker's drop counters
-(``$SYS/broker/...``), gaps asked for and filled, devices left with no known link state, and
-the offline-notification latency. ``--broker-extra`` adds lines to mosquitto's config, e.g.
+It prints ingest rate, lag (relay receive time − event time), the brokers' drop counters
+(``$SYS/broker/...``), keepalive timeouts at the brokers, links the generator lost, gaps
+asked for and filled, devices left with no known link state, the offline-notification
+latency, and heartbeat offline notices for devices that were neither killed nor silent
+(false offline: the target is 0). ``--broker-extra`` adds lines to mosquitto's config, e.g.
 ``'max_queued_messages 1000'`` (the setting that lost messages in the field) to compare with
 the recommended ``config/mosquitto.conf.example`` settings (the default here).
 
-    .venv/bin/python scripts/bench/loadgen.py --devices 2000 --procs 4 --down-s 60
+    .venv/bin/python scripts/bench/loadgen.py --devices 2000 --procs 2 --down-s 60
+    .venv/bin/python scripts/bench/loadgen.py --devices 2000 --procs 2 --run-s 420 \
+        --health-s 60 --keepalive 60 --event-s 600 --pause-at-s 150 --pause-s 120 --silent 10
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import json
 import os
-import random
-import selectors
 import signal
 import sqlite3
 import subprocess
@@ -42,275 +43,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from common import ROOT, Broker, Keys, machine, parser, percentile, wait_until, workdir, write_json
+from loadgen_device import PREFIX, now_ms, run_worker
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from agent.core.clock import SystemClock
-from agent.health.system import build_health, collect_system
 from tests.conftest import MOSQUITTO
 
-PREFIX = "ttcs"
-PER_SOURCE = 20_000  # devices per source address (127.0.0.2, .3, ...)
 # What config/mosquitto.conf.example recommends for the relay's session (docs/DEPLOY.md).
 RECOMMENDED = ("max_queued_messages 200000\nmax_queued_bytes 268435456\n"
                "set_tcp_nodelay true\n")
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _enc(body: dict) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-# --- one simulated device -----------------------------------------------------------------------
-
-class Device:
-    def __init__(self, name: str, port: int, keepalive: int, fleet: Fleet) -> None:
-        self.name, self.port, self.fleet = name, port, fleet
-        self.index = int(name.rsplit("-", 1)[1])
-        self.seq = 0
-        self.sent: dict[int, bytes] = {}
-        self.session = 1
-        self.resends = 0
-        self.connected = False
-        self.silent = False  # says nothing more, link kept (heartbeats missed)
-        self.last_ms = 0  # when it last published health or an event
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
-        c.max_inflight_messages_set(20)
-        c.will_set(self.topic("status"), _enc({"v": 1, "state": "offline", "ts": _now_ms(),
-                                               "session": 1, "reason": "lost"}), 1, True)
-        c.on_connect = self.on_connect
-        c.on_disconnect = self.on_disconnect
-        c.on_message = self.on_message
-        self.client = c
-        self.keepalive = keepalive
-
-    def topic(self, leaf: str) -> str:
-        return f"{PREFIX}/dev/{self.name}/{leaf}"
-
-    def connect(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 86400
-        # paho binds its socket before connecting, so the ephemeral ports (28,232 here) are
-        # shared by every connection from one source address: spread over 127.0.0.2...
-        self.client.connect("127.0.0.1", self.port, keepalive=self.keepalive,
-                            clean_start=False, properties=props,
-                            bind_address=f"127.0.0.{2 + self.index // PER_SOURCE}")
-        self.fleet.watch(self)
-
-    def on_connect(self, c, userdata, flags, rc, props) -> None:
-        self.connected = True
-        c.publish(self.topic("status"), _enc({"v": 1, "state": "online", "ts": _now_ms(),
-                                             "session": self.session}), 1, retain=True)
-        c.subscribe(self.topic("cmd"), 1)
-        self.fleet.pending.add(self)
-        self.last_ms = _now_ms()  # its birth is a sign of life to the relay
-
-    def on_disconnect(self, *a) -> None:
-        self.connected = False
-
-    def event(self, body: dict) -> None:
-        if self.silent:
-            return
-        self.seq += 1
-        payload = _enc({"v": 1, "ts": _now_ms(), **body, "seq": self.seq})
-        self.sent[self.seq] = payload
-        self.client.publish(self.topic("event"), payload, 1)
-        self.fleet.pending.add(self)
-        self.last_ms = _now_ms()
-
-    def health(self, system: dict, clock: SystemClock) -> None:
-        if self.silent:
-            return
-        body = build_health(system, {"version": "loadgen", "clock_trusted": True,
-                                     "clock_source": "config", "outbox_depth": 0}, clock)
-        body["session"] = self.session
-        self.client.publish(self.topic("health"), _enc(body), 1)
-        self.fleet.pending.add(self)
-        self.last_ms = _now_ms()
-
-    def on_message(self, c, userdata, msg) -> None:
-        try:
-            env = json.loads(msg.payload)
-            args = env["args"]
-            lo, hi = int(args["from_seq"]), int(args["to_seq"])
-        except (ValueError, KeyError, TypeError):
-            return
-        if env.get("type") != "resend":
-            return
-        ack = {"v": 1, "id": env.get("id"), "ts": _now_ms()}
-        c.publish(self.topic("ack"), _enc({**ack, "stage": "received",
-                                            "detail": {"type": "resend"}}), 1)
-        sent, missing = 0, []
-        for seq in range(lo, min(hi, self.seq) + 1):  # past its end: not made yet
-            payload = self.sent.get(seq)
-            if payload is None:
-                if missing and missing[-1][1] == seq - 1:
-                    missing[-1][1] = seq
-                else:
-                    missing.append([seq, seq])
-                continue
-            c.publish(self.topic("event"), _enc({**json.loads(payload), "resent": True}), 1)
-            sent += 1
-        self.resends += 1
-        c.publish(self.topic("ack"), _enc({**ack, "stage": "done",
-                                            "detail": {"sent": sent, "missing": missing,
-                                                       "last_seq": self.seq}}), 1)
-
-
-class Fleet:
-    """Many paho clients driven from one selector loop, with a timer heap."""
-
-    def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
-        self.devices: list[Device] = []
-        self.timers: list[tuple[float, int, object]] = []
-        self.n = 0
-        self.pending: set[Device] = set()  # devices with something to write
-
-    def watch(self, dev: Device) -> None:
-        sock = dev.client.socket()
-        if sock is not None:
-            try:
-                self.sel.register(sock, selectors.EVENT_READ, dev)
-            except (KeyError, ValueError):
-                pass
-
-    def at(self, when: float, fn) -> None:
-        self.n += 1
-        heapq.heappush(self.timers, (when, self.n, fn))
-
-    def stop(self) -> None:
-        self.stopped = True
-
-    def run(self, until: float) -> None:
-        last_misc = 0.0
-        self.misc_at = 0
-        self.stopped = False
-        while time.monotonic() < until and not self.stopped:
-            now = time.monotonic()
-            while self.timers and self.timers[0][0] <= now:
-                _, _, fn = heapq.heappop(self.timers)
-                fn()
-            wait = 0.05 if not self.timers else max(0.0, min(0.05, self.timers[0][0] - now))
-            for key, _ in self.sel.select(wait):
-                dev = key.data
-                if dev.client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                    self._drop(key.fileobj)
-                self.pending.add(dev)  # an answer (PUBACK, connect's publish) to write
-            # only the devices that may have something to write: a loop over every client
-            # each pass does not scale to tens of thousands
-            pending, self.pending = self.pending, set()
-            for dev in pending:
-                if dev.client.want_write():
-                    dev.client.loop_write()
-                    if dev.client.want_write():
-                        self.pending.add(dev)
-            if now - last_misc >= 1.0:  # keepalive pings: a tenth of the clients a second
-                last_misc = now
-                part = self.devices[self.misc_at::10]
-                self.misc_at = (self.misc_at + 1) % 10
-                for dev in part:
-                    dev.client.loop_misc()
-                    self.pending.add(dev)
-
-    def _drop(self, sock) -> None:
-        try:
-            self.sel.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-
-
-PLAY_ITEMS = ("ban-tin-sang", "ban-tin-chieu", "thong-bao-xa", "nhac-chuong")
-ALERTS = ("door_open", "mains_lost", "silent_output")
-
-
-def worker(args) -> int:
-    """Run ``args.count`` devices from ``args.first``; write their last seqs to ``args.report``."""
-    random.seed(args.first)
-    clock = SystemClock()
-    system = collect_system({"state": "/tmp"})
-    fleet = Fleet()
-    names = [f"{args.name}-{i:05d}" for i in range(args.first, args.first + args.count)]
-    start = time.monotonic() + max(0.0, args.start_at - time.time())
-    devs = [Device(n, args.port, args.keepalive, fleet) for n in names]
-    fleet.devices = list(devs)
-
-    def every(dev: Device, period: float, fn, first: float) -> None:
-        def tick() -> None:
-            fn()
-            fleet.at(time.monotonic() + period * random.uniform(0.8, 1.2), tick)
-        fleet.at(first, tick)
-
-    def play(dev: Device) -> None:
-        started = _now_ms() - 180_000
-        dev.event({"type": "play", "id": f"s-{dev.seq}", "item": random.choice(PLAY_ITEMS),
-                   "priority": "normal", "started": started, "ended": started + 175_000,
-                   "result": "done", "played_ms": 175_000, "requested_ms": 175_000,
-                   "media": {"url": "https://media.example.vn/a.mp3", "sha256": "0" * 64}})
-
-    def alert(dev: Device) -> None:
-        dev.event({"type": "alert", "code": random.choice(ALERTS),
-                   "state": random.choice(("raised", "cleared"))})
-
-    end_events = start + args.run_s
-    for dev in devs:
-        t0 = start + random.uniform(0, args.burst_s)
-        fleet.at(t0, dev.connect)
-        every(dev, args.health_s, lambda d=dev: d.health(system, clock) if d.connected and
-              time.monotonic() < end_events else None, t0 + random.uniform(1, args.health_s))
-        every(dev, args.event_s, lambda d=dev: (alert(d) if random.random() < 0.1 else play(d))
-              if time.monotonic() < end_events else None, t0 + random.uniform(1, args.event_s))
-    killed = set(random.sample(range(len(devs)), min(args.kill, len(devs))))
-    kills: dict[str, int] = {}
-
-    def kill(dev: Device) -> None:  # the link drops without DISCONNECT: the will goes out
-        kills[dev.name] = _now_ms()
-        sock = dev.client.socket()
-        fleet._drop(sock)
-        fleet.devices.remove(dev)
-        if sock is not None:
-            sock.close()
-
-    def revive(dev: Device) -> None:  # as an agent does: reconnect, send what waited
-        try:
-            dev.client.reconnect()
-        except OSError:
-            fleet.at(time.monotonic() + 5, lambda: revive(dev))
-            return
-        fleet.devices.append(dev)
-        fleet.watch(dev)
-
-    for i in killed:
-        fleet.at(start + args.kill_at_s, lambda d=devs[i]: kill(d))
-        fleet.at(start + args.kill_at_s + 3 * args.keepalive, lambda d=devs[i]: revive(d))
-    quiet = [d for i, d in enumerate(devs) if i not in killed][:args.silent]
-
-    def silence(dev: Device) -> None:  # link kept (pings go on), nothing published
-        dev.silent = True
-
-    for dev in quiet:
-        fleet.at(start + args.silent_at_s, lambda d=dev: silence(d))
-
-    def write_report() -> None:
-        report = {"last_seq": {d.name: d.seq for d in devs},
-                  "resends": sum(d.resends for d in devs), "killed": kills,
-                  "silent": {d.name: d.last_ms for d in quiet if d.silent}}
-        tmp = Path(args.report + ".tmp")
-        tmp.write_text(json.dumps(report))
-        tmp.rename(args.report)
-        fleet.at(time.monotonic() + 2.0, write_report)
-
-    fleet.at(end_events + 1.0, write_report)  # then every 2 s (resends are counted)
-    signal.signal(signal.SIGTERM, lambda *a: fleet.stop())
-    fleet.run(end_events + args.tail_s)
-    for d in fleet.devices:
-        d.client.disconnect()
-        d.client.loop_write()
-    return 0
 
 
 # --- the controller side: broker, relay, $SYS counters, the verdict ---------------------------
@@ -428,6 +168,9 @@ def main() -> int:
     p.add_argument("--run-s", type=float, default=120.0)
     p.add_argument("--event-s", type=float, default=20.0, help="mean seconds between events")
     p.add_argument("--health-s", type=float, default=60.0)
+    p.add_argument("--jitter", type=float, default=0.2,
+                   help="each period (health, events) varies by ± this fraction (an agent's"
+                   " health timer is periodic: 0.02 for the real cadence)")
     p.add_argument("--down-at-s", type=float, default=30.0)
     p.add_argument("--down-s", type=float, default=0.0, help="relay outage (0: none)")
     p.add_argument("--kill", type=int, default=10, help="devices whose link drops silently")
@@ -453,9 +196,12 @@ def main() -> int:
     p.add_argument("--quiet-broker", action="store_true", help="mosquitto logs no packets")
     p.add_argument("--relays", type=int, default=1,
                    help="relay processes sharing the subscriptions (one SQLite)")
+    p.add_argument("--pause-at-s", type=float, default=120.0)
+    p.add_argument("--pause-s", type=float, default=0.0,
+                   help="relays frozen (SIGSTOP) this long: a relay that falls behind (0: none)")
     args = p.parse_args()
     if args.worker:
-        return worker(args)
+        return run_worker(args)
     return controller(args, p)
 
 
@@ -498,7 +244,8 @@ def controller(args, p) -> int:
             [sys.executable, __file__, "--worker", "--first", str(first), "--count", str(count),
              "--port", str(ports[i % len(ports)]), "--start-at", str(start_at), "--burst-s",
              str(args.burst_s), "--run-s", str(args.run_s), "--event-s", str(args.event_s),
-             "--health-s", str(args.health_s), "--kill", str(args.kill // args.procs),
+             "--health-s", str(args.health_s), "--jitter", str(args.jitter),
+             "--kill", str(args.kill // args.procs),
              "--kill-at-s", str(args.kill_at_s), "--keepalive", str(args.keepalive),
              "--tail-s", str(tail), "--report", str(rep), "--name", args.name,
              "--silent", str(args.silent // args.procs), "--silent-at-s", str(args.silent_at_s),
@@ -508,7 +255,9 @@ def controller(args, p) -> int:
     samples = []
     down_at = t0 + args.down_at_s if args.down_s else None
     up_at = down_at + args.down_s if down_at else None
-    outage = None
+    pause_at = t0 + args.pause_at_s if args.pause_s else None
+    outage = pause = None
+    next_progress = t0
     while time.monotonic() < t0 + args.run_s:
         now = time.monotonic()
         if down_at and now >= down_at and outage is None:
@@ -517,16 +266,35 @@ def controller(args, p) -> int:
                 relay.send_signal(signal.SIGTERM)
             for relay in relays:
                 relay.wait(30)
-            outage = (_now_ms(), None)
+            outage = (now_ms(), None)
             print(f"relay stopped at {now - t0:.0f} s", flush=True)
         if up_at and now >= up_at and outage and outage[1] is None:
             relays = [start() for start in starts]
-            outage = (outage[0], _now_ms())
+            outage = (outage[0], now_ms())
             print(f"relay started at {now - t0:.0f} s", flush=True)
+        if pause_at and now >= pause_at and pause is None:
+            for relay in relays:
+                relay.send_signal(signal.SIGSTOP)
+            pause = [now_ms(), None]
+            print(f"relays frozen (SIGSTOP) at {now - t0:.0f} s", flush=True)
+        if pause and pause[1] is None and now >= pause_at + args.pause_s:
+            for relay in relays:
+                relay.send_signal(signal.SIGCONT)
+            pause[1] = now_ms()
+            print(f"relays thawed (SIGCONT) at {now - t0:.0f} s", flush=True)
         n = (_q(db, "SELECT COUNT(*) FROM events") or [(0,)])[0][0]
         samples.append((now - t0, n))
         sysc.peak = max(sysc.peak, sysc.get("clients/connected"))
+        for c in leaf_sys:
+            c.peak = max(c.peak, c.get("clients/connected"))
+        if now >= next_progress:
+            next_progress = now + 30
+            print(f"{now - t0:5.0f} s: {progress(reports, sysc, leaf_sys)}", flush=True)
         time.sleep(1.0)
+    if pause and pause[1] is None:  # the run ended inside the pause
+        for relay in relays:
+            relay.send_signal(signal.SIGCONT)
+        pause[1] = now_ms()
     print("traffic over; waiting for the relay to hold every seq", flush=True)
     settle_start = time.monotonic()
     missing = lost = None
@@ -560,9 +328,16 @@ def controller(args, p) -> int:
     missing, lost = completeness(db, last)
     results = summarise(args, db, sysc, samples, last, killed, resends, missing, lost,
                         settled_s, outage, silent)
-    results["leaf_brokers"] = [{k: c.get(k) for k in ("publish/messages/dropped",
-                                                      "clients/connected",
-                                                      "messages/received")} for c in leaf_sys]
+    results["pause"] = pause_figures(db, pause, killed, silent, args)
+    results["generator"] = generator_figures(reports)
+    results["keepalive_timeouts_at_brokers"] = sum(  # the devices' own, not a frozen relay's
+        1 for b in [broker, *leaves] for line in b.log().splitlines()
+        if f"Client {args.name}-" in line and "exceeded timeout" in line)
+    print(json.dumps({k: results[k] for k in ("pause", "generator",
+                                                "keepalive_timeouts_at_brokers")}, indent=1))
+    results["leaf_brokers"] = [{**{k: c.get(k) for k in ("publish/messages/dropped",
+                                                         "messages/received")},
+                                "clients_connected_peak": c.peak} for c in leaf_sys]
     print(json.dumps({"leaf_brokers": results["leaf_brokers"]}))
     for c in leaf_sys:
         c.close()
@@ -579,6 +354,61 @@ def controller(args, p) -> int:
     results["machine"] = machine()
     write_json(args.out, results)
     return 0 if missing == 0 else 1
+
+
+def progress(reports: list[Path], sysc: SysCounters, leaf_sys: list[SysCounters]) -> str:
+    up = lost = 0
+    cpu = 0.0
+    for rep in reports:
+        try:
+            r = json.loads(rep.read_text())
+        except (OSError, ValueError):
+            continue
+        up += r["connected"]
+        lost += r["counters"]["links_lost"]
+        cpu += r.get("cpu_s", 0.0)
+    dropped = sum(c.get("publish/messages/dropped") for c in [sysc, *leaf_sys])
+    return (f"{up} devices connected, {lost} links lost, brokers dropped {dropped},"
+            f" core received {sysc.get('messages/received')}, generator {cpu:.0f} CPU-s,"
+            f" load {os.getloadavg()[0]:.1f}")
+
+
+def generator_figures(reports: list[Path]) -> dict:
+    """The workers' own counters at the end: did the simulated fleet stay alive?"""
+    out = {"connected_at_end": 0, "in_flight_at_end": 0, "cpu_s": [], "rss_mb": []}
+    for rep in reports:
+        if not rep.exists():
+            continue
+        r = json.loads(rep.read_text())
+        out["connected_at_end"] += r["connected"]
+        out["in_flight_at_end"] += r["in_flight"]
+        out["cpu_s"].append(r["cpu_s"])
+        out["rss_mb"].append(r["rss_mb"])
+        for k, v in r["counters"].items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def pause_figures(db: Path, pause: list | None, killed: dict, silent: dict, args) -> dict | None:
+    """Heartbeat offline notices around a relay freeze: for live devices (neither killed
+    nor silent) they are false; silent devices must still be noticed."""
+    if not pause:
+        return None
+    rows = _q(db, "SELECT device, MIN(received_ms) FROM notices WHERE kind='offline'"
+                  " AND detail LIKE '%heartbeat%' GROUP BY device")
+    false = {d: at for d, at in rows if d not in killed and d not in silent}
+    quiet = {d: at for d, at in rows if d in silent}
+    thawed = pause[1]
+    return {"frozen_ms": pause, "frozen_s": round((pause[1] - pause[0]) / 1000, 1),
+            "false_offline_devices": len(false),
+            "false_offline_after_thaw_s": sorted(round((at - thawed) / 1000, 1)
+                                                 for at in false.values())[:20],
+            "silent": len(silent), "silent_noticed": len(quiet),
+            "silent_noticed_after_last_message_s": sorted(
+                round((at - silent[d]) / 1000, 1) for d, at in quiet.items()),
+            "silent_noticed_after_thaw_s": sorted(round((at - thawed) / 1000, 1)
+                                                  for at in quiet.values()),
+            "target_s": 3 * args.health_s + 5}
 
 
 def relay_logs(folder: Path) -> list[Path]:
@@ -610,7 +440,8 @@ def summarise(args, db: Path, sysc: SysCounters, samples, last, killed, resends,
             or [(0, 0)])[0]
     out = {
         "devices": args.devices, "procs": args.procs, "burst_s": args.burst_s,
-        "run_s": args.run_s, "event_s": args.event_s, "relay_down_s": args.down_s,
+        "run_s": args.run_s, "event_s": args.event_s, "health_s": args.health_s,
+        "jitter": args.jitter, "keepalive_s": args.keepalive, "relay_down_s": args.down_s,
         "broker_extra": args.broker_extra,
         "events_sent": sum(last.values()), "events_stored": (_q(
             db, "SELECT COUNT(*) FROM events") or [(0,)])[0][0],
