@@ -121,7 +121,14 @@ def send_update(cab, version: str, bundle: Path | None = None, **overrides) -> s
 
 
 def stages(watcher: Watcher, cmd_id: str) -> list[str]:
-    return [a["stage"] for a in watcher.acks(cmd_id)]
+    """The stages acked for ``cmd_id``, each ack once: final acks are delivered at least
+    once (PROTOCOL.md, the outbox), so the same ack sent again after a reconnect is one ack
+    (seen once in the suite: ``failed`` twice, under load); two different acks both count."""
+    seen: list[dict] = []
+    for a in watcher.acks(cmd_id):
+        if a not in seen:
+            seen.append(a)
+    return [a["stage"] for a in seen]
 
 
 def tone(cab, seconds: float) -> dict:
