@@ -120,7 +120,7 @@ class Relay:
 
     def connected(self, now_ms: int) -> None:
         """The link to the broker is (back) up: silence before now is not the devices' fault."""
-        self.watch_since_ms = now_ms
+        self.not_reading(now_ms)
         if self.gaps is not None:  # what was lost while away shows no gap yet: ask
             self.gaps.probe_all(now_ms)
 

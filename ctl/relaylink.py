@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agent.core.mqtt import TlsFilesError, backoff_delay, check_private, read_secret
+from agent.core.mqtt import backoff_delay, check_private, read_secret, tls_files_error
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def tls_context(tls: dict) -> ssl.SSLContext:
         if tls.get("cert_file"):
             ctx.load_cert_chain(tls["cert_file"], tls.get("key_file"))
     except OSError as e:  # ssl.SSLError too
-        files = ", ".join(f"{k} {v}" for k, v in tls.items() if v)
-        raise TlsFilesError(f"mqtt.tls: cannot load {files}: {e.strerror or e}") from e
+        raise tls_files_error(tls, e) from e
     return ctx
 
 

@@ -65,6 +65,12 @@ class TlsFilesError(OSError):
     """The ``mqtt.tls`` files cannot be loaded; the message names them."""
 
 
+def tls_files_error(tls: dict, e: OSError) -> TlsFilesError:
+    """Loading the ``mqtt.tls`` files failed: an error naming them (OpenSSL's names none)."""
+    files = ", ".join(f"{k} {v}" for k, v in tls.items() if v)
+    return TlsFilesError(f"mqtt.tls: cannot load {files}: {e.strerror or e}")
+
+
 def check_private(path: str) -> None:
     """Refuse a secret (private key, password file) that group or others can read."""
     import os
@@ -128,8 +134,7 @@ def make_client(mqtt_cfg: dict, client_id: str, persistent: bool = True,
             client.tls_set(ca_certs=tls.get("ca_file"), certfile=tls.get("cert_file"),
                            keyfile=tls.get("key_file"), cert_reqs=ssl.CERT_REQUIRED)
         except OSError as e:  # ssl.SSLError too; OpenSSL's own message names no file
-            files = ", ".join(f"{k} {v}" for k, v in tls.items() if v)
-            raise TlsFilesError(f"mqtt.tls: cannot load {files}: {e.strerror or e}") from e
+            raise tls_files_error(tls, e) from e
     if mqtt_cfg.get("username"):
         password = read_secret(mqtt_cfg["password_file"]) if mqtt_cfg.get("password_file") else None
         client.username_pw_set(mqtt_cfg["username"], password)
